@@ -1,0 +1,645 @@
+//! The command line: flags (each with an environment variable) into [`Settings`], and one
+//! function per subcommand. Output for people goes to stdout; logs go to stderr.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{parse_duration, Settings};
+use crate::error::{Error, Result};
+use crate::model::{AwardRecord, NewAward, TaskState, UserId};
+use crate::router::{route, Layout};
+use crate::service::{transport_for, Parts, Service};
+use crate::store::{Op, ShardStatus, Store};
+use crate::util::{now_ms, wait_until, Rng};
+
+fn duration(s: &str) -> std::result::Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// big-market: write award records and their outbox tasks atomically on SQLite shards, and
+/// deliver them through RabbitMQ or an in-process queue, losing nothing.
+#[derive(Debug, Parser)]
+#[command(name = "big-market", version, about, long_about = None, after_help = "Exit codes: 0 success, 1 failure, 2 bad input or settings, 3 duplicate order id.\nLogs go to stderr; set RUST_LOG (error, warn, info, debug, trace) to change how much.")]
+pub struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct GlobalArgs {
+    /// Directory of the shard files big_market_NN.db.
+    #[arg(
+        long,
+        env = "BIG_MARKET_DATA_DIR",
+        default_value = "data",
+        global = true
+    )]
+    data_dir: PathBuf,
+    /// Number of databases (shard files). db-count x tb-count must be a power of two.
+    #[arg(long, env = "BIG_MARKET_DB_COUNT", default_value_t = 2, global = true)]
+    db_count: u32,
+    /// Number of split award tables per database.
+    #[arg(long, env = "BIG_MARKET_TB_COUNT", default_value_t = 4, global = true)]
+    tb_count: u32,
+    /// RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f. Unset: the in-process transport.
+    #[arg(long, env = "AMQP_URL", global = true)]
+    amqp_url: Option<String>,
+    /// Topic of award messages (also the queue name on RabbitMQ).
+    #[arg(
+        long,
+        env = "BIG_MARKET_TOPIC",
+        default_value = "send_award",
+        global = true
+    )]
+    topic: String,
+    /// A task whose publish has not completed this long after it was claimed is sent again.
+    #[arg(long, env = "BIG_MARKET_STALE_AFTER", default_value = "60s", value_parser = duration, global = true)]
+    stale_after: Duration,
+    /// Time between compensation scans.
+    #[arg(long, env = "BIG_MARKET_SCAN_INTERVAL", default_value = "5s", value_parser = duration, global = true)]
+    scan_interval: Duration,
+    /// Refused publishes after which a task is parked as dead.
+    #[arg(
+        long,
+        env = "BIG_MARKET_MAX_ATTEMPTS",
+        default_value_t = 10,
+        global = true
+    )]
+    max_attempts: u32,
+    /// Delete completed tasks older than this during scans (e.g. 7d). Unset: keep them.
+    #[arg(long, env = "BIG_MARKET_RETENTION", value_parser = duration, global = true)]
+    retention: Option<Duration>,
+    /// Threads of the relay pool that republishes tasks.
+    #[arg(
+        long,
+        env = "BIG_MARKET_POOL_THREADS",
+        default_value_t = 4,
+        global = true
+    )]
+    pool_threads: usize,
+    /// Jobs the relay pool queues before the scanner runs them itself (caller-runs).
+    #[arg(
+        long,
+        env = "BIG_MARKET_POOL_QUEUE",
+        default_value_t = 64,
+        global = true
+    )]
+    pool_queue: usize,
+    /// Consumer threads delivering awards.
+    #[arg(long, env = "BIG_MARKET_CONSUMERS", default_value_t = 2, global = true)]
+    consumers: usize,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the shard files (idempotent).
+    Init,
+    /// Print the database and table a user id routes to.
+    Route {
+        /// The user id.
+        user_id: String,
+    },
+    /// Save one award through the whole pipeline.
+    Award(AwardArgs),
+    /// Write many awards with random order ids, wait until all are delivered, print a summary.
+    Load(LoadArgs),
+    /// Run the compensation scanner and the consumer until SIGINT or SIGTERM.
+    Serve,
+    /// Show award records and tasks by state on every shard.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and repair outbox tasks.
+    #[command(subcommand)]
+    Tasks(TasksCommand),
+}
+
+#[derive(Debug, Args)]
+struct AwardArgs {
+    /// Who won.
+    #[arg(long)]
+    user_id: String,
+    /// The activity id (positive integer).
+    #[arg(long)]
+    activity_id: i64,
+    /// The strategy id (positive integer).
+    #[arg(long)]
+    strategy_id: i64,
+    /// The order id: the idempotency key (at most 12 characters).
+    #[arg(long)]
+    order_id: String,
+    /// The award id (positive integer).
+    #[arg(long)]
+    award_id: i64,
+    /// The award's title.
+    #[arg(long)]
+    award_title: String,
+    /// When it was won, epoch milliseconds (default: now).
+    #[arg(long)]
+    award_time: Option<i64>,
+}
+
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// How many awards to write.
+    #[arg(long)]
+    records: u64,
+    /// How many distinct users they are spread over.
+    #[arg(long, default_value_t = 100)]
+    users: u64,
+    /// Caller threads writing concurrently.
+    #[arg(long, default_value_t = 16)]
+    threads: usize,
+    /// Give up waiting for delivery after this long.
+    #[arg(long, default_value = "300s", value_parser = duration)]
+    timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+enum TasksCommand {
+    /// List tasks, oldest first.
+    List {
+        /// Only tasks in this state: create, fail, completed or dead.
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many per shard.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Put tasks back in line, due now, with their attempts reset.
+    Requeue {
+        /// The task with this message id.
+        #[arg(long, conflicts_with = "state", required_unless_present = "state")]
+        message_id: Option<String>,
+        /// Every task in this state (usually dead).
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Delete completed tasks last changed before a given age.
+    Purge {
+        /// Age, e.g. 7d or 12h.
+        #[arg(long, value_parser = duration)]
+        older_than: Duration,
+    },
+}
+
+impl GlobalArgs {
+    fn settings(&self) -> Result<Settings> {
+        let mut s = Settings::new(&self.data_dir);
+        s.layout = Layout::new(self.db_count, self.tb_count)?;
+        s.topic = self.topic.clone();
+        s.amqp_url = self.amqp_url.clone().filter(|u| !u.is_empty());
+        s.stale_after = self.stale_after;
+        s.scan_interval = self.scan_interval;
+        s.retry.max_attempts = self.max_attempts;
+        s.retention = self.retention;
+        s.pool_threads = self.pool_threads;
+        s.pool_queue = self.pool_queue;
+        s.consumer_threads = self.consumers;
+        s.validate()
+    }
+}
+
+/// Parse the process arguments, run the command, print any error; returns the exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            let mut msg = format!("error: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                if !msg.contains(&s.to_string()) {
+                    msg.push_str(&format!(": {s}"));
+                }
+                src = s.source();
+            }
+            eprintln!("{msg}");
+            e.exit_code()
+        }
+    }
+}
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    let settings = cli.global.settings()?;
+    match cli.command {
+        Command::Init => init(&settings),
+        Command::Route { user_id } => {
+            let id = UserId::parse(&user_id)?;
+            let r = route(id.as_str(), settings.layout);
+            println!(
+                "user_id={} db={} table={}",
+                id.as_str(),
+                r.db_name(),
+                r.table_name()
+            );
+            Ok(())
+        }
+        Command::Award(a) => award(settings, a),
+        Command::Load(a) => load(settings, a),
+        Command::Serve => serve(settings),
+        Command::Status { json } => status(&settings, json),
+        Command::Tasks(t) => tasks(&settings, t),
+    }
+}
+
+fn init(settings: &Settings) -> Result<()> {
+    let store = Store::open(settings, true)?;
+    for s in store.shards() {
+        println!("shard {} ready", s.path().display());
+    }
+    println!(
+        "initialised {} with {} databases x {} tables",
+        settings.data_dir.display(),
+        settings.layout.db_count(),
+        settings.layout.tb_count()
+    );
+    Ok(())
+}
+
+fn award(settings: Settings, a: AwardArgs) -> Result<()> {
+    let record = AwardRecord::new(NewAward {
+        user_id: &a.user_id,
+        activity_id: a.activity_id,
+        strategy_id: a.strategy_id,
+        order_id: &a.order_id,
+        award_id: a.award_id,
+        award_title: &a.award_title,
+        award_time_ms: a.award_time.unwrap_or_else(now_ms),
+    })?;
+    let transport = transport_for(&settings)?;
+    // The in-process transport confirms only once its consumer has delivered, so it needs one.
+    let parts = Parts {
+        consumer: settings.amqp_url.is_none(),
+        scanner_loop: false,
+    };
+    let service = Service::start(settings, transport, parts)?;
+    let r = route(record.user_id.as_str(), service.settings().layout);
+    let (user, order) = (
+        record.user_id.as_str().to_string(),
+        record.order_id.as_str().to_string(),
+    );
+    let result = service.save_award(record);
+    service.shutdown()?;
+    let saved = result?;
+    println!(
+        "saved user_id={user} order_id={order} db={} table={} message_id={} seq={} published={}",
+        r.db_name(),
+        r.table_name(),
+        saved.message_id.as_str(),
+        saved.seq,
+        saved.published
+    );
+    if !saved.published {
+        println!("the message was not published yet; the task is failed and `big-market serve` will resend it");
+    }
+    Ok(())
+}
+
+fn completed_awards(service: &Service) -> Result<u64> {
+    Ok(service
+        .status()?
+        .iter()
+        .map(|s| s.awards_in("completed"))
+        .sum())
+}
+
+fn pending_tasks(statuses: &[ShardStatus]) -> u64 {
+    statuses
+        .iter()
+        .map(|s| s.tasks_in(TaskState::Create) + s.tasks_in(TaskState::Fail))
+        .sum()
+}
+
+struct Progress {
+    tty: bool,
+    total: u64,
+    last_decile: AtomicU64,
+}
+
+impl Progress {
+    fn show(&self, saved: u64, delivered: u64, done: bool) {
+        if self.tty {
+            let width = 30;
+            let filled = (saved * width / self.total.max(1)) as usize;
+            eprint!(
+                "\r[{}{}] saved {saved}/{} delivered {delivered}{}",
+                "=".repeat(filled),
+                " ".repeat(width as usize - filled),
+                self.total,
+                if done { "\n" } else { "" }
+            );
+            let _ = std::io::stderr().flush();
+        } else {
+            let decile = saved * 10 / self.total.max(1);
+            if decile > self.last_decile.swap(decile, Ordering::Relaxed) || done {
+                eprintln!(
+                    "progress saved={saved}/{} delivered={delivered}",
+                    self.total
+                );
+            }
+        }
+    }
+}
+
+fn load(settings: Settings, a: LoadArgs) -> Result<()> {
+    if a.records == 0 {
+        return Err(Error::invalid("records", "must be at least 1"));
+    }
+    if a.users == 0 || a.threads == 0 {
+        return Err(Error::invalid("users/threads", "must be at least 1"));
+    }
+    let transport = transport_for(&settings)?;
+    let service = Arc::new(Service::start(settings, transport, Parts::ALL)?);
+    let before = completed_awards(&service)?;
+    let next = Arc::new(AtomicU64::new(0));
+    let saved = Arc::new(AtomicU64::new(0));
+    let retries = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let first_error: Arc<Mutex<Option<Error>>> = Arc::new(Mutex::new(None));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(a.records as usize)));
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for t in 0..a.threads {
+        let (service, next, saved, retries, errors, first_error, latencies) = (
+            service.clone(),
+            next.clone(),
+            saved.clone(),
+            retries.clone(),
+            errors.clone(),
+            first_error.clone(),
+            latencies.clone(),
+        );
+        let (records, users) = (a.records, a.users);
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("load-{t}"))
+                .spawn(move || {
+                    let mut rng = Rng::new();
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= records {
+                            break;
+                        }
+                        let user = format!("user{:04}", i % users);
+                        loop {
+                            let order = rng.digits(12);
+                            let record = AwardRecord::new(NewAward {
+                                user_id: &user,
+                                activity_id: 100301,
+                                strategy_id: 100006,
+                                order_id: &order,
+                                award_id: 101,
+                                award_title: "OpenAI 增加使用次数",
+                                award_time_ms: now_ms(),
+                            })
+                            .expect("generated awards are valid");
+                            let t0 = Instant::now();
+                            match service.save_award(record) {
+                                Ok(_) => {
+                                    mine.push(t0.elapsed());
+                                    saved.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(Error::DuplicateOrder { .. }) => {
+                                    retries.fetch_add(1, Ordering::Relaxed);
+                                    continue;
+                                }
+                                Err(e) => {
+                                    errors.fetch_add(1, Ordering::Relaxed);
+                                    first_error.lock().unwrap().get_or_insert(e);
+                                }
+                            }
+                            break;
+                        }
+                    }
+                    latencies.lock().unwrap().extend(mine);
+                })
+                .map_err(|e| Error::Io {
+                    path: "load thread".into(),
+                    source: e,
+                })?,
+        );
+    }
+    let progress = Progress {
+        tty: std::io::stderr().is_terminal(),
+        total: a.records,
+        last_decile: AtomicU64::new(0),
+    };
+    while handles.iter().any(|h| !h.is_finished()) {
+        std::thread::sleep(Duration::from_millis(200));
+        let delivered = completed_awards(&service)?.saturating_sub(before);
+        progress.show(saved.load(Ordering::Relaxed), delivered, false);
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    let write_elapsed = started.elapsed();
+    let total_saved = saved.load(Ordering::Relaxed);
+    let mut delivered = 0;
+    let all = wait_until(a.timeout, || {
+        delivered = completed_awards(&service)
+            .unwrap_or(0)
+            .saturating_sub(before);
+        delivered >= total_saved
+    });
+    let elapsed = started.elapsed();
+    progress.show(total_saved, delivered, true);
+    let statuses = service.status()?;
+    let dead: u64 = statuses.iter().map(|s| s.tasks_in(TaskState::Dead)).sum();
+    let pending = pending_tasks(&statuses);
+    let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
+    lat.sort();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or(0.0)
+    };
+    println!(
+        "load records={} saved={total_saved} users={} threads={} write_s={:.2} total_s={:.2} records_per_s={:.0} delivered={delivered} failed={} pending_tasks={pending} dead_tasks={dead} duplicate_retries={} p50_ms={:.2} p99_ms={:.2}",
+        a.records,
+        a.users,
+        a.threads,
+        write_elapsed.as_secs_f64(),
+        elapsed.as_secs_f64(),
+        total_saved as f64 / elapsed.as_secs_f64(),
+        errors.load(Ordering::Relaxed),
+        retries.load(Ordering::Relaxed),
+        pct(0.50),
+        pct(0.99),
+    );
+    let service = Arc::try_unwrap(service)
+        .map_err(|_| Error::Config("load threads still hold the service".into()))?;
+    service.shutdown()?;
+    if let Some(e) = first_error.lock().unwrap().take() {
+        return Err(e);
+    }
+    if !all {
+        return Err(Error::Broker(format!(
+            "{delivered} of {total_saved} awards delivered within {:?}; the rest stay pending and `big-market serve` will deliver them",
+            a.timeout
+        )));
+    }
+    Ok(())
+}
+
+fn serve(settings: Settings) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|e| Error::Io {
+            path: "signal handler".into(),
+            source: e,
+        })?;
+    let transport = transport_for(&settings)?;
+    let service = Service::start(settings, transport, Parts::ALL)?;
+    log::info!("serving; send SIGINT or SIGTERM to stop");
+    let first = signals.forever().next();
+    log::info!("signal {first:?} received: shutting down (send it again to exit at once; committed work is kept)");
+    std::thread::Builder::new()
+        .name("second-signal".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                eprintln!(
+                    "second signal: exiting now; pending tasks are resent after the next start"
+                );
+                std::process::exit(130);
+            }
+        })
+        .map_err(|e| Error::Io {
+            path: "signal thread".into(),
+            source: e,
+        })?;
+    service.shutdown()
+}
+
+fn status(settings: &Settings, json: bool) -> Result<()> {
+    let store = Store::open(settings, false)?;
+    let statuses = store.status()?;
+    let now = now_ms();
+    let broker = match &settings.amqp_url {
+        None => "in-process (no broker configured)".to_string(),
+        Some(_) => match crate::transport::amqp::Amqp::connect_once(settings) {
+            Ok(()) => "connected".to_string(),
+            Err(e) => format!("unreachable: {e}"),
+        },
+    };
+    if json {
+        let shards: Vec<serde_json::Value> = statuses
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "db": crate::router::db_name(s.db),
+                    "path": s.path,
+                    "awards": s.awards,
+                    "tasks": s.tasks,
+                    "oldest_pending_age_ms": s.oldest_pending_ms.map(|t| now - t),
+                    "delivered_messages": s.delivered_messages,
+                    "redeliveries": s.receipts - s.delivered_messages,
+                    "last_seq": s.last_seq,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({ "broker": broker, "pending": pending_tasks(&statuses), "shards": shards });
+        println!("{out}");
+        return Ok(());
+    }
+    println!("broker: {broker}");
+    println!(
+        "{:<14} {:>9} {:>9} | {:>8} {:>8} {:>10} {:>6} | {:>14} {:>9}",
+        "shard",
+        "award:new",
+        "delivered",
+        "task:new",
+        "fail",
+        "completed",
+        "dead",
+        "oldest pending",
+        "last seq"
+    );
+    for s in &statuses {
+        let oldest = s
+            .oldest_pending_ms
+            .map(|t| format!("{:.1}s", (now - t) as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<14} {:>9} {:>9} | {:>8} {:>8} {:>10} {:>6} | {:>14} {:>9}",
+            crate::router::db_name(s.db),
+            s.awards_in("create"),
+            s.awards_in("completed"),
+            s.tasks_in(TaskState::Create),
+            s.tasks_in(TaskState::Fail),
+            s.tasks_in(TaskState::Completed),
+            s.tasks_in(TaskState::Dead),
+            oldest,
+            s.last_seq
+        );
+    }
+    println!("pending tasks: {}", pending_tasks(&statuses));
+    Ok(())
+}
+
+fn tasks(settings: &Settings, cmd: TasksCommand) -> Result<()> {
+    let store = Store::open(settings, false)?;
+    match cmd {
+        TasksCommand::List { state, limit } => {
+            let state = state.as_deref().map(TaskState::parse).transpose()?;
+            println!(
+                "{:<14} {:<12} {:>6} {:<10} {:>8} {:<12} last_error",
+                "shard", "message_id", "seq", "state", "attempts", "user_id"
+            );
+            for shard in store.shards() {
+                for t in shard.list_tasks(state, limit)? {
+                    println!(
+                        "{:<14} {:<12} {:>6} {:<10} {:>8} {:<12} {}",
+                        crate::router::db_name(shard.db()),
+                        t.message_id,
+                        t.seq,
+                        t.state,
+                        t.attempts,
+                        t.user_id,
+                        t.last_error.unwrap_or_default()
+                    );
+                }
+            }
+        }
+        TasksCommand::Requeue { message_id, state } => {
+            let state = state.as_deref().map(TaskState::parse).transpose()?;
+            if state == Some(TaskState::Completed) {
+                return Err(Error::invalid(
+                    "state",
+                    "completed tasks are never resent; requeue dead or fail",
+                ));
+            }
+            let now = now_ms();
+            let n = store.write_all(|| Op::Requeue {
+                message_id: message_id.clone(),
+                state,
+                now_ms: now,
+            })?;
+            if n == 0 && message_id.is_some() {
+                return Err(Error::invalid(
+                    "message_id",
+                    "no pending, failed or dead task has this message id",
+                ));
+            }
+            println!("requeued {n} tasks; the next scan sends them");
+        }
+        TasksCommand::Purge { older_than } => {
+            let before_ms = now_ms() - older_than.as_millis() as i64;
+            let n = store.write_all(|| Op::Purge { before_ms })?;
+            println!("purged {n} completed tasks older than {older_than:?}");
+        }
+    }
+    Ok(())
+}

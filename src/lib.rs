@@ -1,0 +1,44 @@
+//! big-market: the award-delivery core of a lottery platform, embedded.
+//!
+//! When a user wins, [`outbox::Outbox::save_award`] writes the award record and an outbox task
+//! in one SQLite transaction on the shard the user id routes to, then publishes the task's
+//! message (topic `send_award`) and marks the task completed or failed. The [`scanner`] resends
+//! failed and stale tasks through a caller-runs pool; the [`consumer`] delivers each award once
+//! in effect, however often its message arrives.
+//!
+//! Modules, in reading order:
+//! - [`error`]: the one error type;
+//! - [`model`]: validated ids, award records, task states, the wire message (pure);
+//! - [`router`]: user id -> database and table, the original db-router formula (pure);
+//! - [`retry`]: which failures count, backoff with jitter, the dead-letter limit (pure);
+//! - [`config`]: settings and their validation (pure);
+//! - [`store`]: shard files, schema, one function per SQL statement, the writer threads;
+//! - [`transport`]: the broker boundary: in-process, RabbitMQ (lapin), fault injection;
+//! - [`pool`]: the bounded caller-runs thread pool;
+//! - [`outbox`]: the write path and the relay step;
+//! - [`scanner`]: the compensation scan (`scan_once`);
+//! - [`consumer`]: award delivery from messages;
+//! - [`metrics`]: process counters;
+//! - [`service`]: wiring and lifecycle;
+//! - [`cli`]: the command line; `main.rs` only calls it;
+//! - [`util`]: clock, random source, bounded waiting.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod consumer;
+pub mod error;
+pub mod metrics;
+pub mod model;
+pub mod outbox;
+pub mod pool;
+pub mod retry;
+pub mod router;
+pub mod scanner;
+pub mod service;
+pub mod store;
+pub mod transport;
+pub mod util;
+
+pub use error::{Error, Result};

@@ -1,0 +1,458 @@
+//! Domain types with no I/O: validated ids, the award record, task and award states, and the
+//! `send_award` wire message.
+//!
+//! Constructors validate, so nothing downstream checks again. Widths follow the original's MySQL
+//! columns (`user_id` varchar(32), `order_id` varchar(12), `award_title` varchar(128)), so rows can
+//! move between the two systems.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+fn check_id(field: &'static str, value: &str, max: usize) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if value.chars().count() > max {
+        return Err(Error::invalid(
+            field,
+            format!("{:?} is longer than {max} characters", value),
+        ));
+    }
+    if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(Error::invalid(
+            field,
+            format!("{value:?} contains whitespace or control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// A user id: 1 to 32 characters, no whitespace. The router's key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UserId(String);
+
+impl UserId {
+    /// Validate a user id.
+    pub fn parse(s: &str) -> Result<Self> {
+        check_id("user_id", s, 32)?;
+        Ok(UserId(s.to_string()))
+    }
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An order id: 1 to 12 characters, no whitespace. The idempotency key of an award.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OrderId(String);
+
+impl OrderId {
+    /// Validate an order id.
+    pub fn parse(s: &str) -> Result<Self> {
+        check_id("order_id", s, 12)?;
+        Ok(OrderId(s.to_string()))
+    }
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A message id: the shard's two digits and its nine-digit sequence number (11 digits, the
+/// original's width). Unique by construction: no two tasks anywhere share a shard and sequence.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MessageId(String);
+
+impl MessageId {
+    /// The id of the task with sequence `seq` on database `db`.
+    pub fn new(db: u32, seq: u64) -> Self {
+        MessageId(format!("{db:02}{seq:09}"))
+    }
+    /// Parse and check an id read back from a row or message.
+    pub fn parse(s: &str) -> Result<Self> {
+        if s.len() < 11 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Error::invalid(
+                "message_id",
+                format!("{s:?} is not 11+ digits"),
+            ));
+        }
+        Ok(MessageId(s.to_string()))
+    }
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A validated award: what `save_award` takes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AwardRecord {
+    /// Who won.
+    pub user_id: UserId,
+    /// The activity the draw belonged to.
+    pub activity_id: i64,
+    /// The strategy that drew it.
+    pub strategy_id: i64,
+    /// Idempotency key.
+    pub order_id: OrderId,
+    /// What was won.
+    pub award_id: i32,
+    /// The award's title, 1 to 128 characters.
+    pub award_title: String,
+    /// When it was won, epoch milliseconds.
+    pub award_time_ms: i64,
+}
+
+/// The fields of an award before validation.
+#[derive(Debug, Clone, Default)]
+pub struct NewAward<'a> {
+    /// User id.
+    pub user_id: &'a str,
+    /// Activity id (positive).
+    pub activity_id: i64,
+    /// Strategy id (positive).
+    pub strategy_id: i64,
+    /// Order id.
+    pub order_id: &'a str,
+    /// Award id (positive).
+    pub award_id: i64,
+    /// Award title.
+    pub award_title: &'a str,
+    /// Award time, epoch milliseconds.
+    pub award_time_ms: i64,
+}
+
+impl AwardRecord {
+    /// Validate every field; the first bad field is reported.
+    pub fn new(a: NewAward<'_>) -> Result<Self> {
+        let user_id = UserId::parse(a.user_id)?;
+        let order_id = OrderId::parse(a.order_id)?;
+        if a.activity_id <= 0 {
+            return Err(Error::invalid("activity_id", "must be a positive integer"));
+        }
+        if a.strategy_id <= 0 {
+            return Err(Error::invalid("strategy_id", "must be a positive integer"));
+        }
+        if a.award_id <= 0 || a.award_id > i64::from(i32::MAX) {
+            return Err(Error::invalid(
+                "award_id",
+                "must be a positive 32-bit integer",
+            ));
+        }
+        let title = a.award_title.trim();
+        if title.is_empty() {
+            return Err(Error::invalid("award_title", "must not be empty"));
+        }
+        if title.chars().count() > 128 || title.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                "award_title",
+                "must be at most 128 characters with no control characters",
+            ));
+        }
+        if a.award_time_ms < 0 {
+            return Err(Error::invalid("award_time", "must not be before 1970"));
+        }
+        Ok(AwardRecord {
+            user_id,
+            activity_id: a.activity_id,
+            strategy_id: a.strategy_id,
+            order_id,
+            award_id: a.award_id as i32,
+            award_title: title.to_string(),
+            award_time_ms: a.award_time_ms,
+        })
+    }
+}
+
+/// A task's state in the outbox. The spelling is the original's data (`completed`, not `complete`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskState {
+    /// Committed; the first publish is pending or in flight.
+    Create,
+    /// Confirmed by the broker (or handled by the in-process consumer).
+    Completed,
+    /// A publish failed; due again at its next attempt time.
+    Fail,
+    /// Parked after too many refused attempts; only an operator requeues it.
+    Dead,
+}
+
+impl TaskState {
+    /// Every state, in display order.
+    pub const ALL: [TaskState; 4] = [
+        TaskState::Create,
+        TaskState::Fail,
+        TaskState::Completed,
+        TaskState::Dead,
+    ];
+    /// The column value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Create => "create",
+            TaskState::Completed => "completed",
+            TaskState::Fail => "fail",
+            TaskState::Dead => "dead",
+        }
+    }
+    /// Parse a column value or a `--state` flag.
+    pub fn parse(s: &str) -> Result<Self> {
+        TaskState::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "state",
+                    format!("{s:?} is not one of create, fail, completed, dead"),
+                )
+            })
+    }
+}
+
+/// An award record's delivery state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AwardState {
+    /// Written, not yet delivered.
+    Create,
+    /// Delivered by the consumer.
+    Completed,
+}
+
+impl AwardState {
+    /// The column value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AwardState::Create => "create",
+            AwardState::Completed => "completed",
+        }
+    }
+}
+
+/// The payload of a `send_award` message. Fields are declared in alphabetical order so that the
+/// JSON matches fastjson's output byte for byte.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SendAward {
+    /// Award id.
+    pub award_id: i32,
+    /// Award title.
+    pub award_title: String,
+    /// Order id, so the consumer can find the record (not in the original; Java ignores it).
+    pub order_id: String,
+    /// User id.
+    pub user_id: String,
+}
+
+/// The `send_award` message: the original's `EventMessage` plus the shard and sequence that let
+/// an audit prove nothing is missing. Keys are alphabetical, like fastjson.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventMessage {
+    /// The payload.
+    pub data: SendAward,
+    /// The message id.
+    pub id: String,
+    /// Per-shard sequence number of the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// The database index (1-based) the task lives on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<u32>,
+    /// When the message was built, epoch milliseconds.
+    pub timestamp: i64,
+}
+
+impl EventMessage {
+    /// Build the message for an award committed as task `seq` on database `db`.
+    pub fn for_award(record: &AwardRecord, db: u32, seq: u64, now_ms: i64) -> Self {
+        EventMessage {
+            data: SendAward {
+                award_id: record.award_id,
+                award_title: record.award_title.clone(),
+                order_id: record.order_id.as_str().to_string(),
+                user_id: record.user_id.as_str().to_string(),
+            },
+            id: MessageId::new(db, seq).as_str().to_string(),
+            seq: Some(seq),
+            shard: Some(db),
+            timestamp: now_ms,
+        }
+    }
+
+    /// Encode as compact JSON.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("an EventMessage always serializes")
+    }
+
+    /// Decode and validate a message body.
+    pub fn decode(body: &[u8]) -> Result<Self> {
+        let msg: EventMessage = serde_json::from_slice(body)
+            .map_err(|e| Error::Poison(format!("not a send_award message: {e}")))?;
+        UserId::parse(&msg.data.user_id).map_err(|e| Error::Poison(e.to_string()))?;
+        OrderId::parse(&msg.data.order_id).map_err(|e| Error::Poison(e.to_string()))?;
+        MessageId::parse(&msg.id).map_err(|e| Error::Poison(e.to_string()))?;
+        Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn award() -> AwardRecord {
+        AwardRecord::new(NewAward {
+            user_id: "xiaofuge",
+            activity_id: 100301,
+            strategy_id: 100006,
+            order_id: "123456789012",
+            award_id: 101,
+            award_title: "OpenAI 增加使用次数",
+            award_time_ms: 1712377010878,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn message_json_is_fastjson_shaped() {
+        let m = EventMessage::for_award(&award(), 1, 42, 1712377010878);
+        assert_eq!(
+            m.encode(),
+            r#"{"data":{"awardId":101,"awardTitle":"OpenAI 增加使用次数","orderId":"123456789012","userId":"xiaofuge"},"id":"01000000042","seq":42,"shard":1,"timestamp":1712377010878}"#
+        );
+    }
+
+    #[test]
+    fn decode_reads_what_encode_writes_and_the_originals_form() {
+        let m = EventMessage::for_award(&award(), 2, 7, 5);
+        assert_eq!(EventMessage::decode(m.encode().as_bytes()).unwrap(), m);
+        // The original's message has no orderId: it cannot be delivered, and says so.
+        let original = r#"{"data":{"awardId":101,"awardTitle":"t","userId":"xiaofuge"},"id":"74920280321","timestamp":1712377010878}"#;
+        assert!(matches!(
+            EventMessage::decode(original.as_bytes()),
+            Err(Error::Poison(_))
+        ));
+    }
+
+    #[test]
+    fn decode_refuses_garbage() {
+        for body in [&b"not json"[..], b"{}", b"[]", br#"{"data":{"awardId":1,"awardTitle":"t","orderId":"","userId":"u"},"id":"01000000001","timestamp":1}"#] {
+            assert!(matches!(EventMessage::decode(body), Err(Error::Poison(_))), "{body:?}");
+        }
+    }
+
+    #[test]
+    fn message_ids_are_eleven_digits_and_distinct_per_shard() {
+        assert_eq!(MessageId::new(1, 1).as_str(), "01000000001");
+        assert_ne!(MessageId::new(1, 12), MessageId::new(11, 2));
+        assert_eq!(MessageId::new(2, 999_999_999).as_str().len(), 11);
+    }
+
+    #[test]
+    fn validation_names_the_bad_field() {
+        let base = NewAward {
+            user_id: "u",
+            activity_id: 1,
+            strategy_id: 1,
+            order_id: "o",
+            award_id: 1,
+            award_title: "t",
+            award_time_ms: 0,
+        };
+        let cases: Vec<(NewAward, &str)> = vec![
+            (
+                NewAward {
+                    user_id: "",
+                    ..base.clone()
+                },
+                "user_id",
+            ),
+            (
+                NewAward {
+                    user_id: &"x".repeat(33),
+                    ..base.clone()
+                },
+                "user_id",
+            ),
+            (
+                NewAward {
+                    user_id: "a b",
+                    ..base.clone()
+                },
+                "user_id",
+            ),
+            (
+                NewAward {
+                    order_id: "",
+                    ..base.clone()
+                },
+                "order_id",
+            ),
+            (
+                NewAward {
+                    order_id: "1234567890123",
+                    ..base.clone()
+                },
+                "order_id",
+            ),
+            (
+                NewAward {
+                    activity_id: 0,
+                    ..base.clone()
+                },
+                "activity_id",
+            ),
+            (
+                NewAward {
+                    strategy_id: -1,
+                    ..base.clone()
+                },
+                "strategy_id",
+            ),
+            (
+                NewAward {
+                    award_id: 0,
+                    ..base.clone()
+                },
+                "award_id",
+            ),
+            (
+                NewAward {
+                    award_id: 1 << 40,
+                    ..base.clone()
+                },
+                "award_id",
+            ),
+            (
+                NewAward {
+                    award_title: "  ",
+                    ..base.clone()
+                },
+                "award_title",
+            ),
+            (
+                NewAward {
+                    award_time_ms: -1,
+                    ..base.clone()
+                },
+                "award_time",
+            ),
+        ];
+        for (input, field) in cases {
+            match AwardRecord::new(input) {
+                Err(Error::InvalidInput { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("expected invalid {field}, got {other:?}"),
+            }
+        }
+        assert!(AwardRecord::new(base).is_ok());
+        // 32 Chinese characters are 32 characters, not 96 bytes.
+        assert!(UserId::parse(&"用".repeat(32)).is_ok());
+    }
+
+    #[test]
+    fn task_states_round_trip() {
+        for s in TaskState::ALL {
+            assert_eq!(TaskState::parse(s.as_str()).unwrap(), s);
+        }
+        assert!(TaskState::parse("complete").is_err());
+    }
+}

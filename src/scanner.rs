@@ -1,0 +1,181 @@
+//! The compensation scanner. Each pass claims every due task (failed, or created and past its
+//! lease) on every shard, in batches, and relays them through the caller-runs pool; it drains
+//! the whole backlog in one pass rather than a fixed number per tick.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::unbounded;
+
+use crate::config::Settings;
+use crate::error::Result;
+use crate::metrics::Metrics;
+use crate::outbox::{Outbox, Pending, Relayed};
+use crate::pool::{CallerRunsPool, Submitted};
+use crate::store::{Op, Reply, Store};
+use crate::transport::Transport;
+use crate::util::now_ms;
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScanReport {
+    /// Tasks claimed.
+    pub claimed: usize,
+    /// How the relayed tasks ended.
+    pub relayed: Relayed,
+    /// Relay jobs that ran on the scanner's thread because the pool was full.
+    pub ran_on_caller: usize,
+    /// Completed tasks purged by the retention rule.
+    pub purged: usize,
+    /// The pass was skipped because the transport is disconnected.
+    pub skipped_disconnected: bool,
+}
+
+impl ScanReport {
+    /// Nothing was due.
+    pub fn idle(&self) -> bool {
+        self.claimed == 0
+    }
+}
+
+/// The scanner: claims due tasks and relays them.
+pub struct Scanner {
+    store: Arc<Store>,
+    outbox: Arc<Outbox>,
+    transport: Arc<dyn Transport>,
+    settings: Arc<Settings>,
+    metrics: Arc<Metrics>,
+    pool: CallerRunsPool,
+}
+
+impl Scanner {
+    /// A scanner with its own relay pool.
+    pub fn new(
+        store: Arc<Store>,
+        outbox: Arc<Outbox>,
+        transport: Arc<dyn Transport>,
+        settings: Arc<Settings>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        let pool = CallerRunsPool::new("relay", settings.pool_threads, settings.pool_queue)?;
+        Ok(Scanner {
+            store,
+            outbox,
+            transport,
+            settings,
+            metrics,
+            pool,
+        })
+    }
+
+    /// One deterministic pass over every shard. Returns once every claimed task is settled.
+    pub fn scan_once(&self) -> Result<ScanReport> {
+        let mut report = ScanReport::default();
+        Metrics::add(&self.metrics.scans, 1);
+        if let Some(keep) = self.settings.retention {
+            let before_ms = now_ms() - keep.as_millis() as i64;
+            report.purged = self.store.write_all(|| Op::Purge { before_ms })?;
+        }
+        if !self.transport.is_connected() {
+            report.skipped_disconnected = true;
+            return Ok(report);
+        }
+        let lease = self.settings.stale_after;
+        for shard in self.store.shards() {
+            let db = shard.db();
+            loop {
+                let now = now_ms();
+                let claimed = match shard.write(Op::Claim {
+                    owner: self.outbox.owner().clone(),
+                    limit: self.settings.scan_batch,
+                    lease_until_ms: now + lease.as_millis() as i64,
+                    now_ms: now,
+                })? {
+                    Reply::Claimed(rows) => rows,
+                    other => unreachable!("Claim replied {other:?}"),
+                };
+                let n = claimed.len();
+                if n == 0 {
+                    break;
+                }
+                report.claimed += n;
+                log::debug!("scan claimed shard={db:02} tasks={n}");
+                let round =
+                    self.relay_round(db, claimed.into_iter().map(Pending::from).collect())?;
+                report.ran_on_caller += round.1;
+                report.relayed += round.0;
+                // An unreachable broker ends this pass; the tasks are due again next tick.
+                if round.0.unavailable > 0 || n < self.settings.scan_batch {
+                    break;
+                }
+            }
+        }
+        Metrics::add(&self.metrics.relayed, report.claimed as u64);
+        Metrics::add(&self.metrics.ran_on_caller, report.ran_on_caller as u64);
+        if report.claimed > 0 {
+            log::info!(
+                "scan relayed claimed={} completed={} failed={} dead={} ran_on_caller={}",
+                report.claimed,
+                report.relayed.completed,
+                report.relayed.failed,
+                report.relayed.dead,
+                report.ran_on_caller
+            );
+        }
+        Ok(report)
+    }
+
+    /// Run passes until one finds nothing due, at most `max_passes`; returns the summed report.
+    pub fn drain(&self, max_passes: usize) -> Result<ScanReport> {
+        let mut total = ScanReport::default();
+        for _ in 0..max_passes {
+            let r = self.scan_once()?;
+            total.claimed += r.claimed;
+            total.relayed += r.relayed;
+            total.ran_on_caller += r.ran_on_caller;
+            total.purged += r.purged;
+            if r.idle() || r.skipped_disconnected {
+                total.skipped_disconnected = r.skipped_disconnected;
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    fn relay_round(&self, db: u32, tasks: Vec<Pending>) -> Result<(Relayed, usize)> {
+        let (tx, rx) = unbounded();
+        let mut jobs = 0;
+        let mut on_caller = 0;
+        for chunk in tasks.chunks(self.settings.publish_chunk) {
+            let (outbox, chunk, tx) = (self.outbox.clone(), chunk.to_vec(), tx.clone());
+            jobs += 1;
+            if self.pool.submit(move || {
+                let _ = tx.send(outbox.relay(db, &chunk));
+            }) == Submitted::RanOnCaller
+            {
+                on_caller += 1;
+            }
+        }
+        drop(tx);
+        let mut total = Relayed::default();
+        let mut first_err = None;
+        for r in rx.iter().take(jobs) {
+            match r {
+                Ok(r) => total += r,
+                Err(e) => {
+                    log::warn!("relay failed shard={db:02}: {e}");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok((total, on_caller)),
+        }
+    }
+}
+
+/// Tick interval helper: the time until the next pass.
+pub fn next_tick(interval: Duration, spent: Duration) -> Duration {
+    interval.saturating_sub(spent)
+}

@@ -1,0 +1,231 @@
+//! Wiring and lifecycle: open the store, pick the transport, start the consumer and the scanner
+//! loop, and shut everything down in order (stop taking work, stop the scanner, stop the
+//! consumer, release claims, join the writers).
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{bounded, Sender};
+
+use crate::config::Settings;
+use crate::consumer::AwardConsumer;
+use crate::error::Result;
+use crate::metrics::Metrics;
+use crate::model::AwardRecord;
+use crate::outbox::{Outbox, Saved};
+use crate::scanner::{ScanReport, Scanner};
+use crate::store::{Op, ShardStatus, Store};
+use crate::transport::{memory::InProcess, ConsumerHandle, Transport};
+use crate::util::{now_ms, Rng};
+
+/// Which background parts to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parts {
+    /// Consume the topic and deliver awards.
+    pub consumer: bool,
+    /// Run the scanner every `scan_interval` on its own thread.
+    pub scanner_loop: bool,
+}
+
+impl Parts {
+    /// Consumer and scanner loop: what `serve` runs.
+    pub const ALL: Parts = Parts {
+        consumer: true,
+        scanner_loop: true,
+    };
+}
+
+/// The transport the settings ask for: RabbitMQ when an AMQP URL is set, else in-process.
+pub fn transport_for(settings: &Settings) -> Result<Arc<dyn Transport>> {
+    match &settings.amqp_url {
+        Some(url) => Ok(Arc::new(crate::transport::amqp::Amqp::connect(
+            url, settings,
+        )?)),
+        None => {
+            log::info!("no AMQP URL given: using the embedded in-process transport (messages stay inside this process; pending tasks are resent by the scanner after a restart)");
+            Ok(Arc::new(InProcess::default()))
+        }
+    }
+}
+
+/// A running instance.
+pub struct Service {
+    settings: Arc<Settings>,
+    store: Arc<Store>,
+    transport: Arc<dyn Transport>,
+    outbox: Arc<Outbox>,
+    scanner: Arc<Scanner>,
+    metrics: Arc<Metrics>,
+    consumer: Option<Box<dyn ConsumerHandle>>,
+    scan_loop: Option<(Sender<()>, JoinHandle<()>)>,
+}
+
+impl Service {
+    /// Open the data directory (creating missing shards) and start the requested parts.
+    pub fn start(
+        settings: Settings,
+        transport: Arc<dyn Transport>,
+        parts: Parts,
+    ) -> Result<Service> {
+        let settings = Arc::new(settings.validate()?);
+        let store = Arc::new(Store::open(&settings, true)?);
+        let metrics = Arc::new(Metrics::default());
+        let owner: Arc<str> = format!(
+            "{}-{:06x}",
+            std::process::id(),
+            Rng::new().next_u64() & 0xff_ffff
+        )
+        .into();
+        let outbox = Arc::new(Outbox::new(
+            store.clone(),
+            transport.clone(),
+            settings.clone(),
+            owner.clone(),
+            metrics.clone(),
+        ));
+        let scanner = Arc::new(Scanner::new(
+            store.clone(),
+            outbox.clone(),
+            transport.clone(),
+            settings.clone(),
+            metrics.clone(),
+        )?);
+        let consumer = if parts.consumer {
+            let handler = Arc::new(AwardConsumer::new(store.clone(), metrics.clone()));
+            Some(transport.start_consumer(handler, settings.consumer_threads)?)
+        } else {
+            None
+        };
+        let mut service = Service {
+            settings,
+            store,
+            transport,
+            outbox,
+            scanner,
+            metrics,
+            consumer,
+            scan_loop: None,
+        };
+        if parts.scanner_loop {
+            service.scan_loop = Some(service.spawn_scan_loop()?);
+        }
+        log::info!(
+            "started data_dir={} layout={}x{} transport={} owner={owner}",
+            service.settings.data_dir.display(),
+            service.settings.layout.db_count(),
+            service.settings.layout.tb_count(),
+            service.transport.describe()
+        );
+        Ok(service)
+    }
+
+    fn spawn_scan_loop(&self) -> Result<(Sender<()>, JoinHandle<()>)> {
+        let (stop_tx, stop_rx) = bounded::<()>(0);
+        let scanner = self.scanner.clone();
+        let interval = self.settings.scan_interval;
+        let handle = std::thread::Builder::new()
+            .name("scanner".into())
+            .spawn(move || {
+                let mut was_disconnected = false;
+                loop {
+                    let started = Instant::now();
+                    match scanner.scan_once() {
+                        Ok(r) => {
+                            if r.skipped_disconnected != was_disconnected {
+                                if r.skipped_disconnected {
+                                    log::warn!("scanner paused: the transport is disconnected; tasks stay pending");
+                                } else {
+                                    log::info!("scanner resumed: the transport is connected");
+                                }
+                                was_disconnected = r.skipped_disconnected;
+                            }
+                        }
+                        Err(e) => log::warn!("scan failed, retrying next tick: {e}"),
+                    }
+                    let wait = crate::scanner::next_tick(interval, started.elapsed());
+                    // The stop sender is dropped on shutdown: a disconnect ends the loop at once.
+                    match stop_rx.recv_timeout(wait) {
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                        _ => break,
+                    }
+                }
+                log::debug!("scanner stopped");
+            })
+            .map_err(|e| crate::Error::Io { path: "scanner thread".into(), source: e })?;
+        Ok((stop_tx, handle))
+    }
+
+    /// Save an award through the whole write path.
+    pub fn save_award(&self, record: AwardRecord) -> Result<Saved> {
+        self.outbox.save_award(record)
+    }
+
+    /// One scanner pass (tests and commands drive this directly).
+    pub fn scan_once(&self) -> Result<ScanReport> {
+        self.scanner.scan_once()
+    }
+
+    /// Scanner passes until idle, at most `max_passes`.
+    pub fn drain(&self, max_passes: usize) -> Result<ScanReport> {
+        self.scanner.drain(max_passes)
+    }
+
+    /// Per-shard counts.
+    pub fn status(&self) -> Result<Vec<ShardStatus>> {
+        self.store.status()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
+    /// This process's counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Stop in order and release this process's claims, so another process can take them now.
+    pub fn shutdown(mut self) -> Result<()> {
+        if let Some((stop, handle)) = self.scan_loop.take() {
+            drop(stop);
+            let _ = handle.join();
+        }
+        if let Some(c) = self.consumer.take() {
+            c.stop();
+        }
+        let owner = self.outbox.owner().clone();
+        let released = self.store.write_all(|| Op::Release {
+            owner: owner.clone(),
+            now_ms: now_ms(),
+        })?;
+        if released > 0 {
+            log::info!("released claims tasks={released}");
+        }
+        log::info!("stopped");
+        Ok(())
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some((stop, handle)) = self.scan_loop.take() {
+            drop(stop);
+            let _ = handle.join();
+        }
+        if let Some(c) = self.consumer.take() {
+            c.stop();
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! One function per SQL statement. Each takes a `&Connection` (a savepoint or transaction
+//! derefs to one), uses `prepare_cached`, and returns plain values.
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::model::{AwardRecord, TaskState};
+
+type Sql<T> = rusqlite::Result<T>;
+
+/// The schema text, compiled in.
+pub const SCHEMA: &str = include_str!("../../schema.sql");
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: i64 = 1;
+const SPLIT_MARKER: &str = "-- @split-table";
+
+/// Create every table of a new shard file (inside the caller's transaction).
+pub fn apply_schema(
+    conn: &Connection,
+    db_idx: u32,
+    db_count: u32,
+    tb_count: u32,
+    now_ms: i64,
+) -> Sql<()> {
+    let (shared, split) = SCHEMA
+        .split_once(SPLIT_MARKER)
+        .expect("schema.sql has the split marker");
+    conn.execute_batch(shared)?;
+    for t in 0..tb_count {
+        conn.execute_batch(&split.replace("000", &format!("{t:03}")))?;
+    }
+    conn.execute(
+        "INSERT INTO shard_meta (id, db_idx, db_count, tb_count, next_seq, create_time) VALUES (1, ?1, ?2, ?3, 1, ?4)",
+        params![db_idx, db_count, tb_count, now_ms],
+    )?;
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    Ok(())
+}
+
+/// The schema version recorded in the file (0 for a new, empty file).
+pub fn schema_version(conn: &Connection) -> Sql<i64> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+}
+
+/// The layout a shard file was created with: `(db_idx, db_count, tb_count)`.
+pub fn shard_layout(conn: &Connection) -> Sql<(u32, u32, u32)> {
+    conn.query_row(
+        "SELECT db_idx, db_count, tb_count FROM shard_meta WHERE id = 1",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+}
+
+/// Insert an award record into its split table.
+pub fn insert_award(conn: &Connection, table: &str, rec: &AwardRecord, now_ms: i64) -> Sql<()> {
+    let sql = format!(
+        "INSERT INTO {table} (user_id, activity_id, strategy_id, order_id, award_id, award_title, award_time, award_state, create_time, update_time)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'create', ?8, ?8)"
+    );
+    conn.prepare_cached(&sql)?.execute(params![
+        rec.user_id.as_str(),
+        rec.activity_id,
+        rec.strategy_id,
+        rec.order_id.as_str(),
+        rec.award_id,
+        rec.award_title,
+        rec.award_time_ms,
+        now_ms
+    ])?;
+    Ok(())
+}
+
+/// Take the shard's next task sequence number (rolled back with the caller's savepoint).
+pub fn take_seq(conn: &Connection) -> Sql<u64> {
+    conn.prepare_cached(
+        "UPDATE shard_meta SET next_seq = next_seq + 1 WHERE id = 1 RETURNING next_seq - 1",
+    )?
+    .query_row([], |r| r.get(0))
+}
+
+/// A task row to insert.
+pub struct NewTask<'a> {
+    /// User id.
+    pub user_id: &'a str,
+    /// Topic.
+    pub topic: &'a str,
+    /// Message id.
+    pub message_id: &'a str,
+    /// JSON body.
+    pub message: &'a str,
+    /// Sequence number.
+    pub seq: u64,
+    /// Claim owner (the writing process, which publishes it right after commit).
+    pub owner: &'a str,
+    /// Lease expiry: when the task becomes due if its first publish never completes.
+    pub lease_until_ms: i64,
+    /// Now.
+    pub now_ms: i64,
+}
+
+/// Insert a task, claimed by the writing process. Returns its row id.
+pub fn insert_task(conn: &Connection, t: &NewTask<'_>) -> Sql<i64> {
+    conn.prepare_cached(
+        "INSERT INTO task (user_id, topic, message_id, message, state, seq, attempts, next_attempt_at, claimed_by, create_time, update_time)
+         VALUES (?1, ?2, ?3, ?4, 'create', ?5, 0, ?6, ?7, ?8, ?8)",
+    )?
+    .execute(params![t.user_id, t.topic, t.message_id, t.message, t.seq, t.lease_until_ms, t.owner, t.now_ms])?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// A task claimed for publishing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRow {
+    /// Row id.
+    pub id: i64,
+    /// User id.
+    pub user_id: String,
+    /// Topic.
+    pub topic: String,
+    /// Message id.
+    pub message_id: String,
+    /// JSON body.
+    pub message: String,
+    /// Sequence number.
+    pub seq: u64,
+    /// Counted attempts so far.
+    pub attempts: u32,
+    /// State.
+    pub state: String,
+    /// Due time or lease expiry.
+    pub next_attempt_at: i64,
+    /// Claim owner.
+    pub claimed_by: Option<String>,
+    /// Last failure.
+    pub last_error: Option<String>,
+    /// Created.
+    pub create_time: i64,
+    /// Last changed.
+    pub update_time: i64,
+}
+
+const TASK_COLUMNS: &str = "id, user_id, topic, message_id, message, seq, attempts, state, next_attempt_at, claimed_by, last_error, create_time, update_time";
+
+fn task_row(r: &rusqlite::Row<'_>) -> Sql<TaskRow> {
+    Ok(TaskRow {
+        id: r.get(0)?,
+        user_id: r.get(1)?,
+        topic: r.get(2)?,
+        message_id: r.get(3)?,
+        message: r.get(4)?,
+        seq: r.get(5)?,
+        attempts: r.get(6)?,
+        state: r.get(7)?,
+        next_attempt_at: r.get(8)?,
+        claimed_by: r.get(9)?,
+        last_error: r.get(10)?,
+        create_time: r.get(11)?,
+        update_time: r.get(12)?,
+    })
+}
+
+/// Claim up to `limit` due tasks (failed, or created and past their lease) for `owner` until
+/// `lease_until_ms`. A claimed task is not due again until its lease expires.
+pub fn claim_due(
+    conn: &Connection,
+    owner: &str,
+    now_ms: i64,
+    lease_until_ms: i64,
+    limit: usize,
+) -> Sql<Vec<TaskRow>> {
+    let sql = format!(
+        "UPDATE task SET claimed_by = ?1, next_attempt_at = ?2, update_time = ?3
+         WHERE id IN (SELECT id FROM task WHERE state IN ('create', 'fail') AND next_attempt_at <= ?3
+                      ORDER BY next_attempt_at LIMIT ?4)
+         RETURNING {TASK_COLUMNS}"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(
+        params![owner, lease_until_ms, now_ms, limit as i64],
+        task_row,
+    )?;
+    let mut out: Vec<TaskRow> = rows.collect::<Sql<_>>()?;
+    out.sort_by_key(|t| t.seq);
+    Ok(out)
+}
+
+/// Mark a task completed (its message was confirmed). A completed or dead task is left alone.
+pub fn mark_completed(conn: &Connection, id: i64, now_ms: i64) -> Sql<usize> {
+    conn.prepare_cached(
+        "UPDATE task SET state = 'completed', claimed_by = NULL, last_error = NULL, update_time = ?2
+         WHERE id = ?1 AND state IN ('create', 'fail')",
+    )?
+    .execute(params![id, now_ms])
+}
+
+/// Record a failed publish by `owner`: the new state (`fail` or `dead`), counted attempts and
+/// the next due time. A task another process has claimed since is left alone.
+#[allow(clippy::too_many_arguments)]
+pub fn mark_failed(
+    conn: &Connection,
+    id: i64,
+    owner: &str,
+    state: TaskState,
+    attempts: u32,
+    next_attempt_at: i64,
+    error: &str,
+    now_ms: i64,
+) -> Sql<usize> {
+    conn.prepare_cached(
+        "UPDATE task SET state = ?3, attempts = ?4, next_attempt_at = ?5, last_error = ?6, claimed_by = NULL, update_time = ?7
+         WHERE id = ?1 AND claimed_by = ?2 AND state IN ('create', 'fail')",
+    )?
+    .execute(params![id, owner, state.as_str(), attempts, next_attempt_at, error, now_ms])
+}
+
+/// Give back every claim `owner` holds, due now (on shutdown).
+pub fn release_claims(conn: &Connection, owner: &str, now_ms: i64) -> Sql<usize> {
+    conn.prepare_cached(
+        "UPDATE task SET claimed_by = NULL, next_attempt_at = ?2, update_time = ?2
+         WHERE claimed_by = ?1 AND state IN ('create', 'fail')",
+    )?
+    .execute(params![owner, now_ms])
+}
+
+/// Put tasks back in line, due now, with their attempts reset: one message id, or every task in
+/// a state.
+pub fn requeue(
+    conn: &Connection,
+    message_id: Option<&str>,
+    state: Option<TaskState>,
+    now_ms: i64,
+) -> Sql<usize> {
+    conn.prepare_cached(
+        "UPDATE task SET state = 'fail', attempts = 0, next_attempt_at = ?3, claimed_by = NULL, update_time = ?3
+         WHERE state IN ('fail', 'dead', 'create') AND (?1 IS NULL OR message_id = ?1) AND (?2 IS NULL OR state = ?2)",
+    )?
+    .execute(params![message_id, state.map(TaskState::as_str), now_ms])
+}
+
+/// Delete completed tasks last changed before `before_ms`.
+pub fn purge_completed(conn: &Connection, before_ms: i64) -> Sql<usize> {
+    conn.prepare_cached("DELETE FROM task WHERE state = 'completed' AND update_time < ?1")?
+        .execute(params![before_ms])
+}
+
+/// Log a delivery of `message_id`; returns how many times it has now been received (1 = first).
+pub fn record_delivery(
+    conn: &Connection,
+    message_id: &str,
+    seq: u64,
+    order_id: &str,
+    now_ms: i64,
+) -> Sql<u32> {
+    conn.prepare_cached(
+        "INSERT INTO delivery (message_id, seq, order_id, receipts, delivered_at) VALUES (?1, ?2, ?3, 1, ?4)
+         ON CONFLICT (message_id) DO UPDATE SET receipts = receipts + 1
+         RETURNING receipts",
+    )?
+    .query_row(params![message_id, seq, order_id, now_ms], |r| r.get(0))
+}
+
+/// Move an award record from `create` to `completed`; returns rows changed (0 if already
+/// delivered or missing).
+pub fn complete_award(
+    conn: &Connection,
+    table: &str,
+    user_id: &str,
+    order_id: &str,
+    now_ms: i64,
+) -> Sql<usize> {
+    let sql = format!(
+        "UPDATE {table} SET award_state = 'completed', update_time = ?3
+         WHERE order_id = ?1 AND user_id = ?2 AND award_state = 'create'"
+    );
+    conn.prepare_cached(&sql)?
+        .execute(params![order_id, user_id, now_ms])
+}
+
+/// Whether an award record exists.
+pub fn award_exists(conn: &Connection, table: &str, user_id: &str, order_id: &str) -> Sql<bool> {
+    let sql = format!("SELECT 1 FROM {table} WHERE order_id = ?1 AND user_id = ?2");
+    Ok(conn
+        .prepare_cached(&sql)?
+        .query_row(params![order_id, user_id], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// Count tasks per state.
+pub fn count_tasks_by_state(conn: &Connection) -> Sql<Vec<(String, u64)>> {
+    let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM task GROUP BY state")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// Count award records per state in one split table.
+pub fn count_awards_by_state(conn: &Connection, table: &str) -> Sql<Vec<(String, u64)>> {
+    let sql = format!("SELECT award_state, COUNT(*) FROM {table} GROUP BY award_state");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// Creation time of the oldest task not yet completed or dead.
+pub fn oldest_pending(conn: &Connection) -> Sql<Option<i64>> {
+    conn.prepare_cached("SELECT MIN(create_time) FROM task WHERE state IN ('create', 'fail')")?
+        .query_row([], |r| r.get(0))
+}
+
+/// Tasks, oldest first, optionally in one state.
+pub fn list_tasks(conn: &Connection, state: Option<TaskState>, limit: usize) -> Sql<Vec<TaskRow>> {
+    let sql = format!(
+        "SELECT {TASK_COLUMNS} FROM task WHERE (?1 IS NULL OR state = ?1) ORDER BY seq LIMIT ?2"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(
+        params![state.map(TaskState::as_str), limit as i64],
+        task_row,
+    )?;
+    rows.collect()
+}
+
+/// Delivery log totals: `(messages handled, receipts including redeliveries)`.
+pub fn delivery_totals(conn: &Connection) -> Sql<(u64, u64)> {
+    conn.prepare_cached("SELECT COUNT(*), COALESCE(SUM(receipts), 0) FROM delivery")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+}
+
+/// The highest sequence number handed out on this shard.
+pub fn last_seq(conn: &Connection) -> Sql<u64> {
+    conn.prepare_cached("SELECT next_seq - 1 FROM shard_meta WHERE id = 1")?
+        .query_row([], |r| r.get(0))
+}

@@ -1,0 +1,155 @@
+//! The in-process transport: a bounded queue between publishers and consumer threads in the
+//! same process. A publish is confirmed only after a consumer has handled the message, so a task
+//! counts as sent only once its award is delivered; if the process dies first, the task is still
+//! pending in SQLite and the scanner sends it again.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, select, Receiver, Sender};
+
+use super::{ConsumerHandle, Handled, Handler, Outgoing, PublishFailure, Transport};
+use crate::error::{Error, Result};
+
+/// Messages waiting for a consumer. When full, publishers block: backpressure.
+pub const QUEUE_CAPACITY: usize = 4096;
+
+struct Envelope {
+    body: String,
+    reply: Sender<Handled>,
+}
+
+/// The in-process transport.
+pub struct InProcess {
+    tx: Sender<Envelope>,
+    rx: Receiver<Envelope>,
+    consumers: Arc<AtomicUsize>,
+    confirm_timeout: Duration,
+}
+
+impl InProcess {
+    /// A transport whose publishes wait at most `confirm_timeout` for the consumer.
+    pub fn new(confirm_timeout: Duration) -> Self {
+        let (tx, rx) = bounded(QUEUE_CAPACITY);
+        InProcess {
+            tx,
+            rx,
+            consumers: Arc::new(AtomicUsize::new(0)),
+            confirm_timeout,
+        }
+    }
+}
+
+impl Default for InProcess {
+    fn default() -> Self {
+        InProcess::new(Duration::from_secs(30))
+    }
+}
+
+impl Transport for InProcess {
+    fn describe(&self) -> String {
+        "in-process".into()
+    }
+
+    fn publish_batch(&self, batch: &[Outgoing]) -> Vec<Result<(), PublishFailure>> {
+        if self.consumers.load(Ordering::SeqCst) == 0 {
+            return batch
+                .iter()
+                .map(|_| {
+                    Err(PublishFailure::Unavailable(
+                        "no in-process consumer is running".into(),
+                    ))
+                })
+                .collect();
+        }
+        let pending: Vec<Option<Receiver<Handled>>> = batch
+            .iter()
+            .map(|m| {
+                let (reply, rx) = bounded(1);
+                self.tx
+                    .send(Envelope {
+                        body: m.body.clone(),
+                        reply,
+                    })
+                    .ok()
+                    .map(|_| rx)
+            })
+            .collect();
+        pending
+            .into_iter()
+            .map(
+                |rx| match rx.map(|rx| rx.recv_timeout(self.confirm_timeout)) {
+                    Some(Ok(Handled::Ack)) => Ok(()),
+                    Some(Ok(Handled::Reject(r))) => Err(PublishFailure::Rejected(r)),
+                    Some(Ok(Handled::Retry(r))) => Err(PublishFailure::Unavailable(r)),
+                    Some(Err(_)) | None => Err(PublishFailure::Unavailable(
+                        "the in-process consumer did not answer".into(),
+                    )),
+                },
+            )
+            .collect()
+    }
+
+    fn is_connected(&self) -> bool {
+        self.consumers.load(Ordering::SeqCst) > 0
+    }
+
+    fn start_consumer(
+        &self,
+        handler: Arc<dyn Handler>,
+        threads: usize,
+    ) -> Result<Box<dyn ConsumerHandle>> {
+        let (stop_tx, stop_rx) = bounded::<()>(0);
+        let mut handles = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let (rx, stop_rx, handler, consumers) = (
+                self.rx.clone(),
+                stop_rx.clone(),
+                handler.clone(),
+                self.consumers.clone(),
+            );
+            consumers.fetch_add(1, Ordering::SeqCst);
+            let h = std::thread::Builder::new()
+                .name(format!("consumer-{i}"))
+                .spawn(move || {
+                    loop {
+                        select! {
+                            recv(stop_rx) -> _ => break,
+                            recv(rx) -> env => match env {
+                                Ok(env) => { let _ = env.reply.send(handler.handle(env.body.as_bytes())); }
+                                Err(_) => break,
+                            },
+                        }
+                    }
+                    // The last consumer to stop answers what is still queued, so no publisher waits.
+                    if consumers.fetch_sub(1, Ordering::SeqCst) == 1 {
+                        while let Ok(env) = rx.try_recv() {
+                            let _ = env.reply.send(Handled::Retry("the in-process consumer stopped".into()));
+                        }
+                    }
+                })
+                .map_err(|e| Error::Io { path: "consumer thread".into(), source: e })?;
+            handles.push(h);
+        }
+        Ok(Box::new(Running {
+            stop: stop_tx,
+            handles,
+        }))
+    }
+}
+
+struct Running {
+    stop: Sender<()>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl ConsumerHandle for Running {
+    fn stop(self: Box<Self>) {
+        drop(self.stop);
+        for h in self.handles {
+            let _ = h.join();
+        }
+    }
+}

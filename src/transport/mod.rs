@@ -1,0 +1,66 @@
+//! The broker boundary. [`Transport`] publishes batches with confirms and runs consumers.
+//! Implementations: [`memory::InProcess`] (the embedded default), [`amqp::Amqp`] (RabbitMQ
+//! through lapin; the only code that speaks AMQP) and [`fault::Faulty`] (scripted failures for
+//! tests and `verify`).
+
+pub mod amqp;
+pub mod fault;
+pub mod memory;
+
+use std::sync::Arc;
+
+use crate::error::Result;
+pub use crate::retry::PublishFailure;
+
+/// A message to publish on the transport's topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// Message id (also sent as the AMQP message id).
+    pub message_id: String,
+    /// JSON body.
+    pub body: String,
+}
+
+/// What a consumer did with a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    /// Handled (delivered now or before): acknowledge.
+    Ack,
+    /// Can never be handled (malformed, unknown award): reject without requeue.
+    Reject(String),
+    /// Could not be handled now (storage busy, shutting down): requeue.
+    Retry(String),
+}
+
+/// Handles one message body. Implemented by the award consumer.
+pub trait Handler: Send + Sync {
+    /// Handle a body; must be idempotent, since a message may arrive more than once.
+    fn handle(&self, body: &[u8]) -> Handled;
+}
+
+/// A running consumer; `stop` finishes the message in hand and returns.
+pub trait ConsumerHandle: Send + Sync {
+    /// Stop consuming and join the consumer threads.
+    fn stop(self: Box<Self>);
+}
+
+/// A message transport with publisher confirms.
+pub trait Transport: Send + Sync {
+    /// A short description for logs and `status` (`in-process`, `amqp 127.0.0.1:5672`).
+    fn describe(&self) -> String;
+
+    /// Publish every message, with many in flight, and wait for each confirm. The result at
+    /// index `i` is message `i`'s: `Ok` only once the message is safe (broker ack of a
+    /// persistent, routed message; or handled by the in-process consumer).
+    fn publish_batch(&self, batch: &[Outgoing]) -> Vec<Result<(), PublishFailure>>;
+
+    /// Whether publishing can currently succeed (false while the broker is unreachable).
+    fn is_connected(&self) -> bool;
+
+    /// Start consuming the topic's queue with `threads` handler threads.
+    fn start_consumer(
+        &self,
+        handler: Arc<dyn Handler>,
+        threads: usize,
+    ) -> Result<Box<dyn ConsumerHandle>>;
+}
