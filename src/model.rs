@@ -358,6 +358,7 @@ mod tests {
             award_title: "t",
             award_time_ms: 0,
         };
+        let long_id = "x".repeat(33);
         let cases: Vec<(NewAward, &str)> = vec![
             (
                 NewAward {
@@ -368,7 +369,7 @@ mod tests {
             ),
             (
                 NewAward {
-                    user_id: &"x".repeat(33),
+                    user_id: long_id.as_str(),
                     ..base.clone()
                 },
                 "user_id",

@@ -1,0 +1,1 @@
+//! RabbitMQ tests (need a broker; run with --include-ignored).

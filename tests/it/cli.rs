@@ -1,0 +1,208 @@
+//! End-to-end tests of the real binary on temporary data directories.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use crate::support::*;
+
+pub fn bin(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_big-market"));
+    c.current_dir(dir)
+        .env_remove("AMQP_URL")
+        .env("RUST_LOG", "warn")
+        .env("BIG_MARKET_DATA_DIR", dir.join("data"));
+    c
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    bin(dir).args(args).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).to_string()
+}
+
+const AWARD: &[&str] = &[
+    "award",
+    "--user-id",
+    "xiaofuge",
+    "--activity-id",
+    "100301",
+    "--strategy-id",
+    "100006",
+    "--order-id",
+    "000000000042",
+    "--award-id",
+    "101",
+    "--award-title",
+    "OpenAI 增加使用次数",
+];
+
+#[test]
+fn route_prints_the_java_formulas_db_and_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(dir.path(), &["route", "xiaofuge"]);
+    assert!(out.status.success());
+    assert_eq!(
+        text(&out.stdout),
+        "user_id=xiaofuge db=big_market_01 table=user_award_record_001\n"
+    );
+    let out = run(dir.path(), &["route", "user001"]);
+    assert_eq!(
+        text(&out.stdout),
+        "user_id=user001 db=big_market_02 table=user_award_record_000\n"
+    );
+}
+
+#[test]
+fn the_same_award_twice_is_refused_as_duplicate_with_one_record_and_one_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = run(dir.path(), AWARD);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert!(text(&first.stdout).contains("published=true"));
+    let second = run(dir.path(), AWARD);
+    assert_eq!(second.status.code(), Some(3));
+    assert!(
+        text(&second.stderr).contains("duplicate"),
+        "{}",
+        text(&second.stderr)
+    );
+    let s = settings(dir.path());
+    assert_eq!(totals(&s), (1, 1, 1, 1));
+    let status = run(dir.path(), &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["pending"], 0);
+    assert_eq!(v["shards"][0]["tasks"]["completed"], 1);
+    assert_eq!(v["shards"][0]["awards"]["completed"], 1);
+}
+
+#[test]
+fn load_writes_and_delivers_every_award() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(
+        dir.path(),
+        &["load", "--records", "500", "--users", "7", "--threads", "4"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("saved=500")
+            && stdout.contains("delivered=500")
+            && stdout.contains("failed=0"),
+        "{stdout}"
+    );
+    assert!(
+        text(&out.stderr).contains("saved=500/500"),
+        "progress is shown"
+    );
+    let s = settings(dir.path());
+    assert_eq!(totals(&s), (500, 500, 500, 500));
+}
+
+#[test]
+fn bad_input_exits_non_zero_with_one_clear_line_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (vec!["award", "--user-id", "u"], 2, "required"),
+        (
+            AWARD
+                .iter()
+                .map(|a| if *a == "100301" { "abc" } else { a })
+                .collect(),
+            2,
+            "invalid value",
+        ),
+        (
+            AWARD
+                .iter()
+                .map(|a| {
+                    if *a == "000000000042" {
+                        "0000000000420"
+                    } else {
+                        a
+                    }
+                })
+                .collect(),
+            2,
+            "order_id",
+        ),
+        (
+            AWARD
+                .iter()
+                .map(|a| if *a == "xiaofuge" { "" } else { a })
+                .collect(),
+            2,
+            "user_id",
+        ),
+        (vec!["--db-count", "3", "route", "x"], 2, "power of two"),
+        (vec!["status"], 2, "big-market init"),
+        (vec!["tasks", "requeue"], 2, "required"),
+        (vec!["load", "--records", "0"], 2, "records"),
+    ];
+    for (args, code, needle) in cases {
+        let out = run(dir.path(), &args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    assert!(
+        !dir.path().join("data").join("big_market_01.db").exists(),
+        "no shard was created by bad input"
+    );
+}
+
+#[test]
+fn an_unwritable_data_dir_and_a_corrupt_shard_fail_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let out = bin(dir.path())
+        .env("BIG_MARKET_DATA_DIR", file.join("data"))
+        .args(AWARD)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr).lines().count(),
+        1,
+        "{}",
+        text(&out.stderr)
+    );
+
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("big_market_01.db"), vec![7u8; 4096]).unwrap();
+    let out = run(dir.path(), AWARD);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not a SQLite database"), "{err}");
+    assert!(!data.join("big_market_02.db").exists() || totals_of_shard2_is_empty(&data));
+}
+
+fn totals_of_shard2_is_empty(data: &Path) -> bool {
+    let c = rusqlite::Connection::open(data.join("big_market_02.db")).unwrap();
+    awards(&c, None) == 0
+}
+
+#[test]
+fn help_explains_every_flag_and_its_environment_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(dir.path(), &["--help"]);
+    let help = text(&out.stdout);
+    for needle in [
+        "--data-dir",
+        "BIG_MARKET_DATA_DIR",
+        "--db-count",
+        "--tb-count",
+        "AMQP_URL",
+        "init",
+        "route",
+        "award",
+        "load",
+        "serve",
+        "status",
+        "tasks",
+    ] {
+        assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests: the library against temporary data directories, and the real binary.
+
+mod amqp;
+mod cli;
+mod faults;
+mod pipeline;
+mod support;

@@ -1,0 +1,332 @@
+//! The write path, the scanner and the consumer, driven step by step.
+
+use std::sync::Arc;
+
+use big_market::model::EventMessage;
+use big_market::router::{route, Layout};
+use big_market::store::{Delivered, Store};
+use big_market::transport::{Handled, Handler};
+use big_market::Error;
+
+use crate::support::*;
+
+#[test]
+fn a_saved_award_is_committed_published_and_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    let (service, faulty) = start(s.clone());
+    let saved = service
+        .save_award(award("xiaofuge", "100000000001"))
+        .unwrap();
+    assert!(saved.published);
+    assert_eq!(saved.db, 1, "xiaofuge routes to big_market_01");
+    assert_eq!(saved.message_id.as_str(), "01000000001");
+    assert_eq!(faulty.forwarded(), 1);
+    service.shutdown().unwrap();
+
+    let c = raw(&s, 1);
+    assert_eq!(count(&c, "SELECT COUNT(*) FROM user_award_record_001 WHERE order_id = '100000000001' AND award_state = 'completed'"), 1);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT COUNT(*) FROM task WHERE state = 'completed' AND message_id = '01000000001'"
+        ),
+        1
+    );
+    let body: String = c
+        .query_row("SELECT message FROM task", [], |r| r.get(0))
+        .unwrap();
+    let msg = EventMessage::decode(body.as_bytes()).unwrap();
+    assert_eq!(
+        (
+            msg.data.user_id.as_str(),
+            msg.data.award_id,
+            msg.seq,
+            msg.shard
+        ),
+        ("xiaofuge", 101, Some(1), Some(1))
+    );
+}
+
+#[test]
+fn a_repeated_order_id_is_refused_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    let (service, faulty) = start(s.clone());
+    service
+        .save_award(award("xiaofuge", "200000000001"))
+        .unwrap();
+    let err = service
+        .save_award(award("xiaofuge", "200000000001"))
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::DuplicateOrder { order_id } if order_id == "200000000001"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("duplicate"));
+    assert_eq!(faulty.forwarded(), 1, "no second message");
+    // The failed attempt left no hole in the sequence: the next task is seq 2.
+    let next = service
+        .save_award(award("xiaofuge", "200000000002"))
+        .unwrap();
+    assert_eq!(next.seq, 2);
+    service.shutdown().unwrap();
+    assert_eq!(totals(&s), (2, 2, 2, 2));
+}
+
+#[test]
+fn a_failure_between_the_two_inserts_leaves_neither() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    let (service, _) = start(s.clone());
+    // Inject a failure into the task insert, after the award insert of the same transaction.
+    let c = raw(&s, 1);
+    c.execute_batch("CREATE TRIGGER inject_fault BEFORE INSERT ON task BEGIN SELECT RAISE(ABORT, 'injected fault'); END;").unwrap();
+    let err = service
+        .save_award(award("xiaofuge", "300000000001"))
+        .unwrap_err();
+    assert!(matches!(err, Error::Storage { .. }), "{err}");
+    assert!(err.to_string().contains("injected fault"), "{err}");
+    assert_eq!(
+        awards(&c, None),
+        0,
+        "the award insert was rolled back with the task insert"
+    );
+    assert_eq!(count(&c, "SELECT COUNT(*) FROM task"), 0);
+    c.execute_batch("DROP TRIGGER inject_fault;").unwrap();
+    // No trace: the same order id is accepted now, with sequence 1.
+    let saved = service
+        .save_award(award("xiaofuge", "300000000001"))
+        .unwrap();
+    assert_eq!(saved.seq, 1);
+    service.shutdown().unwrap();
+    assert_eq!(totals(&s), (1, 1, 1, 1));
+}
+
+#[test]
+fn a_failed_publish_leaves_a_failed_task_that_the_scanner_delivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    let (service, faulty) = start(s.clone());
+    faulty.set_down(true);
+    for i in 0..20 {
+        let saved = service
+            .save_award(award(&format!("u{i}"), &format!("4000000000{i:02}")))
+            .unwrap();
+        assert!(!saved.published);
+    }
+    let (a, delivered, t, completed) = totals(&s);
+    assert_eq!((a, delivered, t, completed), (20, 0, 20, 0));
+    let failed: i64 = (1..=2)
+        .map(|db| {
+            count(
+                &raw(&s, db),
+                "SELECT COUNT(*) FROM task WHERE state = 'fail' AND attempts = 0",
+            )
+        })
+        .sum();
+    assert_eq!(failed, 20, "an outage does not count as an attempt");
+    // While the broker is down the scanner leaves the tasks alone.
+    assert!(service.scan_once().unwrap().skipped_disconnected);
+    faulty.set_down(false);
+    let report = service.scan_once().unwrap();
+    assert_eq!((report.claimed, report.relayed.completed), (20, 20));
+    assert!(
+        service.scan_once().unwrap().idle(),
+        "completed tasks are never claimed again"
+    );
+    service.shutdown().unwrap();
+    assert_eq!(totals(&s), (20, 20, 20, 20));
+}
+
+#[test]
+fn caller_runs_engages_when_the_pool_is_full_and_nothing_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.pool_threads = 1;
+    s.pool_queue = 1;
+    s.publish_chunk = 1;
+    let (service, faulty) = start(s.clone());
+    faulty.set_down(true);
+    for i in 0..200 {
+        service
+            .save_award(award(&format!("cr{i}"), &format!("5{i:011}")))
+            .unwrap();
+    }
+    faulty.set_down(false);
+    let report = service.scan_once().unwrap();
+    assert_eq!(report.claimed, 200);
+    assert_eq!(report.relayed.completed, 200);
+    assert!(
+        report.ran_on_caller > 0,
+        "200 one-task jobs on a 1-thread, 1-slot pool must overflow: {report:?}"
+    );
+    service.shutdown().unwrap();
+    assert_eq!(totals(&s), (200, 200, 200, 200));
+}
+
+#[test]
+fn a_refused_message_ends_dead_after_the_attempt_limit_and_requeue_brings_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.retry.max_attempts = 3;
+    // No backoff delay: a refused task is due again on the next pass.
+    s.retry.base = std::time::Duration::ZERO;
+    s.retry.cap = std::time::Duration::ZERO;
+    let (service, faulty) = start(s.clone());
+    faulty.refuse_containing(Some("poison-user"));
+    service
+        .save_award(award("poison-user", "600000000001"))
+        .unwrap();
+    service
+        .save_award(award("fine-user", "600000000002"))
+        .unwrap();
+    let mut passes = 0;
+    while service
+        .status()
+        .unwrap()
+        .iter()
+        .map(|st| st.tasks_in(big_market::model::TaskState::Dead))
+        .sum::<u64>()
+        == 0
+    {
+        passes += 1;
+        assert!(passes < 200, "the task never reached dead");
+        service.scan_once().unwrap();
+    }
+    assert_eq!(
+        faulty.refused(),
+        3,
+        "exactly max_attempts refused publishes"
+    );
+    assert!(
+        service.drain(5).unwrap().idle(),
+        "a dead task is never retried by itself"
+    );
+    let db = route("poison-user", Layout::default()).db;
+    let c = raw(&s, db);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT COUNT(*) FROM task WHERE state = 'dead' AND attempts = 3"
+        ),
+        1
+    );
+    // Requeue after the fault is gone: the task is delivered.
+    faulty.refuse_containing(None);
+    let n = service
+        .store()
+        .write_all(|| big_market::store::Op::Requeue {
+            message_id: None,
+            state: Some(big_market::model::TaskState::Dead),
+            now_ms: big_market::util::now_ms(),
+        })
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(service.scan_once().unwrap().relayed.completed, 1);
+    service.shutdown().unwrap();
+    assert_eq!(totals(&s), (2, 2, 2, 2));
+}
+
+#[test]
+fn a_redelivered_message_changes_nothing_and_concurrent_duplicates_deliver_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    let (service, faulty) = start(s.clone());
+    faulty.set_down(true); // committed, not yet delivered
+    service
+        .save_award(award("xiaofuge", "700000000001"))
+        .unwrap();
+    let body: String = raw(&s, 1)
+        .query_row("SELECT message FROM task", [], |r| r.get(0))
+        .unwrap();
+    let store = service.store().clone();
+    // Eight threads deliver the same message at once: exactly one first delivery.
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, body) = (store.clone(), body.clone());
+            std::thread::spawn(move || {
+                store
+                    .deliver(EventMessage::decode(body.as_bytes()).unwrap(), 0)
+                    .unwrap()
+            })
+        })
+        .collect();
+    let outcomes: Vec<Delivered> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(
+        outcomes.iter().filter(|d| **d == Delivered::First).count(),
+        1,
+        "{outcomes:?}"
+    );
+    let c = raw(&s, 1);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT receipts FROM delivery WHERE message_id = '01000000001'"
+        ),
+        8
+    );
+    assert_eq!(awards(&c, Some("completed")), 1);
+    service.shutdown().unwrap();
+}
+
+#[test]
+fn a_poison_message_is_rejected_and_the_consumer_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    let store = Arc::new(Store::open(&s, true).unwrap());
+    let consumer = big_market::consumer::AwardConsumer::new(store.clone(), Default::default());
+    assert!(matches!(consumer.handle(b"{not json"), Handled::Reject(_)));
+    let unknown = r#"{"data":{"awardId":1,"awardTitle":"t","orderId":"1","userId":"nobody"},"id":"01000000009","seq":9,"shard":1,"timestamp":0}"#;
+    let route_db = route("nobody", Layout::default()).db;
+    let unknown = unknown.replace("\"shard\":1", &format!("\"shard\":{route_db}"));
+    match consumer.handle(unknown.as_bytes()) {
+        Handled::Reject(reason) => assert!(reason.contains("no award record"), "{reason}"),
+        other => panic!("expected reject, got {other:?}"),
+    }
+    // Nothing was logged as delivered for the unknown message.
+    assert_eq!(
+        count(&raw(&s, route_db), "SELECT COUNT(*) FROM delivery"),
+        0
+    );
+}
+
+#[test]
+fn a_data_dir_of_another_layout_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    drop(Store::open(&s, true).unwrap());
+    let mut other = s.clone();
+    other.layout = Layout::new(2, 8).unwrap();
+    let err = Store::open(&other, true)
+        .err()
+        .expect("layout mismatch must fail");
+    assert!(err.to_string().contains("--tb-count 4"), "{err}");
+    let mut more = s.clone();
+    more.layout = Layout::new(1, 4).unwrap();
+    let err = Store::open(&more, true)
+        .err()
+        .expect("an extra shard file must fail");
+    assert!(err.to_string().contains("big_market_02.db"), "{err}");
+}
+
+#[test]
+fn a_shard_file_that_is_not_sqlite_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    std::fs::create_dir_all(&s.data_dir).unwrap();
+    std::fs::write(s.data_dir.join("big_market_01.db"), vec![b'x'; 8192]).unwrap();
+    let err = Store::open(&s, true)
+        .err()
+        .expect("a corrupt shard must fail");
+    assert!(
+        err.to_string().contains("not a SQLite database")
+            || err.to_string().contains("not a database"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(s.data_dir.join("big_market_01.db")).unwrap(),
+        vec![b'x'; 8192],
+        "the file is untouched"
+    );
+}
