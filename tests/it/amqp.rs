@@ -1,1 +1,289 @@
-//! RabbitMQ tests (need a broker; run with --include-ignored).
+//! Tests against the real RabbitMQ broker. Ignored by default; `.ci/run` runs them with
+//! `cargo test -- --ignored`. They use `AMQP_URL` (default guest@127.0.0.1:5672) and fail,
+//! never skip, when the broker is unreachable. Each test uses a queue of its own and deletes it.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use big_market::config::Settings;
+use big_market::metrics::Metrics;
+use big_market::service::{Parts, Service};
+use big_market::transport::amqp::Amqp;
+use big_market::transport::{Outgoing, Transport};
+use big_market::util::{wait_until, Rng};
+
+use crate::support::*;
+
+/// The broker fault test stops the whole broker app: broker tests never overlap.
+static BROKER: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    BROKER.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn amqp_settings(dir: &std::path::Path) -> Settings {
+    let mut s = settings(dir);
+    s.amqp_url = Some(
+        std::env::var("AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+    );
+    s.topic = format!("send_award_test_{}", Rng::new().digits(10));
+    if let Err(e) = Amqp::connect_once(&s) {
+        panic!("RabbitMQ is required for this test and is unreachable: {e}. Start it with `rabbitmq-server -detached`.");
+    }
+    s
+}
+
+fn start_amqp(s: &Settings, parts: Parts) -> (Service, Arc<Amqp>) {
+    let amqp = Arc::new(Amqp::connect(s.amqp_url.as_ref().unwrap(), s).unwrap());
+    assert!(
+        wait_until(Duration::from_secs(10), || amqp.is_connected()),
+        "not connected"
+    );
+    let transport: Arc<dyn Transport> = amqp.clone();
+    (Service::start(s.clone(), transport, parts).unwrap(), amqp)
+}
+
+const CONSUMER: Parts = Parts {
+    consumer: true,
+    scanner_loop: false,
+};
+const PUBLISH_ONLY: Parts = Parts {
+    consumer: false,
+    scanner_loop: false,
+};
+
+fn all_delivered(s: &Settings, n: i64) -> bool {
+    let (a, d, t, c) = totals(s);
+    a == n && d == n && t == n && c == n
+}
+
+/// Take up to `max` messages off a queue with basic.get, acking each.
+fn drain_queue(s: &Settings, max: usize) -> Vec<(Vec<u8>, Option<u8>, Option<String>)> {
+    let (url, queue) = (s.amqp_url.clone().unwrap(), s.topic.clone());
+    async_global_executor::block_on(async move {
+        let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        while out.len() < max {
+            match ch
+                .basic_get(
+                    queue.as_str().into(),
+                    lapin::options::BasicGetOptions { no_ack: true },
+                )
+                .await
+                .unwrap()
+            {
+                Some(m) => out.push((
+                    m.delivery.data.clone(),
+                    *m.delivery.properties.delivery_mode(),
+                    m.delivery
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|i| i.to_string()),
+                )),
+                None => break,
+            }
+        }
+        let _ = conn.close(200, "done".into()).await;
+        out
+    })
+}
+
+#[test]
+#[ignore = "needs RabbitMQ; run with --ignored"]
+fn awards_are_published_to_rabbitmq_and_delivered_end_to_end() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let s = amqp_settings(dir.path());
+    let (service, amqp) = start_amqp(&s, CONSUMER);
+    for i in 0..200 {
+        assert!(
+            service
+                .save_award(award(&format!("amqp{i}"), &format!("8{i:011}")))
+                .unwrap()
+                .published
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || all_delivered(&s, 200)),
+        "{:?}",
+        totals(&s)
+    );
+    assert_eq!(Metrics::get(&service.metrics().delivered), 200);
+    service.shutdown().unwrap();
+    amqp.delete_queue().unwrap();
+}
+
+#[test]
+#[ignore = "needs RabbitMQ; run with --ignored"]
+fn a_task_is_completed_only_once_the_broker_holds_a_persistent_copy() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let s = amqp_settings(dir.path());
+    let (service, amqp) = start_amqp(&s, PUBLISH_ONLY);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let saved = service
+            .save_award(award("xiaofuge", &format!("9000000000{i:02}")))
+            .unwrap();
+        assert!(saved.published);
+        ids.push(saved.message_id.as_str().to_string());
+    }
+    assert_eq!(totals(&s).3, 5, "all five tasks completed");
+    // Completed means confirmed: the messages are in the queue, persistent, with their ids.
+    let got = drain_queue(&s, 10);
+    assert_eq!(got.len(), 5);
+    for ((body, mode, id), want) in got.iter().zip(&ids) {
+        assert_eq!(*mode, Some(2), "persistent");
+        assert_eq!(id.as_deref(), Some(want.as_str()));
+        let msg = big_market::model::EventMessage::decode(body).unwrap();
+        assert_eq!(&msg.id, want);
+    }
+    service.shutdown().unwrap();
+    amqp.delete_queue().unwrap();
+}
+
+#[test]
+#[ignore = "needs RabbitMQ; run with --ignored"]
+fn an_unroutable_message_is_a_failure_not_a_completed_task() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let s = amqp_settings(dir.path());
+    let (service, amqp) = start_amqp(&s, PUBLISH_ONLY);
+    amqp.delete_queue().unwrap(); // nothing is bound to the routing key now
+    let saved = service
+        .save_award(award("xiaofuge", "910000000001"))
+        .unwrap();
+    assert!(
+        !saved.published,
+        "a returned mandatory message must not count as sent"
+    );
+    let c = raw(&s, 1);
+    assert_eq!(count(&c, "SELECT COUNT(*) FROM task WHERE state = 'fail' AND attempts = 1 AND last_error LIKE '%unroutable%'"), 1);
+    service.shutdown().unwrap();
+}
+
+#[test]
+#[ignore = "needs RabbitMQ; run with --ignored"]
+fn a_redelivered_message_is_handled_once_and_poison_is_set_aside() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let s = amqp_settings(dir.path());
+    let (service, amqp) = start_amqp(&s, CONSUMER);
+    service
+        .save_award(award("xiaofuge", "920000000001"))
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || all_delivered(&s, 1)));
+    let body: String = raw(&s, 1)
+        .query_row("SELECT message FROM task", [], |r| r.get(0))
+        .unwrap();
+    // The same message twice more, and a poison message between them.
+    let again = Outgoing {
+        message_id: "01000000001".into(),
+        body,
+    };
+    let poison = Outgoing {
+        message_id: "00000000000".into(),
+        body: "{not json".into(),
+    };
+    for r in amqp.publish_batch(&[again.clone(), poison, again]) {
+        r.unwrap();
+    }
+    let m = service.metrics().clone();
+    assert!(wait_until(Duration::from_secs(10), || Metrics::get(
+        &m.redelivered
+    ) == 2
+        && Metrics::get(&m.poison) == 1));
+    assert_eq!(Metrics::get(&m.delivered), 1);
+    assert_eq!(count(&raw(&s, 1), "SELECT receipts FROM delivery"), 3);
+    // The consumer goes on after the poison message.
+    service
+        .save_award(award("xiaofuge", "920000000002"))
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || all_delivered(&s, 2)));
+    service.shutdown().unwrap();
+    amqp.delete_queue().unwrap();
+}
+
+/// Starts the broker app again even if the test fails half-way.
+struct RestartOnDrop;
+impl Drop for RestartOnDrop {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl("start_app");
+    }
+}
+
+fn rabbitmqctl(cmd: &str) -> bool {
+    std::process::Command::new("rabbitmqctl")
+        .arg(cmd)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+#[test]
+#[ignore = "needs RabbitMQ and rabbitmqctl; run with --ignored"]
+fn the_broker_stopped_mid_load_loses_nothing_and_delivers_once() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = amqp_settings(dir.path());
+    s.scan_interval = Duration::from_millis(200);
+    s.stale_after = Duration::from_secs(2);
+    let (service, amqp) = start_amqp(&s, Parts::ALL);
+    let service = Arc::new(service);
+    let _restart = RestartOnDrop;
+    const N: u64 = 3000;
+    let saved = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writers: Vec<_> = (0..4)
+        .map(|t| {
+            let (service, saved) = (service.clone(), saved.clone());
+            std::thread::spawn(move || {
+                for i in (t..N).step_by(4) {
+                    service
+                        .save_award(award(&format!("f{}", i % 97), &format!("93{i:010}")))
+                        .expect("writes commit while the broker is down");
+                    saved.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(60), || saved
+        .load(std::sync::atomic::Ordering::SeqCst)
+        >= 500));
+    assert!(rabbitmqctl("stop_app"), "rabbitmqctl stop_app failed");
+    assert!(
+        wait_until(Duration::from_secs(30), || !amqp.is_connected()),
+        "the transport noticed the outage"
+    );
+    let at_stop = saved.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        wait_until(Duration::from_secs(60), || saved
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= at_stop + 300),
+        "writes go on while the broker is down"
+    );
+    assert!(rabbitmqctl("start_app"), "rabbitmqctl start_app failed");
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert!(
+        wait_until(Duration::from_secs(120), || all_delivered(&s, N as i64)),
+        "not everything delivered: {:?}",
+        totals(&s)
+    );
+    // Exactly once in effect: one delivery log row per task, every award completed once.
+    for db in 1..=2 {
+        let c = raw(&s, db);
+        assert_eq!(
+            count(&c, "SELECT COUNT(*) FROM delivery"),
+            count(&c, "SELECT COUNT(*) FROM task")
+        );
+    }
+    let service = Arc::try_unwrap(service).ok().unwrap();
+    service.shutdown().unwrap();
+    amqp.delete_queue().unwrap();
+}
