@@ -118,6 +118,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure the pipeline beside the storage and broker ceilings, in one run, on fresh temporary shards.
+    Bench {
+        /// Awards per phase.
+        #[arg(long, default_value_t = 20000)]
+        records: usize,
+        /// Caller threads.
+        #[arg(long, default_value_t = 16)]
+        threads: usize,
+    },
     /// Inspect and repair outbox tasks.
     #[command(subcommand)]
     Tasks(TasksCommand),
@@ -251,6 +260,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve => serve(settings),
         Command::Status { json } => status(&settings, json),
         Command::Tasks(t) => tasks(&settings, t),
+        Command::Bench { records, threads } => {
+            if records == 0 || threads == 0 {
+                return Err(Error::invalid("records/threads", "must be at least 1"));
+            }
+            crate::bench::run(&settings, &crate::bench::BenchOptions { records, threads })
+                .map(|_| ())
+        }
     }
 }
 

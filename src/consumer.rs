@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::EventMessage;
 use crate::store::{Delivered, Store};
@@ -22,21 +22,15 @@ impl AwardConsumer {
     pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Self {
         AwardConsumer { store, metrics }
     }
-}
 
-impl Handler for AwardConsumer {
-    fn handle(&self, body: &[u8]) -> Handled {
-        let result = EventMessage::decode(body).and_then(|msg| {
-            let id = msg.id.clone();
-            self.store.deliver(msg, now_ms()).map(|d| (id, d))
-        });
+    fn outcome(&self, body: &[u8], id: &str, result: Result<Delivered>) -> Handled {
         match result {
-            Ok((id, Delivered::First)) => {
+            Ok(Delivered::First) => {
                 Metrics::add(&self.metrics.delivered, 1);
                 log::trace!("delivered message_id={id}");
                 Handled::Ack
             }
-            Ok((id, Delivered::Again)) => {
+            Ok(Delivered::Again) => {
                 Metrics::add(&self.metrics.redelivered, 1);
                 log::debug!("redelivered message_id={id} changed nothing");
                 Handled::Ack
@@ -48,9 +42,39 @@ impl Handler for AwardConsumer {
                 Handled::Reject(reason)
             }
             Err(e) => {
-                log::warn!("delivery will be retried: {e}");
+                log::warn!("delivery will be retried message_id={id}: {e}");
                 Handled::Retry(e.to_string())
             }
         }
+    }
+}
+
+impl Handler for AwardConsumer {
+    fn handle(&self, body: &[u8]) -> Handled {
+        self.handle_batch(&[body])
+            .pop()
+            .expect("one outcome per body")
+    }
+
+    fn handle_batch(&self, bodies: &[&[u8]]) -> Vec<Handled> {
+        let decoded: Vec<Result<EventMessage>> =
+            bodies.iter().map(|b| EventMessage::decode(b)).collect();
+        let valid: Vec<EventMessage> = decoded
+            .iter()
+            .filter_map(|d| d.as_ref().ok().cloned())
+            .collect();
+        let mut delivered = self.store.deliver_many(valid, now_ms()).into_iter();
+        bodies
+            .iter()
+            .zip(decoded)
+            .map(|(body, d)| match d {
+                Ok(msg) => self.outcome(
+                    body,
+                    &msg.id,
+                    delivered.next().expect("one result per valid message"),
+                ),
+                Err(e) => self.outcome(body, "-", Err(e)),
+            })
+            .collect()
     }
 }

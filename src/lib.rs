@@ -20,11 +20,13 @@
 //! - [`consumer`]: award delivery from messages;
 //! - [`metrics`]: process counters;
 //! - [`service`]: wiring and lifecycle;
+//! - [`bench`]: the side-by-side benchmark behind `big-market bench`;
 //! - [`cli`]: the command line; `main.rs` only calls it;
 //! - [`util`]: clock, random source, bounded waiting.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod consumer;

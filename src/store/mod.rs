@@ -83,6 +83,11 @@ impl Shard {
         &self.path
     }
 
+    /// Run several write ops in the same group commit; one result per op, in order.
+    pub fn write_many(&self, ops: Vec<Op>) -> Vec<Result<Reply>> {
+        self.writer.call_many(ops)
+    }
+
     /// Run a write op on this shard's writer thread.
     pub fn write(&self, op: Op) -> Result<Reply> {
         self.writer.call(op)
@@ -211,25 +216,47 @@ impl Store {
 
     /// Deliver a decoded message on the shard of its user: the award moves to completed once.
     pub fn deliver(&self, msg: EventMessage, now_ms: i64) -> Result<Delivered> {
-        let r = route(&msg.data.user_id, self.layout);
-        if let Some(shard) = msg.shard {
-            if shard != r.db {
-                return Err(Error::Poison(format!(
+        self.deliver_many(vec![msg], now_ms)
+            .pop()
+            .expect("one result per message")
+    }
+
+    /// Deliver many messages; each shard's share goes into one group commit. One result per
+    /// message, in order.
+    pub fn deliver_many(&self, msgs: Vec<EventMessage>, now_ms: i64) -> Vec<Result<Delivered>> {
+        let mut results: Vec<Option<Result<Delivered>>> = (0..msgs.len()).map(|_| None).collect();
+        let mut per_shard: BTreeMap<u32, (Vec<usize>, Vec<Op>)> = BTreeMap::new();
+        for (i, msg) in msgs.into_iter().enumerate() {
+            let r = route(&msg.data.user_id, self.layout);
+            if let Some(shard) = msg.shard.filter(|s| *s != r.db) {
+                results[i] = Some(Err(Error::Poison(format!(
                     "message {} says shard {shard} but user {} routes to {}",
                     msg.id,
                     msg.data.user_id,
                     r.db_name()
-                )));
+                ))));
+                continue;
+            }
+            let entry = per_shard.entry(r.db).or_default();
+            entry.0.push(i);
+            entry.1.push(Op::Deliver {
+                msg,
+                table: award_table(r.table),
+                now_ms,
+            });
+        }
+        for (db, (idx, ops)) in per_shard {
+            for (i, reply) in idx.into_iter().zip(self.shard(db).write_many(ops)) {
+                results[i] = Some(reply.map(|r| match r {
+                    Reply::Delivered(d) => d,
+                    other => unreachable!("Deliver replied {other:?}"),
+                }));
             }
         }
-        match self.shard(r.db).write(Op::Deliver {
-            msg,
-            table: award_table(r.table),
-            now_ms,
-        })? {
-            Reply::Delivered(d) => Ok(d),
-            other => unreachable!("Deliver replied {other:?}"),
-        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every message has a result"))
+            .collect()
     }
 
     /// Per-shard counts.
@@ -251,6 +278,108 @@ impl Store {
         }
         Ok(n)
     }
+}
+
+/// Direct access to one shard file with the store's durability settings and no writer thread:
+/// the bench measures the storage ceiling and re-enacts one-transaction-per-step designs with it.
+pub struct Direct {
+    conn: Connection,
+    db: u32,
+    layout: Layout,
+}
+
+impl Direct {
+    /// Open shard `db` of an initialised data directory.
+    pub fn open(settings: &Settings, db: u32) -> Result<Direct> {
+        let path = settings.data_dir.join(format!("{}.db", db_name(db)));
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| Error::storage(format!("opening {}", path.display()), e))?;
+        configure(&conn, settings.busy_timeout)
+            .map_err(|e| Error::storage(format!("opening {}", path.display()), e))?;
+        Ok(Direct {
+            conn,
+            db,
+            layout: settings.layout,
+        })
+    }
+
+    /// Insert awards and their tasks, `batch` awards per transaction. Records must route here.
+    pub fn insert_batches(
+        &mut self,
+        records: &[AwardRecord],
+        batch: usize,
+        topic: &str,
+        now_ms: i64,
+    ) -> Result<()> {
+        for chunk in records.chunks(batch.max(1)) {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(|e| Error::storage("bench batch", e))?;
+            for r in chunk {
+                insert_pair(&tx, self.db, self.layout, r, topic, now_ms)?;
+            }
+            tx.commit()
+                .map_err(|e| Error::storage("bench batch commit", e))?;
+        }
+        Ok(())
+    }
+
+    /// One award and its task in their own transaction; returns the task id and message body.
+    pub fn save_one(
+        &mut self,
+        record: &AwardRecord,
+        topic: &str,
+        now_ms: i64,
+    ) -> Result<(i64, String)> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| Error::storage("naive save", e))?;
+        let out = insert_pair(&tx, self.db, self.layout, record, topic, now_ms)?;
+        tx.commit()
+            .map_err(|e| Error::storage("naive save commit", e))?;
+        Ok(out)
+    }
+
+    /// Mark one task completed in its own transaction.
+    pub fn mark_one(&mut self, id: i64, now_ms: i64) -> Result<()> {
+        sql::mark_completed(&self.conn, id, now_ms).map_err(|e| Error::storage("naive mark", e))?;
+        Ok(())
+    }
+}
+
+fn insert_pair(
+    conn: &Connection,
+    db: u32,
+    layout: Layout,
+    r: &AwardRecord,
+    topic: &str,
+    now_ms: i64,
+) -> Result<(i64, String)> {
+    let table = award_table(route(r.user_id.as_str(), layout).table);
+    sql::insert_award(conn, &table, r, now_ms).map_err(|e| Error::storage("bench insert", e))?;
+    let seq = sql::take_seq(conn).map_err(|e| Error::storage("bench seq", e))?;
+    let body = EventMessage::for_award(r, db, seq, now_ms).encode();
+    let message_id = crate::model::MessageId::new(db, seq);
+    let id = sql::insert_task(
+        conn,
+        &sql::NewTask {
+            user_id: r.user_id.as_str(),
+            topic,
+            message_id: message_id.as_str(),
+            message: &body,
+            seq,
+            owner: "bench",
+            lease_until_ms: now_ms,
+            now_ms,
+        },
+    )
+    .map_err(|e| Error::storage("bench insert task", e))?;
+    Ok((id, body))
 }
 
 fn check_no_foreign_shards(dir: &Path, layout: Layout) -> Result<()> {

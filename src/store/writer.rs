@@ -191,6 +191,27 @@ impl Writer {
         rx.recv().map_err(|_| Error::ShuttingDown)?
     }
 
+    /// Run several ops: all are queued before any reply is awaited, so they share a group commit.
+    pub fn call_many(&self, ops: Vec<Op>) -> Vec<Result<Reply>> {
+        let Some(tx) = self.tx.as_ref() else {
+            return ops.iter().map(|_| Err(Error::ShuttingDown)).collect();
+        };
+        let waits: Vec<Option<crossbeam_channel::Receiver<Result<Reply>>>> = ops
+            .into_iter()
+            .map(|op| {
+                let (reply, rx) = bounded(1);
+                tx.send(Job { op, reply }).ok().map(|_| rx)
+            })
+            .collect();
+        waits
+            .into_iter()
+            .map(|rx| match rx {
+                Some(rx) => rx.recv().map_err(|_| Error::ShuttingDown)?,
+                None => Err(Error::ShuttingDown),
+            })
+            .collect()
+    }
+
     /// The database index this writer serves.
     pub fn db(&self) -> u32 {
         self.db

@@ -26,7 +26,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
-use super::{ConsumerHandle, Handled, Handler, Outgoing, PublishFailure, Transport};
+use super::{ConsumerHandle, Handled, Handler, Outgoing, PublishFailure, Transport, CONSUME_BATCH};
 use crate::config::Settings;
 use crate::error::{Error, Result};
 
@@ -484,7 +484,19 @@ impl Transport for Amqp {
                         select! {
                             recv(stop_rx) -> _ => break,
                             recv(rx) -> d => match d {
-                                Ok(d) => settle(&d, handler.handle(&d.data)),
+                                Ok(first) => {
+                                    let mut batch = vec![first];
+                                    while batch.len() < CONSUME_BATCH {
+                                        match rx.try_recv() {
+                                            Ok(d) => batch.push(d),
+                                            Err(_) => break,
+                                        }
+                                    }
+                                    let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
+                                    for (d, outcome) in batch.iter().zip(handler.handle_batch(&bodies)) {
+                                        settle(d, outcome);
+                                    }
+                                }
                                 Err(_) => break,
                             },
                         }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, select, Receiver, Sender};
 
-use super::{ConsumerHandle, Handled, Handler, Outgoing, PublishFailure, Transport};
+use super::{ConsumerHandle, Handled, Handler, Outgoing, PublishFailure, Transport, CONSUME_BATCH};
 use crate::error::{Error, Result};
 
 /// Messages waiting for a consumer. When full, publishers block: backpressure.
@@ -118,7 +118,20 @@ impl Transport for InProcess {
                         select! {
                             recv(stop_rx) -> _ => break,
                             recv(rx) -> env => match env {
-                                Ok(env) => { let _ = env.reply.send(handler.handle(env.body.as_bytes())); }
+                                Ok(first) => {
+                                    let mut batch = vec![first];
+                                    while batch.len() < CONSUME_BATCH {
+                                        match rx.try_recv() {
+                                            Ok(env) => batch.push(env),
+                                            Err(_) => break,
+                                        }
+                                    }
+                                    let bodies: Vec<&[u8]> = batch.iter().map(|e| e.body.as_bytes()).collect();
+                                    let outcomes = handler.handle_batch(&bodies);
+                                    for (env, outcome) in batch.iter().zip(outcomes) {
+                                        let _ = env.reply.send(outcome);
+                                    }
+                                }
                                 Err(_) => break,
                             },
                         }

@@ -36,7 +36,15 @@ pub enum Handled {
 pub trait Handler: Send + Sync {
     /// Handle a body; must be idempotent, since a message may arrive more than once.
     fn handle(&self, body: &[u8]) -> Handled;
+
+    /// Handle several bodies at once (they may share one commit); one outcome per body.
+    fn handle_batch(&self, bodies: &[&[u8]]) -> Vec<Handled> {
+        bodies.iter().map(|b| self.handle(b)).collect()
+    }
 }
+
+/// Most messages a consumer thread takes from its queue to handle together.
+pub const CONSUME_BATCH: usize = 256;
 
 /// A running consumer; `stop` finishes the message in hand and returns.
 pub trait ConsumerHandle: Send + Sync {

@@ -206,3 +206,40 @@ fn help_explains_every_flag_and_its_environment_variable() {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
     }
 }
+
+#[test]
+fn bench_runs_every_phase_and_ends_with_one_json_line_of_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin(dir.path())
+        .env("TMPDIR", dir.path())
+        .args(["bench", "--records", "300", "--threads", "4"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let last = stdout.lines().last().unwrap();
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    for key in [
+        "sqlite_limit",
+        "naive",
+        "pipeline",
+        "drain",
+        "save_p50_ms",
+        "save_p99_ms",
+        "peak_rss_mb",
+        "pipeline_over_naive",
+    ] {
+        assert!(
+            v[key].as_f64().is_some_and(|x| x > 0.0),
+            "{key} missing or zero in {last}"
+        );
+    }
+    assert!(
+        v["broker_limit"].is_null(),
+        "no broker figure without --amqp-url"
+    );
+    assert!(
+        !dir.path().join("data").exists(),
+        "the bench works on temporary shards only"
+    );
+}

@@ -1,0 +1,357 @@
+//! `big-market bench`: the pipeline measured side by side with the ceilings of its parts, in one
+//! run on fresh temporary data directories with the same durability settings. Prints each
+//! figure as it is measured, then one JSON line with every figure and the ratios.
+//!
+//! - `sqlite_limit`: awards/s for raw inserts of the same two rows per award, 1,000 awards per
+//!   transaction, one thread per shard file, no pipeline around them (the storage ceiling).
+//! - `broker_limit`: persistent publishes/s of same-sized messages with pipelined confirms
+//!   (only with an AMQP URL; the in-process transport has no broker ceiling).
+//! - `naive`: the original's design: per award one transaction, a publish and a wait for its
+//!   confirm, one more transaction to mark the task; on the same number of caller threads.
+//! - `pipeline`: `save_award` from many caller threads, end to end (committed, confirmed, marked).
+//! - `drain`: tasks/s for the scanner to deliver a backlog of failed tasks.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::Settings;
+use crate::consumer::AwardConsumer;
+use crate::error::{Error, Result};
+use crate::model::{AwardRecord, EventMessage, NewAward};
+use crate::router::route;
+use crate::service::{Parts, Service};
+use crate::store::{Direct, Store};
+use crate::transport::amqp::Amqp;
+use crate::transport::fault::Faulty;
+use crate::transport::memory::InProcess;
+use crate::transport::{Outgoing, Transport};
+use crate::util::{now_ms, Rng};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Awards per phase (the naive phase uses a fifth of them).
+    pub records: usize,
+    /// Caller threads for the naive and pipeline phases.
+    pub threads: usize,
+}
+
+/// Every figure of one run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Figures {
+    /// Transport used (`in-process` or the AMQP URL without password).
+    pub transport: String,
+    /// Awards per phase.
+    pub records: usize,
+    /// Caller threads.
+    pub threads: usize,
+    /// Storage ceiling, awards/s.
+    pub sqlite_limit: f64,
+    /// Broker ceiling, messages/s (AMQP only).
+    pub broker_limit: Option<f64>,
+    /// The original's design, awards/s.
+    pub naive: f64,
+    /// Our pipeline, awards/s.
+    pub pipeline: f64,
+    /// Backlog drain, tasks/s.
+    pub drain: f64,
+    /// Median `save_award` latency under load, ms.
+    pub save_p50_ms: f64,
+    /// 99th percentile `save_award` latency under load, ms.
+    pub save_p99_ms: f64,
+    /// Peak resident memory of the process, MB.
+    pub peak_rss_mb: f64,
+    /// `pipeline / sqlite_limit`.
+    pub pipeline_over_sqlite_limit: f64,
+    /// `pipeline / broker_limit`.
+    pub pipeline_over_broker_limit: Option<f64>,
+    /// `pipeline / naive`.
+    pub pipeline_over_naive: f64,
+    /// `drain / broker_limit`.
+    pub drain_over_broker_limit: Option<f64>,
+}
+
+fn records(n: usize, tag: char) -> Vec<AwardRecord> {
+    (0..n)
+        .map(|i| {
+            AwardRecord::new(NewAward {
+                user_id: &format!("user{:04}", i % 1000),
+                activity_id: 100301,
+                strategy_id: 100006,
+                order_id: &format!("{tag}{i:011}"),
+                award_id: 101,
+                award_title: "OpenAI 增加使用次数",
+                award_time_ms: 1_712_377_010_878,
+            })
+            .expect("bench awards are valid")
+        })
+        .collect()
+}
+
+fn fresh(base: &Settings, tmp: &tempfile::TempDir, name: &str) -> Settings {
+    let mut s = base.clone();
+    s.data_dir = tmp.path().join(name);
+    s.topic = format!("{}_bench_{}", base.topic, Rng::new().digits(8));
+    s.scan_interval = Duration::from_secs(3600);
+    s
+}
+
+fn transport(s: &Settings) -> Result<Arc<dyn Transport>> {
+    match &s.amqp_url {
+        Some(url) => {
+            let t = Amqp::connect(url, s)?;
+            if !crate::util::wait_until(Duration::from_secs(10), || t.is_connected()) {
+                return Err(Error::Broker("the bench needs a reachable broker".into()));
+            }
+            Ok(Arc::new(t))
+        }
+        None => Ok(Arc::new(InProcess::default())),
+    }
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64().max(1e-9)
+}
+
+/// Run the callers on `threads` threads, each taking the next index until `n`.
+fn on_threads(
+    threads: usize,
+    n: usize,
+    f: impl Fn(usize) -> Result<()> + Send + Sync,
+) -> Result<Duration> {
+    let next = AtomicUsize::new(0);
+    let err = Mutex::new(None);
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                if let Err(e) = f(i) {
+                    err.lock().unwrap().get_or_insert(e);
+                    break;
+                }
+            });
+        }
+    });
+    match err.into_inner().unwrap() {
+        Some(e) => Err(e),
+        None => Ok(start.elapsed()),
+    }
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Measure everything and print it; returns the figures.
+pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
+    let tmp = tempfile::tempdir().map_err(|e| Error::Io {
+        path: std::env::temp_dir(),
+        source: e,
+    })?;
+    let n = opts.records.max(100);
+    let mut f = Figures {
+        records: n,
+        threads: opts.threads,
+        ..Default::default()
+    };
+    let say = |what: &str| eprintln!("bench: {what}");
+
+    // 1. Storage ceiling.
+    say("sqlite_limit: raw inserts, 1000 awards per transaction, one thread per shard");
+    let s = fresh(base, &tmp, "sqlite_limit");
+    drop(Store::open(&s, true)?);
+    let recs = records(n, '1');
+    let mut per_db: Vec<Vec<AwardRecord>> = vec![Vec::new(); s.layout.db_count() as usize];
+    for r in recs {
+        per_db[(route(r.user_id.as_str(), s.layout).db - 1) as usize].push(r);
+    }
+    let start = Instant::now();
+    std::thread::scope(|scope| -> Result<()> {
+        let handles: Vec<_> = per_db
+            .iter()
+            .enumerate()
+            .map(|(i, rs)| {
+                let s = &s;
+                scope.spawn(move || {
+                    Direct::open(s, i as u32 + 1)?.insert_batches(rs, 1000, &s.topic, now_ms())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("bench thread"))
+    })?;
+    f.sqlite_limit = rate(n, start.elapsed());
+    println!("sqlite_limit  {:>10.0} awards/s", f.sqlite_limit);
+
+    // 2. Broker ceiling.
+    if base.amqp_url.is_some() {
+        say("broker_limit: persistent publishes, pipelined confirms");
+        let s = fresh(base, &tmp, "broker_limit");
+        let t = Amqp::connect(s.amqp_url.as_deref().unwrap_or_default(), &s)?;
+        f.transport = t.describe();
+        let body = EventMessage::for_award(&records(1, '2')[0], 1, 1, now_ms()).encode();
+        let chunk = 200;
+        let batches = n.div_ceil(chunk);
+        let elapsed = on_threads(opts.threads.min(8), batches, |_| {
+            let batch: Vec<Outgoing> = (0..chunk)
+                .map(|i| Outgoing {
+                    message_id: format!("{i}"),
+                    body: body.clone(),
+                })
+                .collect();
+            match t.publish_batch(&batch).into_iter().find_map(|r| r.err()) {
+                Some(e) => Err(Error::Broker(format!(
+                    "bench publish failed: {}",
+                    e.reason()
+                ))),
+                None => Ok(()),
+            }
+        })?;
+        f.broker_limit = Some(rate(batches * chunk, elapsed));
+        t.delete_queue()?;
+        println!(
+            "broker_limit  {:>10.0} messages/s",
+            f.broker_limit.unwrap_or(0.0)
+        );
+    } else {
+        f.transport = "in-process".into();
+        println!("broker_limit        n/a (no --amqp-url: the in-process transport has no broker)");
+    }
+
+    // 3. The original's design.
+    let naive_n = (n / 5).max(100);
+    say(&format!(
+        "naive: {naive_n} awards, one transaction + one confirm + one transaction each"
+    ));
+    let s = fresh(base, &tmp, "naive");
+    let store = Arc::new(Store::open(&s, true)?);
+    let t = transport(&s)?;
+    let consumer = if s.amqp_url.is_none() {
+        Some(t.start_consumer(
+            Arc::new(AwardConsumer::new(store.clone(), Default::default())),
+            s.consumer_threads,
+        )?)
+    } else {
+        None
+    };
+    let recs = records(naive_n, '3');
+    let elapsed = on_threads(opts.threads, naive_n, |i| {
+        let r = &recs[i];
+        let mut direct = Direct::open(&s, route(r.user_id.as_str(), s.layout).db)?;
+        let (id, body) = direct.save_one(r, &s.topic, now_ms())?;
+        if let Some(Err(e)) = t
+            .publish_batch(&[Outgoing {
+                message_id: String::new(),
+                body,
+            }])
+            .pop()
+        {
+            return Err(Error::Broker(format!(
+                "naive publish failed: {}",
+                e.reason()
+            )));
+        }
+        direct.mark_one(id, now_ms())
+    })?;
+    f.naive = rate(naive_n, elapsed);
+    if let Some(c) = consumer {
+        c.stop();
+    }
+    drop(store);
+    drop(t);
+    println!("naive         {:>10.0} awards/s", f.naive);
+
+    // 4. Our pipeline.
+    say(&format!(
+        "pipeline: save_award from {} threads",
+        opts.threads
+    ));
+    let s = fresh(base, &tmp, "pipeline");
+    let in_process = s.amqp_url.is_none();
+    let service = Service::start(
+        s.clone(),
+        transport(&s)?,
+        Parts {
+            consumer: in_process,
+            scanner_loop: false,
+        },
+    )?;
+    let recs = records(n, '4');
+    let lat = Mutex::new(Vec::with_capacity(n));
+    let elapsed = on_threads(opts.threads, n, |i| {
+        let t0 = Instant::now();
+        let saved = service.save_award(recs[i].clone())?;
+        lat.lock().unwrap().push(t0.elapsed());
+        if saved.published {
+            Ok(())
+        } else {
+            Err(Error::Broker("a pipeline publish failed".into()))
+        }
+    })?;
+    f.pipeline = rate(n, elapsed);
+    let mut lat = lat.into_inner().unwrap();
+    lat.sort();
+    let pct =
+        |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1000.0;
+    f.save_p50_ms = pct(0.50);
+    f.save_p99_ms = pct(0.99);
+    drop(recs);
+    service.shutdown()?;
+    println!(
+        "pipeline      {:>10.0} awards/s  (p50 {:.2} ms, p99 {:.2} ms)",
+        f.pipeline, f.save_p50_ms, f.save_p99_ms
+    );
+
+    // 5. Backlog drain.
+    say(&format!("drain: {n} failed tasks, then the scanner"));
+    let s = fresh(base, &tmp, "drain");
+    let faulty = Arc::new(Faulty::new(transport(&s)?));
+    let service = Service::start(
+        s.clone(),
+        faulty.clone(),
+        Parts {
+            consumer: in_process,
+            scanner_loop: false,
+        },
+    )?;
+    faulty.set_down(true);
+    let recs = records(n, '5');
+    on_threads(opts.threads, n, |i| {
+        service.save_award(recs[i].clone()).map(|_| ())
+    })?;
+    faulty.set_down(false);
+    let start = Instant::now();
+    let report = service.drain(1000)?;
+    f.drain = rate(report.relayed.completed, start.elapsed());
+    if report.relayed.completed != n {
+        return Err(Error::Broker(format!(
+            "drain delivered {} of {n}",
+            report.relayed.completed
+        )));
+    }
+    service.shutdown()?;
+    println!("drain         {:>10.0} tasks/s", f.drain);
+
+    f.peak_rss_mb = peak_rss_mb();
+    f.pipeline_over_sqlite_limit = f.pipeline / f.sqlite_limit;
+    f.pipeline_over_broker_limit = f.broker_limit.map(|b| f.pipeline / b);
+    f.pipeline_over_naive = f.pipeline / f.naive;
+    f.drain_over_broker_limit = f.broker_limit.map(|b| f.drain / b);
+    println!("peak memory   {:>10.1} MB", f.peak_rss_mb);
+    println!("{}", serde_json::to_string(&f).expect("figures serialize"));
+    Ok(f)
+}
