@@ -90,3 +90,206 @@ fn sigkill_in_the_middle_of_load_then_serve_delivers_everything_exactly_once() {
     assert!(exit.success(), "serve exits 0 on SIGTERM: {exit:?}");
     shard_invariants(&s);
 }
+
+/// A backlog of failed tasks, committed while the transport was down.
+fn backlog(s: &big_market::config::Settings, n: usize) {
+    let (service, faulty) = start(s.clone());
+    faulty.set_down(true);
+    for i in 0..n {
+        assert!(
+            !service
+                .save_award(award(&format!("b{}", i % 50), &format!("7{i:011}")))
+                .unwrap()
+                .published
+        );
+    }
+    service.shutdown().unwrap();
+}
+
+fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    child.wait().unwrap()
+}
+
+#[test]
+fn two_serve_processes_on_one_backlog_send_each_message_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    backlog(&s, 3000);
+    let serve = || {
+        bin(dir.path())
+            .args(["--scan-interval", "50ms", "serve"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (mut a, mut b) = (serve(), serve());
+    let done = wait_until(Duration::from_secs(60), || {
+        let (n, d, t, c) = totals(&s);
+        n == 3000 && d == n && c == t
+    });
+    let (ea, eb) = (sigterm(&mut a), sigterm(&mut b));
+    assert!(done, "backlog not delivered: {:?}", totals(&s));
+    assert!(
+        ea.success() && eb.success(),
+        "both exit 0 on SIGTERM: {ea:?} {eb:?}"
+    );
+    for db in 1..=2 {
+        let c = raw(&s, db);
+        let tasks = count(&c, "SELECT COUNT(*) FROM task");
+        // Every message reached a consumer exactly once: no receipt beyond the first.
+        assert_eq!(
+            count(&c, "SELECT COALESCE(SUM(receipts), 0) FROM delivery"),
+            tasks,
+            "shard {db}: a message was sent twice"
+        );
+        assert_eq!(
+            count(&c, "SELECT COUNT(*) FROM task WHERE claimed_by IS NOT NULL"),
+            0,
+            "shard {db}: claims released on shutdown"
+        );
+    }
+    shard_invariants(&s);
+}
+
+#[test]
+fn a_malformed_task_row_ends_dead_without_stopping_the_rest_and_requeue_brings_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    backlog(&s, 20);
+    // A row no consumer can handle, written behind the store's back.
+    raw(&s, 1)
+        .execute_batch(
+            "UPDATE shard_meta SET next_seq = next_seq + 1;
+             INSERT INTO task (user_id, topic, message_id, message, state, seq, attempts, next_attempt_at, create_time, update_time)
+             SELECT 'ghost', 'send_award', '01999999999', 'this is not json', 'fail', next_seq - 1, 0, 0, 0, 0 FROM shard_meta;",
+        )
+        .unwrap();
+    let mut serve = bin(dir.path())
+        .args(["--scan-interval", "50ms", "--max-attempts", "2", "serve"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let c = raw(&s, 1);
+    let dead = wait_until(Duration::from_secs(30), || {
+        count(&c, "SELECT COUNT(*) FROM task WHERE state = 'dead'") == 1 && totals(&s).1 == 20
+    });
+    assert!(sigterm(&mut serve).success());
+    assert!(
+        dead,
+        "the malformed task did not end dead, or the others were not delivered: {:?}",
+        totals(&s)
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT attempts FROM task WHERE message_id = '01999999999'"
+        ),
+        2
+    );
+
+    let listed = bin(dir.path())
+        .args(["tasks", "list", "--state", "dead"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    assert!(
+        listed.contains("01999999999") && listed.contains("dead"),
+        "{listed}"
+    );
+    let status = bin(dir.path()).args(["status", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(
+        v["shards"][0]["tasks"]["dead"], 1,
+        "dead tasks are visible in status"
+    );
+
+    let requeued = bin(dir.path())
+        .args(["tasks", "requeue", "--message-id", "01999999999"])
+        .output()
+        .unwrap();
+    assert!(
+        requeued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&requeued.stderr)
+    );
+    assert_eq!(count(&c, "SELECT COUNT(*) FROM task WHERE message_id = '01999999999' AND state = 'fail' AND attempts = 0"), 1);
+    let unknown = bin(dir.path())
+        .args(["tasks", "requeue", "--message-id", "nope"])
+        .output()
+        .unwrap();
+    assert_eq!(unknown.status.code(), Some(2));
+}
+
+#[test]
+fn purge_deletes_only_completed_tasks_past_their_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    let (service, _) = start(s.clone());
+    for i in 0..10 {
+        service
+            .save_award(award("p", &format!("6{i:011}")))
+            .unwrap();
+    }
+    service.shutdown().unwrap();
+    let keep = bin(dir.path())
+        .args(["tasks", "purge", "--older-than", "1h"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&keep.stdout).contains("purged 0"));
+    raw(&s, route_db("p"))
+        .execute_batch("UPDATE task SET update_time = update_time - 7200000 WHERE seq <= 4")
+        .unwrap();
+    let out = bin(dir.path())
+        .args(["tasks", "purge", "--older-than", "1h"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("purged 4"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        count(&raw(&s, route_db("p")), "SELECT COUNT(*) FROM task"),
+        6
+    );
+}
+
+fn route_db(user: &str) -> u32 {
+    big_market::router::route(user, big_market::router::Layout::default()).db
+}
+
+#[test]
+fn a_data_dir_of_another_layout_is_refused_by_every_command_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(bin(dir.path())
+        .arg("init")
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let before = std::fs::read(dir.path().join("data/big_market_01.db")).unwrap();
+    for args in [
+        vec!["--tb-count", "8", "status"],
+        vec!["--db-count", "4", "init"],
+        vec!["--tb-count", "2", "serve"],
+        vec!["--db-count", "1", "load", "--records", "5"],
+    ] {
+        let out = bin(dir.path()).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("layout") || err.contains("--db-count"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(dir.path().join("data/big_market_01.db")).unwrap(),
+        before
+    );
+    assert!(!dir.path().join("data/big_market_03.db").exists());
+}
