@@ -43,6 +43,8 @@ pub struct Settings {
     pub group_commit_max: usize,
     /// Completed tasks older than this are deleted by the scanner; `None` keeps them.
     pub retention: Option<Duration>,
+    /// Random transport faults to inject (testing and `verify`); `None` injects nothing.
+    pub faults: Option<crate::transport::fault::FaultPlan>,
 }
 
 impl Settings {
@@ -65,6 +67,7 @@ impl Settings {
             busy_timeout: Duration::from_secs(5),
             group_commit_max: 256,
             retention: None,
+            faults: None,
         }
     }
 

@@ -38,6 +38,8 @@ pub enum Error {
     Broker(String),
     /// A message could not be handled: it is malformed or names no known award.
     Poison(String),
+    /// An audit or verification found a broken invariant: something was lost or half-written.
+    Violation(String),
     /// The service is shutting down and takes no new work; retry against a running instance.
     ShuttingDown,
 }
@@ -100,6 +102,7 @@ impl fmt::Display for Error {
             Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
             Error::Broker(msg) => write!(f, "broker error: {msg}"),
             Error::Poison(msg) => write!(f, "unprocessable message: {msg}"),
+            Error::Violation(msg) => write!(f, "invariant violated: {msg}"),
             Error::ShuttingDown => write!(f, "the service is shutting down and takes no new work"),
         }
     }

@@ -18,7 +18,10 @@
 //! - [`outbox`]: the write path and the relay step;
 //! - [`scanner`]: the compensation scan (`scan_once`);
 //! - [`consumer`]: award delivery from messages;
+//! - [`crash`]: named crash points for `verify`;
+//! - [`verify`]: kill-and-restart rounds checked by the audit;
 //! - [`metrics`]: process counters;
+//! - [`audit`]: proof that nothing was lost, from per-shard sequence numbers (pure);
 //! - [`service`]: wiring and lifecycle;
 //! - [`bench`]: the side-by-side benchmark behind `big-market bench`;
 //! - [`cli`]: the command line; `main.rs` only calls it;
@@ -26,10 +29,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod consumer;
+pub mod crash;
 pub mod error;
 pub mod metrics;
 pub mod model;
@@ -42,5 +47,6 @@ pub mod service;
 pub mod store;
 pub mod transport;
 pub mod util;
+pub mod verify;
 
 pub use error::{Error, Result};

@@ -130,6 +130,7 @@ impl Outbox {
                 }
             })?;
         Metrics::add(&self.metrics.awards_saved, 1);
+        crate::crash::hit("after-commit");
         let pending = Pending {
             id: saved.id,
             message_id: saved.message_id.as_str().to_string(),
@@ -159,6 +160,7 @@ impl Outbox {
             })
             .collect();
         let results = self.transport.publish_batch(&batch);
+        crate::crash::hit("before-mark");
         let now = now_ms();
         let mut done = Vec::new();
         let mut failures = Vec::new();

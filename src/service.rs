@@ -38,6 +38,20 @@ impl Parts {
 
 /// The transport the settings ask for: RabbitMQ when an AMQP URL is set, else in-process.
 pub fn transport_for(settings: &Settings) -> Result<Arc<dyn Transport>> {
+    let transport = base_transport(settings)?;
+    Ok(match &settings.faults {
+        Some(plan) => {
+            log::warn!("injecting transport faults {plan:?}");
+            Arc::new(crate::transport::fault::Faulty::with_plan(
+                transport,
+                plan.clone(),
+            ))
+        }
+        None => transport,
+    })
+}
+
+fn base_transport(settings: &Settings) -> Result<Arc<dyn Transport>> {
     match &settings.amqp_url {
         Some(url) => Ok(Arc::new(crate::transport::amqp::Amqp::connect(
             url, settings,

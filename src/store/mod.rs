@@ -136,6 +136,25 @@ impl Shard {
         })
     }
 
+    /// The raw facts the audit compares, read in one snapshot.
+    pub fn audit_facts(&self, tb_count: u32) -> Result<crate::audit::Facts> {
+        let mut conn = self.read()?;
+        let e = |err| Error::storage(self.ctx("reading audit facts"), err);
+        let tx = conn.transaction().map_err(e)?;
+        let mut awards = Vec::new();
+        for t in 0..tb_count {
+            awards.extend(sql::award_orders(&tx, &award_table(t)).map_err(e)?);
+        }
+        Ok(crate::audit::Facts {
+            db: self.db,
+            last_seq: sql::last_seq(&tx).map_err(e)?,
+            delivered: sql::delivered_seqs(&tx).map_err(e)?,
+            tasks: sql::task_orders(&tx).map_err(e)?,
+            delivered_orders: sql::delivered_orders(&tx).map_err(e)?,
+            award_orders: awards,
+        })
+    }
+
     /// Tasks, oldest first.
     pub fn list_tasks(&self, state: Option<TaskState>, limit: usize) -> Result<Vec<TaskRow>> {
         let conn = self.read()?;

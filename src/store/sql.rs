@@ -330,3 +330,33 @@ pub fn last_seq(conn: &Connection) -> Sql<u64> {
     conn.prepare_cached("SELECT next_seq - 1 FROM shard_meta WHERE id = 1")?
         .query_row([], |r| r.get(0))
 }
+
+/// Sequence numbers the consumer has handled, ascending, with their receipt counts.
+pub fn delivered_seqs(conn: &Connection) -> Sql<Vec<(u64, u32)>> {
+    let mut stmt = conn.prepare_cached("SELECT seq, receipts FROM delivery ORDER BY seq")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// Every task's sequence number, creation time and the order id its message names.
+pub fn task_orders(conn: &Connection) -> Sql<Vec<(u64, i64, Option<String>)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, create_time, json_extract(message, '$.data.orderId') FROM task ORDER BY seq",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2).ok())))?;
+    rows.collect()
+}
+
+/// Order ids of every delivered message.
+pub fn delivered_orders(conn: &Connection) -> Sql<Vec<String>> {
+    let mut stmt = conn.prepare_cached("SELECT order_id FROM delivery")?;
+    let rows = stmt.query_map([], |r| r.get(0))?;
+    rows.collect()
+}
+
+/// Order ids of the award records in one split table.
+pub fn award_orders(conn: &Connection, table: &str) -> Sql<Vec<String>> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT order_id FROM {table}"))?;
+    let rows = stmt.query_map([], |r| r.get(0))?;
+    rows.collect()
+}

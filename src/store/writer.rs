@@ -271,6 +271,7 @@ fn run_batch(db: u32, conn: &mut Connection, batch: &[Job]) -> Vec<Result<Reply>
         })();
         results.push(result);
     }
+    crate::crash::hit("mid-group-commit");
     match tx.commit() {
         Ok(()) => results,
         Err(e) => batch

@@ -437,6 +437,7 @@ impl Transport for Amqp {
                         .await,
                 );
             }
+            crate::crash::hit("before-confirm");
             let mut out = Vec::with_capacity(pending.len());
             for p in pending {
                 out.push(match p {
@@ -493,7 +494,9 @@ impl Transport for Amqp {
                                         }
                                     }
                                     let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
-                                    for (d, outcome) in batch.iter().zip(handler.handle_batch(&bodies)) {
+                                    let outcomes = handler.handle_batch(&bodies);
+                                    crate::crash::hit("before-ack");
+                                    for (d, outcome) in batch.iter().zip(outcomes) {
                                         settle(d, outcome);
                                     }
                                 }

@@ -1,11 +1,58 @@
 //! A transport wrapper that fails on command: the broker "down", every message refused, or
-//! messages whose body contains a marker refused. Counts what reached the inner transport.
+//! messages whose body contains a marker refused; or, from a [`FaultPlan`], at random: refused
+//! messages, dropped connections and delayed confirms. Counts what reached the inner transport.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::{ConsumerHandle, Handler, Outgoing, PublishFailure, Transport};
-use crate::error::Result;
+use crate::config::parse_duration;
+use crate::error::{Error, Result};
+use crate::util::Rng;
+
+/// Random faults, as `refuse=0.05,drop-every=7,delay=2ms`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FaultPlan {
+    /// Probability that a message is refused (counted against its task, like a nack).
+    pub refuse: f64,
+    /// Every N-th publish batch fails as if the connection dropped (0: never).
+    pub drop_every: u64,
+    /// Delay before each batch's confirms come back.
+    pub delay: Duration,
+}
+
+impl FaultPlan {
+    /// Parse a comma-separated spec.
+    pub fn parse(spec: &str) -> Result<FaultPlan> {
+        let bad = |why: &str| Error::invalid("inject-faults", why.to_string());
+        let mut plan = FaultPlan::default();
+        for part in spec.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| bad(&format!("{part:?} is not KEY=VALUE")))?;
+            match k {
+                "refuse" => {
+                    plan.refuse = v
+                        .parse()
+                        .ok()
+                        .filter(|p: &f64| (0.0..=1.0).contains(p))
+                        .ok_or_else(|| bad("refuse is a probability from 0 to 1"))?
+                }
+                "drop-every" => {
+                    plan.drop_every = v.parse().map_err(|_| bad("drop-every is a whole number"))?
+                }
+                "delay" => plan.delay = parse_duration(v)?,
+                _ => {
+                    return Err(bad(&format!(
+                        "unknown fault {k:?}: use refuse, drop-every or delay"
+                    )))
+                }
+            }
+        }
+        Ok(plan)
+    }
+}
 
 /// A scriptable, fault-injecting transport around another one.
 pub struct Faulty {
@@ -15,11 +62,18 @@ pub struct Faulty {
     refuse_marker: Mutex<Option<String>>,
     forwarded: AtomicU64,
     refused: AtomicU64,
+    plan: FaultPlan,
+    batches: AtomicU64,
+    rng: Mutex<Rng>,
 }
 
 impl Faulty {
     /// Wrap a transport; no faults until told.
     pub fn new(inner: Arc<dyn Transport>) -> Self {
+        Faulty::with_plan(inner, FaultPlan::default())
+    }
+    /// Wrap a transport with random faults.
+    pub fn with_plan(inner: Arc<dyn Transport>, plan: FaultPlan) -> Self {
         Faulty {
             inner,
             down: AtomicBool::new(false),
@@ -27,6 +81,9 @@ impl Faulty {
             refuse_marker: Mutex::new(None),
             forwarded: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            plan,
+            batches: AtomicU64::new(0),
+            rng: Mutex::new(Rng::new()),
         }
     }
     /// Behave as an unreachable broker (not counted against tasks).
@@ -57,25 +114,48 @@ impl Transport for Faulty {
     }
 
     fn publish_batch(&self, batch: &[Outgoing]) -> Vec<Result<(), PublishFailure>> {
-        if self.down.load(Ordering::SeqCst) {
-            return batch
+        let unavailable = |why: &str| {
+            batch
                 .iter()
-                .map(|_| Err(PublishFailure::Unavailable("injected: broker down".into())))
-                .collect();
+                .map(|_| Err(PublishFailure::Unavailable(why.to_string())))
+                .collect()
+        };
+        if self.down.load(Ordering::SeqCst) {
+            return unavailable("injected: broker down");
+        }
+        let n = self.batches.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.plan.drop_every > 0 && n % self.plan.drop_every == 0 {
+            return unavailable("injected: connection dropped");
         }
         let marker = self.refuse_marker.lock().unwrap().clone();
-        let refuse = |m: &Outgoing| {
-            self.refuse_all.load(Ordering::SeqCst)
-                || marker.as_deref().is_some_and(|k| m.body.contains(k))
+        let all = self.refuse_all.load(Ordering::SeqCst);
+        let refused: Vec<bool> = {
+            let mut rng = self.rng.lock().unwrap();
+            batch
+                .iter()
+                .map(|m| {
+                    all || marker.as_deref().is_some_and(|k| m.body.contains(k))
+                        || (self.plan.refuse > 0.0 && rng.next_f64() < self.plan.refuse)
+                })
+                .collect()
         };
-        let pass: Vec<Outgoing> = batch.iter().filter(|m| !refuse(m)).cloned().collect();
+        let pass: Vec<Outgoing> = batch
+            .iter()
+            .zip(&refused)
+            .filter(|(_, r)| !**r)
+            .map(|(m, _)| m.clone())
+            .collect();
         self.forwarded
             .fetch_add(pass.len() as u64, Ordering::SeqCst);
         let mut inner = self.inner.publish_batch(&pass).into_iter();
-        batch
-            .iter()
-            .map(|m| {
-                if refuse(m) {
+        if !self.plan.delay.is_zero() {
+            // The injected fault is the delay itself: confirms come back late.
+            std::thread::sleep(self.plan.delay);
+        }
+        refused
+            .into_iter()
+            .map(|refuse| {
+                if refuse {
                     self.refused.fetch_add(1, Ordering::SeqCst);
                     Err(PublishFailure::Rejected(
                         "injected: refused by broker".into(),
@@ -97,5 +177,33 @@ impl Transport for Faulty {
         threads: usize,
     ) -> Result<Box<dyn ConsumerHandle>> {
         self.inner.start_consumer(handler, threads)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_plans_parse_and_bad_ones_are_refused() {
+        let p = FaultPlan::parse("refuse=0.05,drop-every=7,delay=2ms").unwrap();
+        assert_eq!(
+            p,
+            FaultPlan {
+                refuse: 0.05,
+                drop_every: 7,
+                delay: Duration::from_millis(2)
+            }
+        );
+        assert_eq!(FaultPlan::parse("").unwrap(), FaultPlan::default());
+        for bad in [
+            "refuse=2",
+            "refuse",
+            "drop-every=x",
+            "delay=5y",
+            "explode=1",
+        ] {
+            assert!(FaultPlan::parse(bad).is_err(), "{bad}");
+        }
     }
 }

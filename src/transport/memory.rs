@@ -77,6 +77,7 @@ impl Transport for InProcess {
                     .map(|_| rx)
             })
             .collect();
+        crate::crash::hit("before-confirm");
         pending
             .into_iter()
             .map(
@@ -128,6 +129,7 @@ impl Transport for InProcess {
                                     }
                                     let bodies: Vec<&[u8]> = batch.iter().map(|e| e.body.as_bytes()).collect();
                                     let outcomes = handler.handle_batch(&bodies);
+                                    crate::crash::hit("before-ack");
                                     for (env, outcome) in batch.iter().zip(outcomes) {
                                         let _ = env.reply.send(outcome);
                                     }

@@ -293,3 +293,91 @@ fn a_data_dir_of_another_layout_is_refused_by_every_command_and_left_untouched()
     );
     assert!(!dir.path().join("data/big_market_03.db").exists());
 }
+
+#[test]
+fn audit_passes_a_clean_data_dir_and_catches_a_lost_delivery_and_a_half_written_award() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    let (service, _) = start(s.clone());
+    for i in 0..30 {
+        service
+            .save_award(award(&format!("a{i}"), &format!("5{i:011}")))
+            .unwrap();
+    }
+    service.shutdown().unwrap();
+    let clean = bin(dir.path()).args(["audit"]).output().unwrap();
+    assert!(
+        clean.status.success(),
+        "{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
+    assert!(String::from_utf8_lossy(&clean.stdout).contains("big_market_01"));
+
+    // Forget one delivery: the number is missing; young, it is lag; old enough, it is a loss.
+    raw(&s, 1)
+        .execute_batch("DELETE FROM delivery WHERE seq = 3")
+        .unwrap();
+    let lag = bin(dir.path())
+        .args(["audit", "--older-than", "1h"])
+        .output()
+        .unwrap();
+    assert!(lag.status.success(), "a fresh gap is not yet a loss");
+    assert!(String::from_utf8_lossy(&lag.stdout).contains("missing seq=3"));
+    let lost = bin(dir.path())
+        .args(["audit", "--older-than", "0s"])
+        .output()
+        .unwrap();
+    assert_eq!(lost.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&lost.stderr).contains("big_market_01"),
+        "{}",
+        String::from_utf8_lossy(&lost.stderr)
+    );
+
+    // An award with no task and no delivery breaks atomicity, whatever its age.
+    let dir2 = tempfile::tempdir().unwrap();
+    let s2 = settings(dir2.path());
+    let (service, _) = start(s2.clone());
+    service
+        .save_award(award("xiaofuge", "500000000001"))
+        .unwrap();
+    service.shutdown().unwrap();
+    raw(&s2, 1)
+        .execute_batch("INSERT INTO user_award_record_001 (user_id, activity_id, strategy_id, order_id, award_id, award_title, award_time, create_time, update_time) VALUES ('xiaofuge', 1, 1, 'orphan', 1, 't', 0, 0, 0)")
+        .unwrap();
+    let json = bin(dir2.path())
+        .args(["audit", "--json", "--older-than", "1h"])
+        .output()
+        .unwrap();
+    assert_eq!(json.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v[0]["awards_without_task"], 1);
+}
+
+#[test]
+fn verify_kills_the_pipeline_at_every_boundary_and_finds_nothing_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin(dir.path())
+        .env("TMPDIR", dir.path())
+        .args(["verify", "--rounds", "1", "--records", "200"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for boundary in big_market::crash::BOUNDARIES {
+        let row = stdout
+            .lines()
+            .find(|l| l.contains(boundary))
+            .unwrap_or_else(|| panic!("no row for {boundary}:\n{stdout}"));
+        assert!(
+            row.contains("crashed (abort)"),
+            "the crash point was reached: {row}"
+        );
+        assert!(row.trim_end().ends_with("ok"), "{row}");
+    }
+    assert!(stdout.contains("6 passed, 0 failed"), "{stdout}");
+}

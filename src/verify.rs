@@ -1,0 +1,313 @@
+//! `big-market verify`: the pipeline run in child processes of this binary, on fresh data
+//! directories, under injected transport faults (refusals, dropped connections, delayed
+//! confirms), killed at every crash boundary in turn, then restarted; and once with two
+//! processes on the same shards. After each round the audit checks the invariants: every
+//! committed award delivered exactly once in effect, no task without an award, no award
+//! without a task, no gap in any shard's sequence.
+
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::audit::{audit, ShardAudit};
+use crate::config::Settings;
+use crate::crash::BOUNDARIES;
+use crate::error::{Error, Result};
+use crate::model::TaskState;
+use crate::store::Store;
+use crate::util::{now_ms, wait_until};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// Rounds over every scenario.
+    pub rounds: usize,
+    /// Awards written per scenario.
+    pub records: usize,
+    /// Transport faults injected into every child (a [`crate::transport::fault::FaultPlan`] spec).
+    pub faults: String,
+}
+
+/// The outcome of one scenario.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Round number.
+    pub round: usize,
+    /// Crash boundary, or `two-processes`.
+    pub scenario: String,
+    /// How the first run ended.
+    pub first_run: String,
+    /// Whether the restarted service reached a clean audit in time.
+    pub recovered: bool,
+    /// Awards committed (sum of shard sequences).
+    pub committed: u64,
+    /// Distinct messages delivered.
+    pub delivered: u64,
+    /// Messages that arrived more than once and were deduplicated.
+    pub redelivered: u64,
+    /// Invariant violations found by the final audit (empty: passed).
+    pub violations: Vec<String>,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+struct Child2 {
+    child: Child,
+}
+
+impl Child2 {
+    fn spawn(cmd: &mut Command) -> Result<Child2> {
+        cmd.spawn()
+            .map(|child| Child2 { child })
+            .map_err(|e| Error::Io {
+                path: "child process".into(),
+                source: e,
+            })
+    }
+
+    fn wait(&mut self, limit: Duration) -> Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + limit;
+        let mut status = None;
+        wait_until(limit, || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some() || Instant::now() > deadline
+        });
+        Ok(status)
+    }
+
+    fn terminate(&mut self) -> Result<Option<ExitStatus>> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let status = self.wait(Duration::from_secs(30))?;
+        if status.is_none() {
+            let _ = self.child.kill();
+        }
+        Ok(status)
+    }
+}
+
+impl Drop for Child2 {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn describe(status: Option<ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        None => "still running (killed)".into(),
+        Some(s) if s.success() => "finished".into(),
+        Some(s) => match s.signal() {
+            Some(6) => "crashed (abort)".into(),
+            Some(sig) => format!("killed by signal {sig}"),
+            None => format!("exit {}", s.code().unwrap_or(-1)),
+        },
+    }
+}
+
+fn audits(settings: &Settings) -> Result<(Vec<ShardAudit>, u64, u64)> {
+    let store = Store::open(settings, false)?;
+    let now = now_ms();
+    let mut out = Vec::new();
+    for shard in store.shards() {
+        out.push(audit(&shard.audit_facts(settings.layout.tb_count())?, now));
+    }
+    let statuses = store.status()?;
+    let pending = statuses
+        .iter()
+        .map(|s| s.tasks_in(TaskState::Create) + s.tasks_in(TaskState::Fail))
+        .sum();
+    let dead = statuses.iter().map(|s| s.tasks_in(TaskState::Dead)).sum();
+    Ok((out, pending, dead))
+}
+
+fn violations(audits: &[ShardAudit], pending: u64, dead: u64) -> Vec<String> {
+    let mut v = Vec::new();
+    for a in audits {
+        let lost = a.lost(0);
+        if !lost.is_empty() {
+            v.push(format!(
+                "shard {:02}: {} committed tasks never delivered (first {:?})",
+                a.db,
+                lost.len(),
+                &lost[..lost.len().min(5)]
+            ));
+        }
+        if !a.unknown.is_empty() {
+            v.push(format!(
+                "shard {:02}: delivered numbers never committed {:?}",
+                a.db, a.unknown
+            ));
+        }
+        if a.tasks_without_award > 0 {
+            v.push(format!(
+                "shard {:02}: {} tasks without an award",
+                a.db, a.tasks_without_award
+            ));
+        }
+        if a.awards_without_task > 0 {
+            v.push(format!(
+                "shard {:02}: {} awards without a task",
+                a.db, a.awards_without_task
+            ));
+        }
+    }
+    if pending > 0 {
+        v.push(format!("{pending} tasks still pending"));
+    }
+    if dead > 0 {
+        v.push(format!("{dead} tasks dead"));
+    }
+    v
+}
+
+fn scenario(
+    exe: &Path,
+    base: &Settings,
+    opts: &VerifyOptions,
+    round: usize,
+    name: &str,
+) -> Result<Outcome> {
+    let tmp = tempfile::tempdir().map_err(|e| Error::Io {
+        path: std::env::temp_dir(),
+        source: e,
+    })?;
+    let mut settings = base.clone();
+    settings.data_dir = tmp.path().join("data");
+    let common = |cmd: &mut Command| {
+        cmd.arg("--data-dir")
+            .arg(&settings.data_dir)
+            .args([
+                "--db-count",
+                &settings.layout.db_count().to_string(),
+                "--tb-count",
+                &settings.layout.tb_count().to_string(),
+            ])
+            .args([
+                "--stale-after",
+                "1s",
+                "--scan-interval",
+                "100ms",
+                "--max-attempts",
+                "1000000",
+            ])
+            .args(["--inject-faults", &opts.faults])
+            .env("RUST_LOG", "error")
+            .env_remove("AMQP_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+    };
+    let records = opts.records.to_string();
+    let mut load = Command::new(exe);
+    common(&mut load);
+    let mut serves = Vec::new();
+    if name == "two-processes" {
+        let mut serve = Command::new(exe);
+        common(&mut serve);
+        serve.arg("serve");
+        // The data dir must exist before two processes race to create it.
+        let mut init = Command::new(exe);
+        common(&mut init);
+        init.arg("init");
+        Child2::spawn(&mut init)?.wait(TIMEOUT)?;
+        serves.push(Child2::spawn(&mut serve)?);
+    } else {
+        // Cross the boundary a different number of times each round.
+        load.args([
+            "--crash-at",
+            &format!("{name}:{}", opts.records / 10 + 7 * round),
+        ]);
+    }
+    load.args([
+        "load",
+        "--records",
+        &records,
+        "--threads",
+        "4",
+        "--timeout",
+        "60s",
+    ]);
+    let first = Child2::spawn(&mut load)?.wait(TIMEOUT)?;
+    let first_run = describe(first);
+    let mut serve = Command::new(exe);
+    common(&mut serve);
+    serve.arg("serve");
+    serves.push(Child2::spawn(&mut serve)?);
+    let recovered = wait_until(TIMEOUT, || {
+        audits(&settings)
+            .map(|(a, pending, dead)| violations(&a, pending, dead).is_empty())
+            .unwrap_or(false)
+    });
+    for s in &mut serves {
+        s.terminate()?;
+    }
+    let (a, pending, dead) = audits(&settings)?;
+    let mut violations = violations(&a, pending, dead);
+    if !recovered && violations.is_empty() {
+        violations.push("the audit was clean only after the services stopped".into());
+    }
+    if !violations.is_empty() {
+        let kept = tmp.keep();
+        violations.push(format!("data kept at {}", kept.display()));
+    }
+    Ok(Outcome {
+        round,
+        scenario: name.to_string(),
+        first_run,
+        recovered,
+        committed: a.iter().map(|x| x.committed).sum(),
+        delivered: a.iter().map(|x| x.delivered).sum(),
+        redelivered: a.iter().map(|x| x.redelivered.len() as u64).sum(),
+        violations,
+    })
+}
+
+/// Run every scenario `rounds` times, printing a table as it goes. Fails on any violation.
+pub fn run(base: &Settings, opts: &VerifyOptions) -> Result<Vec<Outcome>> {
+    let exe = std::env::current_exe().map_err(|e| Error::Io {
+        path: "current executable".into(),
+        source: e,
+    })?;
+    println!(
+        "{:<5} {:<18} {:<22} {:<9} {:>9} {:>9} {:>11}  result",
+        "round", "scenario", "first run", "recovery", "committed", "delivered", "redelivered"
+    );
+    let mut outcomes = Vec::new();
+    for round in 1..=opts.rounds {
+        for name in BOUNDARIES.iter().copied().chain(["two-processes"]) {
+            let o = scenario(&exe, base, opts, round, name)?;
+            println!(
+                "{:<5} {:<18} {:<22} {:<9} {:>9} {:>9} {:>11}  {}",
+                o.round,
+                o.scenario,
+                o.first_run,
+                if o.recovered { "ok" } else { "timed out" },
+                o.committed,
+                o.delivered,
+                o.redelivered,
+                if o.violations.is_empty() {
+                    "ok".to_string()
+                } else {
+                    format!("VIOLATION: {}", o.violations.join("; "))
+                }
+            );
+            outcomes.push(o);
+        }
+    }
+    let failed = outcomes.iter().filter(|o| !o.violations.is_empty()).count();
+    println!(
+        "verify: {} scenarios, {} passed, {failed} failed",
+        outcomes.len(),
+        outcomes.len() - failed
+    );
+    if failed > 0 {
+        return Err(Error::Violation(format!(
+            "{failed} scenarios broke an invariant (see the table above)"
+        )));
+    }
+    Ok(outcomes)
+}
