@@ -124,7 +124,7 @@ impl Transport for Faulty {
             return unavailable("injected: broker down");
         }
         let n = self.batches.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.plan.drop_every > 0 && n % self.plan.drop_every == 0 {
+        if self.plan.drop_every > 0 && n.is_multiple_of(self.plan.drop_every) {
             return unavailable("injected: connection dropped");
         }
         let marker = self.refuse_marker.lock().unwrap().clone();
