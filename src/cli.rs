@@ -118,7 +118,12 @@ enum Command {
     /// Write many awards with random order ids, wait until all are delivered, print a summary.
     Load(LoadArgs),
     /// Run the compensation scanner and the consumer until SIGINT or SIGTERM.
-    Serve,
+    Serve {
+        /// Also serve HTTP on this address (e.g. 127.0.0.1:8091; port 0 picks a free port):
+        /// POST/GET /api/v1/awards, /healthz, /readyz, /metrics.
+        #[arg(long, env = "BIG_MARKET_HTTP")]
+        http: Option<String>,
+    },
     /// Show award records and tasks by state on every shard.
     Status {
         /// Print JSON instead of a table.
@@ -295,7 +300,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Award(a) => award(settings, a),
         Command::Load(a) => load(settings, a),
-        Command::Serve => serve(settings),
+        Command::Serve { http } => serve(settings, http),
         Command::Status { json } => status(&settings, json),
         Command::Tasks(t) => tasks(&settings, t),
         Command::Audit { older_than, json } => audit(&settings, older_than, json),
@@ -568,7 +573,7 @@ fn load(settings: Settings, a: LoadArgs) -> Result<()> {
     Ok(())
 }
 
-fn serve(settings: Settings) -> Result<()> {
+fn serve(settings: Settings, http: Option<String>) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals =
         signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|e| Error::Io {
@@ -576,7 +581,20 @@ fn serve(settings: Settings) -> Result<()> {
             source: e,
         })?;
     let transport = transport_for(&settings)?;
-    let service = Service::start(settings, transport, Parts::ALL)?;
+    let service = Arc::new(Service::start(settings, transport, Parts::ALL)?);
+    let server = match &http {
+        Some(addr) => {
+            let server = crate::http::HttpServer::start(
+                addr,
+                service.clone(),
+                crate::http::HttpLimits::default(),
+            )?;
+            println!("listening on http://{}", server.local_addr());
+            let _ = std::io::stdout().flush();
+            Some(server)
+        }
+        None => None,
+    };
     log::info!("serving; send SIGINT or SIGTERM to stop");
     let first = signals.forever().next();
     log::info!("signal {first:?} received: shutting down (send it again to exit at once; committed work is kept)");
@@ -594,6 +612,12 @@ fn serve(settings: Settings) -> Result<()> {
             path: "signal thread".into(),
             source: e,
         })?;
+    if let Some(server) = server {
+        server.drain();
+        server.stop();
+    }
+    let service = Arc::try_unwrap(service)
+        .map_err(|_| Error::Config("the HTTP server still holds the service".into()))?;
     service.shutdown()
 }
 

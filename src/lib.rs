@@ -23,6 +23,7 @@
 //! - [`metrics`]: process counters;
 //! - [`audit`]: proof that nothing was lost, from per-shard sequence numbers (pure);
 //! - [`service`]: wiring and lifecycle;
+//! - [`http`]: the HTTP interface of `serve` (ingest, listing, health, metrics);
 //! - [`bench`]: the side-by-side benchmark behind `big-market bench`;
 //! - [`cli`]: the command line; `main.rs` only calls it;
 //! - [`util`]: clock, random source, bounded waiting.
@@ -36,6 +37,7 @@ pub mod config;
 pub mod consumer;
 pub mod crash;
 pub mod error;
+pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod outbox;

@@ -27,6 +27,46 @@ pub struct Metrics {
     pub redelivered: AtomicU64,
     /// Messages rejected as unprocessable.
     pub poison: AtomicU64,
+    /// `save_award` latency.
+    pub save_latency: Histogram,
+}
+
+/// Upper bounds (ms) of the latency histogram buckets; a last bucket holds the rest.
+pub const LATENCY_BUCKETS_MS: [f64; 11] = [
+    0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 250.0, 500.0, 1000.0,
+];
+
+/// A fixed-bucket latency histogram (Prometheus style: cumulative on output).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Record one observation.
+    pub fn observe(&self, d: std::time::Duration) {
+        let ms = d.as_secs_f64() * 1000.0;
+        let i = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(LATENCY_BUCKETS_MS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+    /// Cumulative counts per bucket (the last is the total), and the sum in seconds.
+    pub fn snapshot(&self) -> (Vec<u64>, f64) {
+        let mut acc = 0;
+        let cumulative = self.buckets.iter().map(|b| {
+            acc += b.load(Ordering::Relaxed);
+            acc
+        });
+        (
+            cumulative.collect(),
+            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+        )
+    }
 }
 
 impl Metrics {
@@ -37,5 +77,24 @@ impl Metrics {
     /// Read a counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(300));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(5));
+        let (c, sum) = h.snapshot();
+        assert_eq!(c[0], 1); // <= 0.5 ms
+        assert_eq!(c[3], 2); // <= 5 ms
+        assert_eq!(*c.last().unwrap(), 3);
+        assert!((sum - 5.0033).abs() < 1e-6);
     }
 }

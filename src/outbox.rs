@@ -115,6 +115,7 @@ impl Outbox {
     /// A repeated order id fails with [`crate::Error::DuplicateOrder`] and writes nothing.
     /// Once committed the award is safe: a failed publish leaves a failed task to retry.
     pub fn save_award(&self, record: AwardRecord) -> Result<Saved> {
+        let started = std::time::Instant::now();
         let saved = self
             .store
             .save_award(
@@ -138,6 +139,7 @@ impl Outbox {
             attempts: 0,
         };
         let r = self.relay(saved.db, &[pending])?;
+        self.metrics.save_latency.observe(started.elapsed());
         Ok(Saved {
             message_id: saved.message_id,
             db: saved.db,

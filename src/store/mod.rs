@@ -278,6 +278,19 @@ impl Store {
             .collect()
     }
 
+    /// A user's award records, newest first, at most `limit`.
+    pub fn awards_of(
+        &self,
+        user: &crate::model::UserId,
+        limit: usize,
+    ) -> Result<Vec<sql::AwardRow>> {
+        let r = route(user.as_str(), self.layout);
+        let shard = self.shard(r.db);
+        let conn = shard.read()?;
+        sql::awards_of_user(&conn, &award_table(r.table), user.as_str(), limit)
+            .map_err(|e| Error::storage(shard.ctx("listing a user's awards"), e))
+    }
+
     /// Per-shard counts.
     pub fn status(&self) -> Result<Vec<ShardStatus>> {
         self.shards

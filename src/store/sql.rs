@@ -360,3 +360,49 @@ pub fn award_orders(conn: &Connection, table: &str) -> Sql<Vec<String>> {
     let rows = stmt.query_map([], |r| r.get(0))?;
     rows.collect()
 }
+
+/// One award record as listed to its user.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AwardRow {
+    /// Order id.
+    pub order_id: String,
+    /// Activity id.
+    pub activity_id: i64,
+    /// Strategy id.
+    pub strategy_id: i64,
+    /// Award id.
+    pub award_id: i64,
+    /// Award title.
+    pub award_title: String,
+    /// Award time, epoch ms.
+    pub award_time: i64,
+    /// `create` (not yet delivered) or `completed` (delivered).
+    pub award_state: String,
+}
+
+/// A user's award records in their split table, newest first.
+pub fn awards_of_user(
+    conn: &Connection,
+    table: &str,
+    user_id: &str,
+    limit: usize,
+) -> Sql<Vec<AwardRow>> {
+    let sql = format!(
+        "SELECT order_id, activity_id, strategy_id, award_id, award_title, award_time, award_state
+         FROM {table} WHERE user_id = ?1 ORDER BY id DESC LIMIT ?2"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params![user_id, limit as i64], |r| {
+        Ok(AwardRow {
+            order_id: r.get(0)?,
+            activity_id: r.get(1)?,
+            strategy_id: r.get(2)?,
+            award_id: r.get(3)?,
+            award_title: r.get(4)?,
+            award_time: r.get(5)?,
+            award_state: r.get(6)?,
+        })
+    })?;
+    rows.collect()
+}

@@ -317,3 +317,46 @@ fn the_broker_stopped_mid_load_loses_nothing_and_delivers_once() {
 fn soak_100k_awards_through_three_broker_outages_ends_with_nothing_pending() {
     load_through_outages(100_000, 3);
 }
+
+#[test]
+#[ignore = "needs RabbitMQ and rabbitmqctl; run with --ignored"]
+fn readiness_flips_when_the_broker_is_stopped_and_back() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let s = amqp_settings(dir.path());
+    let _restart = RestartOnDrop;
+    let server = crate::http::Server::start(
+        dir.path(),
+        &[
+            "--amqp-url",
+            s.amqp_url.as_deref().unwrap(),
+            "--topic",
+            &s.topic,
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(10), || server
+        .call("GET", "/readyz", "")
+        .0
+        == 200));
+    assert!(rabbitmqctl("stop_app"));
+    assert!(
+        wait_until(Duration::from_secs(30), || server
+            .call("GET", "/readyz", "")
+            .0
+            == 503),
+        "not ready without a broker"
+    );
+    assert_eq!(server.call("GET", "/healthz", "").0, 200, "still alive");
+    assert!(rabbitmqctl("start_app"));
+    assert!(
+        wait_until(Duration::from_secs(30), || server
+            .call("GET", "/readyz", "")
+            .0
+            == 200),
+        "ready again"
+    );
+    server.stop();
+    let amqp = Amqp::connect(s.amqp_url.as_deref().unwrap(), &s).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || amqp.is_connected()));
+    amqp.delete_queue().unwrap();
+}

@@ -3,5 +3,6 @@
 mod amqp;
 mod cli;
 mod faults;
+mod http;
 mod pipeline;
 mod support;
