@@ -35,6 +35,8 @@ pub struct BenchOptions {
     pub records: usize,
     /// Caller threads for the naive and pipeline phases.
     pub threads: usize,
+    /// Also measure `POST /api/v1/awards` through the HTTP server.
+    pub http: bool,
 }
 
 /// Every figure of one run.
@@ -60,6 +62,10 @@ pub struct Figures {
     pub save_p50_ms: f64,
     /// 99th percentile `save_award` latency under load, ms.
     pub save_p99_ms: f64,
+    /// `POST /api/v1/awards` requests/s through the HTTP server (with `--http`).
+    pub http: Option<f64>,
+    /// 99th percentile request latency through HTTP, ms.
+    pub http_p99_ms: Option<f64>,
     /// Peak resident memory of the process, MB.
     pub peak_rss_mb: f64,
     /// `pipeline / sqlite_limit`.
@@ -345,6 +351,68 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
     }
     service.shutdown()?;
     println!("drain         {:>10.0} tasks/s", f.drain);
+
+    // 6. Through the HTTP API.
+    if opts.http {
+        say(&format!(
+            "http: POST /api/v1/awards from {} client threads, one connection per request",
+            opts.threads
+        ));
+        let s = fresh(base, &tmp, "http");
+        let service = Arc::new(Service::start(
+            s.clone(),
+            transport(&s)?,
+            Parts {
+                consumer: in_process,
+                scanner_loop: false,
+            },
+        )?);
+        let server = crate::http::HttpServer::start(
+            "127.0.0.1:0",
+            service.clone(),
+            crate::http::HttpLimits::default(),
+        )?;
+        let addr = server.local_addr();
+        let bodies: Vec<String> = records(n, '6')
+            .iter()
+            .map(|r| {
+                serde_json::json!({"userId": r.user_id.as_str(), "activityId": r.activity_id, "strategyId": r.strategy_id, "orderId": r.order_id.as_str(), "awardId": r.award_id, "awardTitle": r.award_title})
+                    .to_string()
+            })
+            .collect();
+        let lat = Mutex::new(Vec::with_capacity(n));
+        let elapsed = on_threads(opts.threads, n, |i| {
+            let t0 = Instant::now();
+            let (status, body) =
+                crate::http::request(addr, "POST", "/api/v1/awards", bodies[i].as_bytes())
+                    .map_err(|e| Error::Io {
+                        path: "http bench".into(),
+                        source: e,
+                    })?;
+            lat.lock().unwrap().push(t0.elapsed());
+            if status == 201 {
+                Ok(())
+            } else {
+                Err(Error::Broker(format!("http bench got {status}: {body}")))
+            }
+        })?;
+        f.http = Some(rate(n, elapsed));
+        let mut lat = lat.into_inner().unwrap();
+        lat.sort();
+        f.http_p99_ms = Some(
+            lat[((lat.len() as f64 * 0.99) as usize).min(lat.len() - 1)].as_secs_f64() * 1000.0,
+        );
+        server.stop();
+        Arc::try_unwrap(service)
+            .map_err(|_| Error::Config("http bench still holds the service".into()))?
+            .shutdown()?;
+        println!(
+            "http          {:>10.0} requests/s  (p99 {:.2} ms; in-process pipeline {:.0} awards/s)",
+            f.http.unwrap_or(0.0),
+            f.http_p99_ms.unwrap_or(0.0),
+            f.pipeline
+        );
+    }
 
     f.peak_rss_mb = peak_rss_mb();
     f.pipeline_over_sqlite_limit = f.pipeline / f.sqlite_limit;

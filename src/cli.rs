@@ -138,6 +138,9 @@ enum Command {
         /// Caller threads.
         #[arg(long, default_value_t = 16)]
         threads: usize,
+        /// Also measure POST /api/v1/awards through the HTTP server on loopback.
+        #[arg(long)]
+        http: bool,
     },
     /// Prove nothing was lost: per shard, committed vs delivered sequence numbers, gaps,
     /// redeliveries, tasks without awards and awards without tasks.
@@ -323,12 +326,23 @@ pub fn run(cli: Cli) -> Result<()> {
             )
             .map(|_| ())
         }
-        Command::Bench { records, threads } => {
+        Command::Bench {
+            records,
+            threads,
+            http,
+        } => {
             if records == 0 || threads == 0 {
                 return Err(Error::invalid("records/threads", "must be at least 1"));
             }
-            crate::bench::run(&settings, &crate::bench::BenchOptions { records, threads })
-                .map(|_| ())
+            crate::bench::run(
+                &settings,
+                &crate::bench::BenchOptions {
+                    records,
+                    threads,
+                    http,
+                },
+            )
+            .map(|_| ())
         }
     }
 }

@@ -212,7 +212,7 @@ fn bench_runs_every_phase_and_ends_with_one_json_line_of_figures() {
     let dir = tempfile::tempdir().unwrap();
     let out = bin(dir.path())
         .env("TMPDIR", dir.path())
-        .args(["bench", "--records", "300", "--threads", "4"])
+        .args(["bench", "--records", "300", "--threads", "4", "--http"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
