@@ -149,6 +149,9 @@ pub fn read_request(
     let mut chunk = [0u8; 4096];
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            if i > limits.max_head {
+                return Err(Response::error(431, format!("request head over {} bytes", limits.max_head)));
+            }
             break i;
         }
         if buf.len() > limits.max_head {
