@@ -41,10 +41,8 @@ CREATE UNIQUE INDEX uq_message_id ON task (message_id);
 CREATE UNIQUE INDEX uq_task_seq ON task (seq);
 -- The scanner's claim query: due tasks that are not completed or dead, oldest due first.
 CREATE INDEX idx_task_due ON task (next_attempt_at) WHERE state IN ('create', 'fail');
--- Status counts and operator listings by state.
-CREATE INDEX idx_task_state ON task (state);
--- Retention purge of old completed tasks.
-CREATE INDEX idx_task_update_time ON task (update_time);
+-- No index on state or update_time: every index is one more page written by every commit, and
+-- only rare reads (status counts, the retention purge) would use them; those scan.
 
 -- The consumer's log: one row per message handled, so a redelivery is recognised in the same
 -- transaction that would deliver it (receipts counts how often it arrived).
