@@ -150,7 +150,10 @@ pub fn read_request(
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             if i > limits.max_head {
-                return Err(Response::error(431, format!("request head over {} bytes", limits.max_head)));
+                return Err(Response::error(
+                    431,
+                    format!("request head over {} bytes", limits.max_head),
+                ));
             }
             break i;
         }

@@ -74,6 +74,17 @@ impl std::ops::AddAssign for Relayed {
     }
 }
 
+/// Whether the caller waits for a relay's task updates to commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    /// The scanner: `scan_once` returns with every claimed task settled.
+    Wait,
+    /// The write path: the award is safe and its message confirmed; marking the task completed
+    /// joins the next group commit (if the process dies first, the lease expires and the
+    /// consumer deduplicates the resend).
+    Detached,
+}
+
 /// The write path.
 pub struct Outbox {
     store: Arc<Store>,
@@ -138,7 +149,7 @@ impl Outbox {
             body: saved.message,
             attempts: 0,
         };
-        let r = self.relay(saved.db, &[pending])?;
+        let r = self.publish_and_settle(saved.db, &[pending], Settle::Detached)?;
         self.metrics.save_latency.observe(started.elapsed());
         Ok(Saved {
             message_id: saved.message_id,
@@ -151,6 +162,10 @@ impl Outbox {
     /// Publish claimed tasks of shard `db` together and settle each: completed on confirm,
     /// otherwise failed with backoff, or dead after the attempt limit.
     pub fn relay(&self, db: u32, tasks: &[Pending]) -> Result<Relayed> {
+        self.publish_and_settle(db, tasks, Settle::Wait)
+    }
+
+    fn publish_and_settle(&self, db: u32, tasks: &[Pending], settle: Settle) -> Result<Relayed> {
         if tasks.is_empty() {
             return Ok(Relayed::default());
         }
@@ -212,10 +227,14 @@ impl Outbox {
         Metrics::add(&self.metrics.tasks_dead, out.dead as u64);
         let shard = self.store.shard(db);
         if !done.is_empty() {
-            shard.write(Op::MarkCompleted {
+            let op = Op::MarkCompleted {
                 ids: done,
                 now_ms: now,
-            })?;
+            };
+            match settle {
+                Settle::Wait => shard.write(op).map(|_| ())?,
+                Settle::Detached => shard.write_detached(op)?,
+            }
         }
         if !failures.is_empty() {
             shard.write(Op::MarkFailed {

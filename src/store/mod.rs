@@ -88,6 +88,11 @@ impl Shard {
         self.writer.call_many(ops)
     }
 
+    /// Queue a write op without waiting for its commit.
+    pub fn write_detached(&self, op: Op) -> Result<()> {
+        self.writer.send_detached(op)
+    }
+
     /// Run a write op on this shard's writer thread.
     pub fn write(&self, op: Op) -> Result<Reply> {
         self.writer.call(op)

@@ -150,7 +150,8 @@ pub enum Reply {
 
 struct Job {
     op: Op,
-    reply: Sender<Result<Reply>>,
+    /// `None` for a detached op: nobody waits, and a failure is logged.
+    reply: Option<Sender<Result<Reply>>>,
 }
 
 /// Handle to a shard's writer thread. Dropping it lets the thread finish the queued work, then
@@ -186,8 +187,11 @@ impl Writer {
     pub fn call(&self, op: Op) -> Result<Reply> {
         let (reply, rx) = bounded(1);
         let tx = self.tx.as_ref().ok_or(Error::ShuttingDown)?;
-        tx.send(Job { op, reply })
-            .map_err(|_| Error::ShuttingDown)?;
+        tx.send(Job {
+            op,
+            reply: Some(reply),
+        })
+        .map_err(|_| Error::ShuttingDown)?;
         rx.recv().map_err(|_| Error::ShuttingDown)?
     }
 
@@ -200,7 +204,12 @@ impl Writer {
             .into_iter()
             .map(|op| {
                 let (reply, rx) = bounded(1);
-                tx.send(Job { op, reply }).ok().map(|_| rx)
+                tx.send(Job {
+                    op,
+                    reply: Some(reply),
+                })
+                .ok()
+                .map(|_| rx)
             })
             .collect();
         waits
@@ -210,6 +219,14 @@ impl Writer {
                 None => Err(Error::ShuttingDown),
             })
             .collect()
+    }
+
+    /// Queue an op without waiting for it: it commits with the next group. Used where a lost op
+    /// is repaired anyway (a task left unmarked is resent after its lease, and deduplicated).
+    pub fn send_detached(&self, op: Op) -> Result<()> {
+        let tx = self.tx.as_ref().ok_or(Error::ShuttingDown)?;
+        tx.send(Job { op, reply: None })
+            .map_err(|_| Error::ShuttingDown)
     }
 
     /// The database index this writer serves.
@@ -244,7 +261,15 @@ fn run<C: std::ops::DerefMut<Target = Connection>>(
         log::trace!("writer shard={db:02} batch={}", batch.len());
         let results = run_batch(db, &mut conn, &batch);
         for (job, result) in batch.into_iter().zip(results) {
-            let _ = job.reply.send(result);
+            match (job.reply, result) {
+                (Some(reply), result) => {
+                    let _ = reply.send(result);
+                }
+                (None, Err(e)) => {
+                    log::warn!("detached write failed shard={db:02}, repaired by a later scan: {e}")
+                }
+                (None, Ok(_)) => {}
+            }
         }
     }
     log::debug!("writer shard={db:02} stopped");

@@ -134,7 +134,12 @@ fn a_task_is_completed_only_once_the_broker_holds_a_persistent_copy() {
         assert!(saved.published);
         ids.push(saved.message_id.as_str().to_string());
     }
-    assert_eq!(totals(&s).3, 5, "all five tasks completed");
+    // save_award returns on the confirm; the completed mark joins the next group commit.
+    assert!(
+        wait_until(Duration::from_secs(10), || totals(&s).3 == 5),
+        "all five tasks completed: {:?}",
+        totals(&s)
+    );
     // Completed means confirmed: the messages are in the queue, persistent, with their ids.
     let got = drain_queue(&s, 10);
     assert_eq!(got.len(), 5);
