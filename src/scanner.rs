@@ -2,6 +2,7 @@
 //! lease) on every shard, in batches, and relays them through the caller-runs pool; it drains
 //! the whole backlog in one pass rather than a fixed number per tick.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,9 +82,16 @@ impl Scanner {
             return Ok(report);
         }
         let lease = self.settings.stale_after;
+        // Claims are leased, so the pass keeps claiming while earlier chunks are still being
+        // published; the pool's caller-runs overflow is the backpressure. Results are gathered
+        // at the end, so the pass still returns with every claimed task settled.
+        let (tx, rx) = unbounded::<Result<Relayed>>();
+        let unavailable = Arc::new(AtomicBool::new(false));
+        let mut jobs = 0;
         for shard in self.store.shards() {
             let db = shard.db();
-            loop {
+            // An unreachable broker ends this pass; the tasks are due again next tick.
+            while !unavailable.load(Ordering::SeqCst) {
                 let now = now_ms();
                 let claimed = match shard.write(Op::Claim {
                     owner: self.outbox.owner().clone(),
@@ -100,15 +108,44 @@ impl Scanner {
                 }
                 report.claimed += n;
                 log::debug!("scan claimed shard={db:02} tasks={n}");
-                let round =
-                    self.relay_round(db, claimed.into_iter().map(Pending::from).collect())?;
-                report.ran_on_caller += round.1;
-                report.relayed += round.0;
-                // An unreachable broker ends this pass; the tasks are due again next tick.
-                if round.0.unavailable > 0 || n < self.settings.scan_batch {
+                let pending: Vec<Pending> = claimed.into_iter().map(Pending::from).collect();
+                for chunk in pending.chunks(self.settings.publish_chunk) {
+                    let (outbox, chunk, tx, unavailable) = (
+                        self.outbox.clone(),
+                        chunk.to_vec(),
+                        tx.clone(),
+                        unavailable.clone(),
+                    );
+                    jobs += 1;
+                    let submitted = self.pool.submit(move || {
+                        let r = outbox.relay(db, &chunk);
+                        if r.as_ref().is_ok_and(|r| r.unavailable > 0) {
+                            unavailable.store(true, Ordering::SeqCst);
+                        }
+                        let _ = tx.send(r);
+                    });
+                    if submitted == Submitted::RanOnCaller {
+                        report.ran_on_caller += 1;
+                    }
+                }
+                if n < self.settings.scan_batch {
                     break;
                 }
             }
+        }
+        drop(tx);
+        let mut first_err = None;
+        for r in rx.iter().take(jobs) {
+            match r {
+                Ok(r) => report.relayed += r,
+                Err(e) => {
+                    log::warn!("relay failed: {e}");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
         }
         Metrics::add(&self.metrics.relayed, report.claimed as u64);
         Metrics::add(&self.metrics.ran_on_caller, report.ran_on_caller as u64);
@@ -140,38 +177,6 @@ impl Scanner {
             }
         }
         Ok(total)
-    }
-
-    fn relay_round(&self, db: u32, tasks: Vec<Pending>) -> Result<(Relayed, usize)> {
-        let (tx, rx) = unbounded();
-        let mut jobs = 0;
-        let mut on_caller = 0;
-        for chunk in tasks.chunks(self.settings.publish_chunk) {
-            let (outbox, chunk, tx) = (self.outbox.clone(), chunk.to_vec(), tx.clone());
-            jobs += 1;
-            if self.pool.submit(move || {
-                let _ = tx.send(outbox.relay(db, &chunk));
-            }) == Submitted::RanOnCaller
-            {
-                on_caller += 1;
-            }
-        }
-        drop(tx);
-        let mut total = Relayed::default();
-        let mut first_err = None;
-        for r in rx.iter().take(jobs) {
-            match r {
-                Ok(r) => total += r,
-                Err(e) => {
-                    log::warn!("relay failed shard={db:02}: {e}");
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok((total, on_caller)),
-        }
     }
 }
 
