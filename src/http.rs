@@ -683,6 +683,12 @@ mod tests {
         v.to_string().into_bytes()
     }
 
+    fn with(field: &str, value: Value) -> Value {
+        let mut v = ok_award();
+        v[field] = value;
+        v
+    }
+
     fn ok_award() -> Value {
         json!({"userId":"xiaofuge","activityId":100301,"strategyId":100006,"orderId":"123456789012","awardId":101,"awardTitle":"t","awardTime":1712377010878i64})
     }
@@ -698,38 +704,10 @@ mod tests {
         assert_eq!(parse_award(&body(no_time), 42).unwrap().award_time_ms, 42);
         let cases: Vec<(Value, &str)> = vec![
             (json!({"userId":"u"}), "activityId"),
-            (
-                {
-                    let mut v = ok_award();
-                    v["activityId"] = json!("100301");
-                    v
-                },
-                "activityId",
-            ),
-            (
-                {
-                    let mut v = ok_award();
-                    v["userId"] = json!(7);
-                    v
-                },
-                "userId",
-            ),
-            (
-                {
-                    let mut v = ok_award();
-                    v["orderId"] = json!("1234567890123");
-                    v
-                },
-                "orderId",
-            ),
-            (
-                {
-                    let mut v = ok_award();
-                    v["awardId"] = json!(1.5);
-                    v
-                },
-                "awardId",
-            ),
+            (with("activityId", json!("100301")), "activityId"),
+            (with("userId", json!(7)), "userId"),
+            (with("orderId", json!("1234567890123")), "orderId"),
+            (with("awardId", json!(1.5)), "awardId"),
         ];
         for (v, field) in cases {
             let r = parse_award(&body(v.clone()), 0).unwrap_err();

@@ -55,6 +55,19 @@ impl Default for Rng {
     }
 }
 
+/// `first` and whatever else is already waiting on `rx`, up to `max` items: how a worker turns a
+/// queue of single requests into one batch without waiting for more.
+pub fn drain_batch<T>(rx: &crossbeam_channel::Receiver<T>, first: T, max: usize) -> Vec<T> {
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
 /// Poll `cond` every few milliseconds until it holds or `timeout` passes; returns whether it held.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

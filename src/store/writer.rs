@@ -251,13 +251,7 @@ fn run<C: std::ops::DerefMut<Target = Connection>>(
     max: usize,
 ) {
     while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < max {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+        let batch = crate::util::drain_batch(&rx, first, max);
         log::trace!("writer shard={db:02} batch={}", batch.len());
         let results = run_batch(db, &mut conn, &batch);
         for (job, result) in batch.into_iter().zip(results) {

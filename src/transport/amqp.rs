@@ -216,6 +216,10 @@ impl Inner {
         )
     }
 
+    fn publish_link(&self) -> Option<Link> {
+        self.publish.read().expect("publish lock").clone()
+    }
+
     fn publish_healthy(&self) -> bool {
         self.publish
             .read()
@@ -337,10 +341,7 @@ impl Amqp {
     pub fn delete_queue(&self) -> Result<()> {
         let link = self
             .inner
-            .publish
-            .read()
-            .expect("publish lock")
-            .clone()
+            .publish_link()
             .ok_or_else(|| Error::Broker("not connected".into()))?;
         let queue = self.inner.queue.clone();
         async_global_executor::block_on(async move {
@@ -400,13 +401,7 @@ impl Transport for Amqp {
     }
 
     fn publish_batch(&self, batch: &[Outgoing]) -> Vec<Result<(), PublishFailure>> {
-        let link = self
-            .inner
-            .publish
-            .read()
-            .expect("publish lock")
-            .clone()
-            .filter(Link::healthy);
+        let link = self.inner.publish_link().filter(Link::healthy);
         let Some(link) = link else {
             return batch
                 .iter()
@@ -486,13 +481,7 @@ impl Transport for Amqp {
                             recv(stop_rx) -> _ => break,
                             recv(rx) -> d => match d {
                                 Ok(first) => {
-                                    let mut batch = vec![first];
-                                    while batch.len() < CONSUME_BATCH {
-                                        match rx.try_recv() {
-                                            Ok(d) => batch.push(d),
-                                            Err(_) => break,
-                                        }
-                                    }
+                                    let batch = crate::util::drain_batch(&rx, first, CONSUME_BATCH);
                                     let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
                                     let outcomes = handler.handle_batch(&bodies);
                                     crate::crash::hit("before-ack");

@@ -120,13 +120,7 @@ impl Transport for InProcess {
                             recv(stop_rx) -> _ => break,
                             recv(rx) -> env => match env {
                                 Ok(first) => {
-                                    let mut batch = vec![first];
-                                    while batch.len() < CONSUME_BATCH {
-                                        match rx.try_recv() {
-                                            Ok(env) => batch.push(env),
-                                            Err(_) => break,
-                                        }
-                                    }
+                                    let batch = crate::util::drain_batch(&rx, first, CONSUME_BATCH);
                                     let bodies: Vec<&[u8]> = batch.iter().map(|e| e.body.as_bytes()).collect();
                                     let outcomes = handler.handle_batch(&bodies);
                                     crate::crash::hit("before-ack");

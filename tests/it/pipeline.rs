@@ -330,3 +330,36 @@ fn a_shard_file_that_is_not_sqlite_is_refused_with_a_clear_error() {
         "the file is untouched"
     );
 }
+
+#[test]
+fn with_a_retention_the_scanner_purges_old_completed_tasks_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.retention = Some(std::time::Duration::from_secs(3600));
+    let (service, faulty) = start(s.clone());
+    for i in 0..6 {
+        service
+            .save_award(award("keeper", &format!("41{i:010}")))
+            .unwrap();
+    }
+    faulty.set_down(true);
+    service.save_award(award("keeper", "420000000000")).unwrap(); // failed, not completed
+    faulty.set_down(false);
+    let db = route("keeper", Layout::default()).db;
+    let c = raw(&s, db);
+    assert!(crate::support::count(&c, "SELECT COUNT(*) FROM task WHERE state = 'completed'") >= 1);
+    // Age every task past the retention; only completed ones may go.
+    assert!(big_market::util::wait_until(
+        std::time::Duration::from_secs(5),
+        || count(&c, "SELECT COUNT(*) FROM task WHERE state = 'completed'") == 6
+    ));
+    c.execute_batch("UPDATE task SET update_time = update_time - 7200000")
+        .unwrap();
+    let report = service.scan_once().unwrap();
+    assert_eq!(report.purged, 6);
+    assert_eq!(
+        report.relayed.completed, 1,
+        "the failed task was resent, not purged"
+    );
+    service.shutdown().unwrap();
+}
