@@ -153,3 +153,46 @@ fn the_http_api_creates_refuses_duplicates_and_bad_input_lists_and_reports() {
     server.stop();
     assert_eq!(totals(&s), (2, 2, 2, 2));
 }
+
+#[test]
+fn connections_past_the_limit_get_503_and_slow_clients_do_not_stall_the_writers() {
+    use big_market::http::{HttpLimits, HttpServer};
+    use std::io::Read;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    let (service, _) = start(s.clone());
+    let service = Arc::new(service);
+    let limits = HttpLimits {
+        max_connections: 2,
+        workers: 1,
+        io_timeout: Duration::from_secs(3),
+        ..HttpLimits::default()
+    };
+    let server = HttpServer::start("127.0.0.1:0", service.clone(), limits).unwrap();
+    let addr = server.local_addr();
+    // Two clients connect and send nothing: one holds the only handler, one waits for it.
+    let slow: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    let mut third = std::net::TcpStream::connect(addr).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut answer = String::new();
+    third.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    // The writers are not held up by the stalled connections.
+    let saved = service.save_award(award_record()).unwrap();
+    assert!(saved.published);
+    drop(slow);
+    server.stop();
+    Arc::try_unwrap(service).ok().unwrap().shutdown().unwrap();
+    assert_eq!(totals(&s).0, 1);
+}
+
+fn award_record() -> big_market::model::AwardRecord {
+    crate::support::award("xiaofuge", "777000000001")
+}
