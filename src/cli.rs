@@ -3,9 +3,9 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -15,7 +15,7 @@ use crate::model::{AwardRecord, NewAward, TaskState, UserId};
 use crate::router::{route, Layout};
 use crate::service::{transport_for, Parts, Service};
 use crate::store::{Op, ShardStatus, Store};
-use crate::util::{now_ms, wait_until, Rng};
+use crate::util::now_ms;
 
 fn duration(s: &str) -> std::result::Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
@@ -400,14 +400,6 @@ fn award(settings: Settings, a: AwardArgs) -> Result<()> {
     Ok(())
 }
 
-fn completed_awards(service: &Service) -> Result<u64> {
-    Ok(service
-        .status()?
-        .iter()
-        .map(|s| s.awards_in("completed"))
-        .sum())
-}
-
 fn pending_tasks(statuses: &[ShardStatus]) -> u64 {
     statuses
         .iter()
@@ -415,6 +407,7 @@ fn pending_tasks(statuses: &[ShardStatus]) -> u64 {
         .sum()
 }
 
+/// Progress on stderr: a bar on a terminal, a line per tenth otherwise.
 struct Progress {
     tty: bool,
     total: u64,
@@ -425,7 +418,7 @@ impl Progress {
     fn show(&self, saved: u64, delivered: u64, done: bool) {
         if self.tty {
             let width = 30;
-            let filled = (saved * width / self.total.max(1)) as usize;
+            let filled = (saved * width / self.total.max(1)).min(width) as usize;
             eprint!(
                 "\r[{}{}] saved {saved}/{} delivered {delivered}{}",
                 "=".repeat(filled),
@@ -447,141 +440,34 @@ impl Progress {
 }
 
 fn load(settings: Settings, a: LoadArgs) -> Result<()> {
-    if a.records == 0 {
-        return Err(Error::invalid("records", "must be at least 1"));
-    }
-    if a.users == 0 || a.threads == 0 {
-        return Err(Error::invalid("users/threads", "must be at least 1"));
-    }
+    let opts = crate::load::LoadOptions {
+        records: a.records,
+        users: a.users,
+        threads: a.threads,
+        timeout: a.timeout,
+    };
+    // Checked before anything is opened or created.
+    crate::load::run_checks(&opts)?;
     let transport = transport_for(&settings)?;
-    let service = Arc::new(Service::start(settings, transport, Parts::ALL)?);
-    let before = completed_awards(&service)?;
-    let next = Arc::new(AtomicU64::new(0));
-    let saved = Arc::new(AtomicU64::new(0));
-    let retries = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicUsize::new(0));
-    let first_error: Arc<Mutex<Option<Error>>> = Arc::new(Mutex::new(None));
-    let latencies = Arc::new(Mutex::new(Vec::with_capacity(a.records as usize)));
-    let started = Instant::now();
-    let mut handles = Vec::new();
-    for t in 0..a.threads {
-        let (service, next, saved, retries, errors, first_error, latencies) = (
-            service.clone(),
-            next.clone(),
-            saved.clone(),
-            retries.clone(),
-            errors.clone(),
-            first_error.clone(),
-            latencies.clone(),
-        );
-        let (records, users) = (a.records, a.users);
-        handles.push(
-            std::thread::Builder::new()
-                .name(format!("load-{t}"))
-                .spawn(move || {
-                    let mut rng = Rng::new();
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= records {
-                            break;
-                        }
-                        let user = format!("user{:04}", i % users);
-                        loop {
-                            let order = rng.digits(12);
-                            let record = AwardRecord::new(NewAward {
-                                user_id: &user,
-                                activity_id: 100301,
-                                strategy_id: 100006,
-                                order_id: &order,
-                                award_id: 101,
-                                award_title: "OpenAI 增加使用次数",
-                                award_time_ms: now_ms(),
-                            })
-                            .expect("generated awards are valid");
-                            let t0 = Instant::now();
-                            match service.save_award(record) {
-                                Ok(_) => {
-                                    mine.push(t0.elapsed());
-                                    saved.fetch_add(1, Ordering::Relaxed);
-                                }
-                                Err(Error::DuplicateOrder { .. }) => {
-                                    retries.fetch_add(1, Ordering::Relaxed);
-                                    continue;
-                                }
-                                Err(e) => {
-                                    errors.fetch_add(1, Ordering::Relaxed);
-                                    first_error.lock().unwrap().get_or_insert(e);
-                                }
-                            }
-                            break;
-                        }
-                    }
-                    latencies.lock().unwrap().extend(mine);
-                })
-                .map_err(|e| Error::Io {
-                    path: "load thread".into(),
-                    source: e,
-                })?,
-        );
-    }
+    let service = Service::start(settings, transport, Parts::ALL)?;
     let progress = Progress {
         tty: std::io::stderr().is_terminal(),
         total: a.records,
         last_decile: AtomicU64::new(0),
     };
-    while handles.iter().any(|h| !h.is_finished()) {
-        std::thread::sleep(Duration::from_millis(200));
-        let delivered = completed_awards(&service)?.saturating_sub(before);
-        progress.show(saved.load(Ordering::Relaxed), delivered, false);
-    }
-    for h in handles {
-        let _ = h.join();
-    }
-    let write_elapsed = started.elapsed();
-    let total_saved = saved.load(Ordering::Relaxed);
-    let mut delivered = 0;
-    let all = wait_until(a.timeout, || {
-        delivered = completed_awards(&service)
-            .unwrap_or(0)
-            .saturating_sub(before);
-        delivered >= total_saved
+    let report = crate::load::run(&service, &opts, &|saved, delivered, done| {
+        progress.show(saved, delivered, done)
     });
-    let elapsed = started.elapsed();
-    progress.show(total_saved, delivered, true);
-    let statuses = service.status()?;
-    let dead: u64 = statuses.iter().map(|s| s.tasks_in(TaskState::Dead)).sum();
-    let pending = pending_tasks(&statuses);
-    let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
-    lat.sort();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .map(|d| d.as_secs_f64() * 1000.0)
-            .unwrap_or(0.0)
-    };
-    println!(
-        "load records={} saved={total_saved} users={} threads={} write_s={:.2} total_s={:.2} records_per_s={:.0} delivered={delivered} failed={} pending_tasks={pending} dead_tasks={dead} duplicate_retries={} p50_ms={:.2} p99_ms={:.2}",
-        a.records,
-        a.users,
-        a.threads,
-        write_elapsed.as_secs_f64(),
-        elapsed.as_secs_f64(),
-        total_saved as f64 / elapsed.as_secs_f64(),
-        errors.load(Ordering::Relaxed),
-        retries.load(Ordering::Relaxed),
-        pct(0.50),
-        pct(0.99),
-    );
-    let service = Arc::try_unwrap(service)
-        .map_err(|_| Error::Config("load threads still hold the service".into()))?;
     service.shutdown()?;
-    if let Some(e) = first_error.lock().unwrap().take() {
+    let report = report?;
+    println!("{report}");
+    if let Some(e) = report.first_error {
         return Err(e);
     }
-    if !all {
+    if !report.all_delivered() {
         return Err(Error::Broker(format!(
-            "{delivered} of {total_saved} awards delivered within {:?}; the rest stay pending and `big-market serve` will deliver them",
-            a.timeout
+            "{} of {} awards delivered within {:?}; the rest stay pending and `big-market serve` will deliver them",
+            report.delivered, report.saved, a.timeout
         )));
     }
     Ok(())

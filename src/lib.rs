@@ -24,6 +24,7 @@
 //! - [`audit`]: proof that nothing was lost, from per-shard sequence numbers (pure);
 //! - [`service`]: wiring and lifecycle;
 //! - [`http`]: the HTTP interface of `serve` (ingest, listing, health, metrics);
+//! - [`load`]: the `load` workload (many writers, wait for delivery);
 //! - [`bench`]: the side-by-side benchmark behind `big-market bench`;
 //! - [`cli`]: the command line; `main.rs` only calls it;
 //! - [`util`]: clock, random source, bounded waiting.
@@ -38,6 +39,7 @@ pub mod consumer;
 pub mod crash;
 pub mod error;
 pub mod http;
+pub mod load;
 pub mod metrics;
 pub mod model;
 pub mod outbox;
