@@ -56,6 +56,8 @@ pub struct Figures {
     pub naive: f64,
     /// Our pipeline, awards/s.
     pub pipeline: f64,
+    /// Our pipeline through `save_awards` in batches of 100, awards/s (not part of the ratios).
+    pub pipeline_batched: f64,
     /// Backlog drain, tasks/s.
     pub drain: f64,
     /// Median `save_award` latency under load, ms.
@@ -330,6 +332,39 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
     println!(
         "pipeline      {:>10.0} awards/s  (p50 {:.2} ms, p99 {:.2} ms)",
         f.pipeline, f.save_p50_ms, f.save_p99_ms
+    );
+
+    // 4b. The same pipeline for callers that save in batches.
+    say("pipeline_batched: save_awards, 100 awards per call");
+    let s = fresh(base, &tmp, "pipeline_batched");
+    let service = Service::start(
+        s.clone(),
+        transport(&s)?,
+        Parts {
+            consumer: in_process,
+            scanner_loop: false,
+        },
+    )?;
+    let calls = n.div_ceil(100);
+    let elapsed = on_threads(opts.threads, calls, |c| {
+        let batch: Vec<AwardRecord> = (c * 100..((c + 1) * 100).min(n))
+            .map(|i| record(i, '7'))
+            .collect();
+        match service
+            .save_awards(batch)
+            .into_iter()
+            .find(|r| !matches!(r, Ok(saved) if saved.published))
+        {
+            None => Ok(()),
+            Some(Err(e)) => Err(e),
+            Some(Ok(_)) => Err(Error::Broker("a batched publish failed".into())),
+        }
+    })?;
+    f.pipeline_batched = rate(n, elapsed);
+    service.shutdown()?;
+    println!(
+        "pipeline_batched {:>7.0} awards/s  (save_awards, 100 per call)",
+        f.pipeline_batched
     );
 
     // 5. Backlog drain.

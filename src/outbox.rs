@@ -126,48 +126,105 @@ impl Outbox {
     /// A repeated order id fails with [`crate::Error::DuplicateOrder`] and writes nothing.
     /// Once committed the award is safe: a failed publish leaves a failed task to retry.
     pub fn save_award(&self, record: AwardRecord) -> Result<Saved> {
+        self.save_awards(vec![record])
+            .pop()
+            .expect("one result per award")
+    }
+
+    /// Save many awards: each is committed with its task (a duplicate fails only itself), each
+    /// shard's share in one group commit and one pipelined publish. One result per award, in
+    /// order.
+    pub fn save_awards(&self, records: Vec<AwardRecord>) -> Vec<Result<Saved>> {
         let started = std::time::Instant::now();
-        let saved = self
-            .store
-            .save_award(
-                record,
-                &self.topic,
-                &self.owner,
-                self.settings.stale_after,
-                now_ms(),
-            )
-            .inspect_err(|e| {
-                if matches!(e, crate::Error::DuplicateOrder { .. }) {
-                    Metrics::add(&self.metrics.duplicates, 1);
+        let n = records.len();
+        let saved = self.store.save_awards(
+            records,
+            &self.topic,
+            &self.owner,
+            self.settings.stale_after,
+            now_ms(),
+        );
+        let mut results: Vec<Option<Result<Saved>>> = (0..n).map(|_| None).collect();
+        let mut per_shard: std::collections::BTreeMap<u32, Vec<(usize, crate::store::SavedTask)>> =
+            Default::default();
+        for (i, r) in saved.into_iter().enumerate() {
+            match r {
+                Ok(task) => {
+                    Metrics::add(&self.metrics.awards_saved, 1);
+                    per_shard.entry(task.db).or_default().push((i, task));
                 }
-            })?;
-        Metrics::add(&self.metrics.awards_saved, 1);
+                Err(e) => {
+                    if matches!(e, crate::Error::DuplicateOrder { .. }) {
+                        Metrics::add(&self.metrics.duplicates, 1);
+                    }
+                    results[i] = Some(Err(e));
+                }
+            }
+        }
         crate::crash::hit("after-commit");
-        let pending = Pending {
-            id: saved.id,
-            message_id: saved.message_id.as_str().to_string(),
-            body: saved.message,
-            attempts: 0,
-        };
-        let r = self.publish_and_settle(saved.db, &[pending], Settle::Detached)?;
-        self.metrics.save_latency.observe(started.elapsed());
-        Ok(Saved {
-            message_id: saved.message_id,
-            db: saved.db,
-            seq: saved.seq,
-            published: r.completed == 1,
-        })
+        for (db, tasks) in per_shard {
+            let pending: Vec<Pending> = tasks
+                .iter()
+                .map(|(_, t)| Pending {
+                    id: t.id,
+                    message_id: t.message_id.as_str().to_string(),
+                    body: t.message.clone(),
+                    attempts: 0,
+                })
+                .collect();
+            match self.publish_and_settle(db, &pending, Settle::Detached) {
+                Ok((_, published)) => {
+                    for ((i, t), published) in tasks.into_iter().zip(published) {
+                        results[i] = Some(Ok(Saved {
+                            message_id: t.message_id,
+                            db: t.db,
+                            seq: t.seq,
+                            published,
+                        }));
+                    }
+                }
+                Err(e) => {
+                    // Committed but not settled: the tasks stay leased and the scanner resends them.
+                    log::warn!("settling published tasks failed shard={db:02}: {e}");
+                    for (i, t) in tasks {
+                        results[i] = Some(Ok(Saved {
+                            message_id: t.message_id,
+                            db: t.db,
+                            seq: t.seq,
+                            published: false,
+                        }));
+                    }
+                }
+            }
+        }
+        let elapsed = started.elapsed();
+        for r in &results {
+            if matches!(r, Some(Ok(_))) {
+                self.metrics.save_latency.observe(elapsed);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every award has a result"))
+            .collect()
     }
 
     /// Publish claimed tasks of shard `db` together and settle each: completed on confirm,
     /// otherwise failed with backoff, or dead after the attempt limit.
     pub fn relay(&self, db: u32, tasks: &[Pending]) -> Result<Relayed> {
         self.publish_and_settle(db, tasks, Settle::Wait)
+            .map(|(r, _)| r)
     }
 
-    fn publish_and_settle(&self, db: u32, tasks: &[Pending], settle: Settle) -> Result<Relayed> {
+    /// Publish and settle; also returns, per task, whether its publish was confirmed.
+    fn publish_and_settle(
+        &self,
+        db: u32,
+        tasks: &[Pending],
+        settle: Settle,
+    ) -> Result<(Relayed, Vec<bool>)> {
         if tasks.is_empty() {
-            return Ok(Relayed::default());
+            return Ok((Relayed::default(), Vec::new()));
         }
         let batch: Vec<Outgoing> = tasks
             .iter()
@@ -178,6 +235,7 @@ impl Outbox {
             .collect();
         let results = self.transport.publish_batch(&batch);
         crate::crash::hit("before-mark");
+        let confirmed: Vec<bool> = results.iter().map(Result::is_ok).collect();
         let now = now_ms();
         let mut done = Vec::new();
         let mut failures = Vec::new();
@@ -243,6 +301,6 @@ impl Outbox {
                 now_ms: now,
             })?;
         }
-        Ok(out)
+        Ok((out, confirmed))
     }
 }

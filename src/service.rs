@@ -175,6 +175,12 @@ impl Service {
         self.outbox.save_award(record)
     }
 
+    /// Save many awards at once: each shard's share shares one group commit and one publish.
+    /// One result per award, in order; a duplicate fails only itself.
+    pub fn save_awards(&self, records: Vec<AwardRecord>) -> Vec<Result<Saved>> {
+        self.outbox.save_awards(records)
+    }
+
     /// One scanner pass (tests and commands drive this directly).
     pub fn scan_once(&self) -> Result<ScanReport> {
         self.scanner.scan_once()

@@ -223,19 +223,49 @@ impl Store {
         lease: Duration,
         now_ms: i64,
     ) -> Result<SavedTask> {
-        let r = route(record.user_id.as_str(), self.layout);
-        let op = Op::SaveAward {
-            record,
-            table: award_table(r.table),
-            topic: topic.clone(),
-            owner: owner.clone(),
-            lease_until_ms: now_ms + lease.as_millis() as i64,
-            now_ms,
-        };
-        match self.shard(r.db).write(op)? {
-            Reply::Saved(t) => Ok(t),
-            other => unreachable!("SaveAward replied {other:?}"),
+        self.save_awards(vec![record], topic, owner, lease, now_ms)
+            .pop()
+            .expect("one result per award")
+    }
+
+    /// Insert many awards, each with its task in its own savepoint; each shard's share is queued
+    /// at once, so it lands in the same group commit. One result per award, in order.
+    pub fn save_awards(
+        &self,
+        records: Vec<AwardRecord>,
+        topic: &Arc<str>,
+        owner: &Arc<str>,
+        lease: Duration,
+        now_ms: i64,
+    ) -> Vec<Result<SavedTask>> {
+        let mut results: Vec<Option<Result<SavedTask>>> =
+            (0..records.len()).map(|_| None).collect();
+        let mut per_shard: BTreeMap<u32, (Vec<usize>, Vec<Op>)> = BTreeMap::new();
+        for (i, record) in records.into_iter().enumerate() {
+            let r = route(record.user_id.as_str(), self.layout);
+            let entry = per_shard.entry(r.db).or_default();
+            entry.0.push(i);
+            entry.1.push(Op::SaveAward {
+                record,
+                table: award_table(r.table),
+                topic: topic.clone(),
+                owner: owner.clone(),
+                lease_until_ms: now_ms + lease.as_millis() as i64,
+                now_ms,
+            });
         }
+        for (db, (idx, ops)) in per_shard {
+            for (i, reply) in idx.into_iter().zip(self.shard(db).write_many(ops)) {
+                results[i] = Some(reply.map(|r| match r {
+                    Reply::Saved(t) => t,
+                    other => unreachable!("SaveAward replied {other:?}"),
+                }));
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every award has a result"))
+            .collect()
     }
 
     /// Deliver a decoded message on the shard of its user: the award moves to completed once.

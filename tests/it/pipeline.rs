@@ -363,3 +363,33 @@ fn with_a_retention_the_scanner_purges_old_completed_tasks_only() {
     );
     service.shutdown().unwrap();
 }
+
+#[test]
+fn save_awards_commits_a_batch_across_shards_and_a_duplicate_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    let (service, _) = start(s.clone());
+    service
+        .save_award(award("user001", "300000000000"))
+        .unwrap();
+    let batch = vec![
+        award("xiaofuge", "300000000001"),
+        award("user001", "300000000000"), // already saved
+        award("user002", "300000000002"),
+        award("xiaofuge", "300000000001"), // repeated inside the batch
+        award("user003", "300000000003"),
+    ];
+    let results = service.save_awards(batch);
+    let shape: Vec<&str> = results
+        .iter()
+        .map(|r| match r {
+            Ok(saved) if saved.published => "saved",
+            Ok(_) => "unpublished",
+            Err(Error::DuplicateOrder { .. }) => "duplicate",
+            Err(_) => "error",
+        })
+        .collect();
+    assert_eq!(shape, ["saved", "duplicate", "saved", "duplicate", "saved"]);
+    service.shutdown().unwrap();
+    assert_eq!(totals(&s), (4, 4, 4, 4));
+}
