@@ -49,7 +49,7 @@ struct GlobalArgs {
     #[arg(long, env = "BIG_MARKET_TB_COUNT", default_value_t = 4, global = true)]
     tb_count: u32,
     /// RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f. Unset: the in-process transport.
-    #[arg(long, env = "AMQP_URL", global = true)]
+    #[arg(long, env = "AMQP_URL", hide_env_values = true, global = true)]
     amqp_url: Option<String>,
     /// Topic of award messages (also the queue name on RabbitMQ).
     #[arg(
