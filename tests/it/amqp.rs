@@ -109,12 +109,15 @@ fn awards_are_published_to_rabbitmq_and_delivered_end_to_end() {
                 .published
         );
     }
+    // The consumer counts a delivery just after committing it: wait for both.
+    let delivered = || Metrics::get(&service.metrics().delivered);
     assert!(
-        wait_until(Duration::from_secs(30), || all_delivered(&s, 200)),
-        "{:?}",
-        totals(&s)
+        wait_until(Duration::from_secs(30), || all_delivered(&s, 200)
+            && delivered() == 200),
+        "{:?} delivered={}",
+        totals(&s),
+        delivered()
     );
-    assert_eq!(Metrics::get(&service.metrics().delivered), 200);
     service.shutdown().unwrap();
     amqp.delete_queue().unwrap();
 }
@@ -200,11 +203,12 @@ fn a_redelivered_message_is_handled_once_and_poison_is_set_aside() {
         r.unwrap();
     }
     let m = service.metrics().clone();
+    // Counters move just after each commit: wait for all three together.
     assert!(wait_until(Duration::from_secs(10), || Metrics::get(
         &m.redelivered
     ) == 2
-        && Metrics::get(&m.poison) == 1));
-    assert_eq!(Metrics::get(&m.delivered), 1);
+        && Metrics::get(&m.poison) == 1
+        && Metrics::get(&m.delivered) == 1));
     assert_eq!(count(&raw(&s, 1), "SELECT receipts FROM delivery"), 3);
     // The consumer goes on after the poison message.
     service
