@@ -121,6 +121,18 @@ fn transport(s: &Settings) -> Result<Arc<dyn Transport>> {
     }
 }
 
+/// A service on a fresh directory; in-process it needs its consumer to confirm publishes.
+fn start_service(s: &Settings) -> Result<Service> {
+    Service::start(
+        s.clone(),
+        transport(s)?,
+        Parts {
+            consumer: s.amqp_url.is_none(),
+            scanner_loop: false,
+        },
+    )
+}
+
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)
 }
@@ -298,14 +310,7 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
     ));
     let s = fresh(base, &tmp, "pipeline");
     let in_process = s.amqp_url.is_none();
-    let service = Service::start(
-        s.clone(),
-        transport(&s)?,
-        Parts {
-            consumer: in_process,
-            scanner_loop: false,
-        },
-    )?;
+    let service = start_service(&s)?;
     let lat = Mutex::new(Vec::with_capacity(n));
     reset_peak_rss();
     let elapsed = on_threads(opts.threads, n, |i| {
@@ -337,14 +342,7 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
     // 4b. The same pipeline for callers that save in batches.
     say("pipeline_batched: save_awards, 100 awards per call");
     let s = fresh(base, &tmp, "pipeline_batched");
-    let service = Service::start(
-        s.clone(),
-        transport(&s)?,
-        Parts {
-            consumer: in_process,
-            scanner_loop: false,
-        },
-    )?;
+    let service = start_service(&s)?;
     let calls = n.div_ceil(100);
     let elapsed = on_threads(opts.threads, calls, |c| {
         let batch: Vec<AwardRecord> = (c * 100..((c + 1) * 100).min(n))
@@ -403,14 +401,7 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
             opts.threads
         ));
         let s = fresh(base, &tmp, "http");
-        let service = Arc::new(Service::start(
-            s.clone(),
-            transport(&s)?,
-            Parts {
-                consumer: in_process,
-                scanner_loop: false,
-            },
-        )?);
+        let service = Arc::new(start_service(&s)?);
         let server = crate::http::HttpServer::start(
             "127.0.0.1:0",
             service.clone(),

@@ -331,60 +331,53 @@ pub fn render_metrics(
     now_ms: i64,
 ) -> String {
     let mut out = String::new();
-    let mut counter = |name: &str, help: &str, v: u64| {
-        out.push_str(&format!("# HELP big_market_{name} {help}\n# TYPE big_market_{name} counter\nbig_market_{name} {v}\n"));
-    };
-    counter(
-        "awards_saved_total",
-        "Awards committed.",
-        Metrics::get(&m.awards_saved),
-    );
-    counter(
-        "duplicates_total",
-        "Awards refused as duplicate order ids.",
-        Metrics::get(&m.duplicates),
-    );
-    counter(
-        "publish_confirmed_total",
-        "Publishes confirmed.",
-        Metrics::get(&m.publish_confirmed),
-    );
-    counter(
-        "publish_failed_total",
-        "Publishes that failed.",
-        Metrics::get(&m.publish_failed),
-    );
-    counter(
-        "tasks_dead_total",
-        "Tasks parked as dead.",
-        Metrics::get(&m.tasks_dead),
-    );
-    counter("scans_total", "Scanner passes.", Metrics::get(&m.scans));
-    counter(
-        "relayed_total",
-        "Tasks the scanner claimed and relayed.",
-        Metrics::get(&m.relayed),
-    );
-    counter(
-        "relay_ran_on_caller_total",
-        "Relay jobs run on the scanner's thread (pool full).",
-        Metrics::get(&m.ran_on_caller),
-    );
-    counter(
-        "delivered_total",
-        "Awards delivered.",
-        Metrics::get(&m.delivered),
-    );
-    counter(
-        "redelivered_total",
-        "Messages that arrived again and changed nothing.",
-        Metrics::get(&m.redelivered),
-    );
-    counter(
-        "poison_total",
-        "Messages rejected as unprocessable.",
-        Metrics::get(&m.poison),
-    );
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 11] = [
+        ("awards_saved_total", "Awards committed.", &m.awards_saved),
+        (
+            "duplicates_total",
+            "Awards refused as duplicate order ids.",
+            &m.duplicates,
+        ),
+        (
+            "publish_confirmed_total",
+            "Publishes confirmed.",
+            &m.publish_confirmed,
+        ),
+        (
+            "publish_failed_total",
+            "Publishes that failed.",
+            &m.publish_failed,
+        ),
+        ("tasks_dead_total", "Tasks parked as dead.", &m.tasks_dead),
+        ("scans_total", "Scanner passes.", &m.scans),
+        (
+            "relayed_total",
+            "Tasks the scanner claimed and relayed.",
+            &m.relayed,
+        ),
+        (
+            "relay_ran_on_caller_total",
+            "Relay jobs run on the scanner's thread (pool full).",
+            &m.ran_on_caller,
+        ),
+        ("delivered_total", "Awards delivered.", &m.delivered),
+        (
+            "redelivered_total",
+            "Messages that arrived again and changed nothing.",
+            &m.redelivered,
+        ),
+        (
+            "poison_total",
+            "Messages rejected as unprocessable.",
+            &m.poison,
+        ),
+    ];
+    for (name, help, counter) in counters {
+        out.push_str(&format!(
+            "# HELP big_market_{name} {help}\n# TYPE big_market_{name} counter\nbig_market_{name} {}\n",
+            Metrics::get(counter)
+        ));
+    }
     out.push_str(
         "# HELP big_market_tasks Tasks per shard and state.\n# TYPE big_market_tasks gauge\n",
     );

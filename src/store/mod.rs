@@ -238,8 +238,7 @@ impl Store {
         lease: Duration,
         now_ms: i64,
     ) -> Vec<Result<SavedTask>> {
-        let mut results: Vec<Option<Result<SavedTask>>> =
-            (0..records.len()).map(|_| None).collect();
+        let results: Vec<Option<Result<SavedTask>>> = (0..records.len()).map(|_| None).collect();
         let mut per_shard: BTreeMap<u32, (Vec<usize>, Vec<Op>)> = BTreeMap::new();
         for (i, record) in records.into_iter().enumerate() {
             let r = route(record.user_id.as_str(), self.layout);
@@ -254,17 +253,28 @@ impl Store {
                 now_ms,
             });
         }
+        self.run_per_shard(per_shard, results, |r| match r {
+            Reply::Saved(t) => t,
+            other => unreachable!("SaveAward replied {other:?}"),
+        })
+    }
+
+    /// Run each shard's ops in one group commit and put each reply at its caller's index;
+    /// `results` already holds the answers decided without a write.
+    fn run_per_shard<T>(
+        &self,
+        per_shard: BTreeMap<u32, (Vec<usize>, Vec<Op>)>,
+        mut results: Vec<Option<Result<T>>>,
+        unpack: impl Fn(Reply) -> T,
+    ) -> Vec<Result<T>> {
         for (db, (idx, ops)) in per_shard {
             for (i, reply) in idx.into_iter().zip(self.shard(db).write_many(ops)) {
-                results[i] = Some(reply.map(|r| match r {
-                    Reply::Saved(t) => t,
-                    other => unreachable!("SaveAward replied {other:?}"),
-                }));
+                results[i] = Some(reply.map(&unpack));
             }
         }
         results
             .into_iter()
-            .map(|r| r.expect("every award has a result"))
+            .map(|r| r.expect("every item has a result"))
             .collect()
     }
 
@@ -299,18 +309,10 @@ impl Store {
                 now_ms,
             });
         }
-        for (db, (idx, ops)) in per_shard {
-            for (i, reply) in idx.into_iter().zip(self.shard(db).write_many(ops)) {
-                results[i] = Some(reply.map(|r| match r {
-                    Reply::Delivered(d) => d,
-                    other => unreachable!("Deliver replied {other:?}"),
-                }));
-            }
-        }
-        results
-            .into_iter()
-            .map(|r| r.expect("every message has a result"))
-            .collect()
+        self.run_per_shard(per_shard, results, |r| match r {
+            Reply::Delivered(d) => d,
+            other => unreachable!("Deliver replied {other:?}"),
+        })
     }
 
     /// A user's award records, newest first, at most `limit`.
