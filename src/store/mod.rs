@@ -430,25 +430,8 @@ fn insert_pair(
     now_ms: i64,
 ) -> Result<(i64, String)> {
     let table = award_table(route(r.user_id.as_str(), layout).table);
-    sql::insert_award(conn, &table, r, now_ms).map_err(|e| Error::storage("bench insert", e))?;
-    let seq = sql::take_seq(conn).map_err(|e| Error::storage("bench seq", e))?;
-    let body = EventMessage::for_award(r, db, seq, now_ms).encode();
-    let message_id = crate::model::MessageId::new(db, seq);
-    let id = sql::insert_task(
-        conn,
-        &sql::NewTask {
-            user_id: r.user_id.as_str(),
-            topic,
-            message_id: message_id.as_str(),
-            message: &body,
-            seq,
-            owner: "bench",
-            lease_until_ms: now_ms,
-            now_ms,
-        },
-    )
-    .map_err(|e| Error::storage("bench insert task", e))?;
-    Ok((id, body))
+    let saved = writer::insert_award_and_task(conn, db, &table, r, topic, "bench", now_ms, now_ms)?;
+    Ok((saved.id, saved.message))
 }
 
 fn check_no_foreign_shards(dir: &Path, layout: Layout) -> Result<()> {

@@ -313,6 +313,57 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
 }
 
+/// Insert an award, take the shard's next sequence number, and insert its task, claimed by
+/// `owner` until `lease_until_ms`: the rows of one award, on the caller's savepoint.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn insert_award_and_task(
+    conn: &Connection,
+    db: u32,
+    table: &str,
+    record: &AwardRecord,
+    topic: &str,
+    owner: &str,
+    lease_until_ms: i64,
+    now_ms: i64,
+) -> Result<SavedTask> {
+    let ctx = |what: &str| format!("{what} on shard big_market_{db:02}");
+    sql::insert_award(conn, table, record, now_ms).map_err(|e| {
+        if is_unique_violation(&e) {
+            Error::DuplicateOrder {
+                order_id: record.order_id.as_str().to_string(),
+            }
+        } else {
+            Error::storage(ctx("inserting an award record"), e)
+        }
+    })?;
+    let seq =
+        sql::take_seq(conn).map_err(|e| Error::storage(ctx("taking a task sequence number"), e))?;
+    let message = EventMessage::for_award(record, db, seq, now_ms).encode();
+    let message_id = MessageId::new(db, seq);
+    let id = sql::insert_task(
+        conn,
+        &sql::NewTask {
+            user_id: record.user_id.as_str(),
+            topic,
+            message_id: message_id.as_str(),
+            message: &message,
+            seq,
+            owner,
+            lease_until_ms,
+            now_ms,
+        },
+    )
+    .map_err(|e| Error::storage(ctx("inserting a task"), e))?;
+    Ok(SavedTask {
+        id,
+        db,
+        seq,
+        message_id,
+        topic: topic.to_string(),
+        message,
+    })
+}
+
 fn apply(db: u32, conn: &Connection, op: &Op) -> Result<Reply> {
     let ctx = |what: &str| format!("{what} on shard big_market_{db:02}");
     match op {
@@ -324,42 +375,17 @@ fn apply(db: u32, conn: &Connection, op: &Op) -> Result<Reply> {
             lease_until_ms,
             now_ms,
         } => {
-            sql::insert_award(conn, table, record, *now_ms).map_err(|e| {
-                if is_unique_violation(&e) {
-                    Error::DuplicateOrder {
-                        order_id: record.order_id.as_str().to_string(),
-                    }
-                } else {
-                    Error::storage(ctx("inserting an award record"), e)
-                }
-            })?;
-            let seq = sql::take_seq(conn)
-                .map_err(|e| Error::storage(ctx("taking a task sequence number"), e))?;
-            let msg = EventMessage::for_award(record, db, seq, *now_ms);
-            let message_id = MessageId::new(db, seq);
-            let message = msg.encode();
-            let id = sql::insert_task(
+            let saved = insert_award_and_task(
                 conn,
-                &sql::NewTask {
-                    user_id: record.user_id.as_str(),
-                    topic,
-                    message_id: message_id.as_str(),
-                    message: &message,
-                    seq,
-                    owner,
-                    lease_until_ms: *lease_until_ms,
-                    now_ms: *now_ms,
-                },
-            )
-            .map_err(|e| Error::storage(ctx("inserting a task"), e))?;
-            Ok(Reply::Saved(SavedTask {
-                id,
                 db,
-                seq,
-                message_id,
-                topic: topic.to_string(),
-                message,
-            }))
+                table,
+                record,
+                topic,
+                owner,
+                *lease_until_ms,
+                *now_ms,
+            )?;
+            Ok(Reply::Saved(saved))
         }
         Op::MarkCompleted { ids, now_ms } => {
             let mut n = 0;
