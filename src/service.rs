@@ -218,13 +218,7 @@ impl Service {
 
     /// Stop in order and release this process's claims, so another process can take them now.
     pub fn shutdown(mut self) -> Result<()> {
-        if let Some((stop, handle)) = self.scan_loop.take() {
-            drop(stop);
-            let _ = handle.join();
-        }
-        if let Some(c) = self.consumer.take() {
-            c.stop();
-        }
+        self.stop_background();
         let owner = self.outbox.owner().clone();
         let released = self.store.write_all(|| Op::Release {
             owner: owner.clone(),
@@ -238,8 +232,9 @@ impl Service {
     }
 }
 
-impl Drop for Service {
-    fn drop(&mut self) {
+impl Service {
+    /// Stop the scanner loop, then the consumer; each at most once.
+    fn stop_background(&mut self) {
         if let Some((stop, handle)) = self.scan_loop.take() {
             drop(stop);
             let _ = handle.join();
@@ -247,5 +242,11 @@ impl Drop for Service {
         if let Some(c) = self.consumer.take() {
             c.stop();
         }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop_background();
     }
 }

@@ -22,7 +22,7 @@ impl Rng {
     /// A randomly seeded generator.
     pub fn new() -> Self {
         let mut h = RandomState::new().build_hasher();
-        h.write_u128(Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id()));
+        h.write_u32(std::process::id());
         Rng(h.finish() ^ now_ms() as u64)
     }
     /// A generator with a fixed seed, for reproducible runs.
