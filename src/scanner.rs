@@ -4,7 +4,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use crossbeam_channel::unbounded;
 
@@ -178,9 +177,4 @@ impl Scanner {
         }
         Ok(total)
     }
-}
-
-/// Tick interval helper: the time until the next pass.
-pub fn next_tick(interval: Duration, spent: Duration) -> Duration {
-    interval.saturating_sub(spent)
 }

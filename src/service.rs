@@ -157,7 +157,7 @@ impl Service {
                         }
                         Err(e) => log::warn!("scan failed, retrying next tick: {e}"),
                     }
-                    let wait = crate::scanner::next_tick(interval, started.elapsed());
+                    let wait = interval.saturating_sub(started.elapsed());
                     // The stop sender is dropped on shutdown: a disconnect ends the loop at once.
                     match stop_rx.recv_timeout(wait) {
                         Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
