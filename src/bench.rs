@@ -3,13 +3,20 @@
 //! figure as it is measured, then one JSON line with every figure and the ratios.
 //!
 //! - `sqlite_limit`: awards/s for raw inserts of the same two rows per award, 1,000 awards per
-//!   transaction, one thread per shard file, no pipeline around them (the storage ceiling).
+//!   transaction, one thread per shard file, no pipeline around them (the insert ceiling).
+//! - `sqlite_e2e_limit`: every statement the embedded pipeline runs for an award (award and task
+//!   insert, delivery log, award completion, task completion), 1,000 awards per transaction, one
+//!   thread per shard: the ceiling of a pipeline that must also deliver.
 //! - `broker_limit`: persistent publishes/s of same-sized messages with pipelined confirms
 //!   (only with an AMQP URL; the in-process transport has no broker ceiling).
+//! - `broker_e2e_limit`: the same publishes while a consumer with manual acks drains the queue,
+//!   until the last one is consumed: the ceiling of a pipeline that delivers through RabbitMQ.
 //! - `naive`: the original's design: per award one transaction, a publish and a wait for its
 //!   confirm, one more transaction to mark the task; on the same number of caller threads.
-//! - `pipeline`: `save_award` from many caller threads, end to end (committed, confirmed, marked).
-//! - `drain`: tasks/s for the scanner to deliver a backlog of failed tasks.
+//! - `pipeline`: `save_award` from many caller threads, one award per call as HTTP requests
+//!   do, end to end: from the first save to the last award delivered.
+//! - `drain`: tasks/s for the scanner to deliver a backlog of failed tasks; the backlog is
+//!   written while the broker is down, and its peak memory is reported.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,13 +55,17 @@ pub struct Figures {
     pub records: usize,
     /// Caller threads.
     pub threads: usize,
-    /// Storage ceiling, awards/s.
+    /// Insert ceiling, awards/s.
     pub sqlite_limit: f64,
+    /// Storage ceiling of the whole embedded pipeline, awards/s.
+    pub sqlite_e2e_limit: f64,
     /// Broker ceiling, messages/s (AMQP only).
     pub broker_limit: Option<f64>,
+    /// Broker ceiling with a consumer draining the queue, messages/s (AMQP only).
+    pub broker_e2e_limit: Option<f64>,
     /// The original's design, awards/s.
     pub naive: f64,
-    /// Our pipeline, awards/s.
+    /// Our pipeline end to end (first save to last delivery), awards/s.
     pub pipeline: f64,
     /// Our pipeline through `save_awards` in batches of 100, awards/s (not part of the ratios).
     pub pipeline_batched: f64,
@@ -70,12 +81,12 @@ pub struct Figures {
     pub http_p99_ms: Option<f64>,
     /// Peak resident memory while the pipeline phase ran, MB (the service under load).
     pub pipeline_peak_rss_mb: f64,
+    /// Peak resident memory while the backlog phase saved every award with the broker down, MB.
+    pub backlog_peak_rss_mb: f64,
     /// Peak resident memory of the whole bench process, test data included, MB.
     pub peak_rss_mb: f64,
-    /// `pipeline / sqlite_limit`.
-    pub pipeline_over_sqlite_limit: f64,
-    /// `pipeline / broker_limit`.
-    pub pipeline_over_broker_limit: Option<f64>,
+    /// `pipeline / min(sqlite_e2e_limit, broker_e2e_limit)`: the target is 0.7.
+    pub pipeline_over_e2e_limit: f64,
     /// `pipeline / naive`.
     pub pipeline_over_naive: f64,
     /// `drain / broker_limit`.
@@ -117,20 +128,48 @@ fn transport(s: &Settings) -> Result<Arc<dyn Transport>> {
             }
             Ok(Arc::new(t))
         }
-        None => Ok(Arc::new(InProcess::default())),
+        None => Ok(Arc::new(InProcess::new(s.publish_timeout()))),
     }
 }
 
-/// A service on a fresh directory; in-process it needs its consumer to confirm publishes.
+/// A service on a fresh directory with its consumer, so that it delivers what it saves.
 fn start_service(s: &Settings) -> Result<Service> {
     Service::start(
         s.clone(),
         transport(s)?,
         Parts {
-            consumer: s.amqp_url.is_none(),
+            consumer: true,
             scanner_loop: false,
         },
     )
+}
+
+/// Wait until the service has delivered `n` awards (bounded), then return the time since `start`.
+fn until_delivered(service: &Service, n: usize, start: Instant, what: &str) -> Result<Duration> {
+    let delivered = || service.metrics().delivered.load(Ordering::Relaxed) as usize;
+    if !crate::util::wait_until(Duration::from_secs(600), || delivered() >= n) {
+        return Err(Error::Broker(format!(
+            "{what}: delivered {} of {n} within 600 s",
+            delivered()
+        )));
+    }
+    Ok(start.elapsed())
+}
+
+/// Counts what it consumes and acknowledges it: the consumer of `broker_e2e_limit`.
+struct Counting(AtomicUsize);
+
+impl crate::transport::Handler for Counting {
+    fn handle(&self, _body: &[u8]) -> crate::transport::Handled {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        crate::transport::Handled::Ack
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
@@ -225,6 +264,33 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
     f.sqlite_limit = rate(n, start.elapsed());
     println!("sqlite_limit  {:>10.0} awards/s", f.sqlite_limit);
 
+    say("sqlite_e2e_limit: every statement of an award end to end, 1000 awards per transaction");
+    let s = fresh(base, &tmp, "sqlite_e2e_limit");
+    drop(Store::open(&s, true)?);
+    let recs = records(n, '8');
+    let mut per_db: Vec<Vec<AwardRecord>> = vec![Vec::new(); s.layout.db_count() as usize];
+    for r in recs {
+        per_db[(route(r.user_id.as_str(), s.layout).db - 1) as usize].push(r);
+    }
+    let start = Instant::now();
+    std::thread::scope(|scope| -> Result<()> {
+        let handles: Vec<_> = per_db
+            .iter()
+            .enumerate()
+            .map(|(i, rs)| {
+                let s = &s;
+                scope.spawn(move || {
+                    Direct::open(s, i as u32 + 1)?.e2e_batches(rs, 1000, &s.topic, now_ms())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("bench thread"))
+    })?;
+    f.sqlite_e2e_limit = rate(n, start.elapsed());
+    println!("sqlite_e2e_limit {:>7.0} awards/s", f.sqlite_e2e_limit);
+
     // 2. Broker ceiling.
     if base.amqp_url.is_some() {
         say("broker_limit: persistent publishes, pipelined confirms");
@@ -254,6 +320,47 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
         println!(
             "broker_limit  {:>10.0} messages/s",
             f.broker_limit.unwrap_or(0.0)
+        );
+        drop(t);
+
+        say("broker_e2e_limit: the same publishes while a consumer with manual acks drains the queue");
+        let s = fresh(base, &tmp, "broker_e2e_limit");
+        let t = Amqp::connect(s.amqp_url.as_deref().unwrap_or_default(), &s)?;
+        if !crate::util::wait_until(Duration::from_secs(10), || t.is_connected()) {
+            return Err(Error::Broker("the bench needs a reachable broker".into()));
+        }
+        let counting = Arc::new(Counting(AtomicUsize::new(0)));
+        let consumer = t.start_consumer(counting.clone(), s.consumer_threads)?;
+        let start = Instant::now();
+        on_threads(opts.threads.min(8), batches, |_| {
+            let batch: Vec<Outgoing> = (0..chunk)
+                .map(|i| Outgoing {
+                    message_id: format!("{i}"),
+                    body: body.clone(),
+                })
+                .collect();
+            match t.publish_batch(&batch).into_iter().find_map(|r| r.err()) {
+                Some(e) => Err(Error::Broker(format!(
+                    "bench publish failed: {}",
+                    e.reason()
+                ))),
+                None => Ok(()),
+            }
+        })?;
+        let total = batches * chunk;
+        if !crate::util::wait_until(Duration::from_secs(600), || {
+            counting.0.load(Ordering::Relaxed) >= total
+        }) {
+            return Err(Error::Broker(
+                "broker_e2e_limit: the consumer did not drain the queue".into(),
+            ));
+        }
+        f.broker_e2e_limit = Some(rate(total, start.elapsed()));
+        consumer.stop();
+        t.delete_queue()?;
+        println!(
+            "broker_e2e_limit {:>7.0} messages/s",
+            f.broker_e2e_limit.unwrap_or(0.0)
         );
     } else {
         f.transport = "in-process".into();
@@ -305,82 +412,86 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
 
     // 4. Our pipeline.
     say(&format!(
-        "pipeline: save_award from {} threads",
+        "pipeline: save_award from {} threads, one award per call, until the last is delivered",
         opts.threads
     ));
     let s = fresh(base, &tmp, "pipeline");
-    let in_process = s.amqp_url.is_none();
     let service = start_service(&s)?;
     let lat = Mutex::new(Vec::with_capacity(n));
     reset_peak_rss();
-    let elapsed = on_threads(opts.threads, n, |i| {
+    let progress = crate::load::progress_bar(n as u64, "pipeline");
+    let start = Instant::now();
+    on_threads(opts.threads, n, |i| {
         let r = record(i, '4');
         let t0 = Instant::now();
-        let saved = service.save_award(r)?;
+        service.save_award(r)?;
         lat.lock().unwrap().push(t0.elapsed());
-        if saved.published {
-            Ok(())
-        } else {
-            Err(Error::Broker("a pipeline publish failed".into()))
-        }
+        progress.inc(1);
+        Ok(())
     })?;
+    progress.finish_and_clear();
+    let elapsed = until_delivered(&service, n, start, "pipeline")?;
     f.pipeline = rate(n, elapsed);
     let mut lat = lat.into_inner().unwrap();
     lat.sort();
-    let pct =
-        |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1000.0;
-    f.save_p50_ms = pct(0.50);
-    f.save_p99_ms = pct(0.99);
+    f.save_p50_ms = percentile(&lat, 0.50);
+    f.save_p99_ms = percentile(&lat, 0.99);
     f.pipeline_peak_rss_mb = peak_rss_mb();
     drop(lat);
     service.shutdown()?;
     println!(
-        "pipeline      {:>10.0} awards/s  (p50 {:.2} ms, p99 {:.2} ms)",
+        "pipeline      {:>10.0} awards/s end to end  (save p50 {:.2} ms, p99 {:.2} ms)",
         f.pipeline, f.save_p50_ms, f.save_p99_ms
     );
 
     // 4b. The same pipeline for callers that save in batches.
-    say("pipeline_batched: save_awards, 100 awards per call");
+    say("pipeline_batched: save_awards, 100 awards per call, until the last is delivered");
     let s = fresh(base, &tmp, "pipeline_batched");
     let service = start_service(&s)?;
     let calls = n.div_ceil(100);
-    let elapsed = on_threads(opts.threads, calls, |c| {
+    let start = Instant::now();
+    on_threads(opts.threads, calls, |c| {
         let batch: Vec<AwardRecord> = (c * 100..((c + 1) * 100).min(n))
             .map(|i| record(i, '7'))
             .collect();
-        match service
-            .save_awards(batch)
-            .into_iter()
-            .find(|r| !matches!(r, Ok(saved) if saved.published))
-        {
+        match service.save_awards(batch).into_iter().find_map(|r| r.err()) {
             None => Ok(()),
-            Some(Err(e)) => Err(e),
-            Some(Ok(_)) => Err(Error::Broker("a batched publish failed".into())),
+            Some(e) => Err(e),
         }
     })?;
+    let elapsed = until_delivered(&service, n, start, "pipeline_batched")?;
     f.pipeline_batched = rate(n, elapsed);
     service.shutdown()?;
     println!(
-        "pipeline_batched {:>7.0} awards/s  (save_awards, 100 per call)",
+        "pipeline_batched {:>7.0} awards/s end to end  (save_awards, 100 per call)",
         f.pipeline_batched
     );
 
     // 5. Backlog drain.
-    say(&format!("drain: {n} failed tasks, then the scanner"));
+    say(&format!(
+        "drain: {n} awards saved while the broker is down, then the scanner sends the backlog"
+    ));
     let s = fresh(base, &tmp, "drain");
     let faulty = Arc::new(Faulty::new(transport(&s)?));
     let service = Service::start(
         s.clone(),
         faulty.clone(),
         Parts {
-            consumer: in_process,
+            consumer: true,
             scanner_loop: false,
         },
     )?;
     faulty.set_down(true);
+    reset_peak_rss();
     on_threads(opts.threads, n, |i| {
         service.save_award(record(i, '5')).map(|_| ())
     })?;
+    if !crate::util::wait_until(Duration::from_secs(600), || service.relays_idle()) {
+        return Err(Error::Broker(
+            "drain: the relays did not settle the backlog".into(),
+        ));
+    }
+    f.backlog_peak_rss_mb = peak_rss_mb();
     faulty.set_down(false);
     let start = Instant::now();
     let report = service.drain(1000)?;
@@ -392,7 +503,10 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
         )));
     }
     service.shutdown()?;
-    println!("drain         {:>10.0} tasks/s", f.drain);
+    println!(
+        "drain         {:>10.0} tasks/s  (backlog written with the broker down: peak {:.1} MB)",
+        f.drain, f.backlog_peak_rss_mb
+    );
 
     // 6. Through the HTTP API.
     if opts.http {
@@ -449,8 +563,9 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
     }
 
     f.peak_rss_mb = peak_rss_mb();
-    f.pipeline_over_sqlite_limit = f.pipeline / f.sqlite_limit;
-    f.pipeline_over_broker_limit = f.broker_limit.map(|b| f.pipeline / b);
+    f.pipeline_over_e2e_limit = f.pipeline
+        / f.sqlite_e2e_limit
+            .min(f.broker_e2e_limit.unwrap_or(f64::INFINITY));
     f.pipeline_over_naive = f.pipeline / f.naive;
     f.drain_over_broker_limit = f.broker_limit.map(|b| f.drain / b);
     println!(

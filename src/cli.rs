@@ -1,9 +1,8 @@
 //! The command line: flags (each with an environment variable) into [`Settings`], and one
 //! function per subcommand. Output for people goes to stdout; logs go to stderr.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -192,6 +191,23 @@ struct AwardArgs {
     /// When it was won, epoch milliseconds (default: now).
     #[arg(long)]
     award_time: Option<i64>,
+    /// What to wait for before exiting. `committed` (the default): the award and its task are
+    /// durable; the message is published while the process stops, or by `serve` later.
+    /// `confirmed`: the broker confirmed the message and the task is marked completed.
+    #[arg(long, value_enum, default_value_t = WaitFor::Committed)]
+    wait: WaitFor,
+    /// With `--wait confirmed`, the longest wait.
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    wait_timeout: Duration,
+}
+
+/// What `award` waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum WaitFor {
+    /// The award and its task are committed.
+    Committed,
+    /// Its message is confirmed and the task completed.
+    Confirmed,
 }
 
 #[derive(Debug, Args)]
@@ -384,20 +400,33 @@ fn award(settings: Settings, a: AwardArgs) -> Result<()> {
         record.order_id.as_str().to_string(),
     );
     let result = service.save_award(record);
+    let state = match (&result, a.wait) {
+        (Ok(saved), WaitFor::Confirmed) => Some(service.wait_confirmed(saved, a.wait_timeout)),
+        _ => None,
+    };
+    // Stopping drains the relay (bounded), so the message is normally published before exit.
     service.shutdown()?;
     let saved = result?;
     println!(
-        "saved user_id={user} order_id={order} db={} table={} message_id={} seq={} published={}",
+        "saved user_id={user} order_id={order} db={} table={} message_id={} seq={}",
         r.db_name(),
         r.table_name(),
         saved.message_id.as_str(),
         saved.seq,
-        saved.published
     );
-    if !saved.published {
-        println!("the message was not published yet; the task is failed and `big-market serve` will resend it");
+    match state.transpose()? {
+        None | Some(TaskState::Completed) => Ok(()),
+        Some(TaskState::Dead) => Err(crate::Error::Broker(format!(
+            "message {} was refused until its task was parked as dead: see `big-market tasks list --state dead`",
+            saved.message_id.as_str()
+        ))),
+        Some(other) => Err(crate::Error::Broker(format!(
+            "message {} was not confirmed within {:?} (task state {}): the award is committed and `big-market serve` sends it",
+            saved.message_id.as_str(),
+            a.wait_timeout,
+            other.as_str()
+        ))),
     }
-    Ok(())
 }
 
 fn pending_tasks(statuses: &[ShardStatus]) -> u64 {
@@ -405,38 +434,6 @@ fn pending_tasks(statuses: &[ShardStatus]) -> u64 {
         .iter()
         .map(|s| s.tasks_in(TaskState::Create) + s.tasks_in(TaskState::Fail))
         .sum()
-}
-
-/// Progress on stderr: a bar on a terminal, a line per tenth otherwise.
-struct Progress {
-    tty: bool,
-    total: u64,
-    last_decile: AtomicU64,
-}
-
-impl Progress {
-    fn show(&self, saved: u64, delivered: u64, done: bool) {
-        if self.tty {
-            let width = 30;
-            let filled = (saved * width / self.total.max(1)).min(width) as usize;
-            eprint!(
-                "\r[{}{}] saved {saved}/{} delivered {delivered}{}",
-                "=".repeat(filled),
-                " ".repeat(width as usize - filled),
-                self.total,
-                if done { "\n" } else { "" }
-            );
-            let _ = std::io::stderr().flush();
-        } else {
-            let decile = saved * 10 / self.total.max(1);
-            if decile > self.last_decile.swap(decile, Ordering::Relaxed) || done {
-                eprintln!(
-                    "progress saved={saved}/{} delivered={delivered}",
-                    self.total
-                );
-            }
-        }
-    }
 }
 
 fn load(settings: Settings, a: LoadArgs) -> Result<()> {
@@ -450,11 +447,7 @@ fn load(settings: Settings, a: LoadArgs) -> Result<()> {
     crate::load::run_checks(&opts)?;
     let transport = transport_for(&settings)?;
     let service = Service::start(settings, transport, Parts::ALL)?;
-    let progress = Progress {
-        tty: std::io::stderr().is_terminal(),
-        total: a.records,
-        last_decile: AtomicU64::new(0),
-    };
+    let progress = crate::load::Progress::new(a.records);
     let report = crate::load::run(&service, &opts, &|saved, delivered, done| {
         progress.show(saved, delivered, done)
     });

@@ -43,6 +43,13 @@ pub struct Settings {
     pub group_commit_max: usize,
     /// Completed tasks older than this are deleted by the scanner; `None` keeps them.
     pub retention: Option<Duration>,
+    /// Committed tasks a shard's relay holds in memory; past it they wait in SQLite and the
+    /// relay reads them from there. Default 8192.
+    pub handoff_capacity: usize,
+    /// Most tasks the relay publishes as one pipelined batch. Default 1000.
+    pub relay_batch: usize,
+    /// How long a stopping process keeps relaying what is already committed. Default 10 s.
+    pub drain_timeout: Duration,
     /// Random transport faults to inject (testing and `verify`); `None` injects nothing.
     pub faults: Option<crate::transport::fault::FaultPlan>,
 }
@@ -67,8 +74,24 @@ impl Settings {
             busy_timeout: Duration::from_secs(5),
             group_commit_max: 256,
             retention: None,
+            handoff_capacity: 8192,
+            relay_batch: 1000,
+            drain_timeout: Duration::from_secs(10),
             faults: None,
         }
+    }
+
+    /// One deadline for a whole publish batch: a third of the lease, at most 15 s. Any task in
+    /// flight is leased for at least this plus [`Settings::lease_margin`], so a publish ends
+    /// (confirmed or not) before anyone else may claim its tasks.
+    pub fn publish_timeout(&self) -> Duration {
+        (self.stale_after / 3).min(Duration::from_secs(15))
+    }
+
+    /// Lease a relay wants left on a task before it publishes it; with less, it renews the lease
+    /// first (and drops the task if another claim took it).
+    pub fn lease_margin(&self) -> Duration {
+        self.publish_timeout() + self.publish_timeout() / 2
     }
 
     /// Check the values that flags and code can get wrong.
@@ -86,6 +109,8 @@ impl Settings {
         positive("pool queue", self.pool_queue)?;
         positive("consumer threads", self.consumer_threads)?;
         positive("group commit size", self.group_commit_max)?;
+        positive("hand-off capacity", self.handoff_capacity)?;
+        positive("relay batch", self.relay_batch)?;
         if self.prefetch == 0 {
             return Err(Error::Config("prefetch must be at least 1".into()));
         }

@@ -8,11 +8,13 @@ use std::sync::OnceLock;
 use crate::error::{Error, Result};
 
 /// Every boundary, in pipeline order.
-pub const BOUNDARIES: [&str; 5] = [
-    // The award and task are committed; the message is not yet published.
+pub const BOUNDARIES: [&str; 6] = [
+    // A group commit of awards and tasks returned; its tasks are not yet handed to the relay.
     "after-commit",
     // The message is handed to the transport; its confirm has not come back.
     "before-confirm",
+    // The first confirm of a relayed batch is in, the others are not.
+    "mid-relay-batch",
     // The confirm came back; the task is not yet marked completed.
     "before-mark",
     // A group commit has run its operations but not committed them.

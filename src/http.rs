@@ -478,7 +478,6 @@ fn create(service: &Service, req: &Request) -> Response {
                 "db": r.db_name(),
                 "table": r.table_name(),
                 "seq": saved.seq,
-                "published": saved.published,
             }),
         ),
         Err(Error::DuplicateOrder { order_id }) => Response::json(

@@ -1,8 +1,9 @@
 //! big-market: the award-delivery core of a lottery platform, embedded.
 //!
 //! When a user wins, [`outbox::Outbox::save_award`] writes the award record and an outbox task
-//! in one SQLite transaction on the shard the user id routes to, then publishes the task's
-//! message (topic `send_award`) and marks the task completed or failed. The [`scanner`] resends
+//! in one SQLite transaction on the shard the user id routes to and returns once it is durable;
+//! the shard's [`relay`] then publishes the task's message (topic `send_award`) in batches and
+//! marks the task completed or failed. The [`scanner`] resends
 //! failed and stale tasks through a caller-runs pool; the [`consumer`] delivers each award once
 //! in effect, however often its message arrives.
 //!
@@ -15,7 +16,8 @@
 //! - [`store`]: shard files, schema, one function per SQL statement, the writer threads;
 //! - [`transport`]: the broker boundary: in-process, RabbitMQ (lapin), fault injection;
 //! - [`pool`]: the bounded caller-runs thread pool;
-//! - [`outbox`]: the write path and the relay step;
+//! - [`outbox`]: the write path (return on commit) and the publish-and-settle step;
+//! - [`relay`]: the hand-off from each shard's writer and the relay that publishes in batches;
 //! - [`scanner`]: the compensation scan (`scan_once`);
 //! - [`consumer`]: award delivery from messages;
 //! - [`crash`]: named crash points for `verify`;
@@ -44,6 +46,7 @@ pub mod metrics;
 pub mod model;
 pub mod outbox;
 pub mod pool;
+pub mod relay;
 pub mod retry;
 pub mod router;
 pub mod scanner;

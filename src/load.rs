@@ -3,6 +3,7 @@
 //! as a duplicate and retried with a new id), then wait, bounded, until every saved award is
 //! delivered.
 
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -82,6 +83,63 @@ impl std::fmt::Display for LoadReport {
             self.p50_ms,
             self.p99_ms
         )
+    }
+}
+
+/// A progress bar on stderr when it is a terminal; hidden otherwise (callers print plain lines).
+pub fn progress_bar(total: u64, label: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} saved {msg} ({per_sec}, eta {eta})",
+        )
+        .expect("progress template is valid")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(label.to_string());
+    bar
+}
+
+/// Progress of a load on stderr: an indicatif bar on a terminal, a plain line per tenth
+/// otherwise.
+pub struct Progress {
+    bar: indicatif::ProgressBar,
+    tty: bool,
+    total: u64,
+    last_decile: AtomicU64,
+}
+
+impl Progress {
+    /// Progress towards `total` saved awards.
+    pub fn new(total: u64) -> Self {
+        Progress {
+            bar: progress_bar(total, "load"),
+            tty: std::io::stderr().is_terminal(),
+            total,
+            last_decile: AtomicU64::new(0),
+        }
+    }
+
+    /// Show the counts so far; `done` once at the end.
+    pub fn show(&self, saved: u64, delivered: u64, done: bool) {
+        if self.tty {
+            self.bar.set_position(saved);
+            self.bar.set_message(format!("delivered {delivered}"));
+            if done {
+                self.bar.finish();
+            }
+        } else {
+            let decile = saved * 10 / self.total.max(1);
+            if decile > self.last_decile.swap(decile, Ordering::Relaxed) || done {
+                eprintln!(
+                    "progress saved={saved}/{} delivered={delivered}",
+                    self.total
+                );
+            }
+        }
     }
 }
 

@@ -1,8 +1,9 @@
-//! The write path and the relay step.
+//! The write path and the publish-and-settle step.
 //!
-//! `save_award` commits the award and its task on the user's shard, then publishes the task's
-//! message and marks the task completed, or failed (the scanner retries it). `relay` publishes a
-//! batch of claimed tasks and settles each one; the write path and the scanner share it.
+//! `save_award` commits the award and its task on the user's shard and returns once the commit
+//! is durable; the shard's writer hands the task to the [`crate::relay`], which publishes it.
+//! `relay` (the scanner) and `relay_committed` (the relay) publish a batch of claimed tasks and
+//! settle each one: completed on confirm, otherwise failed with backoff, or dead.
 
 use std::sync::{Arc, Mutex};
 
@@ -11,11 +12,12 @@ use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::model::{AwardRecord, MessageId, TaskState};
 use crate::retry::Next;
-use crate::store::{Failure, Op, Store, TaskRow};
+use crate::store::{Failure, Op, SavedTask, Store, TaskRow};
 use crate::transport::{Outgoing, Transport};
 use crate::util::{now_ms, Rng};
 
-/// The result of a committed award.
+/// A committed award: the award record and its task are durable. The task is the outbox's
+/// promise that its message will be delivered; it is published after the call returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Saved {
     /// Message id of its task.
@@ -24,8 +26,6 @@ pub struct Saved {
     pub db: u32,
     /// Sequence number of its task.
     pub seq: u64,
-    /// Whether the first publish was confirmed (if not, the scanner retries).
-    pub published: bool,
 }
 
 /// A claimed task to publish.
@@ -39,6 +39,8 @@ pub struct Pending {
     pub body: String,
     /// Counted attempts so far.
     pub attempts: u32,
+    /// Until when the claim on it holds.
+    pub lease_until_ms: i64,
 }
 
 impl From<TaskRow> for Pending {
@@ -48,6 +50,19 @@ impl From<TaskRow> for Pending {
             message_id: t.message_id,
             body: t.message,
             attempts: t.attempts,
+            lease_until_ms: t.next_attempt_at,
+        }
+    }
+}
+
+impl From<SavedTask> for Pending {
+    fn from(t: SavedTask) -> Self {
+        Pending {
+            id: t.id,
+            message_id: t.message_id.as_str().to_string(),
+            body: t.message,
+            attempts: 0,
+            lease_until_ms: t.lease_until_ms,
         }
     }
 }
@@ -79,9 +94,8 @@ impl std::ops::AddAssign for Relayed {
 enum Settle {
     /// The scanner: `scan_once` returns with every claimed task settled.
     Wait,
-    /// The write path: the award is safe and its message confirmed; marking the task completed
-    /// joins the next group commit (if the process dies first, the lease expires and the
-    /// consumer deduplicates the resend).
+    /// The relay: marking confirmed tasks completed joins the next group commit (if the
+    /// process dies first, the lease expires and the consumer deduplicates the resend).
     Detached,
 }
 
@@ -91,13 +105,15 @@ pub struct Outbox {
     transport: Arc<dyn Transport>,
     settings: Arc<Settings>,
     owner: Arc<str>,
+    relay_owner: Arc<str>,
     topic: Arc<str>,
     metrics: Arc<Metrics>,
     rng: Mutex<Rng>,
 }
 
 impl Outbox {
-    /// A write path over a store and a transport; `owner` names this process in claims.
+    /// A write path over a store and a transport; `owner` names this process in the scanner's
+    /// claims, and `<owner>/relay` in the claims new tasks are inserted with.
     pub fn new(
         store: Arc<Store>,
         transport: Arc<dyn Transport>,
@@ -106,25 +122,32 @@ impl Outbox {
         metrics: Arc<Metrics>,
     ) -> Self {
         let topic: Arc<str> = settings.topic.as_str().into();
+        let relay_owner: Arc<str> = format!("{owner}/relay").into();
         Outbox {
             store,
             transport,
             settings,
             owner,
+            relay_owner,
             topic,
             metrics,
             rng: Mutex::new(Rng::new()),
         }
     }
 
-    /// This process's claim owner id.
+    /// This process's claim owner id (the scanner's).
     pub fn owner(&self) -> &Arc<str> {
         &self.owner
     }
 
-    /// Commit an award and its task in one transaction, then publish and settle the task.
-    /// A repeated order id fails with [`crate::Error::DuplicateOrder`] and writes nothing.
-    /// Once committed the award is safe: a failed publish leaves a failed task to retry.
+    /// The claim owner of tasks on their way through this process's relay.
+    pub fn relay_owner(&self) -> &Arc<str> {
+        &self.relay_owner
+    }
+
+    /// Commit an award and its task in one transaction and return once the commit is durable.
+    /// A repeated order id fails with [`crate::Error::DuplicateOrder`] and writes nothing. The
+    /// message is published afterwards by the shard's relay (see [`Outbox::wait_confirmed`]).
     pub fn save_award(&self, record: AwardRecord) -> Result<Saved> {
         self.save_awards(vec![record])
             .pop()
@@ -132,99 +155,90 @@ impl Outbox {
     }
 
     /// Save many awards: each is committed with its task (a duplicate fails only itself), each
-    /// shard's share in one group commit and one pipelined publish. One result per award, in
-    /// order.
+    /// shard's share in one group commit. One result per award, in order.
     pub fn save_awards(&self, records: Vec<AwardRecord>) -> Vec<Result<Saved>> {
         let started = std::time::Instant::now();
-        let n = records.len();
         let saved = self.store.save_awards(
             records,
             &self.topic,
-            &self.owner,
+            &self.relay_owner,
             self.settings.stale_after,
             now_ms(),
         );
-        let mut results: Vec<Option<Result<Saved>>> = (0..n).map(|_| None).collect();
-        let mut per_shard: std::collections::BTreeMap<u32, Vec<(usize, crate::store::SavedTask)>> =
-            Default::default();
-        for (i, r) in saved.into_iter().enumerate() {
-            match r {
+        let elapsed = started.elapsed();
+        saved
+            .into_iter()
+            .map(|r| match r {
                 Ok(task) => {
                     Metrics::add(&self.metrics.awards_saved, 1);
-                    per_shard.entry(task.db).or_default().push((i, task));
+                    self.metrics.save_latency.observe(elapsed);
+                    Ok(Saved {
+                        message_id: task.message_id,
+                        db: task.db,
+                        seq: task.seq,
+                    })
                 }
                 Err(e) => {
                     if matches!(e, crate::Error::DuplicateOrder { .. }) {
                         Metrics::add(&self.metrics.duplicates, 1);
                     }
-                    results[i] = Some(Err(e));
+                    Err(e)
                 }
-            }
-        }
-        crate::crash::hit("after-commit");
-        for (db, tasks) in per_shard {
-            let pending: Vec<Pending> = tasks
-                .iter()
-                .map(|(_, t)| Pending {
-                    id: t.id,
-                    message_id: t.message_id.as_str().to_string(),
-                    body: t.message.clone(),
-                    attempts: 0,
-                })
-                .collect();
-            match self.publish_and_settle(db, &pending, Settle::Detached) {
-                Ok((_, published)) => {
-                    for ((i, t), published) in tasks.into_iter().zip(published) {
-                        results[i] = Some(Ok(Saved {
-                            message_id: t.message_id,
-                            db: t.db,
-                            seq: t.seq,
-                            published,
-                        }));
-                    }
+            })
+            .collect()
+    }
+
+    /// Wait, at most `timeout`, until a saved award's message is confirmed and its task marked
+    /// completed, or the task is parked as dead. Returns the task's state at the end.
+    pub fn wait_confirmed(&self, saved: &Saved, timeout: std::time::Duration) -> Result<TaskState> {
+        let shard = self.store.shard(saved.db);
+        let mut state = None;
+        let mut err = None;
+        crate::util::wait_until(timeout, || {
+            match shard.task_state(saved.message_id.as_str()) {
+                Ok(s) => {
+                    state = s;
+                    matches!(s, Some(TaskState::Completed | TaskState::Dead))
                 }
                 Err(e) => {
-                    // Committed but not settled: the tasks stay leased and the scanner resends them.
-                    log::warn!("settling published tasks failed shard={db:02}: {e}");
-                    for (i, t) in tasks {
-                        results[i] = Some(Ok(Saved {
-                            message_id: t.message_id,
-                            db: t.db,
-                            seq: t.seq,
-                            published: false,
-                        }));
-                    }
+                    err = Some(e);
+                    true
                 }
             }
+        });
+        if let Some(e) = err {
+            return Err(e);
         }
-        let elapsed = started.elapsed();
-        for r in &results {
-            if matches!(r, Some(Ok(_))) {
-                self.metrics.save_latency.observe(elapsed);
-            }
-        }
-        results
-            .into_iter()
-            .map(|r| r.expect("every award has a result"))
-            .collect()
+        state.ok_or_else(|| {
+            crate::Error::invalid(
+                "message_id",
+                format!("no task has message id {}", saved.message_id.as_str()),
+            )
+        })
+    }
+
+    /// Publish tasks the relay holds (inserted with the award, or renewed) and settle them;
+    /// confirmed tasks are marked completed in the next group commit, without waiting for it.
+    pub fn relay_committed(&self, db: u32, tasks: &[Pending]) -> Result<Relayed> {
+        self.publish_and_settle(db, tasks, &self.relay_owner, Settle::Detached)
     }
 
     /// Publish claimed tasks of shard `db` together and settle each: completed on confirm,
     /// otherwise failed with backoff, or dead after the attempt limit.
     pub fn relay(&self, db: u32, tasks: &[Pending]) -> Result<Relayed> {
-        self.publish_and_settle(db, tasks, Settle::Wait)
-            .map(|(r, _)| r)
+        self.publish_and_settle(db, tasks, &self.owner, Settle::Wait)
     }
 
-    /// Publish and settle; also returns, per task, whether its publish was confirmed.
+    /// Publish and settle tasks claimed by `owner`.
     fn publish_and_settle(
         &self,
         db: u32,
         tasks: &[Pending],
+        owner: &Arc<str>,
         settle: Settle,
-    ) -> Result<(Relayed, Vec<bool>)> {
+    ) -> Result<Relayed> {
         if tasks.is_empty() {
-            return Ok((Relayed::default(), Vec::new()));
+            return Ok(Relayed::default());
         }
         let batch: Vec<Outgoing> = tasks
             .iter()
@@ -235,7 +249,6 @@ impl Outbox {
             .collect();
         let results = self.transport.publish_batch(&batch);
         crate::crash::hit("before-mark");
-        let confirmed: Vec<bool> = results.iter().map(Result::is_ok).collect();
         let now = now_ms();
         let mut done = Vec::new();
         let mut failures = Vec::new();
@@ -297,10 +310,10 @@ impl Outbox {
         if !failures.is_empty() {
             shard.write(Op::MarkFailed {
                 failures,
-                owner: self.owner.clone(),
+                owner: owner.clone(),
                 now_ms: now,
             })?;
         }
-        Ok((out, confirmed))
+        Ok(out)
     }
 }

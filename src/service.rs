@@ -1,10 +1,10 @@
-//! Wiring and lifecycle: open the store, pick the transport, start the consumer and the scanner
-//! loop, and shut everything down in order (stop taking work, stop the scanner, stop the
-//! consumer, release claims, join the writers).
+//! Wiring and lifecycle: open the store, pick the transport, start the consumer, the relays and
+//! the scanner loop, and shut everything down in order (stop the scanner, drain the relays, stop
+//! the consumer, release claims, join the writers).
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Sender};
 
@@ -12,8 +12,9 @@ use crate::config::Settings;
 use crate::consumer::AwardConsumer;
 use crate::error::Result;
 use crate::metrics::Metrics;
-use crate::model::AwardRecord;
+use crate::model::{AwardRecord, TaskState};
 use crate::outbox::{Outbox, Saved};
+use crate::relay::RelayThreads;
 use crate::scanner::{ScanReport, Scanner};
 use crate::store::{Op, ShardStatus, Store};
 use crate::transport::{memory::InProcess, ConsumerHandle, Transport};
@@ -58,7 +59,7 @@ fn base_transport(settings: &Settings) -> Result<Arc<dyn Transport>> {
         )?)),
         None => {
             log::info!("no AMQP URL given: using the embedded in-process transport (messages stay inside this process; pending tasks are resent by the scanner after a restart)");
-            Ok(Arc::new(InProcess::default()))
+            Ok(Arc::new(InProcess::new(settings.publish_timeout())))
         }
     }
 }
@@ -72,6 +73,7 @@ pub struct Service {
     scanner: Arc<Scanner>,
     metrics: Arc<Metrics>,
     consumer: Option<Box<dyn ConsumerHandle>>,
+    relays: Option<RelayThreads>,
     scan_loop: Option<(Sender<()>, JoinHandle<()>)>,
 }
 
@@ -111,6 +113,7 @@ impl Service {
         } else {
             None
         };
+        let relays = Some(RelayThreads::start(&store, &outbox, &settings)?);
         let mut service = Service {
             settings,
             store,
@@ -119,6 +122,7 @@ impl Service {
             scanner,
             metrics,
             consumer,
+            relays,
             scan_loop: None,
         };
         if parts.scanner_loop {
@@ -170,13 +174,36 @@ impl Service {
         Ok((stop_tx, handle))
     }
 
-    /// Save an award through the whole write path.
+    /// Save an award: returns once the award and its task are durably committed. The shard's
+    /// relay publishes the message after that; [`Service::wait_confirmed`] waits for it.
     pub fn save_award(&self, record: AwardRecord) -> Result<Saved> {
         self.outbox.save_award(record)
     }
 
-    /// Save many awards at once: each shard's share shares one group commit and one publish.
-    /// One result per award, in order; a duplicate fails only itself.
+    /// Wait at most `timeout` until a saved award's message is confirmed (task `completed`) or
+    /// parked (`dead`); returns the task's state then.
+    pub fn wait_confirmed(&self, saved: &Saved, timeout: Duration) -> Result<TaskState> {
+        self.outbox.wait_confirmed(saved, timeout)
+    }
+
+    /// Wait at most `timeout` until the relays are idle and every write they queued has
+    /// committed; returns whether that happened. Tests and the bench use it to observe a
+    /// settled state.
+    pub fn settle(&self, timeout: Duration) -> Result<bool> {
+        if !crate::util::wait_until(timeout, || self.relays_idle()) {
+            return Ok(false);
+        }
+        self.store.write_all(|| Op::Barrier)?;
+        Ok(true)
+    }
+
+    /// Whether every shard's relay has nothing waiting and no batch in hand.
+    pub fn relays_idle(&self) -> bool {
+        self.relays.as_ref().is_none_or(RelayThreads::is_idle)
+    }
+
+    /// Save many awards at once: each shard's share goes into one group commit. One result per
+    /// award, in order; a duplicate fails only itself.
     pub fn save_awards(&self, records: Vec<AwardRecord>) -> Vec<Result<Saved>> {
         self.outbox.save_awards(records)
     }
@@ -216,14 +243,21 @@ impl Service {
         &self.settings
     }
 
-    /// Stop in order and release this process's claims, so another process can take them now.
+    /// Stop in order: the scanner, then the relays after sending what is already committed
+    /// (for at most `drain_timeout`), then the consumer; release this process's claims, so
+    /// another process can take them now.
     pub fn shutdown(mut self) -> Result<()> {
         self.stop_background();
-        let owner = self.outbox.owner().clone();
-        let released = self.store.write_all(|| Op::Release {
-            owner: owner.clone(),
-            now_ms: now_ms(),
-        })?;
+        let mut released = 0;
+        for owner in [
+            self.outbox.owner().clone(),
+            self.outbox.relay_owner().clone(),
+        ] {
+            released += self.store.write_all(|| Op::Release {
+                owner: owner.clone(),
+                now_ms: now_ms(),
+            })?;
+        }
         if released > 0 {
             log::info!("released claims tasks={released}");
         }
@@ -233,11 +267,15 @@ impl Service {
 }
 
 impl Service {
-    /// Stop the scanner loop, then the consumer; each at most once.
+    /// Stop the scanner loop, drain the relays, then stop the consumer (in-process, the relays
+    /// need it to confirm); each at most once.
     fn stop_background(&mut self) {
         if let Some((stop, handle)) = self.scan_loop.take() {
             drop(stop);
             let _ = handle.join();
+        }
+        if let Some(relays) = self.relays.take() {
+            relays.stop_and_drain(self.settings.drain_timeout);
         }
         if let Some(c) = self.consumer.take() {
             c.stop();

@@ -18,6 +18,7 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::model::{AwardRecord, EventMessage, TaskState};
+use crate::relay::Handoff;
 use crate::router::{award_table, db_name, route, Layout};
 pub use sql::TaskRow;
 pub use writer::{Delivered, Failure, Op, Reply, SavedTask};
@@ -29,6 +30,7 @@ pub struct Shard {
     db: u32,
     path: PathBuf,
     pool: Pool,
+    handoff: Arc<Handoff>,
     writer: writer::Writer,
 }
 
@@ -81,6 +83,32 @@ impl Shard {
     /// File path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Where this shard's writer hands committed tasks to the relay.
+    pub fn handoff(&self) -> &Handoff {
+        &self.handoff
+    }
+
+    /// Tasks with sequence numbers in `from..=to` that `owner` still holds unsent, in order.
+    pub fn leased_tasks(
+        &self,
+        owner: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<TaskRow>> {
+        let conn = self.read()?;
+        sql::leased_in_range(&conn, owner, from, to, limit)
+            .map_err(|e| Error::storage(self.ctx("reading back handed-off tasks"), e))
+    }
+
+    /// The state of a task, by message id (`None`: no such task).
+    pub fn task_state(&self, message_id: &str) -> Result<Option<TaskState>> {
+        let conn = self.read()?;
+        let state = sql::task_state(&conn, message_id)
+            .map_err(|e| Error::storage(self.ctx("reading a task"), e))?;
+        Ok(state.and_then(|s| TaskState::parse(&s).ok()))
     }
 
     /// Run several write ops in the same group commit; one result per op, in order.
@@ -397,6 +425,44 @@ impl Direct {
         Ok(())
     }
 
+    /// Every statement the embedded pipeline runs for an award, `batch` awards per transaction:
+    /// the award and task insert, the delivery log and the award's completion, the task's
+    /// completion. Records must route here.
+    pub fn e2e_batches(
+        &mut self,
+        records: &[AwardRecord],
+        batch: usize,
+        topic: &str,
+        now_ms: i64,
+    ) -> Result<()> {
+        let e = |err| Error::storage("bench e2e batch", err);
+        for chunk in records.chunks(batch.max(1)) {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(e)?;
+            for r in chunk {
+                let table = award_table(route(r.user_id.as_str(), self.layout).table);
+                let t = writer::insert_award_and_task(
+                    &tx, self.db, &table, r, topic, "bench", now_ms, now_ms,
+                )?;
+                sql::record_delivery(
+                    &tx,
+                    t.message_id.as_str(),
+                    t.seq,
+                    r.order_id.as_str(),
+                    now_ms,
+                )
+                .map_err(e)?;
+                sql::complete_award(&tx, &table, r.user_id.as_str(), r.order_id.as_str(), now_ms)
+                    .map_err(e)?;
+                sql::mark_completed(&tx, t.id, now_ms).map_err(e)?;
+            }
+            tx.commit().map_err(e)?;
+        }
+        Ok(())
+    }
+
     /// One award and its task in their own transaction; returns the task id and message body.
     pub fn save_one(
         &mut self,
@@ -557,11 +623,13 @@ fn open_shard(settings: &Settings, db: u32, create: bool) -> Result<Shard> {
     let write_conn = pool
         .get()
         .map_err(|e| Error::Config(format!("cannot open {}: {e}", path.display())))?;
-    let writer = writer::Writer::spawn(db, write_conn, settings.group_commit_max)?;
+    let handoff = Arc::new(Handoff::new(settings.handoff_capacity));
+    let writer = writer::Writer::spawn(db, write_conn, settings.group_commit_max, handoff.clone())?;
     Ok(Shard {
         db,
         path,
         pool,
+        handoff,
         writer,
     })
 }

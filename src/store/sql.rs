@@ -212,6 +212,48 @@ pub fn mark_failed(
     .execute(params![id, owner, state.as_str(), attempts, next_attempt_at, error, now_ms])
 }
 
+/// Extend the lease of a task that `owner` still holds and has not sent; 0 rows if another
+/// claim took it, or it was settled.
+pub fn renew_lease(
+    conn: &Connection,
+    id: i64,
+    owner: &str,
+    lease_until_ms: i64,
+    now_ms: i64,
+) -> Sql<usize> {
+    conn.prepare_cached(
+        "UPDATE task SET next_attempt_at = ?3, update_time = ?4
+         WHERE id = ?1 AND claimed_by = ?2 AND state = 'create'",
+    )?
+    .execute(params![id, owner, lease_until_ms, now_ms])
+}
+
+/// Tasks with sequence numbers in `from..=to` still claimed by `owner` and not yet sent, in
+/// sequence order, at most `limit`: what the relay reads back after its hand-off overflowed.
+pub fn leased_in_range(
+    conn: &Connection,
+    owner: &str,
+    from: u64,
+    to: u64,
+    limit: usize,
+) -> Sql<Vec<TaskRow>> {
+    let sql = format!(
+        "SELECT {TASK_COLUMNS} FROM task
+         WHERE seq BETWEEN ?2 AND ?3 AND claimed_by = ?1 AND state = 'create'
+         ORDER BY seq LIMIT ?4"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params![owner, from, to, limit as i64], task_row)?;
+    rows.collect()
+}
+
+/// The state of the task with this message id, if there is one.
+pub fn task_state(conn: &Connection, message_id: &str) -> Sql<Option<String>> {
+    conn.prepare_cached("SELECT state FROM task WHERE message_id = ?1")?
+        .query_row(params![message_id], |r| r.get(0))
+        .optional()
+}
+
 /// Give back every claim `owner` holds, due now (on shutdown).
 pub fn release_claims(conn: &Connection, owner: &str, now_ms: i64) -> Sql<usize> {
     conn.prepare_cached(

@@ -13,6 +13,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::sql;
 use crate::error::{Error, Result};
 use crate::model::{AwardRecord, EventMessage, MessageId, TaskState};
+use crate::relay::Handoff;
 
 /// Capacity of a writer's queue. A full queue blocks callers: backpressure on the write path.
 pub const WRITER_QUEUE: usize = 4096;
@@ -32,6 +33,8 @@ pub struct SavedTask {
     pub topic: String,
     /// JSON body.
     pub message: String,
+    /// Until when the relay's claim on it holds.
+    pub lease_until_ms: i64,
 }
 
 /// A failed publish to record.
@@ -103,6 +106,18 @@ pub enum Op {
         /// Now.
         now_ms: i64,
     },
+    /// Extend the leases of tasks still claimed by `owner` and not yet sent; replies the ids
+    /// renewed (a task another claim took is left out).
+    Renew {
+        /// Task ids.
+        ids: Vec<i64>,
+        /// The claim owner that must still hold them.
+        owner: Arc<str>,
+        /// New lease expiry.
+        lease_until_ms: i64,
+        /// Now.
+        now_ms: i64,
+    },
     /// Release every claim of an owner.
     Release {
         /// Claim owner.
@@ -128,6 +143,8 @@ pub enum Op {
         /// Now.
         now_ms: i64,
     },
+    /// Nothing: replies once every op queued before it (detached ones too) has committed.
+    Barrier,
     /// Delete completed tasks older than a time.
     Purge {
         /// Cut-off, epoch ms.
@@ -146,6 +163,8 @@ pub enum Reply {
     Claimed(Vec<sql::TaskRow>),
     /// From `Deliver`.
     Delivered(Delivered),
+    /// From `Renew`: the ids renewed.
+    Renewed(Vec<i64>),
 }
 
 struct Job {
@@ -164,14 +183,19 @@ pub struct Writer {
 
 impl Writer {
     /// Start the writer thread on a connection.
-    pub fn spawn<C>(db: u32, conn: C, group_commit_max: usize) -> Result<Self>
+    pub fn spawn<C>(
+        db: u32,
+        conn: C,
+        group_commit_max: usize,
+        handoff: Arc<Handoff>,
+    ) -> Result<Self>
     where
         C: std::ops::DerefMut<Target = Connection> + Send + 'static,
     {
         let (tx, rx) = bounded::<Job>(WRITER_QUEUE);
         let handle = std::thread::Builder::new()
             .name(format!("writer-{db:02}"))
-            .spawn(move || run(db, conn, rx, group_commit_max))
+            .spawn(move || run(db, conn, rx, group_commit_max, &handoff))
             .map_err(|e| Error::Io {
                 path: format!("writer-{db:02}").into(),
                 source: e,
@@ -249,11 +273,24 @@ fn run<C: std::ops::DerefMut<Target = Connection>>(
     mut conn: C,
     rx: Receiver<Job>,
     max: usize,
+    handoff: &Handoff,
 ) {
     while let Ok(first) = rx.recv() {
         let batch = crate::util::drain_batch(&rx, first, max);
         log::trace!("writer shard={db:02} batch={}", batch.len());
         let results = run_batch(db, &mut conn, &batch);
+        // The commit returned: hand this group's tasks to the relay before anyone hears back.
+        let committed: Vec<SavedTask> = results
+            .iter()
+            .filter_map(|r| match r {
+                Ok(Reply::Saved(t)) => Some(t.clone()),
+                _ => None,
+            })
+            .collect();
+        if !committed.is_empty() {
+            crate::crash::hit("after-commit");
+            handoff.offer(committed);
+        }
         for (job, result) in batch.into_iter().zip(results) {
             match (job.reply, result) {
                 (Some(reply), result) => {
@@ -361,6 +398,7 @@ pub(super) fn insert_award_and_task(
         message_id,
         topic: topic.to_string(),
         message,
+        lease_until_ms,
     })
 }
 
@@ -426,6 +464,23 @@ fn apply(db: u32, conn: &Connection, op: &Op) -> Result<Reply> {
                 .map_err(|e| Error::storage(ctx("claiming due tasks"), e))?;
             Ok(Reply::Claimed(rows))
         }
+        Op::Renew {
+            ids,
+            owner,
+            lease_until_ms,
+            now_ms,
+        } => {
+            let mut renewed = Vec::with_capacity(ids.len());
+            for id in ids {
+                if sql::renew_lease(conn, *id, owner, *lease_until_ms, *now_ms)
+                    .map_err(|e| Error::storage(ctx("renewing a lease"), e))?
+                    == 1
+                {
+                    renewed.push(*id);
+                }
+            }
+            Ok(Reply::Renewed(renewed))
+        }
         Op::Release { owner, now_ms } => {
             let n = sql::release_claims(conn, owner, *now_ms)
                 .map_err(|e| Error::storage(ctx("releasing claims"), e))?;
@@ -462,6 +517,7 @@ fn apply(db: u32, conn: &Connection, op: &Op) -> Result<Reply> {
                 .map_err(|e| Error::storage(ctx("requeueing tasks"), e))?;
             Ok(Reply::Count(n))
         }
+        Op::Barrier => Ok(Reply::Count(0)),
         Op::Purge { before_ms } => {
             let n = sql::purge_completed(conn, *before_ms)
                 .map_err(|e| Error::storage(ctx("purging completed tasks"), e))?;

@@ -68,6 +68,7 @@ struct Inner {
     shown_url: String,
     queue: String,
     prefetch: u16,
+    publish_timeout: Duration,
     publish: RwLock<Option<Link>>,
     consume: Mutex<Option<ConsumeState>>,
     publish_up: AtomicBool,
@@ -291,6 +292,7 @@ impl Amqp {
             shown_url: redact(url),
             queue: settings.topic.clone(),
             prefetch: settings.prefetch,
+            publish_timeout: settings.publish_timeout(),
             publish: RwLock::new(None),
             consume: Mutex::new(None),
             publish_up: AtomicBool::new(false),
@@ -409,6 +411,7 @@ impl Transport for Amqp {
                 .collect();
         };
         let queue = self.inner.queue.clone();
+        let publish_timeout = self.inner.publish_timeout;
         async_global_executor::block_on(async move {
             let mut pending = Vec::with_capacity(batch.len());
             for m in batch {
@@ -433,12 +436,16 @@ impl Transport for Amqp {
                 );
             }
             crate::crash::hit("before-confirm");
+            // One deadline for the whole batch: confirms awaited one after another must not add
+            // up past the lease of the tasks in it.
+            let deadline = std::time::Instant::now() + publish_timeout;
             let mut out = Vec::with_capacity(pending.len());
             for p in pending {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
                 out.push(match p {
                     Err(e) => Err(PublishFailure::Unavailable(format!("publish failed: {e}"))),
-                    Ok(confirm) => match bounded_wait(confirm, RPC_TIMEOUT).await {
-                        None => Err(PublishFailure::Unavailable(format!("no confirm within {RPC_TIMEOUT:?}"))),
+                    Ok(confirm) => match bounded_wait(confirm, left).await {
+                        None => Err(PublishFailure::Unavailable(format!("no confirm within the batch deadline of {publish_timeout:?}"))),
                         Some(Ok(Confirmation::Ack(None))) => Ok(()),
                         Some(Ok(Confirmation::Ack(Some(returned)))) | Some(Ok(Confirmation::Nack(Some(returned)))) => Err(PublishFailure::Rejected(format!(
                             "returned by the broker as unroutable: {} {} (does queue {queue} exist?)",
@@ -449,6 +456,9 @@ impl Transport for Amqp {
                         Some(Err(e)) => Err(PublishFailure::Unavailable(format!("no confirm: {e}"))),
                     },
                 });
+                if out.len() == 1 {
+                    crate::crash::hit("mid-relay-batch");
+                }
             }
             out
         })

@@ -78,18 +78,25 @@ impl Transport for InProcess {
             })
             .collect();
         crate::crash::hit("before-confirm");
+        // One deadline for the whole batch, not one per message.
+        let deadline = std::time::Instant::now() + self.confirm_timeout;
+        let mut first = true;
         pending
             .into_iter()
-            .map(
-                |rx| match rx.map(|rx| rx.recv_timeout(self.confirm_timeout)) {
+            .map(|rx| {
+                let r = match rx.map(|rx| rx.recv_deadline(deadline)) {
                     Some(Ok(Handled::Ack)) => Ok(()),
                     Some(Ok(Handled::Reject(r))) => Err(PublishFailure::Rejected(r)),
                     Some(Ok(Handled::Retry(r))) => Err(PublishFailure::Unavailable(r)),
                     Some(Err(_)) | None => Err(PublishFailure::Unavailable(
                         "the in-process consumer did not answer".into(),
                     )),
-                },
-            )
+                };
+                if std::mem::take(&mut first) {
+                    crate::crash::hit("mid-relay-batch");
+                }
+                r
+            })
             .collect()
     }
 

@@ -18,7 +18,12 @@ fn a_saved_award_is_committed_published_and_delivered() {
     let saved = service
         .save_award(award("xiaofuge", "100000000001"))
         .unwrap();
-    assert!(saved.published);
+    assert_eq!(
+        service
+            .wait_confirmed(&saved, std::time::Duration::from_secs(10))
+            .unwrap(),
+        big_market::model::TaskState::Completed
+    );
     assert_eq!(saved.db, 1, "xiaofuge routes to big_market_01");
     assert_eq!(saved.message_id.as_str(), "01000000001");
     assert_eq!(faulty.forwarded(), 1);
@@ -64,6 +69,7 @@ fn a_repeated_order_id_is_refused_and_writes_nothing() {
         "{err}"
     );
     assert!(err.to_string().contains("duplicate"));
+    settle(&service);
     assert_eq!(faulty.forwarded(), 1, "no second message");
     // The failed attempt left no hole in the sequence: the next task is seq 2.
     let next = service
@@ -110,11 +116,11 @@ fn a_failed_publish_leaves_a_failed_task_that_the_scanner_delivers() {
     let (service, faulty) = start(s.clone());
     faulty.set_down(true);
     for i in 0..20 {
-        let saved = service
+        service
             .save_award(award(&format!("u{i}"), &format!("4000000000{i:02}")))
             .unwrap();
-        assert!(!saved.published);
     }
+    settle(&service);
     let (a, delivered, t, completed) = totals(&s);
     assert_eq!((a, delivered, t, completed), (20, 0, 20, 0));
     let failed: i64 = (1..=2)
@@ -383,8 +389,7 @@ fn save_awards_commits_a_batch_across_shards_and_a_duplicate_fails_alone() {
     let shape: Vec<&str> = results
         .iter()
         .map(|r| match r {
-            Ok(saved) if saved.published => "saved",
-            Ok(_) => "unpublished",
+            Ok(_) => "saved",
             Err(Error::DuplicateOrder { .. }) => "duplicate",
             Err(_) => "error",
         })

@@ -56,6 +56,14 @@ pub fn start(settings: Settings) -> (Service, Arc<Faulty>) {
     (service, faulty)
 }
 
+/// Wait (bounded) until the relays have published what was committed and their writes landed.
+pub fn settle(service: &Service) {
+    assert!(
+        service.settle(Duration::from_secs(20)).unwrap(),
+        "the relays did not settle within 20 s"
+    );
+}
+
 /// A raw connection to shard `db` for inspection.
 pub fn raw(settings: &Settings, db: u32) -> Connection {
     Connection::open(settings.data_dir.join(format!("big_market_{db:02}.db"))).unwrap()
