@@ -3,7 +3,7 @@
 //! messages, dropped connections and delayed confirms. Counts what reached the inner transport.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::{ConsumerHandle, Handler, Outgoing, PublishFailure, Transport};
@@ -65,6 +65,9 @@ pub struct Faulty {
     plan: FaultPlan,
     batches: AtomicU64,
     rng: Mutex<Rng>,
+    /// While true, every publish waits at the gate (a broker that accepts nothing yet).
+    held: Mutex<bool>,
+    gate: Condvar,
 }
 
 impl Faulty {
@@ -84,7 +87,14 @@ impl Faulty {
             plan,
             batches: AtomicU64::new(0),
             rng: Mutex::new(Rng::new()),
+            held: Mutex::new(false),
+            gate: Condvar::new(),
         }
+    }
+    /// Make every publish block until released (`false`).
+    pub fn hold(&self, on: bool) {
+        *self.held.lock().unwrap() = on;
+        self.gate.notify_all();
     }
     /// Behave as an unreachable broker (not counted against tasks).
     pub fn set_down(&self, down: bool) {
@@ -120,6 +130,11 @@ impl Transport for Faulty {
                 .map(|_| Err(PublishFailure::Unavailable(why.to_string())))
                 .collect()
         };
+        drop(
+            self.gate
+                .wait_while(self.held.lock().unwrap(), |held| *held)
+                .unwrap(),
+        );
         if self.down.load(Ordering::SeqCst) {
             return unavailable("injected: broker down");
         }

@@ -5,4 +5,5 @@ mod cli;
 mod faults;
 mod http;
 mod pipeline;
+mod relay;
 mod support;

@@ -100,3 +100,74 @@ pub fn totals(settings: &Settings) -> (i64, i64, i64, i64) {
     }
     t
 }
+
+/// A transport that records every publish per message id, and how many publishes of the same
+/// message were in flight at once.
+pub struct Recording {
+    inner: Arc<dyn Transport>,
+    state: std::sync::Mutex<std::collections::HashMap<String, (u32, u32)>>,
+    overlaps: std::sync::atomic::AtomicU64,
+    delay: Duration,
+}
+
+impl Recording {
+    /// Record around `inner`; each batch's confirms come back `delay` late (a slow broker).
+    pub fn new(inner: Arc<dyn Transport>, delay: Duration) -> Self {
+        Recording {
+            inner,
+            state: Default::default(),
+            overlaps: Default::default(),
+            delay,
+        }
+    }
+    /// Publishes of a message that started while another publish of it was in flight.
+    pub fn overlaps(&self) -> u64 {
+        self.overlaps.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// Publishes per message id.
+    pub fn publishes(&self) -> std::collections::HashMap<String, u32> {
+        let state = self.state.lock().unwrap();
+        state.iter().map(|(k, v)| (k.clone(), v.1)).collect()
+    }
+}
+
+impl Transport for Recording {
+    fn describe(&self) -> String {
+        format!("recording({})", self.inner.describe())
+    }
+    fn publish_batch(
+        &self,
+        batch: &[big_market::transport::Outgoing],
+    ) -> Vec<Result<(), big_market::transport::PublishFailure>> {
+        {
+            let mut state = self.state.lock().unwrap();
+            for m in batch {
+                let e = state.entry(m.message_id.clone()).or_default();
+                if e.0 > 0 {
+                    self.overlaps
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                e.0 += 1;
+                e.1 += 1;
+            }
+        }
+        let out = self.inner.publish_batch(batch);
+        // The broker's latency, simulated: the confirms are late, the messages in flight.
+        std::thread::sleep(self.delay);
+        let mut state = self.state.lock().unwrap();
+        for m in batch {
+            state.get_mut(&m.message_id).unwrap().0 -= 1;
+        }
+        out
+    }
+    fn is_connected(&self) -> bool {
+        self.inner.is_connected()
+    }
+    fn start_consumer(
+        &self,
+        handler: Arc<dyn big_market::transport::Handler>,
+        threads: usize,
+    ) -> big_market::Result<Box<dyn big_market::transport::ConsumerHandle>> {
+        self.inner.start_consumer(handler, threads)
+    }
+}
