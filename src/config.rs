@@ -33,7 +33,7 @@ pub struct Settings {
     pub pool_queue: usize,
     /// Consumer threads. Default 2.
     pub consumer_threads: usize,
-    /// Messages the broker hands the consumer before acks (AMQP prefetch). Default 64.
+    /// Messages the broker hands the consumer before acks (AMQP prefetch). Default 512.
     pub prefetch: u16,
     /// Retry policy for refused publishes.
     pub retry: RetryPolicy,
@@ -69,7 +69,7 @@ impl Settings {
             pool_threads: 4,
             pool_queue: 64,
             consumer_threads: 2,
-            prefetch: 64,
+            prefetch: 512,
             retry: RetryPolicy::default(),
             busy_timeout: Duration::from_secs(5),
             group_commit_max: 256,

@@ -159,8 +159,17 @@ impl Relay {
         let max = self.settings.relay_batch;
         // Work waiting in SQLite: do not wait for the hand-off.
         let spilled_waiting = self.cursor.lock().expect("cursor lock").is_some()
-            || self.handoff().spilled.lock().expect("handoff lock").is_some();
-        let wait = if spilled_waiting { Duration::ZERO } else { wait };
+            || self
+                .handoff()
+                .spilled
+                .lock()
+                .expect("handoff lock")
+                .is_some();
+        let wait = if spilled_waiting {
+            Duration::ZERO
+        } else {
+            wait
+        };
         let mut batch: Vec<Pending> = self
             .handoff()
             .take(wait, max)

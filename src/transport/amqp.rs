@@ -495,9 +495,7 @@ impl Transport for Amqp {
                                     let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
                                     let outcomes = handler.handle_batch(&bodies);
                                     crate::crash::hit("before-ack");
-                                    for (d, outcome) in batch.iter().zip(outcomes) {
-                                        settle(d, outcome);
-                                    }
+                                    settle_batch(batch, outcomes);
                                 }
                                 Err(_) => break,
                             },
@@ -517,14 +515,29 @@ impl Transport for Amqp {
     }
 }
 
-fn settle(d: &Delivery, outcome: Handled) {
+/// Settle a handled batch: every ack, reject or requeue is sent at once and awaited together
+/// under one deadline, rather than one round trip after another.
+fn settle_batch(batch: Vec<Delivery>, outcomes: Vec<Handled>) {
+    let settles: Vec<_> = batch
+        .into_iter()
+        .zip(outcomes)
+        .map(|(d, outcome)| async_global_executor::spawn(settle(d, outcome)))
+        .collect();
+    async_global_executor::block_on(async move {
+        for s in settles {
+            s.await;
+        }
+    });
+}
+
+async fn settle(d: Delivery, outcome: Handled) {
     // A delivery whose channel is gone cannot be settled; the broker requeues it by itself,
     // and delivery is idempotent.
     if !d.acker.usable() {
         log::debug!("amqp delivery from a closed channel left unsettled ({outcome:?}); the broker redelivers it");
         return;
     }
-    let settled = async_global_executor::block_on(bounded_wait(
+    let settled = bounded_wait(
         async {
             match &outcome {
                 Handled::Ack => d.ack(BasicAckOptions::default()).await,
@@ -539,7 +552,8 @@ fn settle(d: &Delivery, outcome: Handled) {
             }
         },
         RPC_TIMEOUT,
-    ));
+    )
+    .await;
     match settled {
         Some(Ok(_)) => {}
         Some(Err(e)) => log::debug!("amqp settle failed ({outcome:?}), the broker will redeliver: {e}"),
