@@ -159,6 +159,7 @@ fn caller_runs_engages_when_the_pool_is_full_and_nothing_is_dropped() {
             .save_award(award(&format!("cr{i}"), &format!("5{i:011}")))
             .unwrap();
     }
+    settle(&service);
     faulty.set_down(false);
     let report = service.scan_once().unwrap();
     assert_eq!(report.claimed, 200);
@@ -348,8 +349,10 @@ fn with_a_retention_the_scanner_purges_old_completed_tasks_only() {
             .save_award(award("keeper", &format!("41{i:010}")))
             .unwrap();
     }
+    settle(&service);
     faulty.set_down(true);
     service.save_award(award("keeper", "420000000000")).unwrap(); // failed, not completed
+    settle(&service);
     faulty.set_down(false);
     let db = route("keeper", Layout::default()).db;
     let c = raw(&s, db);
