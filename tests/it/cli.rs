@@ -243,3 +243,39 @@ fn bench_runs_every_phase_and_ends_with_one_json_line_of_figures() {
         "the bench works on temporary shards only"
     );
 }
+
+#[test]
+fn award_returns_on_commit_publishes_before_it_exits_and_can_wait_for_the_confirm() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    // Default: return on commit; stopping drains the relay, so the message still goes out.
+    let first = run(dir.path(), AWARD);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert_eq!(
+        totals(&s),
+        (1, 1, 1, 1),
+        "published and delivered before exit"
+    );
+    // --wait confirmed: exits 0 only once the task is completed.
+    let mut args = AWARD.to_vec();
+    args[8] = "000000000043";
+    args.extend(["--wait", "confirmed"]);
+    let second = run(dir.path(), &args);
+    assert!(second.status.success(), "{}", text(&second.stderr));
+    assert_eq!(totals(&s), (2, 2, 2, 2));
+    // A broker that never answers: committed, and the wait fails with a clear line.
+    args[8] = "000000000044";
+    args.extend(["--wait-timeout", "1s"]);
+    let third = bin(dir.path())
+        .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:9/%2f")
+        .args(&args)
+        .output()
+        .unwrap();
+    assert_eq!(third.status.code(), Some(1), "{}", text(&third.stderr));
+    assert!(
+        text(&third.stderr).contains("was not confirmed within 1s"),
+        "{}",
+        text(&third.stderr)
+    );
+    assert_eq!(totals(&s).0, 3, "the award is committed all the same");
+}
