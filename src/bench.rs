@@ -205,6 +205,60 @@ fn on_threads(
     }
 }
 
+/// Create the shards of `s`, route `recs` to them, and run `f` on each shard's share with its
+/// own direct connection, one thread per shard; returns the time it took.
+fn on_shards(
+    s: &Settings,
+    recs: Vec<AwardRecord>,
+    f: impl Fn(&mut Direct, &[AwardRecord]) -> Result<()> + Sync,
+) -> Result<Duration> {
+    drop(Store::open(s, true)?);
+    let mut per_db: Vec<Vec<AwardRecord>> = vec![Vec::new(); s.layout.db_count() as usize];
+    for r in recs {
+        per_db[(route(r.user_id.as_str(), s.layout).db - 1) as usize].push(r);
+    }
+    let start = Instant::now();
+    std::thread::scope(|scope| -> Result<()> {
+        let handles: Vec<_> = per_db
+            .iter()
+            .enumerate()
+            .map(|(i, rs)| {
+                let f = &f;
+                scope.spawn(move || f(&mut Direct::open(s, i as u32 + 1)?, rs))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("bench thread"))
+    })?;
+    Ok(start.elapsed())
+}
+
+/// Publish `batches` batches of `chunk` copies of `body` from `threads` threads.
+fn publish_batches(
+    t: &dyn Transport,
+    threads: usize,
+    batches: usize,
+    chunk: usize,
+    body: &str,
+) -> Result<Duration> {
+    on_threads(threads, batches, |_| {
+        let batch: Vec<Outgoing> = (0..chunk)
+            .map(|i| Outgoing {
+                message_id: format!("{i}"),
+                body: body.to_string(),
+            })
+            .collect();
+        match t.publish_batch(&batch).into_iter().find_map(|r| r.err()) {
+            Some(e) => Err(Error::Broker(format!(
+                "bench publish failed: {}",
+                e.reason()
+            ))),
+            None => Ok(()),
+        }
+    })
+}
+
 /// Reset the kernel's peak-RSS mark for this process (Linux: `clear_refs` value 5).
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -236,59 +290,25 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
     };
     let say = |what: &str| eprintln!("bench: {what}");
 
-    // 1. Storage ceiling.
+    // 1. Storage ceilings.
     say("sqlite_limit: raw inserts, 1000 awards per transaction, one thread per shard");
     let s = fresh(base, &tmp, "sqlite_limit");
-    drop(Store::open(&s, true)?);
-    let recs = records(n, '1');
-    let mut per_db: Vec<Vec<AwardRecord>> = vec![Vec::new(); s.layout.db_count() as usize];
-    for r in recs {
-        per_db[(route(r.user_id.as_str(), s.layout).db - 1) as usize].push(r);
-    }
-    let start = Instant::now();
-    std::thread::scope(|scope| -> Result<()> {
-        let handles: Vec<_> = per_db
-            .iter()
-            .enumerate()
-            .map(|(i, rs)| {
-                let s = &s;
-                scope.spawn(move || {
-                    Direct::open(s, i as u32 + 1)?.insert_batches(rs, 1000, &s.topic, now_ms())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().expect("bench thread"))
-    })?;
-    f.sqlite_limit = rate(n, start.elapsed());
+    f.sqlite_limit = rate(
+        n,
+        on_shards(&s, records(n, '1'), |d, rs| {
+            d.insert_batches(rs, 1000, &s.topic, now_ms())
+        })?,
+    );
     println!("sqlite_limit  {:>10.0} awards/s", f.sqlite_limit);
 
     say("sqlite_e2e_limit: every statement of an award end to end, 1000 awards per transaction");
     let s = fresh(base, &tmp, "sqlite_e2e_limit");
-    drop(Store::open(&s, true)?);
-    let recs = records(n, '8');
-    let mut per_db: Vec<Vec<AwardRecord>> = vec![Vec::new(); s.layout.db_count() as usize];
-    for r in recs {
-        per_db[(route(r.user_id.as_str(), s.layout).db - 1) as usize].push(r);
-    }
-    let start = Instant::now();
-    std::thread::scope(|scope| -> Result<()> {
-        let handles: Vec<_> = per_db
-            .iter()
-            .enumerate()
-            .map(|(i, rs)| {
-                let s = &s;
-                scope.spawn(move || {
-                    Direct::open(s, i as u32 + 1)?.e2e_batches(rs, 1000, &s.topic, now_ms())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().expect("bench thread"))
-    })?;
-    f.sqlite_e2e_limit = rate(n, start.elapsed());
+    f.sqlite_e2e_limit = rate(
+        n,
+        on_shards(&s, records(n, '8'), |d, rs| {
+            d.e2e_batches(rs, 1000, &s.topic, now_ms())
+        })?,
+    );
     println!("sqlite_e2e_limit {:>7.0} awards/s", f.sqlite_e2e_limit);
 
     // 2. Broker ceiling.
@@ -300,21 +320,7 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
         let body = EventMessage::for_award(&records(1, '2')[0], 1, 1, now_ms()).encode();
         let chunk = 200;
         let batches = n.div_ceil(chunk);
-        let elapsed = on_threads(opts.threads.min(8), batches, |_| {
-            let batch: Vec<Outgoing> = (0..chunk)
-                .map(|i| Outgoing {
-                    message_id: format!("{i}"),
-                    body: body.clone(),
-                })
-                .collect();
-            match t.publish_batch(&batch).into_iter().find_map(|r| r.err()) {
-                Some(e) => Err(Error::Broker(format!(
-                    "bench publish failed: {}",
-                    e.reason()
-                ))),
-                None => Ok(()),
-            }
-        })?;
+        let elapsed = publish_batches(&t, opts.threads.min(8), batches, chunk, &body)?;
         f.broker_limit = Some(rate(batches * chunk, elapsed));
         t.delete_queue()?;
         println!(
@@ -332,21 +338,7 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
         let counting = Arc::new(Counting(AtomicUsize::new(0)));
         let consumer = t.start_consumer(counting.clone(), s.consumer_threads)?;
         let start = Instant::now();
-        on_threads(opts.threads.min(8), batches, |_| {
-            let batch: Vec<Outgoing> = (0..chunk)
-                .map(|i| Outgoing {
-                    message_id: format!("{i}"),
-                    body: body.clone(),
-                })
-                .collect();
-            match t.publish_batch(&batch).into_iter().find_map(|r| r.err()) {
-                Some(e) => Err(Error::Broker(format!(
-                    "bench publish failed: {}",
-                    e.reason()
-                ))),
-                None => Ok(()),
-            }
-        })?;
+        publish_batches(&t, opts.threads.min(8), batches, chunk, &body)?;
         let total = batches * chunk;
         if !crate::util::wait_until(Duration::from_secs(600), || {
             counting.0.load(Ordering::Relaxed) >= total
