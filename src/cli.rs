@@ -98,7 +98,7 @@ struct GlobalArgs {
     #[arg(long, env = "BIG_MARKET_INJECT_FAULTS", global = true)]
     inject_faults: Option<String>,
     /// Testing: abort the process the N-th time it crosses POINT (after-commit, before-confirm,
-    /// before-mark, mid-group-commit, before-ack), as if killed there.
+    /// mid-relay-batch, before-mark, mid-group-commit, before-ack), as if killed there.
     #[arg(long, value_name = "POINT:N", global = true)]
     crash_at: Option<String>,
 }
