@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender, TryRecvError};
 
 use crate::config::Settings;
 use crate::error::{Error, Result};
@@ -274,7 +274,8 @@ impl Relay {
 /// A running relay thread per shard.
 pub struct RelayThreads {
     relays: Vec<Arc<Relay>>,
-    stop: Arc<AtomicBool>,
+    /// Dropped to stop the threads: a disconnect ends their waits at once.
+    stop: Option<Sender<()>>,
     handles: Vec<JoinHandle<()>>,
 }
 
@@ -285,7 +286,7 @@ impl RelayThreads {
         outbox: &Arc<Outbox>,
         settings: &Arc<Settings>,
     ) -> Result<RelayThreads> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let (stop, stop_rx) = bounded::<()>(0);
         let mut relays = Vec::new();
         let mut handles = Vec::new();
         for shard in store.shards() {
@@ -295,10 +296,10 @@ impl RelayThreads {
                 outbox.clone(),
                 settings.clone(),
             ));
-            let (r, stop) = (relay.clone(), stop.clone());
+            let (r, stop_rx) = (relay.clone(), stop_rx.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("relay-{:02}", shard.db()))
-                .spawn(move || run(&r, &stop))
+                .spawn(move || run(&r, &stop_rx))
                 .map_err(|e| Error::Io {
                     path: "relay thread".into(),
                     source: e,
@@ -308,7 +309,7 @@ impl RelayThreads {
         }
         Ok(RelayThreads {
             relays,
-            stop,
+            stop: Some(stop),
             handles,
         })
     }
@@ -323,16 +324,23 @@ impl RelayThreads {
         self.relays.iter().all(|r| r.is_idle())
     }
 
-    /// Stop the threads, then relay what is already committed on this thread for at most
-    /// `limit`. Whatever is left stays leased in SQLite; the scanner sends it after the lease.
-    pub fn stop_and_drain(mut self, limit: Duration) {
-        self.stop.store(true, Ordering::SeqCst);
+    /// Stop the threads and join them; each at most once.
+    fn stop_threads(&mut self) {
+        if self.stop.take().is_none() {
+            return;
+        }
         for r in &self.relays {
             r.handoff().wake();
         }
         for h in self.handles.drain(..) {
             let _ = h.join();
         }
+    }
+
+    /// Stop the threads, then relay what is already committed on this thread for at most
+    /// `limit`. Whatever is left stays leased in SQLite; the scanner sends it after the lease.
+    pub fn stop_and_drain(mut self, limit: Duration) {
+        self.stop_threads();
         let deadline = Instant::now() + limit;
         let mut relayed = Relayed::default();
         for r in &self.relays {
@@ -362,19 +370,14 @@ impl RelayThreads {
 
 impl Drop for RelayThreads {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for r in &self.relays {
-            r.handoff().wake();
-        }
-        for h in self.handles.drain(..) {
-            let _ = h.join();
-        }
+        self.stop_threads();
     }
 }
 
-fn run(relay: &Relay, stop: &AtomicBool) {
+fn run(relay: &Relay, stop: &Receiver<()>) {
+    let stopped = || matches!(stop.try_recv(), Err(TryRecvError::Disconnected));
     let mut failing = false;
-    while !stop.load(Ordering::SeqCst) {
+    while !stopped() {
         match relay.relay_once(Duration::from_millis(200)) {
             Ok(_) => {
                 if failing {
@@ -388,8 +391,14 @@ fn run(relay: &Relay, stop: &AtomicBool) {
                     log::warn!("relay step failed shard={:02}, retrying: {e}", relay.db);
                     failing = true;
                 }
-                // The batch stays leased in SQLite; back off before the next step.
-                let _ = relay.handoff().rx.recv_timeout(Duration::from_millis(100));
+                // The batch stays leased in SQLite. Back off before the next step, waking
+                // early only to stop (the hand-off is left alone: nothing in it is consumed).
+                if !matches!(
+                    stop.recv_timeout(Duration::from_millis(100)),
+                    Err(RecvTimeoutError::Timeout)
+                ) {
+                    break;
+                }
             }
         }
     }

@@ -180,3 +180,37 @@ fn the_relay_and_the_scanner_never_publish_one_task_at_once_with_a_backlog_older
     );
     assert_eq!(totals(&s), (n as i64, n as i64, n as i64, n as i64));
 }
+
+#[test]
+fn a_failing_relay_step_backs_off_without_dropping_what_was_handed_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    let (service, faulty) = start(s.clone());
+    // Every relay step fails while recording its failed publishes: the store refuses updates.
+    faulty.set_down(true);
+    let c = raw(&s, 1);
+    let c2 = raw(&s, 2);
+    for conn in [&c, &c2] {
+        conn.execute_batch("CREATE TRIGGER inject_fault BEFORE UPDATE ON task BEGIN SELECT RAISE(ABORT, 'injected fault'); END;").unwrap();
+    }
+    // Saves keep handing tasks over while the relays back off.
+    for i in 0..200 {
+        service
+            .save_award(award(&format!("bo{}", i % 13), &format!("4{i:011}")))
+            .unwrap();
+    }
+    for conn in [&c, &c2] {
+        conn.execute_batch("DROP TRIGGER inject_fault;").unwrap();
+    }
+    faulty.set_down(false);
+    // Idle means every handed-over task was taken and settled, none lost from the count.
+    settle(&service);
+    // Tasks of the failed steps are still leased to the relay; once that lapses the scanner
+    // sends them.
+    assert!(wait_until(Duration::from_secs(20), || {
+        service.drain(10).unwrap();
+        totals(&s).1 == 200
+    }));
+    service.shutdown().unwrap();
+    assert_eq!(totals(&s), (200, 200, 200, 200));
+}
