@@ -107,7 +107,6 @@ pub fn progress_bar(total: u64, label: &str) -> indicatif::ProgressBar {
 /// otherwise.
 pub struct Progress {
     bar: indicatif::ProgressBar,
-    tty: bool,
     total: u64,
     last_decile: AtomicU64,
 }
@@ -117,7 +116,6 @@ impl Progress {
     pub fn new(total: u64) -> Self {
         Progress {
             bar: progress_bar(total, "load"),
-            tty: std::io::stderr().is_terminal(),
             total,
             last_decile: AtomicU64::new(0),
         }
@@ -125,7 +123,7 @@ impl Progress {
 
     /// Show the counts so far; `done` once at the end.
     pub fn show(&self, saved: u64, delivered: u64, done: bool) {
-        if self.tty {
+        if !self.bar.is_hidden() {
             self.bar.set_position(saved);
             self.bar.set_message(format!("delivered {delivered}"));
             if done {

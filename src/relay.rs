@@ -258,6 +258,7 @@ impl Relay {
                 self.db
             );
         }
+        let renewed: std::collections::HashSet<i64> = renewed.into_iter().collect();
         keep.extend(
             short
                 .into_iter()

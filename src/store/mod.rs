@@ -411,18 +411,9 @@ impl Direct {
         topic: &str,
         now_ms: i64,
     ) -> Result<()> {
-        for chunk in records.chunks(batch.max(1)) {
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(|e| Error::storage("bench batch", e))?;
-            for r in chunk {
-                insert_pair(&tx, self.db, self.layout, r, topic, now_ms)?;
-            }
-            tx.commit()
-                .map_err(|e| Error::storage("bench batch commit", e))?;
-        }
-        Ok(())
+        self.in_batches(records, batch, |tx, db, layout, r| {
+            insert_pair(tx, db, layout, r, topic, now_ms).map(|_| ())
+        })
     }
 
     /// Every statement the embedded pipeline runs for an award, `batch` awards per transaction:
@@ -435,30 +426,36 @@ impl Direct {
         topic: &str,
         now_ms: i64,
     ) -> Result<()> {
-        let e = |err| Error::storage("bench e2e batch", err);
+        self.in_batches(records, batch, |tx, db, layout, r| {
+            let e = |err| Error::storage("bench e2e batch", err);
+            let table = award_table(route(r.user_id.as_str(), layout).table);
+            let t =
+                writer::insert_award_and_task(tx, db, &table, r, topic, "bench", now_ms, now_ms)?;
+            let (user, order) = (r.user_id.as_str(), r.order_id.as_str());
+            sql::record_delivery(tx, t.message_id.as_str(), t.seq, order, now_ms).map_err(e)?;
+            sql::complete_award(tx, &table, user, order, now_ms).map_err(e)?;
+            sql::mark_completed(tx, t.id, now_ms).map_err(e)?;
+            Ok(())
+        })
+    }
+
+    /// Run `per_award` for every record, `batch` records per `BEGIN IMMEDIATE` transaction.
+    fn in_batches(
+        &mut self,
+        records: &[AwardRecord],
+        batch: usize,
+        per_award: impl Fn(&Connection, u32, Layout, &AwardRecord) -> Result<()>,
+    ) -> Result<()> {
         for chunk in records.chunks(batch.max(1)) {
             let tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(e)?;
+                .map_err(|e| Error::storage("bench batch", e))?;
             for r in chunk {
-                let table = award_table(route(r.user_id.as_str(), self.layout).table);
-                let t = writer::insert_award_and_task(
-                    &tx, self.db, &table, r, topic, "bench", now_ms, now_ms,
-                )?;
-                sql::record_delivery(
-                    &tx,
-                    t.message_id.as_str(),
-                    t.seq,
-                    r.order_id.as_str(),
-                    now_ms,
-                )
-                .map_err(e)?;
-                sql::complete_award(&tx, &table, r.user_id.as_str(), r.order_id.as_str(), now_ms)
-                    .map_err(e)?;
-                sql::mark_completed(&tx, t.id, now_ms).map_err(e)?;
+                per_award(&tx, self.db, self.layout, r)?;
             }
-            tx.commit().map_err(e)?;
+            tx.commit()
+                .map_err(|e| Error::storage("bench batch commit", e))?;
         }
         Ok(())
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use big_market::model::TaskState;
 use big_market::service::{Parts, Service};
+use big_market::transport::fault::{FaultPlan, Faulty};
 use big_market::transport::memory::InProcess;
 use big_market::transport::Transport;
 use big_market::util::wait_until;
@@ -117,10 +118,15 @@ fn the_relay_and_the_scanner_never_publish_one_task_at_once_with_a_backlog_older
     s.handoff_capacity = 32;
     s.relay_batch = 25;
     s.publish_chunk = 25;
-    let recording = Arc::new(Recording::new(
+    // A slow broker: each batch's confirms come back 20 ms late.
+    let slow = Faulty::with_plan(
         Arc::new(InProcess::new(s.publish_timeout())),
-        Duration::from_millis(20),
-    ));
+        FaultPlan {
+            delay: Duration::from_millis(20),
+            ..FaultPlan::default()
+        },
+    );
+    let recording = Arc::new(Recording::new(Arc::new(slow)));
     let transport: Arc<dyn Transport> = recording.clone();
     let service = Service::start(
         s.clone(),
