@@ -122,6 +122,17 @@ enum Command {
         /// POST/GET /api/v1/awards, /healthz, /readyz, /metrics.
         #[arg(long, env = "BIG_MARKET_HTTP")]
         http: Option<String>,
+        /// Bearer token every /api/ route needs (Authorization: Bearer <token>); 16 to 1024
+        /// visible characters. /healthz, /readyz and /metrics stay open.
+        #[arg(long, env = "BIG_MARKET_HTTP_TOKEN", hide_env_values = true)]
+        http_token: Option<String>,
+        /// Serve an address other than loopback without a token (otherwise refused at start).
+        #[arg(long)]
+        http_insecure: bool,
+        /// Open HTTP connections at most; one more is answered 503 and closed.
+        #[arg(long, env = "BIG_MARKET_HTTP_MAX_CONNECTIONS", default_value_t = 256,
+              value_parser = clap::value_parser!(u32).range(1..=65_536))]
+        http_max_connections: u32,
     },
     /// Show award records and tasks by state on every shard.
     Status {
@@ -319,7 +330,23 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Award(a) => award(settings, a),
         Command::Load(a) => load(settings, a),
-        Command::Serve { http } => serve(settings, http),
+        Command::Serve {
+            http,
+            http_token,
+            http_insecure,
+            http_max_connections,
+        } => serve(
+            settings,
+            http.map(|addr| crate::http::HttpConfig {
+                addr,
+                token: http_token,
+                insecure: http_insecure,
+                limits: crate::http::HttpLimits {
+                    max_connections: http_max_connections as usize,
+                    ..crate::http::HttpLimits::default()
+                },
+            }),
+        ),
         Command::Status { json } => status(&settings, json),
         Command::Tasks(t) => tasks(&settings, t),
         Command::Audit { older_than, json } => audit(&settings, older_than, json),
@@ -466,22 +493,22 @@ fn load(settings: Settings, a: LoadArgs) -> Result<()> {
     Ok(())
 }
 
-fn serve(settings: Settings, http: Option<String>) -> Result<()> {
+fn serve(settings: Settings, http: Option<crate::http::HttpConfig>) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals =
         signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|e| Error::Io {
             path: "signal handler".into(),
             source: e,
         })?;
+    if let Some(config) = &http {
+        // A bad token or an exposed address is refused before anything is opened.
+        config.validate()?;
+    }
     let transport = transport_for(&settings)?;
     let service = Arc::new(Service::start(settings, transport, Parts::ALL)?);
-    let server = match &http {
-        Some(addr) => {
-            let server = crate::http::HttpServer::start(
-                addr,
-                service.clone(),
-                crate::http::HttpLimits::default(),
-            )?;
+    let server = match http {
+        Some(config) => {
+            let server = crate::http::HttpServer::start(config, service.clone())?;
             println!("listening on http://{}", server.local_addr());
             let _ = std::io::stdout().flush();
             Some(server)

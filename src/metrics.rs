@@ -1,6 +1,18 @@
-//! Process-wide counters, read by `status`, `load` and tests.
+//! Process-wide counters, read by `status`, `load` and tests, and their Prometheus exposition
+//! (OpenMetrics text through `prometheus-client`) for `GET /metrics`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::model::TaskState;
+use crate::router::db_name;
+use crate::store::ShardStatus;
 
 /// Counters of what this process did. Cheap to bump from any thread.
 #[derive(Debug, Default)]
@@ -80,10 +92,150 @@ impl Metrics {
     }
 }
 
+/// The content type of [`render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A snapshot of the latency histogram, encoded as a Prometheus histogram.
+#[derive(Debug)]
+struct LatencySnapshot {
+    /// (upper bound in seconds, count in that bucket alone); the last bound is +Inf.
+    buckets: Vec<(f64, u64)>,
+    sum: f64,
+    count: u64,
+}
+
+impl LatencySnapshot {
+    fn of(h: &Histogram) -> LatencySnapshot {
+        let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_MS
+            .iter()
+            .map(|ms| ms / 1000.0)
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(h.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, c)| c).sum();
+        LatencySnapshot {
+            buckets,
+            sum: h.sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+            count,
+        }
+    }
+}
+
+impl EncodeMetric for LatencySnapshot {
+    fn encode(&self, mut encoder: MetricEncoder) -> std::fmt::Result {
+        encoder.encode_histogram::<NoLabelSet>(self.sum, self.count, &self.buckets, None)
+    }
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// The exposition of the counters, per-shard state and the broker, in OpenMetrics text. Metric
+/// names: `big_market_<counter>_total`, `big_market_tasks{shard,state}`,
+/// `big_market_awards{shard,state}`, `big_market_oldest_pending_task_age_seconds{shard}`,
+/// `big_market_broker_connected`, `big_market_save_latency_seconds` (histogram).
+pub fn render(m: &Metrics, statuses: &[ShardStatus], broker_connected: bool, now_ms: i64) -> String {
+    let mut r = Registry::with_prefix("big_market");
+    let counters: [(&str, &str, &AtomicU64); 11] = [
+        ("awards_saved", "Awards committed", &m.awards_saved),
+        ("duplicates", "Awards refused as duplicate order ids", &m.duplicates),
+        ("publish_confirmed", "Publishes confirmed", &m.publish_confirmed),
+        ("publish_failed", "Publishes that failed", &m.publish_failed),
+        ("tasks_dead", "Tasks parked as dead", &m.tasks_dead),
+        ("scans", "Scanner passes", &m.scans),
+        ("relayed", "Tasks the scanner claimed and relayed", &m.relayed),
+        (
+            "relay_ran_on_caller",
+            "Relay jobs run on the scanner's thread (pool full)",
+            &m.ran_on_caller,
+        ),
+        ("delivered", "Awards delivered", &m.delivered),
+        (
+            "redelivered",
+            "Messages that arrived again and changed nothing",
+            &m.redelivered,
+        ),
+        ("poison", "Messages rejected as unprocessable", &m.poison),
+    ];
+    for (name, help, c) in counters {
+        r.register(name, help, ConstCounter::new(Metrics::get(c)));
+    }
+    let tasks = Family::<Labels, Gauge>::default();
+    let awards = Family::<Labels, Gauge>::default();
+    let age = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    for s in statuses {
+        let shard = db_name(s.db);
+        for state in TaskState::ALL {
+            tasks
+                .get_or_create(&vec![("shard", shard.clone()), ("state", state.as_str().into())])
+                .set(s.tasks_in(state) as i64);
+        }
+        for state in ["create", "completed"] {
+            awards
+                .get_or_create(&vec![("shard", shard.clone()), ("state", state.into())])
+                .set(s.awards_in(state) as i64);
+        }
+        let secs = s
+            .oldest_pending_ms
+            .map(|t| (now_ms - t).max(0) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        age.get_or_create(&vec![("shard", shard)]).set(secs);
+    }
+    r.register("tasks", "Tasks per shard and state", tasks);
+    r.register("awards", "Award records per shard and state", awards);
+    r.register(
+        "oldest_pending_task_age_seconds",
+        "Age of the oldest task not yet completed",
+        age,
+    );
+    r.register(
+        "broker_connected",
+        "Whether publishing can succeed",
+        ConstGauge::new(i64::from(broker_connected)),
+    );
+    r.register(
+        "save_latency_seconds",
+        "save_award latency",
+        LatencySnapshot::of(&m.save_latency),
+    );
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn metrics_render_in_openmetrics_text_with_the_known_names() {
+        let m = Metrics::default();
+        Metrics::add(&m.awards_saved, 3);
+        m.save_latency.observe(Duration::from_millis(3));
+        let mut s = ShardStatus {
+            db: 1,
+            oldest_pending_ms: Some(1000),
+            ..Default::default()
+        };
+        s.tasks.insert("completed".into(), 3);
+        let text = render(&m, &[s], true, 3000);
+        for line in [
+            "big_market_awards_saved_total 3",
+            "big_market_tasks{shard=\"big_market_01\",state=\"completed\"} 3",
+            "big_market_oldest_pending_task_age_seconds{shard=\"big_market_01\"} 2.0",
+            "big_market_save_latency_seconds_bucket{le=\"0.005\"} 1",
+            "big_market_save_latency_seconds_bucket{le=\"+Inf\"} 1",
+            "big_market_save_latency_seconds_count 1",
+            "big_market_broker_connected 1",
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative() {

@@ -389,6 +389,10 @@ impl Drop for Amqp {
 }
 
 impl Transport for Amqp {
+    fn kind(&self) -> &'static str {
+        "amqp"
+    }
+
     fn describe(&self) -> String {
         format!(
             "amqp {} queue={} ({})",

@@ -119,6 +119,10 @@ impl Faulty {
 }
 
 impl Transport for Faulty {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
     fn describe(&self) -> String {
         format!("faulty({})", self.inner.describe())
     }

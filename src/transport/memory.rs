@@ -49,6 +49,10 @@ impl Default for InProcess {
 }
 
 impl Transport for InProcess {
+    fn kind(&self) -> &'static str {
+        "in-process"
+    }
+
     fn describe(&self) -> String {
         "in-process".into()
     }

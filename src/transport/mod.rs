@@ -57,6 +57,10 @@ pub trait Transport: Send + Sync {
     /// A short description for logs and `status` (`in-process`, `amqp 127.0.0.1:5672`).
     fn describe(&self) -> String;
 
+    /// What kind of transport this is (`amqp`, `in-process`), safe to show to anyone: no
+    /// address, URL or credentials.
+    fn kind(&self) -> &'static str;
+
     /// Publish every message, with many in flight, and wait for each confirm. The result at
     /// index `i` is message `i`'s: `Ok` only once the message is safe (broker ack of a
     /// persistent, routed message; or handled by the in-process consumer).

@@ -130,6 +130,9 @@ impl Recording {
 }
 
 impl Transport for Recording {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
     fn describe(&self) -> String {
         format!("recording({})", self.inner.describe())
     }

@@ -1,0 +1,645 @@
+//! The HTTP interface of `serve`: HTTP/1.1 by hyper, on the async executor lapin already runs
+//! (async-global-executor and async-io). This module is the server's setup: the listener, the
+//! connection limit, the deadlines that hold against slow clients, and shutdown. [`routes`]
+//! answers requests; [`wire`] is the award's JSON form.
+//!
+//! Deadlines per connection: the request head within `head_timeout` of its first byte, the whole
+//! body within `body_timeout`, and a keep-alive connection with no request in hand is closed after
+//! `idle_timeout`. Past `max_connections`, a new connection is answered `503` at once and closed.
+
+pub mod client;
+pub mod routes;
+pub mod wire;
+
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_io::{Async, Timer};
+use event_listener::Event;
+use futures_lite::future::or;
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use smol_hyper::rt::FuturesIo;
+
+use crate::error::{Error, Result};
+use crate::service::Service;
+use routes::Ctx;
+
+/// Limits of the HTTP server. Every one of them is a bound on what a client can hold.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Largest request body (bytes); a bigger one gets 413.
+    pub max_body: usize,
+    /// Largest request head, request line and headers (bytes); a bigger one gets 431.
+    pub max_head: usize,
+    /// Open connections at most; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// Handlers touching the shards at once (the blocking pool's permits).
+    pub workers: usize,
+    /// The request head must arrive within this time of its first byte.
+    pub head_timeout: Duration,
+    /// The whole body must arrive within this time of the head (408 otherwise).
+    pub body_timeout: Duration,
+    /// A keep-alive connection without a request in hand is closed after this time.
+    pub idle_timeout: Duration,
+    /// On stop, requests in hand get this long to finish before their connections are dropped.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_body: 64 * 1024,
+            max_head: 16 * 1024,
+            max_connections: 256,
+            workers: 32,
+            head_timeout: Duration::from_secs(5),
+            body_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// How `serve --http` is set up.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Address to listen on (`127.0.0.1:8091`; port 0 picks a free port).
+    pub addr: String,
+    /// Bearer token every `/api/` route needs.
+    pub token: Option<String>,
+    /// Allow a non-loopback address without a token.
+    pub insecure: bool,
+    /// Limits.
+    pub limits: HttpLimits,
+}
+
+impl HttpConfig {
+    /// Loopback, no token, default limits.
+    pub fn local(addr: &str) -> HttpConfig {
+        HttpConfig {
+            addr: addr.into(),
+            token: None,
+            insecure: false,
+            limits: HttpLimits::default(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Check the token and the address, and resolve it: what `start` refuses, refused before
+    /// anything else is opened.
+    pub fn validate(&self) -> Result<Vec<SocketAddr>> {
+        if let Some(t) = &self.token {
+            check_token(t)?;
+        }
+        let addrs: Vec<SocketAddr> = self
+            .addr
+            .to_socket_addrs()
+            .map_err(|e| {
+                Error::Config(format!(
+                    "--http {:?} is not an address like 127.0.0.1:8091: {e}",
+                    self.addr
+                ))
+            })?
+            .collect();
+        if addrs.is_empty() {
+            return Err(Error::Config(format!(
+                "--http {:?} resolves to no address",
+                self.addr
+            )));
+        }
+        check_bind(&addrs, self.token.is_some(), self.insecure)?;
+        Ok(addrs)
+    }
+}
+
+/// Check a token: 16 to 1024 visible ASCII characters.
+pub fn check_token(token: &str) -> Result<()> {
+    if !(16..=1024).contains(&token.len()) || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::invalid(
+            "http-token",
+            "the token must be 16 to 1024 visible ASCII characters (no spaces)",
+        ));
+    }
+    Ok(())
+}
+
+/// Refuse to expose the API beyond this machine without a token, unless told it is intended.
+pub fn check_bind(addrs: &[SocketAddr], has_token: bool, insecure: bool) -> Result<()> {
+    if has_token || insecure || addrs.iter().all(|a| a.ip().is_loopback()) {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "refusing to serve HTTP on {} without a token: anyone who can reach it could create and read awards; set --http-token (BIG_MARKET_HTTP_TOKEN), bind 127.0.0.1, or pass --http-insecure if this is intended",
+        addrs
+            .first()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    )))
+}
+
+/// When a connection last did something, to enforce the head and idle deadlines.
+#[derive(Debug)]
+struct Activity {
+    state: Mutex<Phase>,
+    changed: Event,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// No request in hand since this instant.
+    Idle(Instant),
+    /// The first byte of a request head arrived at this instant.
+    Head(Instant, HeadScan),
+    /// A request is being answered (its body deadline is the handler's).
+    Busy,
+}
+
+/// Where a head's bytes have got to: the last four bytes, and whether the blank line that ends
+/// the head has been seen.
+#[derive(Debug, Clone, Copy, Default)]
+struct HeadScan {
+    last4: u32,
+    done: bool,
+}
+
+impl HeadScan {
+    /// Scan the next bytes of a head up to its blank line. A bare LF (not after CR) becomes NUL,
+    /// which hyper's parser refuses with 400: RFC 9112 lets a server accept a bare LF as a line
+    /// end, but a proxy in front may not, and a request read two ways is a smuggled one.
+    fn scan(&mut self, buf: &mut [u8]) {
+        for b in buf.iter_mut() {
+            if self.done {
+                return;
+            }
+            if *b == b'\n' && self.last4 & 0xff != u32::from(b'\r') {
+                *b = 0;
+                self.done = true;
+                return;
+            }
+            self.last4 = (self.last4 << 8) | u32::from(*b);
+            self.done = self.last4 == u32::from_be_bytes(*b"\r\n\r\n");
+        }
+    }
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            state: Mutex::new(Phase::Idle(Instant::now())),
+            changed: Event::new(),
+        }
+    }
+    fn set(&self, p: Phase) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = p;
+        self.changed.notify(usize::MAX);
+    }
+    /// Bytes arrived: outside a request they start (or continue) a head.
+    fn read_some(&self, buf: &mut [u8]) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *s {
+            Phase::Idle(_) => {
+                let mut scan = HeadScan::default();
+                scan.scan(buf);
+                *s = Phase::Head(Instant::now(), scan);
+                drop(s);
+                self.changed.notify(usize::MAX);
+            }
+            Phase::Head(_, scan) => scan.scan(buf),
+            Phase::Busy => {}
+        }
+    }
+    fn deadline(&self, l: &HttpLimits) -> Option<Instant> {
+        match *self.state.lock().unwrap_or_else(|e| e.into_inner()) {
+            Phase::Idle(t) => Some(t + l.idle_timeout),
+            Phase::Head(t, _) => Some(t + l.head_timeout),
+            Phase::Busy => None,
+        }
+    }
+    /// Resolves when the connection has been idle, or in its head, for too long.
+    async fn expired(&self, l: &HttpLimits) {
+        loop {
+            let listener = self.changed.listen();
+            match self.deadline(l) {
+                Some(d) if d <= Instant::now() => return,
+                Some(d) => {
+                    or(
+                        async {
+                            Timer::at(d).await;
+                        },
+                        listener,
+                    )
+                    .await
+                }
+                None => listener.await,
+            }
+        }
+    }
+}
+
+/// Marks a connection busy while a request is answered.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(a: &Arc<Activity>) -> Busy {
+        a.set(Phase::Busy);
+        Busy(a.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.set(Phase::Idle(Instant::now()));
+    }
+}
+
+/// The socket, noting when bytes arrive.
+struct Tracked {
+    inner: Async<TcpStream>,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                self.activity.read_some(&mut buf[..n]);
+            }
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+/// Open connections, and a wake-up when one closes.
+#[derive(Default)]
+struct Open {
+    count: AtomicUsize,
+    closed: Event,
+}
+
+/// Decrements [`Open`] when a connection's task ends, however it ends.
+struct Slot(Arc<Open>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::SeqCst);
+        self.0.closed.notify(usize::MAX);
+    }
+}
+
+/// A running HTTP server.
+pub struct HttpServer {
+    addr: SocketAddr,
+    ctx: Arc<Ctx>,
+    stop: Option<async_channel::Sender<()>>,
+    accept: Option<async_global_executor::Task<()>>,
+    open: Arc<Open>,
+}
+
+impl HttpServer {
+    /// Bind and serve `service`. Refuses a non-loopback address without a token (unless
+    /// `insecure`), and a malformed token.
+    pub fn start(config: HttpConfig, service: Arc<Service>) -> Result<HttpServer> {
+        let addrs = config.validate()?;
+        let listener = TcpListener::bind(&addrs[..])
+            .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.addr)))?;
+        let addr = listener.local_addr().map_err(|e| Error::Io {
+            path: "http listener".into(),
+            source: e,
+        })?;
+        let listener = Async::new(listener).map_err(|e| Error::Io {
+            path: "http listener".into(),
+            source: e,
+        })?;
+        let limits = config.limits;
+        let ctx = Arc::new(Ctx {
+            service,
+            token: config.token,
+            limits,
+            draining: AtomicBool::new(false),
+            pool: async_lock::Semaphore::new(limits.workers.max(1)),
+        });
+        let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);
+        let open = Arc::new(Open::default());
+        let accept = async_global_executor::spawn(accept_loop(
+            listener,
+            ctx.clone(),
+            stop_rx,
+            open.clone(),
+        ));
+        log::info!(
+            "http listening addr={addr} token={} max_connections={}",
+            if ctx.token.is_some() { "required" } else { "none" },
+            limits.max_connections
+        );
+        Ok(HttpServer {
+            addr,
+            ctx,
+            stop: Some(stop_tx),
+            accept: Some(accept),
+            open,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections open right now.
+    pub fn open_connections(&self) -> usize {
+        self.open.count.load(Ordering::SeqCst)
+    }
+
+    /// Answer `503` to new requests from now on (`/healthz` stays up).
+    pub fn drain(&self) {
+        self.ctx.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Stop accepting, let requests in hand finish within `shutdown_grace`, close every
+    /// connection and return once none is left.
+    pub fn stop(mut self) {
+        self.drain();
+        drop(self.stop.take());
+        if let Some(accept) = self.accept.take() {
+            async_global_executor::block_on(accept);
+        }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(accept) = self.accept.take() {
+            async_global_executor::block_on(accept);
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: Async<TcpListener>,
+    ctx: Arc<Ctx>,
+    stop: async_channel::Receiver<()>,
+    open: Arc<Open>,
+) {
+    let limits = ctx.limits;
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .keep_alive(true)
+        .max_buf_size(limits.max_head.max(8192) + 8192)
+        .max_header_size(limits.max_head)
+        .header_read_timeout(None);
+    let rejecting = Arc::new(AtomicUsize::new(0));
+    loop {
+        let next = or(async { Some(listener.accept().await) }, async {
+            let _ = stop.recv().await;
+            None
+        })
+        .await;
+        let (stream, _peer) = match next {
+            None => break,
+            Some(Ok(c)) => c,
+            Some(Err(e)) => {
+                // Out of file descriptors and the like: wait a little instead of spinning.
+                log::warn!("http: accept failed: {e}");
+                or(
+                    async {
+                        Timer::after(Duration::from_millis(100)).await;
+                    },
+                    async {
+                        let _ = stop.recv().await;
+                    },
+                )
+                .await;
+                continue;
+            }
+        };
+        let _ = stream.get_ref().set_nodelay(true);
+        if open.count.fetch_add(1, Ordering::SeqCst) >= limits.max_connections {
+            drop(Slot(open.clone()));
+            if rejecting.fetch_add(1, Ordering::SeqCst) < limits.max_connections {
+                let rejecting = rejecting.clone();
+                async_global_executor::spawn(async move {
+                    reject_busy(stream).await;
+                    rejecting.fetch_sub(1, Ordering::SeqCst);
+                })
+                .detach();
+            } else {
+                rejecting.fetch_sub(1, Ordering::SeqCst);
+            }
+            continue;
+        }
+        let slot = Slot(open.clone());
+        let (ctx, stop, builder) = (ctx.clone(), stop.clone(), builder.clone());
+        async_global_executor::spawn(async move {
+            serve_connection(stream, ctx, stop, builder).await;
+            drop(slot);
+        })
+        .detach();
+    }
+    // Stopping: every connection saw the closed channel; wait until they are gone.
+    let deadline = Instant::now() + limits.shutdown_grace + Duration::from_secs(1);
+    while open.count.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        let l = open.closed.listen();
+        if open.count.load(Ordering::SeqCst) == 0 {
+            break;
+        }
+        or(
+            async {
+                Timer::at(deadline).await;
+            },
+            l,
+        )
+        .await;
+    }
+}
+
+/// Past the connection limit: a 503 the client actually receives, then close. The response goes
+/// out before the request is read; what the client still sends is read and dropped for a moment,
+/// so that closing does not reset the connection under the response.
+async fn reject_busy(mut stream: Async<TcpStream>) {
+    const BODY: &str = "{\"error\":\"too many connections: retry shortly\"}";
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let send = async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.get_ref().shutdown(std::net::Shutdown::Write);
+        let mut sink = [0u8; 4096];
+        let mut left = 64 * 1024usize;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    or(send, async {
+        Timer::after(Duration::from_secs(1)).await;
+    })
+    .await;
+}
+
+async fn serve_connection(
+    stream: Async<TcpStream>,
+    ctx: Arc<Ctx>,
+    stop: async_channel::Receiver<()>,
+    builder: hyper::server::conn::http1::Builder,
+) {
+    let limits = ctx.limits;
+    let activity = Arc::new(Activity::new());
+    let io = FuturesIo::new(Tracked {
+        inner: stream,
+        activity: activity.clone(),
+    });
+    let handler_activity = activity.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let busy = Busy::new(&handler_activity);
+        let ctx = ctx.clone();
+        async move {
+            let response = routes::handle(req, ctx).await;
+            drop(busy);
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    let mut conn = pin!(builder.serve_connection(io, service));
+    enum End {
+        Done,
+        Expired,
+        Stop,
+    }
+    let end = or(
+        or(
+            async {
+                if let Err(e) = conn.as_mut().await {
+                    log::debug!("http connection ended: {e}");
+                }
+                End::Done
+            },
+            async {
+                activity.expired(&limits).await;
+                End::Expired
+            },
+        ),
+        async {
+            let _ = stop.recv().await;
+            End::Stop
+        },
+    )
+    .await;
+    match end {
+        End::Done | End::Expired => {}
+        End::Stop => {
+            conn.as_mut().graceful_shutdown();
+            or(
+                async {
+                    let _ = conn.as_mut().await;
+                },
+                async {
+                    Timer::after(limits.shutdown_grace).await;
+                },
+            )
+            .await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_may_go_without_a_token() {
+        let lo: SocketAddr = "127.0.0.1:8091".parse().unwrap();
+        let lo6: SocketAddr = "[::1]:8091".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:8091".parse().unwrap();
+        assert!(check_bind(&[lo, lo6], false, false).is_ok());
+        let e = check_bind(&[any], false, false).unwrap_err().to_string();
+        assert!(e.contains("--http-token") && e.contains("--http-insecure"), "{e}");
+        assert!(check_bind(&[any], true, false).is_ok());
+        assert!(check_bind(&[any], false, true).is_ok());
+        assert!(check_bind(&[lo, any], false, false).is_err());
+    }
+
+    #[test]
+    fn tokens_are_long_and_visible() {
+        assert!(check_token("0123456789abcdef").is_ok());
+        assert!(check_token("short").is_err());
+        assert!(check_token("0123456789 abcdef").is_err());
+        assert!(check_token(&"x".repeat(1025)).is_err());
+    }
+
+    #[test]
+    fn a_connection_expires_when_idle_or_slow_in_its_head() {
+        let l = HttpLimits {
+            idle_timeout: Duration::from_secs(30),
+            head_timeout: Duration::from_secs(5),
+            ..HttpLimits::default()
+        };
+        let a = Activity::new();
+        let idle = a.deadline(&l).unwrap();
+        a.read_some(&mut b"GET / HTTP/1.1\r\n".to_vec());
+        let head = a.deadline(&l).unwrap();
+        assert!(head < idle, "a head that started must finish sooner than idling");
+        a.set(Phase::Busy);
+        assert_eq!(a.deadline(&l), None, "no deadline while a request is answered");
+        a.read_some(&mut b"body".to_vec());
+        assert_eq!(a.deadline(&l), None, "body bytes do not start a head");
+    }
+
+    fn scanned(chunks: &[&[u8]]) -> Vec<u8> {
+        let mut scan = HeadScan::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            let mut c = c.to_vec();
+            scan.scan(&mut c);
+            out.extend(c);
+        }
+        out
+    }
+
+    #[test]
+    fn a_bare_lf_in_a_head_is_spoiled_and_the_body_left_alone() {
+        let ok: &[u8] = b"POST / HTTP/1.1\r\nHost: a\r\n\r\n{\n\"a\": 1\n}";
+        assert_eq!(scanned(&[ok]), ok, "LFs in the body are the body's");
+        assert_eq!(
+            scanned(&[b"POST / HTTP/1.1\r", b"\nHost: a\r\n\r", b"\n\n"]),
+            b"POST / HTTP/1.1\r\nHost: a\r\n\r\n\n",
+            "CR and LF split across reads"
+        );
+        assert_eq!(
+            scanned(&[b"GET / HTTP/1.1\nHost: a\r\n\r\n"]),
+            b"GET / HTTP/1.1\0Host: a\r\n\r\n"
+        );
+        assert_eq!(
+            scanned(&[b"GET / HTTP/1.1\r\nHost: a\n\n"]),
+            b"GET / HTTP/1.1\r\nHost: a\0\n"
+        );
+    }
+}
