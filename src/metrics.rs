@@ -136,16 +136,33 @@ type Labels = Vec<(&'static str, String)>;
 /// names: `big_market_<counter>_total`, `big_market_tasks{shard,state}`,
 /// `big_market_awards{shard,state}`, `big_market_oldest_pending_task_age_seconds{shard}`,
 /// `big_market_broker_connected`, `big_market_save_latency_seconds` (histogram).
-pub fn render(m: &Metrics, statuses: &[ShardStatus], broker_connected: bool, now_ms: i64) -> String {
+pub fn render(
+    m: &Metrics,
+    statuses: &[ShardStatus],
+    broker_connected: bool,
+    now_ms: i64,
+) -> String {
     let mut r = Registry::with_prefix("big_market");
     let counters: [(&str, &str, &AtomicU64); 11] = [
         ("awards_saved", "Awards committed", &m.awards_saved),
-        ("duplicates", "Awards refused as duplicate order ids", &m.duplicates),
-        ("publish_confirmed", "Publishes confirmed", &m.publish_confirmed),
+        (
+            "duplicates",
+            "Awards refused as duplicate order ids",
+            &m.duplicates,
+        ),
+        (
+            "publish_confirmed",
+            "Publishes confirmed",
+            &m.publish_confirmed,
+        ),
         ("publish_failed", "Publishes that failed", &m.publish_failed),
         ("tasks_dead", "Tasks parked as dead", &m.tasks_dead),
         ("scans", "Scanner passes", &m.scans),
-        ("relayed", "Tasks the scanner claimed and relayed", &m.relayed),
+        (
+            "relayed",
+            "Tasks the scanner claimed and relayed",
+            &m.relayed,
+        ),
         (
             "relay_ran_on_caller",
             "Relay jobs run on the scanner's thread (pool full)",
@@ -169,7 +186,10 @@ pub fn render(m: &Metrics, statuses: &[ShardStatus], broker_connected: bool, now
         let shard = db_name(s.db);
         for state in TaskState::ALL {
             tasks
-                .get_or_create(&vec![("shard", shard.clone()), ("state", state.as_str().into())])
+                .get_or_create(&vec![
+                    ("shard", shard.clone()),
+                    ("state", state.as_str().into()),
+                ])
                 .set(s.tasks_in(state) as i64);
         }
         for state in ["create", "completed"] {
@@ -233,7 +253,10 @@ mod tests {
             "big_market_broker_connected 1",
             "# EOF",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
         }
     }
 

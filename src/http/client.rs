@@ -16,7 +16,9 @@ pub fn agent(connections: usize) -> ureq::Agent {
         .into()
 }
 
-fn call(r: std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<(u16, String)> {
+fn call(
+    r: std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+) -> Result<(u16, String)> {
     let mut r = r.map_err(|e| Error::Broker(format!("http call failed: {e}")))?;
     let status = r.status().as_u16();
     let body = r

@@ -5,15 +5,19 @@
 //!
 //! Deadlines per connection: the request head within `head_timeout` of its first byte, the whole
 //! body within `body_timeout`, and a keep-alive connection with no request in hand is closed after
-//! `idle_timeout`. Past `max_connections`, a new connection is answered `503` at once and closed.
+//! `idle_timeout`. At `max_connections`, a new connection takes the place of the one that has
+//! waited longest without a request in hand (idle, or still sending its head), so slow clients can
+//! never lock others out; only when every connection has a request in hand is a new one answered
+//! `503` at once and closed.
 
 pub mod client;
 pub mod routes;
 pub mod wire;
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -147,6 +151,8 @@ pub fn check_bind(addrs: &[SocketAddr], has_token: bool, insecure: bool) -> Resu
 struct Activity {
     state: Mutex<Phase>,
     changed: Event,
+    /// Set when a newer connection took this one's place.
+    evicted: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -159,27 +165,51 @@ enum Phase {
     Busy,
 }
 
-/// Where a head's bytes have got to: the last four bytes, and whether the blank line that ends
-/// the head has been seen.
+/// Where a head's bytes have got to: the last four bytes, the start of the current line, how
+/// many framing lines (`Content-Length`, `Transfer-Encoding`) were seen, and whether the blank
+/// line that ends the head has been seen.
 #[derive(Debug, Clone, Copy, Default)]
 struct HeadScan {
     last4: u32,
+    line: [u8; 18],
+    line_len: usize,
+    framing: u8,
     done: bool,
 }
 
 impl HeadScan {
-    /// Scan the next bytes of a head up to its blank line. A bare LF (not after CR) becomes NUL,
-    /// which hyper's parser refuses with 400: RFC 9112 lets a server accept a bare LF as a line
-    /// end, but a proxy in front may not, and a request read two ways is a smuggled one.
+    /// Scan the next bytes of a head up to its blank line, and spoil (with a NUL, which hyper's
+    /// parser refuses with 400) what hyper would take but a proxy in front may read otherwise:
+    /// a bare LF as a line end (RFC 9112 lets a server accept it), and more than one framing
+    /// line (hyper merges identical `Content-Length`s and lets `Transfer-Encoding` override
+    /// `Content-Length`). This only ever refuses a request that would have been accepted; it
+    /// never changes how one is framed.
     fn scan(&mut self, buf: &mut [u8]) {
+        const FRAMING: [&[u8]; 2] = [b"content-length:", b"transfer-encoding:"];
         for b in buf.iter_mut() {
             if self.done {
                 return;
             }
-            if *b == b'\n' && self.last4 & 0xff != u32::from(b'\r') {
+            let prev = (self.last4 & 0xff) as u8;
+            if *b == b'\n' && prev != b'\r' {
                 *b = 0;
                 self.done = true;
                 return;
+            }
+            if prev == b'\n' {
+                self.line_len = 0;
+            }
+            if self.line_len < self.line.len() {
+                self.line[self.line_len] = b.to_ascii_lowercase();
+                self.line_len += 1;
+                if FRAMING.contains(&&self.line[..self.line_len]) {
+                    self.framing += 1;
+                    if self.framing > 1 {
+                        *b = 0;
+                        self.done = true;
+                        return;
+                    }
+                }
             }
             self.last4 = (self.last4 << 8) | u32::from(*b);
             self.done = self.last4 == u32::from_be_bytes(*b"\r\n\r\n");
@@ -192,6 +222,7 @@ impl Activity {
         Activity {
             state: Mutex::new(Phase::Idle(Instant::now())),
             changed: Event::new(),
+            evicted: AtomicBool::new(false),
         }
     }
     fn set(&self, p: Phase) {
@@ -213,6 +244,21 @@ impl Activity {
             Phase::Busy => {}
         }
     }
+    /// Since when this connection has been without a request in hand, if it is (and not yet
+    /// evicted).
+    fn waiting_since(&self) -> Option<Instant> {
+        if self.evicted.load(Ordering::SeqCst) {
+            return None;
+        }
+        match *self.state.lock().unwrap_or_else(|e| e.into_inner()) {
+            Phase::Idle(t) | Phase::Head(t, _) => Some(t),
+            Phase::Busy => None,
+        }
+    }
+    fn evict(&self) {
+        self.evicted.store(true, Ordering::SeqCst);
+        self.changed.notify(usize::MAX);
+    }
     fn deadline(&self, l: &HttpLimits) -> Option<Instant> {
         match *self.state.lock().unwrap_or_else(|e| e.into_inner()) {
             Phase::Idle(t) => Some(t + l.idle_timeout),
@@ -220,10 +266,13 @@ impl Activity {
             Phase::Busy => None,
         }
     }
-    /// Resolves when the connection has been idle, or in its head, for too long.
+    /// Resolves when the connection has been idle, or in its head, for too long, or was evicted.
     async fn expired(&self, l: &HttpLimits) {
         loop {
             let listener = self.changed.listen();
+            if self.evicted.load(Ordering::SeqCst) {
+                return;
+            }
             match self.deadline(l) {
                 Some(d) if d <= Instant::now() => return,
                 Some(d) => {
@@ -298,16 +347,47 @@ impl AsyncWrite for Tracked {
 /// Open connections, and a wake-up when one closes.
 #[derive(Default)]
 struct Open {
-    count: AtomicUsize,
+    conns: Mutex<HashMap<u64, Arc<Activity>>>,
+    next_id: AtomicU64,
     closed: Event,
 }
 
-/// Decrements [`Open`] when a connection's task ends, however it ends.
-struct Slot(Arc<Open>);
+impl Open {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Activity>>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn count(&self) -> usize {
+        self.lock().len()
+    }
+    /// Take a place for a new connection: a free one, or the place of the connection that has
+    /// waited longest without a request in hand. `None` when every place has a request in hand.
+    fn admit(self: &Arc<Self>, max: usize) -> Option<(Slot, Arc<Activity>)> {
+        let mut conns = self.lock();
+        let live = conns
+            .values()
+            .filter(|a| !a.evicted.load(Ordering::SeqCst))
+            .count();
+        if live >= max {
+            let victim = conns
+                .values()
+                .filter_map(|a| a.waiting_since().map(|t| (t, a)))
+                .min_by_key(|(t, _)| *t)
+                .map(|(_, a)| a.clone())?;
+            victim.evict();
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let activity = Arc::new(Activity::new());
+        conns.insert(id, activity.clone());
+        Some((Slot(self.clone(), id), activity))
+    }
+}
+
+/// A connection's place in [`Open`], given back when its task ends, however it ends.
+struct Slot(Arc<Open>, u64);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::SeqCst);
+        self.0.lock().remove(&self.1);
         self.0.closed.notify(usize::MAX);
     }
 }
@@ -346,15 +426,15 @@ impl HttpServer {
         });
         let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);
         let open = Arc::new(Open::default());
-        let accept = async_global_executor::spawn(accept_loop(
-            listener,
-            ctx.clone(),
-            stop_rx,
-            open.clone(),
-        ));
+        let accept =
+            async_global_executor::spawn(accept_loop(listener, ctx.clone(), stop_rx, open.clone()));
         log::info!(
             "http listening addr={addr} token={} max_connections={}",
-            if ctx.token.is_some() { "required" } else { "none" },
+            if ctx.token.is_some() {
+                "required"
+            } else {
+                "none"
+            },
             limits.max_connections
         );
         Ok(HttpServer {
@@ -373,7 +453,7 @@ impl HttpServer {
 
     /// Connections open right now.
     pub fn open_connections(&self) -> usize {
-        self.open.count.load(Ordering::SeqCst)
+        self.open.count()
     }
 
     /// Answer `503` to new requests from now on (`/healthz` stays up).
@@ -440,8 +520,7 @@ async fn accept_loop(
             }
         };
         let _ = stream.get_ref().set_nodelay(true);
-        if open.count.fetch_add(1, Ordering::SeqCst) >= limits.max_connections {
-            drop(Slot(open.clone()));
+        let Some((slot, activity)) = open.admit(limits.max_connections) else {
             if rejecting.fetch_add(1, Ordering::SeqCst) < limits.max_connections {
                 let rejecting = rejecting.clone();
                 async_global_executor::spawn(async move {
@@ -453,20 +532,19 @@ async fn accept_loop(
                 rejecting.fetch_sub(1, Ordering::SeqCst);
             }
             continue;
-        }
-        let slot = Slot(open.clone());
+        };
         let (ctx, stop, builder) = (ctx.clone(), stop.clone(), builder.clone());
         async_global_executor::spawn(async move {
-            serve_connection(stream, ctx, stop, builder).await;
+            serve_connection(stream, activity, ctx, stop, builder).await;
             drop(slot);
         })
         .detach();
     }
     // Stopping: every connection saw the closed channel; wait until they are gone.
     let deadline = Instant::now() + limits.shutdown_grace + Duration::from_secs(1);
-    while open.count.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+    while open.count() > 0 && Instant::now() < deadline {
         let l = open.closed.listen();
-        if open.count.load(Ordering::SeqCst) == 0 {
+        if open.count() == 0 {
             break;
         }
         or(
@@ -508,12 +586,12 @@ async fn reject_busy(mut stream: Async<TcpStream>) {
 
 async fn serve_connection(
     stream: Async<TcpStream>,
+    activity: Arc<Activity>,
     ctx: Arc<Ctx>,
     stop: async_channel::Receiver<()>,
     builder: hyper::server::conn::http1::Builder,
 ) {
     let limits = ctx.limits;
-    let activity = Arc::new(Activity::new());
     let io = FuturesIo::new(Tracked {
         inner: stream,
         activity: activity.clone(),
@@ -581,7 +659,10 @@ mod tests {
         let any: SocketAddr = "0.0.0.0:8091".parse().unwrap();
         assert!(check_bind(&[lo, lo6], false, false).is_ok());
         let e = check_bind(&[any], false, false).unwrap_err().to_string();
-        assert!(e.contains("--http-token") && e.contains("--http-insecure"), "{e}");
+        assert!(
+            e.contains("--http-token") && e.contains("--http-insecure"),
+            "{e}"
+        );
         assert!(check_bind(&[any], true, false).is_ok());
         assert!(check_bind(&[any], false, true).is_ok());
         assert!(check_bind(&[lo, any], false, false).is_err());
@@ -606,11 +687,36 @@ mod tests {
         let idle = a.deadline(&l).unwrap();
         a.read_some(&mut b"GET / HTTP/1.1\r\n".to_vec());
         let head = a.deadline(&l).unwrap();
-        assert!(head < idle, "a head that started must finish sooner than idling");
+        assert!(
+            head < idle,
+            "a head that started must finish sooner than idling"
+        );
         a.set(Phase::Busy);
-        assert_eq!(a.deadline(&l), None, "no deadline while a request is answered");
+        assert_eq!(
+            a.deadline(&l),
+            None,
+            "no deadline while a request is answered"
+        );
         a.read_some(&mut b"body".to_vec());
         assert_eq!(a.deadline(&l), None, "body bytes do not start a head");
+    }
+
+    #[test]
+    fn a_full_house_evicts_the_longest_waiting_and_refuses_when_all_are_busy() {
+        let open = Arc::new(Open::default());
+        let (s1, a1) = open.admit(2).unwrap();
+        let (_s2, a2) = open.admit(2).unwrap();
+        a2.set(Phase::Busy);
+        let (_s3, a3) = open.admit(2).unwrap();
+        assert!(a1.evicted.load(Ordering::SeqCst), "the idle one made room");
+        assert!(!a2.evicted.load(Ordering::SeqCst));
+        a3.set(Phase::Busy);
+        assert!(
+            open.admit(2).is_none(),
+            "every live place has a request in hand"
+        );
+        drop(s1);
+        assert_eq!(open.count(), 2);
     }
 
     fn scanned(chunks: &[&[u8]]) -> Vec<u8> {
@@ -640,6 +746,28 @@ mod tests {
         assert_eq!(
             scanned(&[b"GET / HTTP/1.1\r\nHost: a\n\n"]),
             b"GET / HTTP/1.1\r\nHost: a\0\n"
+        );
+        assert_eq!(
+            scanned(&[
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\ncontent-LENGTH",
+                b": 1\r\n\r\nx"
+            ]),
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\ncontent-LENGTH\0 1\r\n\r\nx",
+            "a second Content-Length line"
+        );
+        assert_eq!(
+            scanned(&[
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            ]),
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding\0 chunked\r\n\r\n",
+            "Content-Length with Transfer-Encoding"
+        );
+        let body_with_length: &[u8] =
+            b"POST / HTTP/1.1\r\nContent-Length: 40\r\n\r\n\r\ncontent-length: 5\r\n";
+        assert_eq!(
+            scanned(&[body_with_length]),
+            body_with_length,
+            "the body is not scanned"
         );
     }
 }

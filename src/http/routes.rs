@@ -141,7 +141,11 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
         (Method::GET, "/readyz") => blocking(&ctx, |ctx| ready(&ctx.service)).await,
         (Method::GET, "/metrics") => blocking(&ctx, |ctx| metrics(&ctx.service)).await,
         (m, p) => {
-            let allow = if p == "/api/v1/awards" { "GET, POST" } else { "GET" };
+            let allow = if p == "/api/v1/awards" {
+                "GET, POST"
+            } else {
+                "GET"
+            };
             let mut r = refused(Refusal::new(405, format!("method {m} not allowed on {p}")));
             r.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(allow));
@@ -341,7 +345,11 @@ mod tests {
         let ok = headers(&[("host", "a"), ("content-length", "5")]);
         assert_eq!(framing_error(Version::HTTP_11, &ok), None);
         let cases = [
-            headers(&[("host", "a"), ("content-length", "5"), ("content-length", "5")]),
+            headers(&[
+                ("host", "a"),
+                ("content-length", "5"),
+                ("content-length", "5"),
+            ]),
             headers(&[
                 ("host", "a"),
                 ("content-length", "5"),

@@ -172,7 +172,10 @@ mod tests {
         }
         assert_eq!(parse_award(b"not json", 0).unwrap_err().status, 400);
         assert_eq!(parse_award(b"[1]", 0).unwrap_err().status, 400);
-        assert_eq!(parse_award(b"{\"userId\":\"\xff\"}", 0).unwrap_err().status, 400);
+        assert_eq!(
+            parse_award(b"{\"userId\":\"\xff\"}", 0).unwrap_err().status,
+            400
+        );
     }
 
     #[test]
