@@ -514,31 +514,23 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
             crate::http::HttpConfig::local("127.0.0.1:0"),
             service.clone(),
         )?;
-        let url = format!("http://{}/api/v1/awards", server.local_addr());
-        let agent = crate::http::client::agent(opts.threads);
         let body = |i: usize| {
             let r = record(i, '6');
             serde_json::json!({"userId": r.user_id.as_str(), "activityId": r.activity_id, "strategyId": r.strategy_id, "orderId": r.order_id.as_str(), "awardId": r.award_id, "awardTitle": r.award_title})
                 .to_string()
         };
-        let lat = Mutex::new(Vec::with_capacity(n));
         let start = Instant::now();
-        on_threads(opts.threads, n, |i| {
-            let t0 = Instant::now();
-            let (status, body) = crate::http::client::post_json(&agent, &url, &body(i))?;
-            lat.lock().unwrap().push(t0.elapsed());
-            if status == 201 {
-                Ok(())
-            } else {
-                Err(Error::Broker(format!("http bench got {status}: {body}")))
-            }
-        })?;
+        let mut lat = crate::http::client::post_load(
+            server.local_addr(),
+            "/api/v1/awards",
+            opts.threads,
+            n,
+            body,
+        )?;
         let elapsed = until_delivered(&service, n, start, "http")?;
         f.http = Some(rate(n, elapsed));
-        let mut lat = lat.into_inner().unwrap();
         lat.sort();
         f.http_p99_ms = Some(percentile(&lat, 0.99));
-        drop(agent);
         server.stop();
         Arc::try_unwrap(service)
             .map_err(|_| Error::Config("http bench still holds the service".into()))?

@@ -154,6 +154,43 @@ impl Outbox {
             .expect("one result per award")
     }
 
+    /// [`Outbox::save_award`] for an async caller (the HTTP server): the commit is awaited, not
+    /// blocked on, so the executor's threads keep accepting and parsing meanwhile.
+    pub async fn save_award_async(&self, record: AwardRecord) -> Result<Saved> {
+        let started = std::time::Instant::now();
+        let saved = self
+            .store
+            .save_award_async(
+                record,
+                &self.topic,
+                &self.relay_owner,
+                self.settings.stale_after,
+                now_ms(),
+            )
+            .await;
+        self.account(saved, started.elapsed())
+    }
+
+    fn account(&self, saved: Result<SavedTask>, elapsed: std::time::Duration) -> Result<Saved> {
+        match saved {
+            Ok(task) => {
+                Metrics::add(&self.metrics.awards_saved, 1);
+                self.metrics.save_latency.observe(elapsed);
+                Ok(Saved {
+                    message_id: task.message_id,
+                    db: task.db,
+                    seq: task.seq,
+                })
+            }
+            Err(e) => {
+                if matches!(e, crate::Error::DuplicateOrder { .. }) {
+                    Metrics::add(&self.metrics.duplicates, 1);
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Save many awards: each is committed with its task (a duplicate fails only itself), each
     /// shard's share in one group commit. One result per award, in order.
     pub fn save_awards(&self, records: Vec<AwardRecord>) -> Vec<Result<Saved>> {
@@ -168,23 +205,7 @@ impl Outbox {
         let elapsed = started.elapsed();
         saved
             .into_iter()
-            .map(|r| match r {
-                Ok(task) => {
-                    Metrics::add(&self.metrics.awards_saved, 1);
-                    self.metrics.save_latency.observe(elapsed);
-                    Ok(Saved {
-                        message_id: task.message_id,
-                        db: task.db,
-                        seq: task.seq,
-                    })
-                }
-                Err(e) => {
-                    if matches!(e, crate::Error::DuplicateOrder { .. }) {
-                        Metrics::add(&self.metrics.duplicates, 1);
-                    }
-                    Err(e)
-                }
-            })
+            .map(|r| self.account(r, elapsed))
             .collect()
     }
 

@@ -180,6 +180,12 @@ impl Service {
         self.outbox.save_award(record)
     }
 
+    /// [`Service::save_award`] for an async caller: awaits the commit without blocking the
+    /// executor thread it runs on.
+    pub async fn save_award_async(&self, record: AwardRecord) -> Result<Saved> {
+        self.outbox.save_award_async(record).await
+    }
+
     /// Wait at most `timeout` until a saved award's message is confirmed (task `completed`) or
     /// parked (`dead`); returns the task's state then.
     pub fn wait_confirmed(&self, saved: &Saved, timeout: Duration) -> Result<TaskState> {

@@ -227,7 +227,6 @@ impl Activity {
     }
     fn set(&self, p: Phase) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = p;
-        self.changed.notify(usize::MAX);
     }
     /// Bytes arrived: outside a request they start (or continue) a head.
     fn read_some(&self, buf: &mut [u8]) {
@@ -237,8 +236,6 @@ impl Activity {
                 let mut scan = HeadScan::default();
                 scan.scan(buf);
                 *s = Phase::Head(Instant::now(), scan);
-                drop(s);
-                self.changed.notify(usize::MAX);
             }
             Phase::Head(_, scan) => scan.scan(buf),
             Phase::Busy => {}
@@ -267,28 +264,34 @@ impl Activity {
         }
     }
     /// Resolves when the connection has been idle, or in its head, for too long, or was evicted.
+    /// It looks at the clock at most every [`WATCH_TICK`] rather than being woken by every
+    /// request (a timer per request costs more than the request's parsing), so a deadline is
+    /// enforced within one tick of passing; an eviction wakes it at once.
     async fn expired(&self, l: &HttpLimits) {
         loop {
-            let listener = self.changed.listen();
+            let evicted = self.changed.listen();
             if self.evicted.load(Ordering::SeqCst) {
                 return;
             }
-            match self.deadline(l) {
-                Some(d) if d <= Instant::now() => return,
-                Some(d) => {
-                    or(
-                        async {
-                            Timer::at(d).await;
-                        },
-                        listener,
-                    )
-                    .await
-                }
-                None => listener.await,
-            }
+            let now = Instant::now();
+            let wake = match self.deadline(l) {
+                Some(d) if d <= now => return,
+                Some(d) => d.min(now + WATCH_TICK),
+                None => now + WATCH_TICK,
+            };
+            or(
+                async {
+                    Timer::at(wake).await;
+                },
+                evicted,
+            )
+            .await;
         }
     }
 }
+
+/// How often a connection's deadlines are checked.
+const WATCH_TICK: Duration = Duration::from_millis(500);
 
 /// Marks a connection busy while a request is answered.
 struct Busy(Arc<Activity>);

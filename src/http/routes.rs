@@ -1,6 +1,7 @@
 //! What each request gets: framing checks a proxy could read differently from us, the bearer
-//! token, then the routes. Handlers that touch the shards run on a bounded blocking pool, never
-//! on the executor's threads, so a slow commit does not stall accepting or parsing.
+//! token, then the routes. Nothing here blocks an executor thread: an award's commit runs on its
+//! shard's writer thread and is awaited; reads of the shards run on a bounded blocking pool. A
+//! slow commit never stalls accepting or parsing.
 //!
 //! Routes: `POST /api/v1/awards`, `GET /api/v1/awards?userId=…` (both behind the token when one
 //! is set), `GET /healthz`, `GET /readyz`, `GET /metrics`.
@@ -218,16 +219,14 @@ async fn create(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
         Ok(b) => b,
         Err(r) => return refused_and_close(r),
     };
-    blocking(&ctx, move |ctx| save(&ctx.service, &body)).await
-}
-
-fn save(service: &Service, body: &[u8]) -> Response<Body> {
-    let record = match parse_award(body, now_ms()) {
+    let record = match parse_award(&body, now_ms()) {
         Ok(r) => r,
         Err(r) => return refused(r),
     };
-    let r = route(record.user_id.as_str(), service.settings().layout);
-    match service.save_award(record) {
+    // The commit runs on the shard's writer thread; this task awaits it without holding an
+    // executor thread.
+    let r = route(record.user_id.as_str(), ctx.service.settings().layout);
+    match ctx.service.save_award_async(record).await {
         Ok(saved) => json_response(
             201,
             &json!({

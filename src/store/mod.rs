@@ -126,6 +126,11 @@ impl Shard {
         self.writer.call(op)
     }
 
+    /// Run a write op on this shard's writer thread and await its commit.
+    pub async fn write_async(&self, op: Op) -> Result<Reply> {
+        self.writer.call_async(op).await
+    }
+
     fn read(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>> {
         self.pool
             .get()
@@ -254,6 +259,30 @@ impl Store {
         self.save_awards(vec![record], topic, owner, lease, now_ms)
             .pop()
             .expect("one result per award")
+    }
+
+    /// [`Store::save_award`] for an async caller: awaits the commit without blocking its thread.
+    pub async fn save_award_async(
+        &self,
+        record: AwardRecord,
+        topic: &Arc<str>,
+        owner: &Arc<str>,
+        lease: Duration,
+        now_ms: i64,
+    ) -> Result<SavedTask> {
+        let r = route(record.user_id.as_str(), self.layout);
+        let op = Op::SaveAward {
+            record,
+            table: award_table(r.table),
+            topic: topic.clone(),
+            owner: owner.clone(),
+            lease_until_ms: now_ms + lease.as_millis() as i64,
+            now_ms,
+        };
+        match self.shard(r.db).write_async(op).await? {
+            Reply::Saved(t) => Ok(t),
+            other => unreachable!("SaveAward replied {other:?}"),
+        }
     }
 
     /// Insert many awards, each with its task in its own savepoint; each shard's share is queued

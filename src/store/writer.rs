@@ -170,7 +170,13 @@ pub enum Reply {
 struct Job {
     op: Op,
     /// `None` for a detached op: nobody waits, and a failure is logged.
-    reply: Option<Sender<Result<Reply>>>,
+    reply: Option<ReplyTo>,
+}
+
+/// Where a job's result goes: a thread blocked on it, or a task awaiting it.
+enum ReplyTo {
+    Wait(Sender<Result<Reply>>),
+    Async(async_channel::Sender<Result<Reply>>),
 }
 
 /// Handle to a shard's writer thread. Dropping it lets the thread finish the queued work, then
@@ -213,10 +219,35 @@ impl Writer {
         let tx = self.tx.as_ref().ok_or(Error::ShuttingDown)?;
         tx.send(Job {
             op,
-            reply: Some(reply),
+            reply: Some(ReplyTo::Wait(reply)),
         })
         .map_err(|_| Error::ShuttingDown)?;
         rx.recv().map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Run one op and await its commit without blocking the awaiting thread (an async
+    /// executor's): the writer thread does the work and wakes the task. Only when the writer's
+    /// queue is full does the hand-over wait, on the blocking pool.
+    pub async fn call_async(&self, op: Op) -> Result<Reply> {
+        let (reply, rx) = async_channel::bounded(1);
+        let tx = self.tx.as_ref().ok_or(Error::ShuttingDown)?;
+        let job = Job {
+            op,
+            reply: Some(ReplyTo::Async(reply)),
+        };
+        match tx.try_send(job) {
+            Ok(()) => {}
+            Err(crossbeam_channel::TrySendError::Full(job)) => {
+                let tx = tx.clone();
+                blocking::unblock(move || tx.send(job).map_err(|_| ()))
+                    .await
+                    .map_err(|_| Error::ShuttingDown)?;
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                return Err(Error::ShuttingDown)
+            }
+        }
+        rx.recv().await.map_err(|_| Error::ShuttingDown)?
     }
 
     /// Run several ops: all are queued before any reply is awaited, so they share a group commit.
@@ -230,7 +261,7 @@ impl Writer {
                 let (reply, rx) = bounded(1);
                 tx.send(Job {
                     op,
-                    reply: Some(reply),
+                    reply: Some(ReplyTo::Wait(reply)),
                 })
                 .ok()
                 .map(|_| rx)
@@ -293,8 +324,11 @@ fn run<C: std::ops::DerefMut<Target = Connection>>(
         }
         for (job, result) in batch.into_iter().zip(results) {
             match (job.reply, result) {
-                (Some(reply), result) => {
+                (Some(ReplyTo::Wait(reply)), result) => {
                     let _ = reply.send(result);
+                }
+                (Some(ReplyTo::Async(reply)), result) => {
+                    let _ = reply.try_send(result);
                 }
                 (None, Err(e)) => {
                     log::warn!("detached write failed shard={db:02}, repaired by a later scan: {e}")

@@ -7,12 +7,37 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use big_market::http::client;
 use big_market::util::wait_until;
 use serde_json::{json, Value};
 
 use crate::cli::bin;
 use crate::support::*;
+
+/// ureq with a keep-alive pool: every status returned as a response, a deadline per call.
+mod client {
+    use std::time::Duration;
+
+    pub fn agent(connections: usize) -> ureq::Agent {
+        with_timeout(connections, Duration::from_secs(30))
+    }
+
+    pub fn with_timeout(connections: usize, timeout: Duration) -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(timeout))
+            .max_idle_connections(connections)
+            .max_idle_connections_per_host(connections)
+            .build()
+            .into()
+    }
+
+    /// `GET url`: the status and the body.
+    pub fn get(agent: &ureq::Agent, url: &str) -> Result<(u16, String), ureq::Error> {
+        let mut r = agent.get(url).call()?;
+        let body = r.body_mut().read_to_string()?;
+        Ok((r.status().as_u16(), body))
+    }
+}
 
 pub const TOKEN: &str = "test-token-0123456789";
 
@@ -577,16 +602,11 @@ fn slow_and_idle_clients_do_not_lock_out_health_checks_or_shutdown() {
         })
         .collect();
     // Health answers within a second throughout, on a new connection each time.
-    let probe = client::agent(1);
     let until = Instant::now() + Duration::from_secs(7);
     let mut probes = 0;
     while Instant::now() < until {
         let t0 = Instant::now();
-        let fresh = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(1)))
-            .build()
-            .new_agent();
+        let fresh = client::with_timeout(1, Duration::from_secs(1));
         let r = client::get(&fresh, &format!("http://{}/healthz", server.addr));
         assert!(
             matches!(r, Ok((200, _))) && t0.elapsed() < Duration::from_secs(1),
@@ -596,7 +616,6 @@ fn slow_and_idle_clients_do_not_lock_out_health_checks_or_shutdown() {
         probes += 1;
         std::thread::sleep(Duration::from_millis(100)); // probing pace
     }
-    drop(probe);
     // Heads that never finish are cut off (5 s deadline, or evicted sooner by newer connections).
     for h in heads {
         let (reply, took) = h.join().unwrap();
