@@ -321,6 +321,7 @@ impl Outbox {
         if !done.is_empty() {
             let op = Op::MarkCompleted {
                 ids: done,
+                owner: owner.clone(),
                 now_ms: now,
             };
             match settle {

@@ -463,7 +463,7 @@ impl Direct {
             let (user, order) = (r.user_id.as_str(), r.order_id.as_str());
             sql::record_delivery(tx, t.message_id.as_str(), t.seq, order, now_ms).map_err(e)?;
             sql::complete_award(tx, &table, user, order, now_ms).map_err(e)?;
-            sql::mark_completed(tx, t.id, now_ms).map_err(e)?;
+            sql::mark_completed(tx, t.id, None, now_ms).map_err(e)?;
             Ok(())
         })
     }
@@ -508,7 +508,8 @@ impl Direct {
 
     /// Mark one task completed in its own transaction.
     pub fn mark_one(&mut self, id: i64, now_ms: i64) -> Result<()> {
-        sql::mark_completed(&self.conn, id, now_ms).map_err(|e| Error::storage("naive mark", e))?;
+        sql::mark_completed(&self.conn, id, None, now_ms)
+            .map_err(|e| Error::storage("naive mark", e))?;
         Ok(())
     }
 }

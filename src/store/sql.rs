@@ -183,13 +183,15 @@ pub fn claim_due(
     Ok(out)
 }
 
-/// Mark a task completed (its message was confirmed). A completed or dead task is left alone.
-pub fn mark_completed(conn: &Connection, id: i64, now_ms: i64) -> Sql<usize> {
+/// Mark a task completed (its message was confirmed). A completed or dead task is left alone,
+/// and so is a task claimed by anyone but `owner` (when given): a publisher that lost its lease
+/// does not mark the task; whoever holds the claim now sends it and marks it.
+pub fn mark_completed(conn: &Connection, id: i64, owner: Option<&str>, now_ms: i64) -> Sql<usize> {
     conn.prepare_cached(
         "UPDATE task SET state = 'completed', claimed_by = NULL, last_error = NULL, update_time = ?2
-         WHERE id = ?1 AND state IN ('create', 'fail')",
+         WHERE id = ?1 AND state IN ('create', 'fail') AND (?3 IS NULL OR claimed_by = ?3)",
     )?
-    .execute(params![id, now_ms])
+    .execute(params![id, now_ms, owner])
 }
 
 /// Record a failed publish by `owner`: the new state (`fail` or `dead`), counted attempts and

@@ -79,10 +79,12 @@ pub enum Op {
         /// Now.
         now_ms: i64,
     },
-    /// Mark tasks completed.
+    /// Mark tasks completed, those still claimed by `owner`.
     MarkCompleted {
         /// Task ids.
         ids: Vec<i64>,
+        /// The claim owner that published them.
+        owner: Arc<str>,
         /// Now.
         now_ms: i64,
     },
@@ -459,10 +461,10 @@ fn apply(db: u32, conn: &Connection, op: &Op) -> Result<Reply> {
             )?;
             Ok(Reply::Saved(saved))
         }
-        Op::MarkCompleted { ids, now_ms } => {
+        Op::MarkCompleted { ids, owner, now_ms } => {
             let mut n = 0;
             for id in ids {
-                n += sql::mark_completed(conn, *id, *now_ms)
+                n += sql::mark_completed(conn, *id, Some(owner), *now_ms)
                     .map_err(|e| Error::storage(ctx("marking a task completed"), e))?;
             }
             Ok(Reply::Count(n))

@@ -220,3 +220,45 @@ fn a_failing_relay_step_backs_off_without_dropping_what_was_handed_over() {
     service.shutdown().unwrap();
     assert_eq!(totals(&s), (200, 200, 200, 200));
 }
+
+#[test]
+fn a_relay_that_lost_its_lease_does_not_mark_the_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    let (service, faulty) = start(s.clone());
+    faulty.hold(true);
+    let saved = service
+        .save_award(award("leaseloser", "910000000001"))
+        .unwrap();
+    // While the relay's publish is held, another process takes the claim (as a scanner whose
+    // clock saw the lease expire would).
+    let conn = raw(&s, saved.db);
+    let stolen = conn
+        .execute(
+            "UPDATE task SET claimed_by = 'other-process' WHERE message_id = ?1",
+            [saved.message_id.as_str()],
+        )
+        .unwrap();
+    assert_eq!(stolen, 1);
+    faulty.hold(false);
+    assert!(
+        wait_until(Duration::from_secs(20), || awards(&conn, Some("completed"))
+            == 1),
+        "the message itself was delivered"
+    );
+    settle(&service);
+    let (state, owner): (String, String) = conn
+        .query_row(
+            "SELECT state, claimed_by FROM task WHERE message_id = ?1",
+            [saved.message_id.as_str()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (state.as_str(), owner.as_str()),
+        ("create", "other-process"),
+        "the relay left the task to the claim that holds it"
+    );
+    drop(conn);
+    service.shutdown().unwrap();
+}
