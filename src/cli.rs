@@ -20,6 +20,19 @@ fn duration(s: &str) -> std::result::Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
 }
 
+/// A whole number from 1 to `MAX`, for counts, sizes and threads: anything else is refused by
+/// the argument parser (exit 2) before it can exhaust memory or overflow.
+fn count<T: TryFrom<u64>, const MAX: u64>(s: &str) -> std::result::Result<T, String> {
+    let n: u64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number from 1 to {MAX}"))?;
+    if !(1..=MAX).contains(&n) {
+        return Err(format!("{n} is out of range: use 1 to {MAX}"));
+    }
+    T::try_from(n).map_err(|_| format!("{n} is too large for this machine"))
+}
+
 /// big-market: write award records and their outbox tasks atomically on SQLite shards, and
 /// deliver them through RabbitMQ or an in-process queue, losing nothing.
 #[derive(Debug, Parser)]
@@ -42,10 +55,10 @@ struct GlobalArgs {
     )]
     data_dir: PathBuf,
     /// Number of databases (shard files). db-count x tb-count must be a power of two.
-    #[arg(long, env = "BIG_MARKET_DB_COUNT", default_value_t = 2, global = true)]
+    #[arg(long, env = "BIG_MARKET_DB_COUNT", default_value_t = 2, global = true, value_parser = count::<u32, 1024>)]
     db_count: u32,
     /// Number of split award tables per database.
-    #[arg(long, env = "BIG_MARKET_TB_COUNT", default_value_t = 4, global = true)]
+    #[arg(long, env = "BIG_MARKET_TB_COUNT", default_value_t = 4, global = true, value_parser = count::<u32, 1024>)]
     tb_count: u32,
     /// RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f. Unset: the in-process transport.
     #[arg(long, env = "AMQP_URL", hide_env_values = true, global = true)]
@@ -61,6 +74,10 @@ struct GlobalArgs {
     /// A task whose publish has not completed this long after it was claimed is sent again.
     #[arg(long, env = "BIG_MARKET_STALE_AFTER", default_value = "60s", value_parser = duration, global = true)]
     stale_after: Duration,
+    /// The deadline of one publish batch; the lease (--stale-after) must outlast it by half
+    /// again. Unset: a third of --stale-after, at most 15s.
+    #[arg(long, env = "BIG_MARKET_PUBLISH_TIMEOUT", value_parser = duration, global = true)]
+    publish_timeout: Option<Duration>,
     /// Time between compensation scans.
     #[arg(long, env = "BIG_MARKET_SCAN_INTERVAL", default_value = "5s", value_parser = duration, global = true)]
     scan_interval: Duration,
@@ -69,7 +86,8 @@ struct GlobalArgs {
         long,
         env = "BIG_MARKET_MAX_ATTEMPTS",
         default_value_t = 10,
-        global = true
+        global = true,
+        value_parser = count::<u32, 1_000_000>
     )]
     max_attempts: u32,
     /// Delete completed tasks older than this during scans (e.g. 7d). Unset: keep them.
@@ -80,7 +98,8 @@ struct GlobalArgs {
         long,
         env = "BIG_MARKET_POOL_THREADS",
         default_value_t = 4,
-        global = true
+        global = true,
+        value_parser = count::<usize, 256>
     )]
     pool_threads: usize,
     /// Jobs the relay pool queues before the scanner runs them itself (caller-runs).
@@ -88,11 +107,12 @@ struct GlobalArgs {
         long,
         env = "BIG_MARKET_POOL_QUEUE",
         default_value_t = 64,
-        global = true
+        global = true,
+        value_parser = count::<usize, 1_000_000>
     )]
     pool_queue: usize,
     /// Consumer threads delivering awards.
-    #[arg(long, env = "BIG_MARKET_CONSUMERS", default_value_t = 2, global = true)]
+    #[arg(long, env = "BIG_MARKET_CONSUMERS", default_value_t = 2, global = true, value_parser = count::<usize, 64>)]
     consumers: usize,
     /// Testing: inject transport faults, e.g. refuse=0.05,drop-every=7,delay=2ms.
     #[arg(long, env = "BIG_MARKET_INJECT_FAULTS", global = true)]
@@ -131,7 +151,7 @@ enum Command {
         http_insecure: bool,
         /// Open HTTP connections at most; one more is answered 503 and closed.
         #[arg(long, env = "BIG_MARKET_HTTP_MAX_CONNECTIONS", default_value_t = 256,
-              value_parser = clap::value_parser!(u32).range(1..=65_536))]
+              value_parser = count::<u32, 65_536>)]
         http_max_connections: u32,
     },
     /// Show award records and tasks by state on every shard.
@@ -142,11 +162,11 @@ enum Command {
     },
     /// Measure the pipeline beside the storage and broker ceilings, in one run, on fresh temporary shards.
     Bench {
-        /// Awards per phase.
-        #[arg(long, default_value_t = 20000)]
+        /// Awards per phase (1 to 10,000,000).
+        #[arg(long, default_value_t = 20000, value_parser = count::<usize, 10_000_000>)]
         records: usize,
-        /// Caller threads.
-        #[arg(long, default_value_t = 16)]
+        /// Caller threads (1 to 1024).
+        #[arg(long, default_value_t = 16, value_parser = count::<usize, 1024>)]
         threads: usize,
         /// Also measure POST /api/v1/awards through the HTTP server on loopback.
         #[arg(long)]
@@ -164,11 +184,11 @@ enum Command {
     },
     /// Kill and restart the pipeline at every crash boundary under injected faults, and audit.
     Verify {
-        /// Rounds over every boundary.
-        #[arg(long, default_value_t = 1)]
+        /// Rounds over every boundary (1 to 100).
+        #[arg(long, default_value_t = 1, value_parser = count::<usize, 100>)]
         rounds: usize,
-        /// Awards per scenario.
-        #[arg(long, default_value_t = 400)]
+        /// Awards per scenario (1 to 1,000,000).
+        #[arg(long, default_value_t = 400, value_parser = count::<usize, 1_000_000>)]
         records: usize,
         /// Transport faults injected into every run.
         #[arg(long, default_value = "refuse=0.05,drop-every=13,delay=1ms")]
@@ -223,14 +243,14 @@ enum WaitFor {
 
 #[derive(Debug, Args)]
 struct LoadArgs {
-    /// How many awards to write.
-    #[arg(long)]
+    /// How many awards to write (1 to 10,000,000).
+    #[arg(long, value_parser = count::<u64, 10_000_000>)]
     records: u64,
-    /// How many distinct users they are spread over.
-    #[arg(long, default_value_t = 100)]
+    /// How many distinct users they are spread over (1 to 100,000,000).
+    #[arg(long, default_value_t = 100, value_parser = count::<u64, 100_000_000>)]
     users: u64,
-    /// Caller threads writing concurrently.
-    #[arg(long, default_value_t = 16)]
+    /// Caller threads writing concurrently (1 to 1024).
+    #[arg(long, default_value_t = 16, value_parser = count::<usize, 1024>)]
     threads: usize,
     /// Give up waiting for delivery after this long.
     #[arg(long, default_value = "300s", value_parser = duration)]
@@ -244,8 +264,8 @@ enum TasksCommand {
         /// Only tasks in this state: create, fail, completed or dead.
         #[arg(long)]
         state: Option<String>,
-        /// At most this many per shard.
-        #[arg(long, default_value_t = 20)]
+        /// At most this many per shard (1 to 1,000,000).
+        #[arg(long, default_value_t = 20, value_parser = count::<usize, 1_000_000>)]
         limit: usize,
     },
     /// Put tasks back in line, due now, with their attempts reset.
@@ -272,6 +292,7 @@ impl GlobalArgs {
         s.topic = self.topic.clone();
         s.amqp_url = self.amqp_url.clone().filter(|u| !u.is_empty());
         s.stale_after = self.stale_after;
+        s.publish_deadline = self.publish_timeout;
         s.scan_interval = self.scan_interval;
         s.retry.max_attempts = self.max_attempts;
         s.retention = self.retention;
@@ -654,7 +675,8 @@ fn tasks(settings: &Settings, cmd: TasksCommand) -> Result<()> {
             println!("requeued {n} tasks; the next scan sends them");
         }
         TasksCommand::Purge { older_than } => {
-            let before_ms = now_ms() - older_than.as_millis() as i64;
+            // older_than is at most ten years (parse_duration), so this cannot wrap.
+            let before_ms = now_ms().saturating_sub(older_than.as_millis() as i64);
             let n = store.write_all(|| Op::Purge { before_ms })?;
             println!("purged {n} completed tasks older than {older_than:?}");
         }

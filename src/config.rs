@@ -50,6 +50,9 @@ pub struct Settings {
     pub relay_batch: usize,
     /// How long a stopping process keeps relaying what is already committed. Default 10 s.
     pub drain_timeout: Duration,
+    /// The deadline of one publish batch; `None` derives it from the lease (see
+    /// [`Settings::publish_timeout`]).
+    pub publish_deadline: Option<Duration>,
     /// Random transport faults to inject (testing and `verify`); `None` injects nothing.
     pub faults: Option<crate::transport::fault::FaultPlan>,
 }
@@ -77,15 +80,18 @@ impl Settings {
             handoff_capacity: 8192,
             relay_batch: 1000,
             drain_timeout: Duration::from_secs(10),
+            publish_deadline: None,
             faults: None,
         }
     }
 
-    /// One deadline for a whole publish batch: a third of the lease, at most 15 s. Any task in
-    /// flight is leased for at least this plus [`Settings::lease_margin`], so a publish ends
-    /// (confirmed or not) before anyone else may claim its tasks.
+    /// One deadline for a whole publish batch: `--publish-timeout` when set, otherwise a third of
+    /// the lease, at most 15 s. Any task in flight is leased for at least this plus
+    /// [`Settings::lease_margin`], so a publish ends (confirmed or not) before anyone else may
+    /// claim its tasks; `validate` refuses a lease too short for that.
     pub fn publish_timeout(&self) -> Duration {
-        (self.stale_after / 3).min(Duration::from_secs(15))
+        self.publish_deadline
+            .unwrap_or_else(|| (self.stale_after / 3).min(Duration::from_secs(15)))
     }
 
     /// Lease a relay wants left on a task before it publishes it; with less, it renews the lease
@@ -118,7 +124,35 @@ impl Settings {
             return Err(Error::Config("max attempts must be at least 1".into()));
         }
         if self.stale_after < Duration::from_millis(100) {
-            return Err(Error::Config("stale-after must be at least 100ms".into()));
+            return Err(Error::Config(format!(
+                "stale-after {:?} is too short: use at least 100ms",
+                self.stale_after
+            )));
+        }
+        if let Some(p) = self.publish_deadline {
+            if p < Duration::from_millis(10) {
+                return Err(Error::Config(format!(
+                    "publish timeout {p:?} is too short: use at least 10ms"
+                )));
+            }
+            let needed = p + self.lease_margin();
+            if self.stale_after < needed {
+                return Err(Error::Config(format!(
+                    "stale-after {:?} is shorter than the publish timeout {p:?} plus its margin ({:?}): a task could be claimed and sent again while its first publish is still open; use --stale-after {}ms or more, or a shorter --publish-timeout",
+                    self.stale_after,
+                    self.lease_margin(),
+                    needed.as_millis()
+                )));
+            }
+        }
+        if self.stale_after > Duration::from_secs(86_400) {
+            return Err(Error::Config(format!(
+                "stale-after {:?} is over a day: a task whose process died would wait that long to be sent again",
+                self.stale_after
+            )));
+        }
+        if self.scan_interval > Duration::from_secs(3_600) {
+            return Err(Error::Config("scan interval must be at most 1h".into()));
         }
         if self.scan_interval < Duration::from_millis(10) {
             return Err(Error::Config("scan interval must be at least 10ms".into()));
@@ -146,33 +180,32 @@ impl Settings {
     }
 }
 
-/// Parse a duration such as `250ms`, `5s`, `2m`, `1h` or `7d`; a bare number is seconds.
+/// The longest duration any flag takes: ten years. Anything longer is a mistake, and would
+/// overflow the epoch-millisecond arithmetic of cut-offs and leases.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// Parse a duration such as `250ms`, `5s`, `2m`, `1h`, `7d` or `1h 30m` (humantime's syntax); a
+/// bare number is seconds. At most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| {
+    let d = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        s.parse::<u64>().ok().map(Duration::from_secs)
+    } else {
+        humantime::parse_duration(s).ok()
+    };
+    let d = d.ok_or_else(|| {
         Error::invalid(
             "duration",
-            format!("{s:?} is not like 250ms, 5s, 2m, 1h or 7d"),
+            format!("{s:?} is not a duration like 250ms, 5s, 2m, 1h or 7d"),
         )
     })?;
-    let ms = match unit {
-        "ms" => 1,
-        "" | "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => {
-            return Err(Error::invalid(
-                "duration",
-                format!("{s:?} has unit {unit:?}; use ms, s, m, h or d"),
-            ))
-        }
-    };
-    n.checked_mul(ms)
-        .map(Duration::from_millis)
-        .ok_or_else(|| Error::invalid("duration", format!("{s:?} is too long")))
+    if d > MAX_DURATION {
+        return Err(Error::invalid(
+            "duration",
+            format!("{s:?} is longer than the limit of 3650d (ten years)"),
+        ));
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -189,7 +222,18 @@ mod tests {
             parse_duration("7d").unwrap(),
             Duration::from_secs(7 * 86400)
         );
-        for bad in ["", "s", "5x", "-1s", "1.5s", "99999999999999999999d"] {
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("3650d").unwrap(), MAX_DURATION);
+        for bad in [
+            "",
+            "s",
+            "5x",
+            "-1s",
+            "99999999999999999999d",
+            "200000000000d",
+            "3651d",
+            "99999999999999999999",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }
@@ -210,5 +254,17 @@ mod tests {
         let mut s = Settings::new("data");
         s.amqp_url = Some("http://x".into());
         assert!(s.validate().unwrap_err().to_string().contains("amqp://"));
+        let mut s = Settings::new("data");
+        s.publish_deadline = Some(Duration::from_secs(30));
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("stale-after") && e.contains("75000ms"), "{e}");
+        let mut s = Settings::new("data");
+        s.publish_deadline = Some(Duration::from_secs(20));
+        assert_eq!(
+            s.clone().validate().unwrap().publish_timeout(),
+            Duration::from_secs(20)
+        );
+        s.stale_after = Duration::from_secs(86_401);
+        assert!(s.validate().unwrap_err().to_string().contains("over a day"));
     }
 }

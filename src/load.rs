@@ -176,7 +176,9 @@ pub fn run(
         AtomicU64::new(0),
     );
     let first_error = Mutex::new(None);
-    let latencies = Mutex::new(Vec::with_capacity(opts.records as usize));
+    // Latencies in microseconds, 4 bytes an award: 40 MB at the 10,000,000-award limit.
+    let latencies: Mutex<Vec<u32>> =
+        Mutex::new(Vec::with_capacity(opts.records.min(1 << 20) as usize));
     let started = Instant::now();
     std::thread::scope(|scope| -> Result<()> {
         let mut writers = Vec::with_capacity(opts.threads);
@@ -204,7 +206,7 @@ pub fn run(
                         let t0 = Instant::now();
                         match service.save_award(record) {
                             Ok(_) => {
-                                mine.push(t0.elapsed());
+                                mine.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                                 saved.fetch_add(1, Ordering::Relaxed);
                             }
                             Err(Error::DuplicateOrder { .. }) => {
@@ -258,7 +260,7 @@ pub fn run(
     lat.sort();
     let pct = |p: f64| {
         lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .map(|d| d.as_secs_f64() * 1000.0)
+            .map(|us| f64::from(*us) / 1000.0)
             .unwrap_or(0.0)
     };
     Ok(LoadReport {

@@ -151,8 +151,11 @@ impl AwardRecord {
                 "must be at most 128 characters with no control characters",
             ));
         }
-        if a.award_time_ms < 0 {
-            return Err(Error::invalid("award_time", "must not be before 1970"));
+        if !(0..=MAX_AWARD_TIME_MS).contains(&a.award_time_ms) {
+            return Err(Error::invalid(
+                "award_time",
+                "must be epoch milliseconds from 1970 to 9999-12-31",
+            ));
         }
         Ok(AwardRecord {
             user_id,
@@ -165,6 +168,9 @@ impl AwardRecord {
         })
     }
 }
+
+/// The latest award time accepted: 9999-12-31T23:59:59.999Z in epoch milliseconds.
+pub const MAX_AWARD_TIME_MS: i64 = 253_402_300_799_999;
 
 /// A task's state in the outbox. The spelling is the original's data (`completed`, not `complete`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -52,7 +52,6 @@ fn wire_field(field: &str) -> &str {
 /// Parse `awardTime`: epoch milliseconds, or an RFC 3339 / ISO 8601 date-time (as a Spring/Jackson
 /// client writes a `Date`), with or without a fraction and an offset; without an offset it is UTC.
 pub fn parse_award_time(v: &Value) -> Result<i64, String> {
-    const MAX_MS: i64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
     let ms = match v {
         Value::Number(n) => n
             .as_i64()
@@ -78,7 +77,7 @@ pub fn parse_award_time(v: &Value) -> Result<i64, String> {
             )
         }
     };
-    if !(0..=MAX_MS).contains(&ms) {
+    if !(0..=crate::model::MAX_AWARD_TIME_MS).contains(&ms) {
         return Err(format!(
             "awardTime {ms} ms is outside 1970-01-01 .. 9999-12-31"
         ));

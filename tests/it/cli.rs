@@ -279,3 +279,83 @@ fn award_returns_on_commit_publishes_before_it_exits_and_can_wait_for_the_confir
     );
     assert_eq!(totals(&s).0, 3, "the award is committed all the same");
 }
+
+#[test]
+fn overflowing_or_absurd_numbers_exit_2_and_delete_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(run(dir.path(), AWARD).status.success());
+    assert!(run(
+        dir.path(),
+        &["--scan-interval", "10ms", "load", "--records", "20"]
+    )
+    .status
+    .success());
+    let completed = |dir: &Path| {
+        let out = run(
+            dir,
+            &["tasks", "list", "--state", "completed", "--limit", "1000"],
+        );
+        text(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("completed"))
+            .count()
+    };
+    let before = completed(dir.path());
+    assert!(before >= 21, "every task completed before: {before}");
+    let mut award_time = AWARD.to_vec();
+    award_time.extend(["--award-time", "99999999999999999"]);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["load", "--records", "10000000000"], "out of range"),
+        (
+            vec!["load", "--records", "5", "--threads", "0"],
+            "out of range",
+        ),
+        (vec!["load", "--records", "5", "--users=-1"], "whole number"),
+        (
+            vec!["tasks", "purge", "--older-than", "200000000000d"],
+            "duration",
+        ),
+        (vec!["tasks", "purge", "--older-than", "3651d"], "ten years"),
+        (
+            vec!["tasks", "list", "--limit", "99999999999999999999"],
+            "whole number",
+        ),
+        (
+            vec!["--stale-after", "9999999999999d", "status"],
+            "duration",
+        ),
+        (vec!["--stale-after", "2d", "status"], "over a day"),
+        (
+            vec!["--publish-timeout", "30s", "status"],
+            "publish timeout",
+        ),
+        (vec!["--pool-threads", "100000", "status"], "out of range"),
+        (vec!["--consumers", "0", "status"], "out of range"),
+        (
+            vec!["--max-attempts", "4294967296", "status"],
+            "out of range",
+        ),
+        (vec!["--db-count", "100000", "status"], "out of range"),
+        (vec!["bench", "--records", "100000000000"], "out of range"),
+        (vec!["verify", "--rounds", "0"], "out of range"),
+        (
+            vec![
+                "serve",
+                "--http",
+                "127.0.0.1:0",
+                "--http-max-connections",
+                "0",
+            ],
+            "out of range",
+        ),
+        (award_time, "award_time"),
+    ];
+    for (args, needle) in cases {
+        let out = run(dir.path(), &args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(err.lines().count() <= 3, "{args:?}: a short message: {err}");
+    }
+    assert_eq!(completed(dir.path()), before, "nothing was deleted");
+}
