@@ -53,6 +53,9 @@ pub struct Settings {
     /// The deadline of one publish batch; `None` derives it from the lease (see
     /// [`Settings::publish_timeout`]).
     pub publish_deadline: Option<Duration>,
+    /// Testing: cap each shard file at this many pages (SQLite's `max_page_count` on the
+    /// writer's connection), to make a full disk happen on demand. `None`: no cap.
+    pub max_shard_pages: Option<u64>,
     /// Random transport faults to inject (testing and `verify`); `None` injects nothing.
     pub faults: Option<crate::transport::fault::FaultPlan>,
 }
@@ -81,6 +84,7 @@ impl Settings {
             relay_batch: 1000,
             drain_timeout: Duration::from_secs(10),
             publish_deadline: None,
+            max_shard_pages: None,
             faults: None,
         }
     }

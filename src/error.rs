@@ -88,7 +88,9 @@ impl fmt::Display for Error {
                     Some(rusqlite::ErrorCode::NotADatabase) => {
                         " (the file is not a SQLite database: move it away or point --data-dir elsewhere)"
                     }
-                    Some(rusqlite::ErrorCode::DiskFull) => " (the disk is full: free space and retry)",
+                    Some(rusqlite::ErrorCode::DiskFull) => {
+                        " (the disk is full, or the shard reached its size limit: free space, e.g. `big-market tasks purge --older-than 7d`, and retry)"
+                    }
                     Some(rusqlite::ErrorCode::ReadOnly) | Some(rusqlite::ErrorCode::CannotOpen) => {
                         " (check that the data directory exists and is writable)"
                     }

@@ -654,6 +654,11 @@ fn open_shard(settings: &Settings, db: u32, create: bool) -> Result<Shard> {
     let write_conn = pool
         .get()
         .map_err(|e| Error::Config(format!("cannot open {}: {e}", path.display())))?;
+    if let Some(pages) = settings.max_shard_pages {
+        write_conn
+            .pragma_update(None, "max_page_count", pages)
+            .map_err(|e| Error::storage(ctx("capping the size of"), e))?;
+    }
     let handoff = Arc::new(Handoff::new(settings.handoff_capacity));
     let writer = writer::Writer::spawn(db, write_conn, settings.group_commit_max, handoff.clone())?;
     Ok(Shard {

@@ -361,15 +361,62 @@ fn run_batch(db: u32, conn: &mut Connection, batch: &[Job]) -> Vec<Result<Reply>
             sp.commit().map_err(|e| Error::storage(ctx(), e))?;
             Ok(reply)
         })();
+        // After SQLITE_FULL, an I/O error or running out of memory, SQLite may roll the whole
+        // transaction back by itself. Then nothing of this group is kept: every op, the ones
+        // that had succeeded included, is reported as not written, and the rest are not run
+        // (outside a transaction they would each commit on their own).
+        if result.is_err() && tx.is_autocommit() {
+            let cause = match &result {
+                Err(Error::Storage { source, .. }) => source.to_string(),
+                Err(e) => e.to_string(),
+                Ok(_) => unreachable!(),
+            };
+            let full = matches!(&result, Err(Error::Storage { source, .. }) if is_full(source));
+            return batch
+                .iter()
+                .map(|_| Err(rolled_back(db, full, &cause)))
+                .collect();
+        }
         results.push(result);
     }
     crate::crash::hit("mid-group-commit");
     match tx.commit() {
         Ok(()) => results,
-        Err(e) => batch
-            .iter()
-            .map(|_| Err(Error::storage(ctx(), copy_err(&e))))
-            .collect(),
+        Err(e) => {
+            let full = is_full(&e);
+            batch
+                .iter()
+                .map(|_| {
+                    Err(if full {
+                        rolled_back(db, true, &e.to_string())
+                    } else {
+                        Error::storage(ctx(), copy_err(&e))
+                    })
+                })
+                .collect()
+        }
+    }
+}
+
+fn is_full(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
+}
+
+/// The error of an op whose group SQLite rolled back by itself.
+fn rolled_back(db: u32, full: bool, cause: &str) -> Error {
+    let context = format!(
+        "writing to shard big_market_{db:02}: SQLite rolled the whole transaction back, so nothing of this write was kept"
+    );
+    Error::Storage {
+        context,
+        source: rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(if full {
+                rusqlite::ffi::SQLITE_FULL
+            } else {
+                rusqlite::ffi::SQLITE_ABORT
+            }),
+            Some(cause.to_string()),
+        ),
     }
 }
 

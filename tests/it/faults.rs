@@ -383,3 +383,73 @@ fn verify_kills_the_pipeline_at_every_boundary_and_finds_nothing_lost() {
         "{stdout}"
     );
 }
+
+#[test]
+fn a_full_shard_refuses_writes_in_one_line_keeps_nothing_half_written_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    // Completed tasks to free later, on the shard of one user.
+    let (service, _) = start(s.clone());
+    let user = "fills-the-disk";
+    let db = big_market::router::route(user, s.layout).db;
+    for i in 0..300 {
+        service
+            .save_award(award(user, &format!("1{i:011}")))
+            .unwrap();
+    }
+    settle(&service);
+    service.shutdown().unwrap();
+    let pages = count(&raw(&s, db), "PRAGMA page_count");
+
+    // The same shard, capped a little above its size, with the transport held so that only
+    // saves write.
+    s.max_shard_pages = Some(pages as u64 + 8);
+    let (service, faulty) = start(s.clone());
+    faulty.hold(true);
+    let mut saved = 0;
+    let err = (0..100_000)
+        .find_map(
+            |i| match service.save_award(award(user, &format!("2{i:011}"))) {
+                Ok(_) => {
+                    saved += 1;
+                    None
+                }
+                Err(e) => Some(e),
+            },
+        )
+        .expect("the shard fills up");
+    let msg = err.to_string();
+    assert!(msg.contains("full") && msg.contains("nothing"), "{msg}");
+    assert!(!msg.contains('\n'), "one line: {msg}");
+    let c = raw(&s, db);
+    assert_eq!(
+        awards(&c, None),
+        count(&c, "SELECT COUNT(*) FROM task"),
+        "every award has its task and no task lacks its award"
+    );
+    assert_eq!(
+        awards(&c, None),
+        300 + saved,
+        "exactly the saves that returned Ok"
+    );
+    // Still full: another save fails the same way and writes nothing.
+    assert!(service.save_award(award(user, "300000000001")).is_err());
+    assert_eq!(awards(&c, None), 300 + saved);
+
+    // Free space, as the error says, and writes succeed again in the same running service.
+    let purged = service
+        .store()
+        .write_all(|| big_market::store::Op::Purge {
+            before_ms: big_market::util::now_ms() + 1,
+        })
+        .unwrap();
+    assert_eq!(purged, 300);
+    service
+        .save_award(award(user, "400000000001"))
+        .expect("a write succeeds once space is freed");
+    faulty.hold(false);
+    settle(&service);
+    service.shutdown().unwrap();
+    assert_eq!(awards(&c, None), 301 + saved);
+    assert_eq!(awards(&c, Some("completed")), 301 + saved, "all delivered");
+}
