@@ -197,6 +197,39 @@ enum Command {
     /// Inspect and repair outbox tasks.
     #[command(subcommand)]
     Tasks(TasksCommand),
+    /// Look at, send back or clear the messages the consumer could not process, kept in the
+    /// RabbitMQ queue `<topic>.dlq` with why and when (needs --amqp-url).
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// List dead letters, oldest first: message id, when, why, and the start of the body.
+    List {
+        /// At most this many (1 to 1,000,000).
+        #[arg(long, default_value_t = 100, value_parser = count::<usize, 1_000_000>)]
+        limit: usize,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish dead letters to the topic again (confirmed), and remove them from the dead-letter
+    /// queue: for messages that can be processed now.
+    Replay {
+        /// The dead letter with this message id.
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        message_id: Option<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete dead letters set aside longer ago than a given age.
+    Purge {
+        /// Age, e.g. 7d.
+        #[arg(long, value_parser = duration)]
+        older_than: Duration,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -370,6 +403,7 @@ pub fn run(cli: Cli) -> Result<()> {
         ),
         Command::Status { json } => status(&settings, json),
         Command::Tasks(t) => tasks(&settings, t),
+        Command::Dlq(d) => dlq(&settings, d),
         Command::Audit { older_than, json } => audit(&settings, older_than, json),
         Command::Verify {
             rounds,
@@ -679,6 +713,66 @@ fn tasks(settings: &Settings, cmd: TasksCommand) -> Result<()> {
             let before_ms = now_ms().saturating_sub(older_than.as_millis() as i64);
             let n = store.write_all(|| Op::Purge { before_ms })?;
             println!("purged {n} completed tasks older than {older_than:?}");
+        }
+    }
+    Ok(())
+}
+
+fn dlq(settings: &Settings, command: DlqCommand) -> Result<()> {
+    use crate::transport::amqp::{dead_letter_queue, walk_dead_letters, DeadLetterAction as A};
+    let queue = dead_letter_queue(&settings.topic);
+    match command {
+        DlqCommand::List { limit, json } => {
+            let seen = walk_dead_letters(settings, limit, |_| A::Keep)?;
+            if json {
+                let letters: Vec<_> = seen.iter().map(|(l, _)| l).collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&letters).expect("dead letters serialize")
+                );
+            } else {
+                for (l, _) in &seen {
+                    let at = jiff::Timestamp::from_millisecond(l.dead_lettered_at_ms)
+                        .map(|t| t.to_string())
+                        .unwrap_or_else(|_| "-".into());
+                    let body: String = l.body.chars().take(120).collect();
+                    println!(
+                        "message_id={} at={at} reason={:?} body={body:?}",
+                        l.message_id.as_deref().unwrap_or("-"),
+                        l.reason
+                    );
+                }
+                println!("{} dead letters in {queue}", seen.len());
+            }
+        }
+        DlqCommand::Replay { message_id, all } => {
+            let seen = walk_dead_letters(settings, usize::MAX, move |l| {
+                if all || l.message_id.is_some() && l.message_id == message_id {
+                    A::Replay
+                } else {
+                    A::Keep
+                }
+            })?;
+            let n = seen.iter().filter(|(_, a)| *a == A::Replay).count();
+            println!("replayed {n} messages from {queue} to {}", settings.topic);
+            if n == 0 && !all {
+                return Err(Error::invalid(
+                    "message_id",
+                    format!("no dead letter in {queue} has this message id"),
+                ));
+            }
+        }
+        DlqCommand::Purge { older_than } => {
+            let before_ms = now_ms().saturating_sub(older_than.as_millis() as i64);
+            let seen = walk_dead_letters(settings, usize::MAX, move |l| {
+                if l.dead_lettered_at_ms < before_ms {
+                    A::Drop
+                } else {
+                    A::Keep
+                }
+            })?;
+            let n = seen.iter().filter(|(_, a)| *a == A::Drop).count();
+            println!("purged {n} dead letters older than {older_than:?} from {queue}");
         }
     }
     Ok(())

@@ -2,7 +2,8 @@
 //! `create` -> `completed`) on the user's shard. Idempotent by message id: the delivery log and
 //! the state change commit in one transaction, so a redelivered message changes nothing.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -11,16 +12,81 @@ use crate::store::{Delivered, Store};
 use crate::transport::{Handled, Handler};
 use crate::util::now_ms;
 
+/// Whether delivering keeps failing on the store, and how long to hold back before the
+/// messages of a failed batch go back to the queue. Pure: the consumer sleeps what it says.
+#[derive(Debug, Default)]
+pub struct StoreHealth {
+    failures: u32,
+}
+
+/// First wait after a storage error; it doubles per failed batch up to [`BACKOFF_MAX`].
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between tries while the store keeps failing.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+impl StoreHealth {
+    /// A batch failed on the store: how long to wait before its messages are retried, and
+    /// whether this starts a failing spell (the one time to warn).
+    pub fn failed(&mut self) -> (Duration, bool) {
+        self.failures = self.failures.saturating_add(1);
+        let wait = BACKOFF_MIN
+            .saturating_mul(1u32 << (self.failures - 1).min(16))
+            .min(BACKOFF_MAX);
+        (wait, self.failures == 1)
+    }
+    /// A batch went through: `Some(failed batches)` when this ends a failing spell.
+    pub fn succeeded(&mut self) -> Option<u32> {
+        let ended = (self.failures > 0).then_some(self.failures);
+        self.failures = 0;
+        ended
+    }
+}
+
 /// Delivers awards from message bodies.
 pub struct AwardConsumer {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
+    health: Mutex<StoreHealth>,
 }
 
 impl AwardConsumer {
     /// A consumer over a store.
     pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Self {
-        AwardConsumer { store, metrics }
+        AwardConsumer {
+            store,
+            metrics,
+            health: Mutex::new(StoreHealth::default()),
+        }
+    }
+
+    /// After a batch: while the store fails, hold this consumer thread back (it takes no new
+    /// messages meanwhile, and the failed ones return to the queue only after the wait), with
+    /// one warning when the failures start and one line when they end.
+    fn pace(&self, outcomes: &[Handled]) {
+        let failure = outcomes.iter().find_map(|o| match o {
+            Handled::Retry(e) => Some(e.clone()),
+            _ => None,
+        });
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        match failure {
+            Some(cause) => {
+                let (wait, started) = health.failed();
+                drop(health);
+                if started {
+                    log::warn!("delivery paused: the store is failing ({cause}); messages go back to the queue after a backoff of up to {BACKOFF_MAX:?}, until a batch goes through");
+                } else {
+                    log::debug!("delivery still failing, waiting {wait:?}: {cause}");
+                }
+                std::thread::sleep(wait); // the backoff itself, not a wait for a condition
+            }
+            None => {
+                if let Some(n) = health.succeeded() {
+                    log::info!(
+                        "delivery resumed: the store accepts writes again after {n} failed batches"
+                    );
+                }
+            }
+        }
     }
 
     fn outcome(&self, body: &[u8], id: &str, result: Result<Delivered>) -> Handled {
@@ -38,11 +104,11 @@ impl AwardConsumer {
             Err(Error::Poison(reason)) => {
                 Metrics::add(&self.metrics.poison, 1);
                 let shown = String::from_utf8_lossy(&body[..body.len().min(200)]).to_string();
-                log::error!("message set aside: {reason} body={shown:?}");
+                log::error!("unprocessable message refused: {reason} body={shown:?}");
                 Handled::Reject(reason)
             }
             Err(e) => {
-                log::warn!("delivery will be retried message_id={id}: {e}");
+                log::debug!("delivery will be retried message_id={id}: {e}");
                 Handled::Retry(e.to_string())
             }
         }
@@ -64,7 +130,7 @@ impl Handler for AwardConsumer {
             .filter_map(|d| d.as_ref().ok().cloned())
             .collect();
         let mut delivered = self.store.deliver_many(valid, now_ms()).into_iter();
-        bodies
+        let outcomes: Vec<Handled> = bodies
             .iter()
             .zip(decoded)
             .map(|(body, d)| match d {
@@ -75,6 +141,33 @@ impl Handler for AwardConsumer {
                 ),
                 Err(e) => self.outcome(body, "-", Err(e)),
             })
-            .collect()
+            .collect();
+        self.pace(&outcomes);
+        outcomes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_failures_back_off_doubling_and_warn_once_per_spell() {
+        let mut h = StoreHealth::default();
+        assert_eq!(h.succeeded(), None, "nothing to report while healthy");
+        let waits: Vec<(Duration, bool)> = (0..8).map(|_| h.failed()).collect();
+        assert_eq!(waits[0], (BACKOFF_MIN, true));
+        assert_eq!(waits[1], (BACKOFF_MIN * 2, false));
+        assert_eq!(waits[2], (BACKOFF_MIN * 4, false));
+        assert!(waits.iter().all(|(w, _)| *w <= BACKOFF_MAX));
+        assert_eq!(waits[7].0, BACKOFF_MAX);
+        assert_eq!(waits.iter().filter(|(_, warn)| *warn).count(), 1);
+        assert_eq!(h.succeeded(), Some(8));
+        assert_eq!(h.succeeded(), None);
+        assert_eq!(h.failed(), (BACKOFF_MIN, true), "a new spell starts over");
+        for _ in 0..100 {
+            h.failed();
+        }
+        assert_eq!(h.failed().0, BACKOFF_MAX, "no overflow after many failures");
     }
 }

@@ -20,10 +20,10 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, select, Receiver, Sender};
 use lapin::message::{Delivery, DeliveryResult};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
 use super::{ConsumerHandle, Handled, Handler, Outgoing, PublishFailure, Transport, CONSUME_BATCH};
@@ -139,16 +139,20 @@ async fn open_link(
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let conn = Connection::connect(&url, props).await?;
     let channel = conn.create_channel().await?;
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    // The topic's queue and its dead-letter queue: plain durable queues without arguments, so
+    // declaring them agrees with a queue that already exists.
+    for q in [queue.clone(), dead_letter_queue(&queue)] {
+        channel
+            .queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+    }
     if confirm {
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -339,7 +343,8 @@ impl Amqp {
         Ok(())
     }
 
-    /// Delete this transport's queue (tests use a queue of their own and remove it after).
+    /// Delete this transport's queue and its dead-letter queue (tests use queues of their own
+    /// and remove them after).
     pub fn delete_queue(&self) -> Result<()> {
         let link = self
             .inner
@@ -347,11 +352,13 @@ impl Amqp {
             .ok_or_else(|| Error::Broker("not connected".into()))?;
         let queue = self.inner.queue.clone();
         async_global_executor::block_on(async move {
-            link.channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await
+            for q in [dead_letter_queue(&queue), queue] {
+                link.channel
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await?;
+            }
+            Ok::<_, lapin::Error>(())
         })
-        .map(|_| ())
         .map_err(|e| Error::Broker(format!("deleting queue: {e}")))
     }
 }
@@ -486,7 +493,12 @@ impl Transport for Amqp {
         let (stop_tx, stop_rx) = bounded::<()>(0);
         let mut handles = Vec::with_capacity(threads);
         for i in 0..threads {
-            let (rx, stop_rx, handler) = (rx.clone(), stop_rx.clone(), handler.clone());
+            let (rx, stop_rx, handler, inner) = (
+                rx.clone(),
+                stop_rx.clone(),
+                handler.clone(),
+                self.inner.clone(),
+            );
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("amqp-consumer-{i}"))
@@ -499,7 +511,7 @@ impl Transport for Amqp {
                                     let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
                                     let outcomes = handler.handle_batch(&bodies);
                                     crate::crash::hit("before-ack");
-                                    settle_batch(batch, outcomes);
+                                    settle_batch(&inner, batch, outcomes);
                                 }
                                 Err(_) => break,
                             },
@@ -519,13 +531,13 @@ impl Transport for Amqp {
     }
 }
 
-/// Settle a handled batch: every ack, reject or requeue is sent at once and awaited together
-/// under one deadline, rather than one round trip after another.
-fn settle_batch(batch: Vec<Delivery>, outcomes: Vec<Handled>) {
+/// Settle a handled batch: every ack, dead-letter or requeue is sent at once and awaited
+/// together, rather than one round trip after another.
+fn settle_batch(inner: &Arc<Inner>, batch: Vec<Delivery>, outcomes: Vec<Handled>) {
     let settles: Vec<_> = batch
         .into_iter()
         .zip(outcomes)
-        .map(|(d, outcome)| async_global_executor::spawn(settle(d, outcome)))
+        .map(|(d, outcome)| async_global_executor::spawn(settle(inner.clone(), d, outcome)))
         .collect();
     async_global_executor::block_on(async move {
         for s in settles {
@@ -534,18 +546,36 @@ fn settle_batch(batch: Vec<Delivery>, outcomes: Vec<Handled>) {
     });
 }
 
-async fn settle(d: Delivery, outcome: Handled) {
+async fn settle(inner: Arc<Inner>, d: Delivery, outcome: Handled) {
     // A delivery whose channel is gone cannot be settled; the broker requeues it by itself,
     // and delivery is idempotent.
     if !d.acker.usable() {
         log::debug!("amqp delivery from a closed channel left unsettled ({outcome:?}); the broker redelivers it");
         return;
     }
+    // A message that can never be handled goes to the dead-letter queue first, confirmed, and
+    // only then is acked: RabbitMQ would delete a rejected one. If that publish fails, it goes
+    // back to the queue.
+    let outcome = match outcome {
+        Handled::Reject(reason) => match dead_letter(&inner, &d, &reason).await {
+            Ok(()) => {
+                log::warn!(
+                    "message set aside in {} reason={reason:?}: see `big-market dlq list`",
+                    dead_letter_queue(&inner.queue)
+                );
+                Handled::Ack
+            }
+            Err(e) => {
+                log::warn!("could not set a message aside ({e}); it goes back to the queue");
+                Handled::Retry(e)
+            }
+        },
+        other => other,
+    };
     let settled = bounded_wait(
         async {
             match &outcome {
-                Handled::Ack => d.ack(BasicAckOptions::default()).await,
-                Handled::Reject(_) => d.reject(BasicRejectOptions { requeue: false }).await,
+                Handled::Ack | Handled::Reject(_) => d.ack(BasicAckOptions::default()).await,
                 Handled::Retry(_) => {
                     d.nack(BasicNackOptions {
                         requeue: true,
@@ -563,6 +593,216 @@ async fn settle(d: Delivery, outcome: Handled) {
         Some(Err(e)) => log::debug!("amqp settle failed ({outcome:?}), the broker will redeliver: {e}"),
         None => log::debug!("amqp settle unanswered within {RPC_TIMEOUT:?} ({outcome:?}), the broker will redeliver"),
     }
+}
+
+/// The dead-letter queue of a topic's queue: `<topic>.dlq`.
+pub fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}.dlq")
+}
+
+const H_REASON: &str = "x-big-market-reason";
+const H_AT: &str = "x-big-market-dead-lettered-at";
+const H_QUEUE: &str = "x-big-market-original-queue";
+const H_ID: &str = "x-big-market-message-id";
+
+/// The message id of a delivery: its AMQP message id, else the `id` of its JSON body.
+fn message_id_of(props: &BasicProperties, body: &[u8]) -> Option<String> {
+    props
+        .message_id()
+        .as_ref()
+        .map(|m| m.to_string())
+        .or_else(|| {
+            serde_json::from_slice::<serde_json::Value>(body)
+                .ok()?
+                .get("id")?
+                .as_str()
+                .map(str::to_string)
+        })
+}
+
+/// Publish a copy of `d` to the dead-letter queue, persistent, with headers saying why, when,
+/// from where and which message; `Ok` once the broker confirmed it.
+async fn dead_letter(inner: &Inner, d: &Delivery, reason: &str) -> std::result::Result<(), String> {
+    let link = inner
+        .publish_link()
+        .filter(Link::healthy)
+        .ok_or("the publisher is not connected")?;
+    let mut headers = FieldTable::default();
+    headers.insert(H_REASON.into(), AMQPValue::LongString(reason.into()));
+    headers.insert(H_AT.into(), AMQPValue::LongLongInt(crate::util::now_ms()));
+    headers.insert(
+        H_QUEUE.into(),
+        AMQPValue::LongString(inner.queue.as_str().into()),
+    );
+    let id = message_id_of(&d.properties, &d.data);
+    if let Some(id) = &id {
+        headers.insert(H_ID.into(), AMQPValue::LongString(id.as_str().into()));
+    }
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    if let Some(id) = id {
+        props = props.with_message_id(id.into());
+    }
+    if let Some(ct) = d.properties.content_type() {
+        props = props.with_content_type(ct.clone());
+    }
+    publish_confirmed(
+        &link.channel,
+        &dead_letter_queue(&inner.queue),
+        &d.data,
+        props,
+    )
+    .await
+}
+
+/// Publish to the default exchange with `mandatory` and wait (bounded) for a plain ack.
+async fn publish_confirmed(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> std::result::Result<(), String> {
+    let opts = BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    let confirm = channel
+        .basic_publish("".into(), queue.into(), opts, body, props)
+        .await
+        .map_err(|e| format!("publishing to {queue}: {e}"))?;
+    match bounded_wait(confirm, RPC_TIMEOUT).await {
+        Some(Ok(Confirmation::Ack(None))) => Ok(()),
+        Some(Ok(other)) => Err(format!("publishing to {queue}: not confirmed ({other:?})")),
+        Some(Err(e)) => Err(format!("publishing to {queue}: {e}")),
+        None => Err(format!(
+            "publishing to {queue}: no confirm within {RPC_TIMEOUT:?}"
+        )),
+    }
+}
+
+/// A message in the dead-letter queue.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    /// The message id (AMQP property, or the body's `id`), if it had one.
+    pub message_id: Option<String>,
+    /// Why the consumer could not process it.
+    pub reason: String,
+    /// When it was set aside, epoch ms (0 if unknown).
+    pub dead_lettered_at_ms: i64,
+    /// The body as received (lossy UTF-8).
+    pub body: String,
+}
+
+/// What to do with one dead letter while walking the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterAction {
+    /// Leave it in the dead-letter queue.
+    Keep,
+    /// Publish it to the topic's queue again (confirmed), then remove it.
+    Replay,
+    /// Remove it.
+    Drop,
+}
+
+fn header_str(t: &FieldTable, k: &str) -> Option<String> {
+    match t.inner().get(k)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+fn header_int(t: &FieldTable, k: &str) -> Option<i64> {
+    match t.inner().get(k)? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        _ => None,
+    }
+}
+
+/// Walk at most `limit` messages of the topic's dead-letter queue, oldest first, and apply
+/// `decide` to each: kept messages go back to the queue in their order when the walk ends.
+/// Returns every message seen with what was done to it.
+pub fn walk_dead_letters(
+    settings: &Settings,
+    limit: usize,
+    mut decide: impl FnMut(&DeadLetter) -> DeadLetterAction + Send + 'static,
+) -> Result<Vec<(DeadLetter, DeadLetterAction)>> {
+    let url = settings.amqp_url.clone().ok_or_else(|| {
+        Error::Config("the dead-letter queue lives on RabbitMQ: pass --amqp-url (AMQP_URL); in-process, a refused message ends as a dead task (`big-market tasks list --state dead`)".into())
+    })?;
+    let queue = settings.topic.clone();
+    let shown = redact(&url);
+    let link = with_timeout(
+        &format!("connecting to {shown}"),
+        open_link(url, queue.clone(), "big-market-dlq", true, None),
+    )?;
+    let dlq = dead_letter_queue(&queue);
+    let channel = link.channel.clone();
+    let walked = async_global_executor::block_on(async move {
+        // Walk only what is there now: a replayed message the consumer refuses again comes
+        // back to the end of the queue, and must not be met again in this walk.
+        let present = channel
+            .queue_declare(
+                dlq.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("reading {dlq}: {e}"))?
+            .message_count() as usize;
+        let limit = limit.min(present);
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let got = bounded_wait(
+                channel.basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false }),
+                RPC_TIMEOUT,
+            )
+            .await
+            .ok_or_else(|| format!("reading {dlq}: no answer within {RPC_TIMEOUT:?}"))?
+            .map_err(|e| format!("reading {dlq}: {e}"))?;
+            let Some(msg) = got else { break };
+            let d = msg.delivery;
+            let headers = d.properties.headers().clone().unwrap_or_default();
+            let letter = DeadLetter {
+                message_id: header_str(&headers, H_ID)
+                    .or_else(|| message_id_of(&d.properties, &d.data)),
+                reason: header_str(&headers, H_REASON).unwrap_or_default(),
+                dead_lettered_at_ms: header_int(&headers, H_AT).unwrap_or(0),
+                body: String::from_utf8_lossy(&d.data).to_string(),
+            };
+            let action = decide(&letter);
+            match action {
+                DeadLetterAction::Keep => {}
+                DeadLetterAction::Replay => {
+                    let mut props = BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_content_type("application/json".into());
+                    if let Some(id) = &letter.message_id {
+                        props = props.with_message_id(id.as_str().into());
+                    }
+                    publish_confirmed(&channel, &queue, &d.data, props).await?;
+                    d.ack(BasicAckOptions::default())
+                        .await
+                        .map_err(|e| format!("removing a replayed message from {dlq}: {e}"))?;
+                }
+                DeadLetterAction::Drop => {
+                    d.ack(BasicAckOptions::default())
+                        .await
+                        .map_err(|e| format!("removing a message from {dlq}: {e}"))?;
+                }
+            }
+            out.push((letter, action));
+        }
+        Ok::<_, String>(out)
+    });
+    // Closing returns every message left unacked (the kept ones) to the queue.
+    link.close();
+    walked.map_err(Error::Broker)
 }
 
 struct AmqpConsumer {

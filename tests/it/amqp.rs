@@ -364,3 +364,203 @@ fn readiness_flips_when_the_broker_is_stopped_and_back() {
     assert!(wait_until(Duration::from_secs(10), || amqp.is_connected()));
     amqp.delete_queue().unwrap();
 }
+
+/// `rabbitmqctl list_queues`: (ready, unacked) of `queue`.
+fn queue_counts(queue: &str) -> Option<(u64, u64)> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_queues",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() == 3 && f[0] == queue {
+            Some((f[1].parse().ok()?, f[2].parse().ok()?))
+        } else {
+            None
+        }
+    })
+}
+
+/// Publish raw bodies to a queue as a plain AMQP client would.
+fn publish_plain(s: &Settings, bodies: &[&[u8]]) {
+    let (url, queue) = (s.amqp_url.clone().unwrap(), s.topic.clone());
+    let bodies: Vec<Vec<u8>> = bodies.iter().map(|b| b.to_vec()).collect();
+    async_global_executor::block_on(async move {
+        let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        for b in bodies {
+            ch.basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                Default::default(),
+                &b,
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+        conn.close(200, "done".into()).await.unwrap();
+    });
+}
+
+fn dlq_list(dir: &std::path::Path, s: &Settings) -> Vec<serde_json::Value> {
+    let out = crate::cli::bin(dir)
+        .args([
+            "--amqp-url",
+            s.amqp_url.as_deref().unwrap(),
+            "--topic",
+            &s.topic,
+            "dlq",
+            "list",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+#[ignore = "needs RabbitMQ and rabbitmqctl; run with --ignored"]
+fn unprocessable_messages_go_to_the_dead_letter_queue_with_their_reason_and_replay_delivers_them() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let s = amqp_settings(dir.path());
+    // An award whose message a plain client will publish: written by the store alone, so that
+    // big-market itself does not publish it (its lease keeps the scanner away meanwhile).
+    let store = big_market::store::Store::open(&s, true).unwrap();
+    let valid = store
+        .save_award(
+            award("dlq-valid", "500000000001"),
+            &Arc::from(s.topic.as_str()),
+            &Arc::from("test"),
+            Duration::from_secs(600),
+            big_market::util::now_ms(),
+        )
+        .unwrap();
+    let db = valid.db;
+    let body: String = raw(&s, db)
+        .query_row(
+            "SELECT message FROM task WHERE message_id = ?1",
+            [valid.message_id.as_str()],
+            |r| r.get(0),
+        )
+        .unwrap();
+    drop(store);
+
+    let server = crate::http::Server::start(
+        dir.path(),
+        &[
+            "--amqp-url",
+            s.amqp_url.as_deref().unwrap(),
+            "--topic",
+            &s.topic,
+        ],
+    );
+    let java = r#"{"data":{"awardId":101,"awardTitle":"OpenAI 增加使用次数","userId":"xiaofuge"},"id":"12345678901","timestamp":1712377010878}"#;
+    publish_plain(&s, &[java.as_bytes(), b"not json at all", body.as_bytes()]);
+    let conn = raw(&s, db);
+    assert!(
+        wait_until(Duration::from_secs(30), || awards(&conn, Some("completed"))
+            == 1),
+        "the valid message was delivered"
+    );
+    assert!(wait_until(Duration::from_secs(30), || dlq_list(
+        dir.path(),
+        &s
+    )
+    .len()
+        == 2));
+    let letters = dlq_list(dir.path(), &s);
+    assert_eq!(letters[0]["message_id"], "12345678901", "{letters:?}");
+    assert!(
+        letters[0]["reason"].as_str().unwrap().contains("orderId"),
+        "{letters:?}"
+    );
+    assert_eq!(letters[1]["body"], "not json at all");
+    assert!(!letters[1]["reason"].as_str().unwrap().is_empty());
+    assert!(letters
+        .iter()
+        .all(|l| l["dead_lettered_at_ms"].as_i64() > Some(0)));
+    assert!(
+        wait_until(Duration::from_secs(30), || queue_counts(&s.topic)
+            == Some((0, 0))),
+        "nothing left ready or unacked on {}: {:?}",
+        s.topic,
+        queue_counts(&s.topic)
+    );
+
+    // A message for an award that does not exist yet is set aside; once the award exists,
+    // replaying it delivers it.
+    let later = br#"{"data":{"awardId":101,"awardTitle":"t","orderId":"500000000002","userId":"dlq-later"},"id":"99000000001","timestamp":1712377010878}"#;
+    publish_plain(&s, &[later]);
+    assert!(wait_until(Duration::from_secs(30), || dlq_list(
+        dir.path(),
+        &s
+    )
+    .len()
+        == 3));
+    let store = big_market::store::Store::open(&s, false).unwrap();
+    let b = store
+        .save_award(
+            award("dlq-later", "500000000002"),
+            &Arc::from(s.topic.as_str()),
+            &Arc::from("test"),
+            Duration::from_secs(600),
+            big_market::util::now_ms(),
+        )
+        .unwrap();
+    drop(store);
+    let out = crate::cli::bin(dir.path())
+        .args([
+            "--amqp-url",
+            s.amqp_url.as_deref().unwrap(),
+            "--topic",
+            &s.topic,
+            "dlq",
+            "replay",
+            "--message-id",
+            "99000000001",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conn_b = raw(&s, b.db);
+    assert!(
+        wait_until(Duration::from_secs(30), || awards(
+            &conn_b,
+            Some("completed")
+        ) == awards(&conn_b, None)
+            && awards(&conn_b, None) >= 1),
+        "the replayed message delivered its award"
+    );
+    let left = dlq_list(dir.path(), &s);
+    assert_eq!(left.len(), 2, "only the unprocessable two remain: {left:?}");
+    server.stop();
+    let amqp = Amqp::connect(s.amqp_url.as_deref().unwrap(), &s).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || amqp.is_connected()));
+    amqp.delete_queue().unwrap();
+}
