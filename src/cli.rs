@@ -182,7 +182,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Kill and restart the pipeline at every crash boundary under injected faults, and audit.
+    /// Kill and restart the pipeline at every crash boundary under injected faults, and audit;
+    /// a scenario whose crash point is never reached fails. In-process by default; with
+    /// --amqp-url, against RabbitMQ, with queues of its own per scenario (deleted afterwards).
     Verify {
         /// Rounds over every boundary (1 to 100).
         #[arg(long, default_value_t = 1, value_parser = count::<usize, 100>)]
