@@ -251,7 +251,11 @@ fn publish_batches(
                 body: body.to_string(),
             })
             .collect();
-        match t.publish_batch(&batch).into_iter().find_map(|r| r.err()) {
+        match t
+            .publish_batch(&batch, &|| false)
+            .into_iter()
+            .find_map(|r| r.err())
+        {
             Some(e) => Err(Error::Broker(format!(
                 "bench publish failed: {}",
                 e.reason()
@@ -383,10 +387,13 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
         let mut direct = Direct::open(&s, route(r.user_id.as_str(), s.layout).db)?;
         let (id, body) = direct.save_one(r, &s.topic, now_ms())?;
         if let Some(Err(e)) = t
-            .publish_batch(&[Outgoing {
-                message_id: String::new(),
-                body,
-            }])
+            .publish_batch(
+                &[Outgoing {
+                    message_id: String::new(),
+                    body,
+                }],
+                &|| false,
+            )
             .pop()
         {
             return Err(Error::Broker(format!(

@@ -268,7 +268,28 @@ impl Outbox {
                 body: t.body.clone(),
             })
             .collect();
-        let results = self.transport.publish_batch(&batch);
+        // While a transport holds a batch past its deadline (a broker blocking publishers), the
+        // leases on its tasks are renewed, so that nobody claims and sends them meanwhile.
+        let shard = self.store.shard(db);
+        let ids: Vec<i64> = tasks.iter().map(|t| t.id).collect();
+        let lease_ms = self.settings.stale_after.as_millis() as i64;
+        let hold = || {
+            let now = now_ms();
+            match shard.write(Op::Renew {
+                ids: ids.clone(),
+                owner: owner.clone(),
+                lease_until_ms: now + lease_ms,
+                now_ms: now,
+            }) {
+                Ok(crate::store::Reply::Renewed(renewed)) => renewed.len() == ids.len(),
+                Ok(_) => false,
+                Err(e) => {
+                    log::warn!("renewing the leases of a held publish failed shard={db:02}: {e}");
+                    false
+                }
+            }
+        };
+        let results = self.transport.publish_batch(&batch, &hold);
         crate::crash::hit("before-mark");
         let now = now_ms();
         let mut done = Vec::new();
@@ -317,7 +338,6 @@ impl Outbox {
         Metrics::add(&self.metrics.publish_confirmed, done.len() as u64);
         Metrics::add(&self.metrics.publish_failed, failures.len() as u64);
         Metrics::add(&self.metrics.tasks_dead, out.dead as u64);
-        let shard = self.store.shard(db);
         if !done.is_empty() {
             let op = Op::MarkCompleted {
                 ids: done,

@@ -225,7 +225,7 @@ pub fn renew_lease(
 ) -> Sql<usize> {
     conn.prepare_cached(
         "UPDATE task SET next_attempt_at = ?3, update_time = ?4
-         WHERE id = ?1 AND claimed_by = ?2 AND state = 'create'",
+         WHERE id = ?1 AND claimed_by = ?2 AND state IN ('create', 'fail')",
     )?
     .execute(params![id, owner, lease_until_ms, now_ms])
 }

@@ -413,7 +413,11 @@ impl Transport for Amqp {
         )
     }
 
-    fn publish_batch(&self, batch: &[Outgoing]) -> Vec<Result<(), PublishFailure>> {
+    fn publish_batch(
+        &self,
+        batch: &[Outgoing],
+        hold: &dyn Fn() -> bool,
+    ) -> Vec<Result<(), PublishFailure>> {
         let link = self.inner.publish_link().filter(Link::healthy);
         let Some(link) = link else {
             return batch
@@ -421,6 +425,18 @@ impl Transport for Amqp {
                 .map(|_| Err(PublishFailure::Unavailable("broker not connected".into())))
                 .collect();
         };
+        // Nothing new goes into a connection the broker has stopped reading: it would be
+        // routed whenever the broker resumes, possibly after the task was sent again.
+        if link.conn.status().blocked() {
+            return batch
+                .iter()
+                .map(|_| {
+                    Err(PublishFailure::Unavailable(
+                        "the broker is blocking publishers (a memory or disk alarm)".into(),
+                    ))
+                })
+                .collect();
+        }
         let queue = self.inner.queue.clone();
         let publish_timeout = self.inner.publish_timeout;
         async_global_executor::block_on(async move {
@@ -449,13 +465,12 @@ impl Transport for Amqp {
             crate::crash::hit("before-confirm");
             // One deadline for the whole batch: confirms awaited one after another must not add
             // up past the lease of the tasks in it.
-            let deadline = std::time::Instant::now() + publish_timeout;
+            let mut deadline = std::time::Instant::now() + publish_timeout;
             let mut out = Vec::with_capacity(pending.len());
             for p in pending {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
                 out.push(match p {
                     Err(e) => Err(PublishFailure::Unavailable(format!("publish failed: {e}"))),
-                    Ok(confirm) => match bounded_wait(confirm, left).await {
+                    Ok(confirm) => match held_confirm(&link, confirm, &mut deadline, publish_timeout, hold).await {
                         None => Err(PublishFailure::Unavailable(format!("no confirm within the batch deadline of {publish_timeout:?}"))),
                         Some(Ok(Confirmation::Ack(None))) => Ok(()),
                         Some(Ok(Confirmation::Ack(Some(returned)))) | Some(Ok(Confirmation::Nack(Some(returned)))) => Err(PublishFailure::Rejected(format!(
@@ -477,6 +492,10 @@ impl Transport for Amqp {
 
     fn is_connected(&self) -> bool {
         self.inner.publish_healthy()
+            && !self
+                .inner
+                .publish_link()
+                .is_some_and(|l| l.conn.status().blocked())
     }
 
     fn start_consumer(
@@ -592,6 +611,38 @@ async fn settle(inner: Arc<Inner>, d: Delivery, outcome: Handled) {
         Some(Ok(_)) => {}
         Some(Err(e)) => log::debug!("amqp settle failed ({outcome:?}), the broker will redeliver: {e}"),
         None => log::debug!("amqp settle unanswered within {RPC_TIMEOUT:?} ({outcome:?}), the broker will redeliver"),
+    }
+}
+
+/// Wait for one confirm until the batch's `deadline`. Past it, while the broker blocks this
+/// connection (a resource alarm: it has stopped reading, and will route what it holds once it
+/// resumes), keep waiting, a deadline at a time, as long as `hold` renews the caller's leases;
+/// `None` when the wait ends without a confirm.
+async fn held_confirm<F>(
+    link: &Link,
+    confirm: F,
+    deadline: &mut std::time::Instant,
+    publish_timeout: Duration,
+    hold: &dyn Fn() -> bool,
+) -> Option<F::Output>
+where
+    F: Future,
+{
+    let mut confirm = std::pin::pin!(confirm);
+    let mut said = false;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if let Some(r) = bounded_wait(confirm.as_mut(), left).await {
+            return Some(r);
+        }
+        if !(link.healthy() && link.conn.status().blocked() && hold()) {
+            return None;
+        }
+        if !said {
+            log::warn!("the broker is blocking publishers (a memory or disk alarm): holding the batch in flight and its leases until it resumes");
+            said = true;
+        }
+        *deadline = std::time::Instant::now() + publish_timeout;
     }
 }
 

@@ -127,7 +127,11 @@ impl Transport for Faulty {
         format!("faulty({})", self.inner.describe())
     }
 
-    fn publish_batch(&self, batch: &[Outgoing]) -> Vec<Result<(), PublishFailure>> {
+    fn publish_batch(
+        &self,
+        batch: &[Outgoing],
+        hold: &dyn Fn() -> bool,
+    ) -> Vec<Result<(), PublishFailure>> {
         let unavailable = |why: &str| {
             batch
                 .iter()
@@ -166,7 +170,7 @@ impl Transport for Faulty {
             .collect();
         self.forwarded
             .fetch_add(pass.len() as u64, Ordering::SeqCst);
-        let mut inner = self.inner.publish_batch(&pass).into_iter();
+        let mut inner = self.inner.publish_batch(&pass, hold).into_iter();
         if !self.plan.delay.is_zero() {
             // The injected fault is the delay itself: confirms come back late.
             std::thread::sleep(self.plan.delay);
@@ -219,7 +223,7 @@ mod tests {
             "refuse=2",
             "refuse",
             "drop-every=x",
-            "delay=5y",
+            "delay=5x",
             "explode=1",
         ] {
             assert!(FaultPlan::parse(bad).is_err(), "{bad}");

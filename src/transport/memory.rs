@@ -57,7 +57,11 @@ impl Transport for InProcess {
         "in-process".into()
     }
 
-    fn publish_batch(&self, batch: &[Outgoing]) -> Vec<Result<(), PublishFailure>> {
+    fn publish_batch(
+        &self,
+        batch: &[Outgoing],
+        _hold: &dyn Fn() -> bool,
+    ) -> Vec<Result<(), PublishFailure>> {
         if self.consumers.load(Ordering::SeqCst) == 0 {
             return batch
                 .iter()

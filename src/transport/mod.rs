@@ -64,7 +64,17 @@ pub trait Transport: Send + Sync {
     /// Publish every message, with many in flight, and wait for each confirm. The result at
     /// index `i` is message `i`'s: `Ok` only once the message is safe (broker ack of a
     /// persistent, routed message; or handled by the in-process consumer).
-    fn publish_batch(&self, batch: &[Outgoing]) -> Vec<Result<(), PublishFailure>>;
+    ///
+    /// The wait has one deadline for the batch. A transport that knows its messages are still
+    /// in flight past it (a broker that blocks publishers holds them, and will route them once
+    /// it resumes) keeps waiting rather than give up on messages that would then be sent twice,
+    /// calling `hold` meanwhile: it renews the caller's leases on the tasks, and returns false
+    /// when the caller no longer holds them (then the transport gives up).
+    fn publish_batch(
+        &self,
+        batch: &[Outgoing],
+        hold: &dyn Fn() -> bool,
+    ) -> Vec<Result<(), PublishFailure>>;
 
     /// Whether publishing can currently succeed (false while the broker is unreachable).
     fn is_connected(&self) -> bool;

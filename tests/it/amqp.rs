@@ -194,7 +194,7 @@ fn a_redelivered_message_is_handled_once_and_poison_is_set_aside() {
         message_id: "00000000000".into(),
         body: "{not json".into(),
     };
-    for r in amqp.publish_batch(&[again.clone(), poison, again]) {
+    for r in amqp.publish_batch(&[again.clone(), poison, again], &|| false) {
         r.unwrap();
     }
     let m = service.metrics().clone();
@@ -561,6 +561,110 @@ fn unprocessable_messages_go_to_the_dead_letter_queue_with_their_reason_and_repl
     assert_eq!(left.len(), 2, "only the unprocessable two remain: {left:?}");
     server.stop();
     let amqp = Amqp::connect(s.amqp_url.as_deref().unwrap(), &s).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || amqp.is_connected()));
+    amqp.delete_queue().unwrap();
+}
+
+/// Sets RabbitMQ's memory high watermark back to what it was, whatever the test's outcome.
+struct RestoreWatermark(String);
+
+impl RestoreWatermark {
+    fn read() -> RestoreWatermark {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])
+            .output()
+            .unwrap();
+        let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        // A relative watermark prints as a float; anything else falls back to the default.
+        RestoreWatermark(if v.parse::<f64>().is_ok() {
+            v
+        } else {
+            "0.4".into()
+        })
+    }
+}
+
+impl Drop for RestoreWatermark {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", &self.0])
+            .output();
+    }
+}
+
+#[test]
+#[ignore = "needs RabbitMQ and rabbitmqctl; run with --ignored"]
+fn a_publisher_block_longer_than_the_lease_with_two_serves_delivers_every_award_published_once() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let s = amqp_settings(dir.path());
+    let restore = RestoreWatermark::read();
+    let url = s.amqp_url.clone().unwrap();
+    let common = [
+        "--amqp-url",
+        url.as_str(),
+        "--topic",
+        s.topic.as_str(),
+        "--stale-after",
+        "3s",
+        "--scan-interval",
+        "200ms",
+    ];
+    let a = crate::http::Server::start(dir.path(), &common);
+    let b = crate::http::Server::start(dir.path(), &common);
+    for server in [&a, &b] {
+        assert!(wait_until(Duration::from_secs(20), || server
+            .call("GET", "/readyz", "")
+            .0
+            == 200));
+    }
+    assert!(
+        std::process::Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", "0"])
+            .status()
+            .unwrap()
+            .success(),
+        "the memory alarm could not be raised"
+    );
+    let n = 60;
+    for i in 0..n {
+        let body = serde_json::json!({"userId": format!("blocked{}", i % 7), "activityId": 100301, "strategyId": 100006, "orderId": format!("7{i:011}"), "awardId": 101, "awardTitle": "t"});
+        let (status, resp) = a.call("POST", "/api/v1/awards", &body.to_string());
+        assert_eq!(status, 201, "saves commit while the broker blocks: {resp}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || a.call("GET", "/readyz", "").0
+            == 503),
+        "a blocked broker makes the instance unready"
+    );
+    // The block itself: held for three leases, so that any lease not kept alive would expire
+    // and the other process would claim and send its tasks again.
+    std::thread::sleep(Duration::from_secs(9));
+    assert_eq!(
+        totals(&s).1,
+        0,
+        "nothing can be delivered while publishers are blocked"
+    );
+    drop(restore);
+    assert!(
+        wait_until(Duration::from_secs(60), || all_delivered(&s, n)),
+        "every award delivered after the alarm cleared: {:?}",
+        totals(&s)
+    );
+    for db in 1..=s.layout.db_count() {
+        let c = raw(&s, db);
+        let max: Option<i64> = c
+            .query_row("SELECT MAX(receipts) FROM delivery", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            max.unwrap_or(1),
+            1,
+            "shard {db}: a message reached the consumers more than once"
+        );
+    }
+    a.stop();
+    b.stop();
+    let amqp = Amqp::connect(&url, &s).unwrap();
     assert!(wait_until(Duration::from_secs(10), || amqp.is_connected()));
     amqp.delete_queue().unwrap();
 }

@@ -139,6 +139,7 @@ impl Transport for Recording {
     fn publish_batch(
         &self,
         batch: &[big_market::transport::Outgoing],
+        hold: &dyn Fn() -> bool,
     ) -> Vec<Result<(), big_market::transport::PublishFailure>> {
         {
             let mut state = self.state.lock().unwrap();
@@ -152,7 +153,7 @@ impl Transport for Recording {
                 e.1 += 1;
             }
         }
-        let out = self.inner.publish_batch(batch);
+        let out = self.inner.publish_batch(batch, hold);
         let mut state = self.state.lock().unwrap();
         for m in batch {
             state.get_mut(&m.message_id).unwrap().0 -= 1;
