@@ -466,11 +466,12 @@ impl Transport for Amqp {
             // One deadline for the whole batch: confirms awaited one after another must not add
             // up past the lease of the tasks in it.
             let mut deadline = std::time::Instant::now() + publish_timeout;
+            let mut warned = false;
             let mut out = Vec::with_capacity(pending.len());
             for p in pending {
                 out.push(match p {
                     Err(e) => Err(PublishFailure::Unavailable(format!("publish failed: {e}"))),
-                    Ok(confirm) => match held_confirm(&link, confirm, &mut deadline, publish_timeout, hold).await {
+                    Ok(confirm) => match held_confirm(&link, confirm, &mut deadline, publish_timeout, hold, &mut warned).await {
                         None => Err(PublishFailure::Unavailable(format!("no confirm within the batch deadline of {publish_timeout:?}"))),
                         Some(Ok(Confirmation::Ack(None))) => Ok(()),
                         Some(Ok(Confirmation::Ack(Some(returned)))) | Some(Ok(Confirmation::Nack(Some(returned)))) => Err(PublishFailure::Rejected(format!(
@@ -614,37 +615,53 @@ async fn settle(inner: Arc<Inner>, d: Delivery, outcome: Handled) {
     }
 }
 
-/// Wait for one confirm until the batch's `deadline`. Past it, while the broker blocks this
-/// connection (a resource alarm: it has stopped reading, and will route what it holds once it
-/// resumes), keep waiting, a deadline at a time, as long as `hold` renews the caller's leases;
-/// `None` when the wait ends without a confirm.
+/// Wait for one confirm until the batch's `deadline`. Past it the message may still be routed
+/// (a broker that blocks publishers, or pages queues to disk under an alarm, confirms late), and
+/// giving up would have it sent twice. So while the connection lives and `hold` renews the
+/// caller's leases, keep waiting a deadline at a time: without limit while the broker says it
+/// blocks this connection (it will resume), and for [`SLOW_CONFIRM_DEADLINES`] more deadlines
+/// otherwise. `None` when the wait ends without a confirm.
 async fn held_confirm<F>(
     link: &Link,
     confirm: F,
     deadline: &mut std::time::Instant,
     publish_timeout: Duration,
     hold: &dyn Fn() -> bool,
+    warned: &mut bool,
 ) -> Option<F::Output>
 where
     F: Future,
 {
     let mut confirm = std::pin::pin!(confirm);
-    let mut said = false;
+    let mut extra = 0;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if let Some(r) = bounded_wait(confirm.as_mut(), left).await {
             return Some(r);
         }
-        if !(link.healthy() && link.conn.status().blocked() && hold()) {
+        let blocked = link.conn.status().blocked();
+        if !link.healthy() || (!blocked && extra >= SLOW_CONFIRM_DEADLINES) || !hold() {
             return None;
         }
-        if !said {
-            log::warn!("the broker is blocking publishers (a memory or disk alarm): holding the batch in flight and its leases until it resumes");
-            said = true;
+        if !*warned {
+            *warned = true;
+            log::warn!(
+                "no confirm within {publish_timeout:?}{}: holding the batch in flight and renewing its leases",
+                if blocked {
+                    " (the broker is blocking publishers: a memory or disk alarm)"
+                } else {
+                    ""
+                }
+            );
         }
+        extra += 1;
         *deadline = std::time::Instant::now() + publish_timeout;
     }
 }
+
+/// Extra deadlines a batch is held for while the broker is connected and not blocking, but
+/// slow to confirm.
+const SLOW_CONFIRM_DEADLINES: u32 = 4;
 
 /// The dead-letter queue of a topic's queue: `<topic>.dlq`.
 pub fn dead_letter_queue(queue: &str) -> String {

@@ -65,11 +65,12 @@ pub trait Transport: Send + Sync {
     /// index `i` is message `i`'s: `Ok` only once the message is safe (broker ack of a
     /// persistent, routed message; or handled by the in-process consumer).
     ///
-    /// The wait has one deadline for the batch. A transport that knows its messages are still
-    /// in flight past it (a broker that blocks publishers holds them, and will route them once
-    /// it resumes) keeps waiting rather than give up on messages that would then be sent twice,
-    /// calling `hold` meanwhile: it renews the caller's leases on the tasks, and returns false
-    /// when the caller no longer holds them (then the transport gives up).
+    /// The wait has one deadline for the batch. A transport whose messages may still be routed
+    /// past it (a broker that blocks publishers holds them and routes them once it resumes; one
+    /// under an alarm confirms late) keeps waiting, bounded, rather than give up on messages
+    /// that would then be sent twice, calling `hold` at every further deadline: it renews the
+    /// caller's leases on the tasks, and returns false when the caller no longer holds them
+    /// (then the transport gives up).
     fn publish_batch(
         &self,
         batch: &[Outgoing],

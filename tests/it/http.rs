@@ -148,6 +148,16 @@ impl Server {
     }
 }
 
+impl Drop for Server {
+    /// A test that fails before `stop` leaves no `serve` running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn award(user: &str, order: &str) -> Value {
     json!({"userId": user, "activityId": 100301, "strategyId": 100006, "orderId": order, "awardId": 101, "awardTitle": "OpenAI 增加使用次数", "awardTime": 1712377010878i64})
 }
