@@ -440,6 +440,11 @@ impl Transport for Amqp {
         let queue = self.inner.queue.clone();
         let publish_timeout = self.inner.publish_timeout;
         async_global_executor::block_on(async move {
+            // One deadline for the whole batch, handing the messages over included (a blocked
+            // connection holds that up too): waits one after another must not add up past the
+            // lease of the tasks in it.
+            let mut deadline = std::time::Instant::now() + publish_timeout;
+            let mut warned = false;
             let mut pending = Vec::with_capacity(batch.len());
             for m in batch {
                 let props = BasicProperties::default()
@@ -450,28 +455,27 @@ impl Transport for Amqp {
                     mandatory: true,
                     ..Default::default()
                 };
+                let publish = link.channel.basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    opts,
+                    m.body.as_bytes(),
+                    props,
+                );
                 pending.push(
-                    link.channel
-                        .basic_publish(
-                            "".into(),
-                            queue.as_str().into(),
-                            opts,
-                            m.body.as_bytes(),
-                            props,
-                        )
-                        .await,
+                    match held(&link, publish, &mut deadline, publish_timeout, hold, &mut warned).await {
+                        Some(Ok(confirm)) => Ok(confirm),
+                        Some(Err(e)) => Err(e.to_string()),
+                        None => Err(format!("not handed to the broker within the batch deadline of {publish_timeout:?}")),
+                    },
                 );
             }
             crate::crash::hit("before-confirm");
-            // One deadline for the whole batch: confirms awaited one after another must not add
-            // up past the lease of the tasks in it.
-            let mut deadline = std::time::Instant::now() + publish_timeout;
-            let mut warned = false;
             let mut out = Vec::with_capacity(pending.len());
             for p in pending {
                 out.push(match p {
                     Err(e) => Err(PublishFailure::Unavailable(format!("publish failed: {e}"))),
-                    Ok(confirm) => match held_confirm(&link, confirm, &mut deadline, publish_timeout, hold, &mut warned).await {
+                    Ok(confirm) => match held(&link, confirm, &mut deadline, publish_timeout, hold, &mut warned).await {
                         None => Err(PublishFailure::Unavailable(format!("no confirm within the batch deadline of {publish_timeout:?}"))),
                         Some(Ok(Confirmation::Ack(None))) => Ok(()),
                         Some(Ok(Confirmation::Ack(Some(returned)))) | Some(Ok(Confirmation::Nack(Some(returned)))) => Err(PublishFailure::Rejected(format!(
@@ -615,13 +619,14 @@ async fn settle(inner: Arc<Inner>, d: Delivery, outcome: Handled) {
     }
 }
 
-/// Wait for one confirm until the batch's `deadline`. Past it the message may still be routed
-/// (a broker that blocks publishers, or pages queues to disk under an alarm, confirms late), and
-/// giving up would have it sent twice. So while the connection lives and `hold` renews the
-/// caller's leases, keep waiting a deadline at a time: without limit while the broker says it
-/// blocks this connection (it will resume), and for [`SLOW_CONFIRM_DEADLINES`] more deadlines
-/// otherwise. `None` when the wait ends without a confirm.
-async fn held_confirm<F>(
+/// Await one step of a publish (handing a message over, or its confirm) until the batch's
+/// `deadline`. Past it the message may still be routed (a broker that blocks publishers holds
+/// it and routes it once it resumes; one under an alarm confirms late), and giving up would
+/// have it sent twice. So while the connection lives and `hold` renews the caller's leases, keep
+/// waiting a deadline at a time: without limit while the broker says it blocks this connection
+/// (it will resume), and for [`SLOW_CONFIRM_DEADLINES`] more deadlines otherwise. `None` when
+/// the wait ends without an answer.
+async fn held<F>(
     link: &Link,
     confirm: F,
     deadline: &mut std::time::Instant,

@@ -55,12 +55,28 @@ impl Server {
 
     /// `serve --http 127.0.0.1:0` with `global` args before `serve` and `serve_args` after it.
     pub fn start_with(dir: &std::path::Path, global: &[&str], serve_args: &[&str]) -> Server {
-        let mut child = bin(dir)
+        Server::spawn(bin(dir), global, serve_args, Stdio::null())
+    }
+
+    /// Like [`Server::start`], with its log (debug level) in `log`.
+    pub fn start_logged(dir: &std::path::Path, global: &[&str], log: &std::path::Path) -> Server {
+        let mut cmd = bin(dir);
+        cmd.env("RUST_LOG", "info,big_market=debug");
+        Server::spawn(cmd, global, &[], std::fs::File::create(log).unwrap().into())
+    }
+
+    fn spawn(
+        mut cmd: std::process::Command,
+        global: &[&str],
+        serve_args: &[&str],
+        stderr: Stdio,
+    ) -> Server {
+        let mut child = cmd
             .args(global)
             .args(["serve", "--http", "127.0.0.1:0"])
             .args(serve_args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let mut line = String::new();
