@@ -10,6 +10,19 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 fn check_id(field: &'static str, value: &str, max: usize) -> Result<()> {
+    check_text(field, value, max)?;
+    if value.chars().any(char::is_whitespace) {
+        return Err(Error::invalid(
+            field,
+            format!("{value:?} contains whitespace"),
+        ));
+    }
+    Ok(())
+}
+
+/// 1 to `max` characters with no control characters (what a `varchar(max)` column of the
+/// original holds and its services accept).
+fn check_text(field: &'static str, value: &str, max: usize) -> Result<()> {
     if value.is_empty() {
         return Err(Error::invalid(field, "must not be empty"));
     }
@@ -19,23 +32,24 @@ fn check_id(field: &'static str, value: &str, max: usize) -> Result<()> {
             format!("{:?} is longer than {max} characters", value),
         ));
     }
-    if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+    if value.chars().any(char::is_control) {
         return Err(Error::invalid(
             field,
-            format!("{value:?} contains whitespace or control characters"),
+            format!("{value:?} contains control characters"),
         ));
     }
     Ok(())
 }
 
-/// A user id: 1 to 32 characters, no whitespace. The router's key.
+/// A user id: 1 to 32 characters, no control characters (spaces are allowed: the original's
+/// `user_id varchar(32)` holds `user 4`, and routes it). The router's key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct UserId(String);
 
 impl UserId {
     /// Validate a user id.
     pub fn parse(s: &str) -> Result<Self> {
-        check_id("user_id", s, 32)?;
+        check_text("user_id", s, 32)?;
         Ok(UserId(s.to_string()))
     }
     /// The id as text.
@@ -382,7 +396,7 @@ mod tests {
             ),
             (
                 NewAward {
-                    user_id: "a b",
+                    user_id: "a\u{7}b",
                     ..base.clone()
                 },
                 "user_id",
@@ -453,6 +467,16 @@ mod tests {
         assert!(AwardRecord::new(base).is_ok());
         // 32 Chinese characters are 32 characters, not 96 bytes.
         assert!(UserId::parse(&"用".repeat(32)).is_ok());
+        // What the original's varchar(32) holds: spaces yes, control characters and 33 no.
+        assert!(UserId::parse("user 4").is_ok());
+        assert!(UserId::parse(" lead").is_ok());
+        for bad in ["", "a\tb", "a\nb", "nul\0", &"x".repeat(33)] {
+            assert!(UserId::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(
+            OrderId::parse("1234 678").is_err(),
+            "order ids stay without spaces"
+        );
     }
 
     #[test]

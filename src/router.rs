@@ -142,6 +142,19 @@ mod tests {
             (r.db_name(), r.table_name()),
             ("big_market_02".into(), "user_award_record_000".into())
         );
+        // Ids with spaces, which the original's varchar(32) holds; values from the Java formula.
+        for (id, db, table) in [
+            ("user 4", "big_market_02", "user_award_record_000"),
+            (" lead", "big_market_01", "user_award_record_001"),
+            ("小 傅", "big_market_02", "user_award_record_001"),
+        ] {
+            let r = route(id, l);
+            assert_eq!(
+                (r.db_name(), r.table_name()),
+                (db.into(), table.into()),
+                "{id:?}"
+            );
+        }
     }
 
     #[test]

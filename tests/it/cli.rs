@@ -359,3 +359,29 @@ fn overflowing_or_absurd_numbers_exit_2_and_delete_nothing() {
     }
     assert_eq!(completed(dir.path()), before, "nothing was deleted");
 }
+
+#[test]
+fn a_user_id_with_a_space_is_taken_and_stored_where_the_java_router_puts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(dir.path(), &["route", "user 4"]);
+    assert_eq!(
+        text(&out.stdout),
+        "user_id=user 4 db=big_market_02 table=user_award_record_000\n"
+    );
+    let award: Vec<&str> = AWARD
+        .iter()
+        .map(|a| if *a == "xiaofuge" { "user 4" } else { a })
+        .collect();
+    let out = run(dir.path(), &award);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = settings(dir.path());
+    let c = raw(&s, 2);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT COUNT(*) FROM user_award_record_000 WHERE user_id = 'user 4'"
+        ),
+        1
+    );
+    assert_eq!(run(dir.path(), &["route", "a\tb"]).status.code(), Some(2));
+}
