@@ -19,13 +19,14 @@
 //! - [`outbox`]: the write path (return on commit) and the publish-and-settle step;
 //! - [`relay`]: the hand-off from each shard's writer and the relay that publishes in batches;
 //! - [`scanner`]: the compensation scan (`scan_once`);
-//! - [`consumer`]: award delivery from messages;
+//! - [`consumer`]: award delivery from messages, and the backoff while the store fails;
 //! - [`crash`]: named crash points for `verify`;
 //! - [`verify`]: kill-and-restart rounds checked by the audit;
-//! - [`metrics`]: process counters;
+//! - [`metrics`]: process counters and their OpenMetrics text (prometheus-client);
 //! - [`audit`]: proof that nothing was lost, from per-shard sequence numbers (pure);
 //! - [`service`]: wiring and lifecycle;
-//! - [`http`]: the HTTP interface of `serve` (ingest, listing, health, metrics);
+//! - [`http`]: the HTTP interface of `serve` on hyper: server setup and deadlines, routes, the
+//!   award's wire form;
 //! - [`load`]: the `load` workload (many writers, wait for delivery);
 //! - [`bench`]: the side-by-side benchmark behind `big-market bench`;
 //! - [`cli`]: the command line; `main.rs` only calls it;
