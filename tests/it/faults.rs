@@ -453,3 +453,74 @@ fn a_full_shard_refuses_writes_in_one_line_keeps_nothing_half_written_and_recove
     assert_eq!(awards(&c, None), 301 + saved);
     assert_eq!(awards(&c, Some("completed")), 301 + saved, "all delivered");
 }
+
+#[test]
+fn the_consumer_holds_back_while_the_store_fails_and_resumes_once_it_writes_again() {
+    use big_market::consumer::{AwardConsumer, BACKOFF_MIN};
+    use big_market::transport::{Handled, Handler};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    let user = "store-fails";
+    let db = big_market::router::route(user, s.layout).db;
+    let topic: Arc<str> = Arc::from(s.topic.as_str());
+    let owner: Arc<str> = Arc::from("test");
+    let store = big_market::store::Store::open(&s, true).unwrap();
+    for chunk in 0..10 {
+        let batch = (0..300)
+            .map(|i| award(user, &format!("2{:011}", chunk * 300 + i)))
+            .collect();
+        for r in store.save_awards(batch, &topic, &owner, Duration::from_secs(600), 0) {
+            r.unwrap();
+        }
+    }
+    drop(store);
+    let fillers: Vec<String> = raw(&s, db)
+        .prepare("SELECT message FROM task ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+
+    // Cap the shard just above its size, and fill it by delivering the other awards.
+    let pages = count(&raw(&s, db), "PRAGMA page_count");
+    s.max_shard_pages = Some(pages as u64 + 4);
+    let store = Arc::new(big_market::store::Store::open(&s, false).unwrap());
+    // The first message that no longer fits is the one the consumer will be given.
+    let body = fillers
+        .iter()
+        .find(|f| {
+            let msg = big_market::model::EventMessage::decode(f.as_bytes()).unwrap();
+            store.deliver(msg, big_market::util::now_ms()).is_err()
+        })
+        .expect("the shard never filled up")
+        .clone();
+    let completed = awards(&raw(&s, db), Some("completed"));
+    let consumer = AwardConsumer::new(store.clone(), Arc::default());
+    let t0 = Instant::now();
+    for _ in 0..3 {
+        let out = consumer.handle_batch(&[body.as_bytes()]);
+        assert!(matches!(out[0], Handled::Retry(_)), "{out:?}");
+    }
+    // Each failed batch held the consumer back, doubling: 1 + 2 + 4 times the first wait.
+    assert!(
+        t0.elapsed() >= BACKOFF_MIN * 7,
+        "no backoff between failures: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(awards(&raw(&s, db), Some("completed")), completed);
+
+    // Space comes back (the fillers' deliveries go): the next batch delivers.
+    let c = raw(&s, db);
+    c.execute("DELETE FROM delivery", []).unwrap();
+    let out = consumer.handle_batch(&[body.as_bytes()]);
+    assert_eq!(out, vec![Handled::Ack]);
+    assert_eq!(
+        awards(&c, Some("completed")),
+        completed + 1,
+        "delivered once the store writes again"
+    );
+}
