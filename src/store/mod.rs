@@ -262,15 +262,15 @@ impl Store {
             .expect("one result per award")
     }
 
-    /// [`Store::save_award`] for an async caller: awaits the commit without blocking its thread.
-    pub async fn save_award_async(
+    /// The write that saves `record`, and the database it routes to.
+    fn save_op(
         &self,
         record: AwardRecord,
         topic: &Arc<str>,
         owner: &Arc<str>,
         lease: Duration,
         now_ms: i64,
-    ) -> Result<SavedTask> {
+    ) -> (u32, Op) {
         let r = route(record.user_id.as_str(), self.layout);
         let op = Op::SaveAward {
             record,
@@ -280,7 +280,20 @@ impl Store {
             lease_until_ms: now_ms + lease.as_millis() as i64,
             now_ms,
         };
-        match self.shard(r.db).write_async(op).await? {
+        (r.db, op)
+    }
+
+    /// [`Store::save_award`] for an async caller: awaits the commit without blocking its thread.
+    pub async fn save_award_async(
+        &self,
+        record: AwardRecord,
+        topic: &Arc<str>,
+        owner: &Arc<str>,
+        lease: Duration,
+        now_ms: i64,
+    ) -> Result<SavedTask> {
+        let (db, op) = self.save_op(record, topic, owner, lease, now_ms);
+        match self.shard(db).write_async(op).await? {
             Reply::Saved(t) => Ok(t),
             other => unreachable!("SaveAward replied {other:?}"),
         }
@@ -299,17 +312,10 @@ impl Store {
         let results: Vec<Option<Result<SavedTask>>> = (0..records.len()).map(|_| None).collect();
         let mut per_shard: BTreeMap<u32, (Vec<usize>, Vec<Op>)> = BTreeMap::new();
         for (i, record) in records.into_iter().enumerate() {
-            let r = route(record.user_id.as_str(), self.layout);
-            let entry = per_shard.entry(r.db).or_default();
+            let (db, op) = self.save_op(record, topic, owner, lease, now_ms);
+            let entry = per_shard.entry(db).or_default();
             entry.0.push(i);
-            entry.1.push(Op::SaveAward {
-                record,
-                table: award_table(r.table),
-                topic: topic.clone(),
-                owner: owner.clone(),
-                lease_until_ms: now_ms + lease.as_millis() as i64,
-                now_ms,
-            });
+            entry.1.push(op);
         }
         self.run_per_shard(per_shard, results, |r| match r {
             Reply::Saved(t) => t,

@@ -414,6 +414,21 @@ fn publish_plain(s: &Settings, bodies: &[&[u8]]) {
     });
 }
 
+/// Save an award with the store alone: nothing publishes its message (its ten-minute lease keeps
+/// the scanner away).
+fn save_unpublished(s: &Settings, user: &str, order: &str) -> big_market::store::SavedTask {
+    let store = big_market::store::Store::open(s, true).unwrap();
+    store
+        .save_award(
+            award(user, order),
+            &Arc::from(s.topic.as_str()),
+            &Arc::from("test"),
+            Duration::from_secs(600),
+            big_market::util::now_ms(),
+        )
+        .unwrap()
+}
+
 fn dlq_list(dir: &std::path::Path, s: &Settings) -> Vec<serde_json::Value> {
     let out = crate::cli::bin(dir)
         .args([
@@ -447,16 +462,7 @@ fn unprocessable_messages_go_to_the_dead_letter_queue_with_their_reason_and_repl
     let s = amqp_settings(dir.path());
     // An award whose message a plain client will publish: written by the store alone, so that
     // big-market itself does not publish it (its lease keeps the scanner away meanwhile).
-    let store = big_market::store::Store::open(&s, true).unwrap();
-    let valid = store
-        .save_award(
-            award("dlq-valid", "500000000001"),
-            &Arc::from(s.topic.as_str()),
-            &Arc::from("test"),
-            Duration::from_secs(600),
-            big_market::util::now_ms(),
-        )
-        .unwrap();
+    let valid = save_unpublished(&s, "dlq-valid", "500000000001");
     let db = valid.db;
     let body: String = raw(&s, db)
         .query_row(
@@ -465,7 +471,6 @@ fn unprocessable_messages_go_to_the_dead_letter_queue_with_their_reason_and_repl
             |r| r.get(0),
         )
         .unwrap();
-    drop(store);
 
     let server = crate::http::Server::start(
         dir.path(),
@@ -519,17 +524,7 @@ fn unprocessable_messages_go_to_the_dead_letter_queue_with_their_reason_and_repl
     )
     .len()
         == 3));
-    let store = big_market::store::Store::open(&s, false).unwrap();
-    let b = store
-        .save_award(
-            award("dlq-later", "500000000002"),
-            &Arc::from(s.topic.as_str()),
-            &Arc::from("test"),
-            Duration::from_secs(600),
-            big_market::util::now_ms(),
-        )
-        .unwrap();
-    drop(store);
+    let b = save_unpublished(&s, "dlq-later", "500000000002");
     let out = crate::cli::bin(dir.path())
         .args([
             "--amqp-url",
