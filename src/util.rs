@@ -1,7 +1,5 @@
-//! Small shared helpers: the wall clock, a seeded random source, and bounded waiting.
+//! Small shared helpers: the wall clock, a random source (fastrand), and bounded waiting.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch. The only place that reads the wall clock; pure code takes
@@ -13,39 +11,31 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// A small, fast random source (splitmix64) seeded from the OS-randomized hasher keys. Good for
-/// jitter and test data; not for secrets.
+/// A small, fast random source (fastrand's wyrand, seeded by the OS), for jitter and test data;
+/// not for secrets.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(fastrand::Rng);
 
 impl Rng {
     /// A randomly seeded generator.
     pub fn new() -> Self {
-        let mut h = RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        Rng(h.finish() ^ now_ms() as u64)
+        Rng(fastrand::Rng::new())
     }
     /// A generator with a fixed seed, for reproducible runs.
     pub fn seeded(seed: u64) -> Self {
-        Rng(seed)
+        Rng(fastrand::Rng::with_seed(seed))
     }
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.u64(..)
     }
     /// A uniform value in `[0, 1)`.
     pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.f64()
     }
     /// `n` random decimal digits.
     pub fn digits(&mut self, n: usize) -> String {
-        (0..n)
-            .map(|_| char::from(b'0' + (self.next_u64() % 10) as u8))
-            .collect()
+        (0..n).map(|_| self.0.digit(10)).collect()
     }
 }
 
