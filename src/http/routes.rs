@@ -102,45 +102,49 @@ pub fn authorized(headers: &HeaderMap, token: &str) -> bool {
     bool::from(given.ct_eq(token.as_bytes()))
 }
 
-/// Answer one request.
-pub async fn handle(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
-    if let Some(r) = framing_error(req.version(), req.headers()) {
-        return refused_and_close(r);
-    }
-    let path = req.uri().path().to_string();
-    if path == "/healthz" && req.method() == Method::GET {
-        return json_response(200, &json!({ "status": "ok" }));
-    }
-    if !ROUTES.contains(&path.as_str()) {
-        return refused(Refusal::new(404, format!("no route {path}")));
+/// What a request asks for, once its head is checked.
+enum Route {
+    Create,
+    List(String),
+    Ready,
+    Metrics,
+}
+
+/// Decide from the head alone: a route, or the refusal to send.
+fn decide(parts: &hyper::http::request::Parts, ctx: &Ctx) -> Result<Route, Box<Response<Body>>> {
+    let path = parts.uri.path();
+    if !ROUTES.contains(&path) {
+        return Err(Box::new(refused(Refusal::new(
+            404,
+            format!("no route {path}"),
+        ))));
     }
     if ctx.draining.load(Ordering::SeqCst) {
-        return refused_and_close(Refusal::new(
+        return Err(Box::new(refused_and_close(Refusal::new(
             503,
             "shutting down: send the request to a running instance",
-        ));
+        ))));
     }
-    if API_ROUTES.contains(&path.as_str()) {
+    if API_ROUTES.contains(&path) {
         if let Some(token) = &ctx.token {
-            if !authorized(req.headers(), token) {
+            if !authorized(&parts.headers, token) {
                 let mut r = refused(Refusal::new(
                     401,
                     "missing or wrong token: send Authorization: Bearer <token>",
                 ));
                 r.headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return r;
+                return Err(Box::new(r));
             }
         }
     }
-    match (req.method().clone(), path.as_str()) {
-        (Method::POST, "/api/v1/awards") => create(req, ctx).await,
-        (Method::GET, "/api/v1/awards") => {
-            let query = req.uri().query().unwrap_or("").to_string();
-            blocking(&ctx, move |ctx| list(&ctx.service, &query)).await
+    match (&parts.method, path) {
+        (&Method::POST, "/api/v1/awards") => Ok(Route::Create),
+        (&Method::GET, "/api/v1/awards") => {
+            Ok(Route::List(parts.uri.query().unwrap_or("").to_string()))
         }
-        (Method::GET, "/readyz") => blocking(&ctx, |ctx| ready(&ctx.service)).await,
-        (Method::GET, "/metrics") => blocking(&ctx, |ctx| metrics(&ctx.service)).await,
+        (&Method::GET, "/readyz") => Ok(Route::Ready),
+        (&Method::GET, "/metrics") => Ok(Route::Metrics),
         (m, p) => {
             let allow = if p == "/api/v1/awards" {
                 "GET, POST"
@@ -150,9 +154,59 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
             let mut r = refused(Refusal::new(405, format!("method {m} not allowed on {p}")));
             r.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(allow));
-            r
+            Err(Box::new(r))
         }
     }
+}
+
+/// Answer one request.
+pub async fn handle(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    if let Some(r) = framing_error(parts.version, &parts.headers) {
+        return refused_and_close(r);
+    }
+    if parts.uri.path() == "/healthz" && parts.method == Method::GET {
+        return discard_then(
+            body,
+            json_response(200, &json!({ "status": "ok" })),
+            &ctx.limits,
+        )
+        .await;
+    }
+    match decide(&parts, &ctx) {
+        Err(refusal) => discard_then(body, *refusal, &ctx.limits).await,
+        Ok(Route::Create) => create(&parts, body, ctx).await,
+        Ok(Route::List(query)) => {
+            let r = blocking(&ctx, move |ctx| list(&ctx.service, &query)).await;
+            discard_then(body, r, &ctx.limits).await
+        }
+        Ok(Route::Ready) => {
+            let r = blocking(&ctx, |ctx| ready(&ctx.service)).await;
+            discard_then(body, r, &ctx.limits).await
+        }
+        Ok(Route::Metrics) => {
+            let r = blocking(&ctx, |ctx| metrics(&ctx.service)).await;
+            discard_then(body, r, &ctx.limits).await
+        }
+    }
+}
+
+/// Read and drop a body the answer does not need, so that the keep-alive connection can carry
+/// the next request; a body that is too large or too slow closes the connection instead.
+async fn discard_then(
+    body: Incoming,
+    mut response: Response<Body>,
+    limits: &HttpLimits,
+) -> Response<Body> {
+    if hyper::body::Body::is_end_stream(&body) {
+        return response;
+    }
+    if read_body(body, limits).await.is_err() {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// Run `f` on the blocking pool, at most `limits.workers` at once.
@@ -203,9 +257,13 @@ fn secs(d: Duration) -> String {
     format!("{}s", d.as_secs_f64())
 }
 
-async fn create(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
-    let declared = req
-        .headers()
+async fn create(
+    parts: &hyper::http::request::Parts,
+    body: Incoming,
+    ctx: Arc<Ctx>,
+) -> Response<Body> {
+    let declared = parts
+        .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
@@ -215,7 +273,7 @@ async fn create(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
             format!("body is over the limit of {} bytes", ctx.limits.max_body),
         ));
     }
-    let body = match read_body(req.into_body(), &ctx.limits).await {
+    let body = match read_body(body, &ctx.limits).await {
         Ok(b) => b,
         Err(r) => return refused_and_close(r),
     };

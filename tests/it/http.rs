@@ -539,8 +539,18 @@ fn the_token_guards_the_api_and_an_exposed_address_needs_one() {
         server.call("GET", "/api/v1/awards?userId=xiaofuge", "").0,
         200
     );
+    // A refused request's body is read and dropped: the connection carries the next request.
+    let mut conn = connect(server.addr);
+    let second = award("xiaofuge", "600000000002").to_string();
+    conn.write_all(format!("{}{second}", post_head("", second.len())).as_bytes())
+        .unwrap();
+    assert_eq!(read_response(&mut conn).unwrap().status, 401);
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    conn.write_all(format!("{}{second}", post_head(&auth, second.len())).as_bytes())
+        .unwrap();
+    assert_eq!(read_response(&mut conn).unwrap().status, 201);
     server.stop();
-    assert_eq!(totals(&s).0, 1);
+    assert_eq!(totals(&s).0, 2);
 
     // Every interface, no token: refused at start, nothing opened.
     let other = tempfile::tempdir().unwrap();
