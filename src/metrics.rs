@@ -106,17 +106,23 @@ struct LatencySnapshot {
 
 impl LatencySnapshot {
     fn of(h: &Histogram) -> LatencySnapshot {
+        let (cumulative, sum) = h.snapshot();
+        let mut below = 0;
         let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_MS
             .iter()
             .map(|ms| ms / 1000.0)
             .chain(std::iter::once(f64::INFINITY))
-            .zip(h.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
+            .zip(&cumulative)
+            .map(|(bound, c)| {
+                let in_bucket = c - below;
+                below = *c;
+                (bound, in_bucket)
+            })
             .collect();
-        let count = buckets.iter().map(|(_, c)| c).sum();
         LatencySnapshot {
             buckets,
-            sum: h.sum_us.load(Ordering::Relaxed) as f64 / 1e6,
-            count,
+            sum,
+            count: below,
         }
     }
 }

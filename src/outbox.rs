@@ -271,17 +271,18 @@ impl Outbox {
         // While a transport holds a batch past its deadline (a broker blocking publishers), the
         // leases on its tasks are renewed, so that nobody claims and sends them meanwhile.
         let shard = self.store.shard(db);
-        let ids: Vec<i64> = tasks.iter().map(|t| t.id).collect();
         let lease_ms = self.settings.stale_after.as_millis() as i64;
         let hold = || {
             let now = now_ms();
+            let ids: Vec<i64> = tasks.iter().map(|t| t.id).collect();
+            let n = ids.len();
             match shard.write(Op::Renew {
-                ids: ids.clone(),
+                ids,
                 owner: owner.clone(),
                 lease_until_ms: now + lease_ms,
                 now_ms: now,
             }) {
-                Ok(crate::store::Reply::Renewed(renewed)) => renewed.len() == ids.len(),
+                Ok(crate::store::Reply::Renewed(renewed)) => renewed.len() == n,
                 Ok(_) => false,
                 Err(e) => {
                     log::warn!("renewing the leases of a held publish failed shard={db:02}: {e}");

@@ -150,7 +150,8 @@ pub fn check_bind(addrs: &[SocketAddr], has_token: bool, insecure: bool) -> Resu
 #[derive(Debug)]
 struct Activity {
     state: Mutex<Phase>,
-    changed: Event,
+    /// Wakes the watcher when the connection is evicted.
+    evict_wake: Event,
     /// Set when a newer connection took this one's place.
     evicted: AtomicBool,
 }
@@ -221,7 +222,7 @@ impl Activity {
     fn new() -> Activity {
         Activity {
             state: Mutex::new(Phase::Idle(Instant::now())),
-            changed: Event::new(),
+            evict_wake: Event::new(),
             evicted: AtomicBool::new(false),
         }
     }
@@ -254,7 +255,7 @@ impl Activity {
     }
     fn evict(&self) {
         self.evicted.store(true, Ordering::SeqCst);
-        self.changed.notify(usize::MAX);
+        self.evict_wake.notify(usize::MAX);
     }
     fn deadline(&self, l: &HttpLimits) -> Option<Instant> {
         match *self.state.lock().unwrap_or_else(|e| e.into_inner()) {
@@ -269,7 +270,7 @@ impl Activity {
     /// enforced within one tick of passing; an eviction wakes it at once.
     async fn expired(&self, l: &HttpLimits) {
         loop {
-            let evicted = self.changed.listen();
+            let evicted = self.evict_wake.listen();
             if self.evicted.load(Ordering::SeqCst) {
                 return;
             }
@@ -466,16 +467,14 @@ impl HttpServer {
 
     /// Stop accepting, let requests in hand finish within `shutdown_grace`, close every
     /// connection and return once none is left.
-    pub fn stop(mut self) {
+    pub fn stop(self) {
         self.drain();
-        drop(self.stop.take());
-        if let Some(accept) = self.accept.take() {
-            async_global_executor::block_on(accept);
-        }
+        drop(self); // closing the stop channel ends the accept loop; Drop waits for it
     }
 }
 
 impl Drop for HttpServer {
+    /// Stop accepting and wait until every connection is closed (see [`HttpServer::stop`]).
     fn drop(&mut self) {
         drop(self.stop.take());
         if let Some(accept) = self.accept.take() {

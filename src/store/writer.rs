@@ -365,17 +365,17 @@ fn run_batch(db: u32, conn: &mut Connection, batch: &[Job]) -> Vec<Result<Reply>
         // transaction back by itself. Then nothing of this group is kept: every op, the ones
         // that had succeeded included, is reported as not written, and the rest are not run
         // (outside a transaction they would each commit on their own).
-        if result.is_err() && tx.is_autocommit() {
-            let cause = match &result {
-                Err(Error::Storage { source, .. }) => source.to_string(),
-                Err(e) => e.to_string(),
-                Ok(_) => unreachable!(),
-            };
-            let full = matches!(&result, Err(Error::Storage { source, .. }) if is_full(source));
-            return batch
-                .iter()
-                .map(|_| Err(rolled_back(db, full, &cause)))
-                .collect();
+        if let Err(e) = &result {
+            if tx.is_autocommit() {
+                let (full, cause) = match e {
+                    Error::Storage { source, .. } => (is_full(source), source.to_string()),
+                    other => (false, other.to_string()),
+                };
+                return batch
+                    .iter()
+                    .map(|_| Err(rolled_back(db, full, &cause)))
+                    .collect();
+            }
         }
         results.push(result);
     }

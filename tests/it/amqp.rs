@@ -429,7 +429,8 @@ fn save_unpublished(s: &Settings, user: &str, order: &str) -> big_market::store:
         .unwrap()
 }
 
-fn dlq_list(dir: &std::path::Path, s: &Settings) -> Vec<serde_json::Value> {
+/// `big-market dlq ARGS` on the test's broker and topic; asserts it succeeds, returns stdout.
+fn dlq(dir: &std::path::Path, s: &Settings, args: &[&str]) -> Vec<u8> {
     let out = crate::cli::bin(dir)
         .args([
             "--amqp-url",
@@ -437,9 +438,8 @@ fn dlq_list(dir: &std::path::Path, s: &Settings) -> Vec<serde_json::Value> {
             "--topic",
             &s.topic,
             "dlq",
-            "list",
-            "--json",
         ])
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -447,7 +447,11 @@ fn dlq_list(dir: &std::path::Path, s: &Settings) -> Vec<serde_json::Value> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+    out.stdout
+}
+
+fn dlq_list(dir: &std::path::Path, s: &Settings) -> Vec<serde_json::Value> {
+    serde_json::from_slice::<serde_json::Value>(&dlq(dir, s, &["list", "--json"]))
         .unwrap()
         .as_array()
         .unwrap()
@@ -525,24 +529,7 @@ fn unprocessable_messages_go_to_the_dead_letter_queue_with_their_reason_and_repl
     .len()
         == 3));
     let b = save_unpublished(&s, "dlq-later", "500000000002");
-    let out = crate::cli::bin(dir.path())
-        .args([
-            "--amqp-url",
-            s.amqp_url.as_deref().unwrap(),
-            "--topic",
-            &s.topic,
-            "dlq",
-            "replay",
-            "--message-id",
-            "99000000001",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    dlq(dir.path(), &s, &["replay", "--message-id", "99000000001"]);
     let conn_b = raw(&s, b.db);
     assert!(
         wait_until(Duration::from_secs(30), || awards(
