@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{parse_duration, Settings};
+use crate::config::{parse_duration, Settings, StoreTarget};
 use crate::error::{Error, Result};
 use crate::model::{AwardRecord, NewAward, TaskState, UserId};
 use crate::router::{route, Layout};
@@ -54,6 +54,12 @@ struct GlobalArgs {
         global = true
     )]
     data_dir: PathBuf,
+    /// Keep the shards in MySQL/MariaDB instead: mysql://user:password@host:3306/big_market uses
+    /// databases big_market_01 ... big_market_NN on that server (db-router's names); a
+    /// comma-separated list of one URL per database, in order, puts shards on separate servers.
+    /// Unset: SQLite files under --data-dir.
+    #[arg(long, env = "BIG_MARKET_STORE", hide_env_values = true, global = true)]
+    store: Option<String>,
     /// Number of databases (shard files). db-count x tb-count must be a power of two.
     #[arg(long, env = "BIG_MARKET_DB_COUNT", default_value_t = 2, global = true, value_parser = count::<u32, 1024>)]
     db_count: u32,
@@ -324,6 +330,9 @@ impl GlobalArgs {
     fn settings(&self) -> Result<Settings> {
         let mut s = Settings::new(&self.data_dir);
         s.layout = Layout::new(self.db_count, self.tb_count)?;
+        if let Some(spec) = self.store.as_deref().filter(|u| !u.trim().is_empty()) {
+            s.store = StoreTarget::parse(spec, self.db_count)?;
+        }
         s.topic = self.topic.clone();
         s.amqp_url = self.amqp_url.clone().filter(|u| !u.is_empty());
         s.stale_after = self.stale_after;
@@ -450,11 +459,14 @@ pub fn run(cli: Cli) -> Result<()> {
 fn init(settings: &Settings) -> Result<()> {
     let store = Store::open(settings, true)?;
     for s in store.shards() {
-        println!("shard {} ready", s.path().display());
+        println!("shard {} ready", s.location());
     }
+    let place = match &settings.store {
+        StoreTarget::Sqlite => settings.data_dir.display().to_string(),
+        StoreTarget::Mysql(_) => "the MySQL store".to_string(),
+    };
     println!(
-        "initialised {} with {} databases x {} tables",
-        settings.data_dir.display(),
+        "initialised {place} with {} databases x {} tables",
         settings.layout.db_count(),
         settings.layout.tb_count()
     );
@@ -615,7 +627,7 @@ fn status(settings: &Settings, json: bool) -> Result<()> {
             .map(|s| {
                 serde_json::json!({
                     "db": crate::router::db_name(s.db),
-                    "path": s.path,
+                    "location": s.location,
                     "awards": s.awards,
                     "tasks": s.tasks,
                     "oldest_pending_age_ms": s.oldest_pending_ms.map(|t| now - t),

@@ -11,8 +11,10 @@ use crate::router::Layout;
 /// Everything a running instance needs to know.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Directory holding `big_market_NN.db`.
+    /// Directory holding `big_market_NN.db` (the SQLite store).
     pub data_dir: PathBuf,
+    /// Where the shards live: SQLite files under `data_dir` (the default), or MySQL databases.
+    pub store: StoreTarget,
     /// Databases x tables.
     pub layout: Layout,
     /// Topic (and queue) of award messages. Default `send_award`.
@@ -65,6 +67,7 @@ impl Settings {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Settings {
             data_dir: data_dir.into(),
+            store: StoreTarget::Sqlite,
             layout: Layout::default(),
             topic: "send_award".into(),
             amqp_url: None,
@@ -173,6 +176,15 @@ impl Settings {
                 self.topic
             )));
         }
+        if let StoreTarget::Mysql(dbs) = &self.store {
+            if dbs.len() != self.layout.db_count() as usize {
+                return Err(Error::Config(format!(
+                    "--store names {} databases but the layout has {}: give one URL (a database name prefix) or one per database",
+                    dbs.len(),
+                    self.layout.db_count()
+                )));
+            }
+        }
         if let Some(url) = &self.amqp_url {
             if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
                 return Err(Error::Config(format!(
@@ -181,6 +193,117 @@ impl Settings {
             }
         }
         Ok(self)
+    }
+}
+
+/// Where the shards live.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum StoreTarget {
+    /// One SQLite file per database under the data directory.
+    #[default]
+    Sqlite,
+    /// One MySQL/MariaDB database per shard, in database order.
+    Mysql(Vec<MysqlDatabase>),
+}
+
+/// One MySQL database of the layout: how to connect (credentials included, never shown) and
+/// what to call it in logs and errors.
+#[derive(Clone, PartialEq)]
+pub struct MysqlDatabase {
+    /// Connection options, database name included.
+    pub opts: mysql::Opts,
+    /// The database name.
+    pub name: String,
+    /// `mysql://user@host:port/name`: the URL without its password.
+    pub shown: String,
+}
+
+impl std::fmt::Debug for MysqlDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl StoreTarget {
+    /// Parse `--store`: `mysql://user:pass@host:3306/big_market` names the prefix of databases
+    /// `big_market_01` ... `big_market_NN` on one server, as db-router names them; a comma-separated
+    /// list of `db_count` URLs names each database itself, in order (shards on separate servers).
+    /// Errors never repeat a URL: it may hold a password.
+    pub fn parse(spec: &str, db_count: u32) -> Result<StoreTarget> {
+        let urls: Vec<&str> = spec.split(',').map(str::trim).collect();
+        let bad = |which: String, why: &str| {
+            Error::Config(format!(
+                "{which} of --store {why}: use mysql://user:password@host:3306/big_market (databases big_market_01 ...), or one URL per database; leave --store unset for SQLite under --data-dir"
+            ))
+        };
+        let which = |i: usize| {
+            if urls.len() == 1 {
+                "the URL".to_string()
+            } else {
+                format!("URL {} of {}", i + 1, urls.len())
+            }
+        };
+        if urls.len() != 1 && urls.len() != db_count as usize {
+            return Err(Error::Config(format!(
+                "--store lists {} URLs but the layout has {} databases: give one URL (a database name prefix) or one per database",
+                urls.len(),
+                db_count
+            )));
+        }
+        let mut out = Vec::new();
+        for (i, url) in urls.iter().enumerate() {
+            if !url.starts_with("mysql://") {
+                return Err(bad(which(i), "does not start with mysql://"));
+            }
+            let opts = mysql::Opts::from_url(url)
+                .map_err(|e| bad(which(i), &format!("is not a valid URL ({})", url_error(&e))))?;
+            let named = opts.get_db_name().unwrap_or("").to_string();
+            if named.is_empty() {
+                return Err(bad(which(i), "names no database"));
+            }
+            let names: Vec<String> = if urls.len() == 1 {
+                (1..=db_count)
+                    .map(|db| format!("{named}_{db:02}"))
+                    .collect()
+            } else {
+                vec![named]
+            };
+            for name in names {
+                if name.len() > 64
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'$')
+                {
+                    return Err(bad(
+                        which(i),
+                        "names a database that is not 1-64 letters, digits, '_' or '$'",
+                    ));
+                }
+                let shown = format!(
+                    "mysql://{}@{}:{}/{name}",
+                    opts.get_user().unwrap_or(""),
+                    opts.get_ip_or_hostname(),
+                    opts.get_tcp_port()
+                );
+                let opts = mysql::Opts::from(
+                    mysql::OptsBuilder::from_opts(opts.clone()).db_name(Some(&name)),
+                );
+                out.push(MysqlDatabase { opts, name, shown });
+            }
+        }
+        Ok(StoreTarget::Mysql(out))
+    }
+}
+
+/// A URL error without the URL's text.
+fn url_error(e: &mysql::UrlError) -> String {
+    match e {
+        mysql::UrlError::ParseError(p) => p.to_string(),
+        mysql::UrlError::UnsupportedScheme(_) => "unsupported scheme".into(),
+        mysql::UrlError::UnknownParameter(p) => format!("unknown parameter {p}"),
+        mysql::UrlError::InvalidValue(p, _) => format!("invalid value for {p}"),
+        mysql::UrlError::FeatureRequired(f, p) => format!("{p} needs the {f} feature"),
+        _ => "malformed".into(),
     }
 }
 
@@ -240,6 +363,45 @@ mod tests {
         ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_store_url_names_a_database_per_shard_and_never_shows_its_password() {
+        let StoreTarget::Mysql(dbs) =
+            StoreTarget::parse("mysql://app:s3cret@db.example:3307/big_market", 2).unwrap()
+        else {
+            panic!("not mysql")
+        };
+        let names: Vec<&str> = dbs.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["big_market_01", "big_market_02"]);
+        assert_eq!(dbs[1].shown, "mysql://app@db.example:3307/big_market_02");
+        assert_eq!(dbs[1].opts.get_db_name(), Some("big_market_02"));
+        assert!(!format!("{dbs:?}").contains("s3cret"));
+        let StoreTarget::Mysql(dbs) =
+            StoreTarget::parse("mysql://a:p@h1/shard_a, mysql://a:p@h2/shard_b", 2).unwrap()
+        else {
+            panic!("not mysql")
+        };
+        assert_eq!(dbs[0].shown, "mysql://a@h1:3306/shard_a");
+        assert_eq!(dbs[1].name, "shard_b");
+        for bad in [
+            "postgres://u:s3cret@h/db",
+            "mysql://u:s3cret@h",
+            "mysql://u:s3cret@h/a,mysql://u:s3cret@h/b,mysql://u:s3cret@h/c",
+            "mysql://u:s3cret@h/bad`name",
+            "mysql://u:s3cret@h:99999/db",
+            "mysql://u:s3cret@h/db?nonsense=1",
+        ] {
+            let e = StoreTarget::parse(bad, 2).unwrap_err().to_string();
+            assert!(!e.contains("s3cret") && e.contains("--store"), "{bad}: {e}");
+        }
+        let mut s = Settings::new("data");
+        s.store = StoreTarget::parse("mysql://u@h/one", 1).unwrap();
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("layout has 2"));
     }
 
     #[test]

@@ -129,8 +129,16 @@ impl Service {
             service.scan_loop = Some(service.spawn_scan_loop()?);
         }
         log::info!(
-            "started data_dir={} layout={}x{} transport={} owner={owner}",
-            service.settings.data_dir.display(),
+            "started store={} layout={}x{} transport={} owner={owner}",
+            match &service.settings.store {
+                crate::config::StoreTarget::Sqlite =>
+                    service.settings.data_dir.display().to_string(),
+                crate::config::StoreTarget::Mysql(dbs) => dbs
+                    .iter()
+                    .map(|d| d.shown.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            },
             service.settings.layout.db_count(),
             service.settings.layout.tb_count(),
             service.transport.describe()

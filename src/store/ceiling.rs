@@ -1,9 +1,13 @@
 //! Bench-only access to one shard file, outside the store's public surface: the bench measures
 //! the storage ceilings and re-enacts the original's one-transaction-per-step design with it.
 
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
-use super::*;
+use super::sqlite::{configure, insert_award_and_task, insert_pair, shard_path, sql};
+use crate::config::Settings;
+use crate::error::{Error, Result};
+use crate::model::AwardRecord;
+use crate::router::{award_table, route, Layout};
 
 /// Direct access to one shard file with the store's durability settings and no writer thread:
 /// the bench measures the storage ceiling and re-enacts one-transaction-per-step designs with it.
@@ -16,7 +20,7 @@ pub(crate) struct Direct {
 impl Direct {
     /// Open shard `db` of an initialised data directory.
     pub(crate) fn open(settings: &Settings, db: u32) -> Result<Direct> {
-        let path = settings.data_dir.join(format!("{}.db", db_name(db)));
+        let path = shard_path(settings, db);
         let conn = Connection::open_with_flags(
             &path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -57,8 +61,7 @@ impl Direct {
         self.in_batches(records, batch, |tx, db, layout, r| {
             let e = |err| Error::storage("bench e2e batch", err);
             let table = award_table(route(r.user_id.as_str(), layout).table);
-            let t =
-                writer::insert_award_and_task(tx, db, &table, r, topic, "bench", now_ms, now_ms)?;
+            let t = insert_award_and_task(tx, db, &table, r, topic, "bench", now_ms, now_ms)?;
             let (user, order) = (r.user_id.as_str(), r.order_id.as_str());
             sql::record_delivery(tx, t.message_id.as_str(), t.seq, order, now_ms).map_err(e)?;
             sql::complete_award(tx, &table, user, order, now_ms).map_err(e)?;

@@ -1,38 +1,116 @@
-//! The store: the shard files and the only code that speaks SQL.
+//! The store: the shards and the only code that speaks SQL.
 //!
-//! Each database of the layout is one SQLite file, `big_market_NN.db`, in WAL mode with
-//! `synchronous=FULL` (a commit is durable when it returns). Reads go through an r2d2 pool;
-//! every write goes through the shard's [`writer::Writer`] thread.
+//! Each database of the layout is a shard: a SQLite file under the data directory (the
+//! default, [`sqlite`]) or a MySQL/MariaDB database (`--store mysql://…`, [`mysql`]). A backend
+//! gives the store two things per database: its [`Reads`] and its [`Batch`], which the shard's
+//! [`writer::Writer`] thread runs every write through. Everything above this module
+//! (writer loop, relay, scanner, consumer, CLI) is backend-free.
 
 pub(crate) mod ceiling;
-pub mod sql;
+pub(crate) mod mysql;
+pub(crate) mod sqlite;
 pub mod writer;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::{Connection, OpenFlags, TransactionBehavior};
-
-use crate::config::Settings;
+use crate::config::{Settings, StoreTarget};
 use crate::error::{Error, Result};
 use crate::model::{AwardRecord, EventMessage, TaskState};
 use crate::relay::Handoff;
-use crate::router::{award_table, db_name, route, Layout};
-pub use sql::TaskRow;
+use crate::router::{award_table, route, Layout};
 pub use writer::{Delivered, Failure, Op, Reply, SavedTask};
 
-type Pool = r2d2::Pool<SqliteConnectionManager>;
+/// The writes of one database: run a group of ops in one transaction, commit once, and return
+/// one result per op, in order. A failing op fails alone; a failed commit fails them all.
+pub(crate) trait Batch: Send + 'static {
+    /// Run `ops` as one group commit.
+    fn run_batch(&mut self, ops: &[&Op]) -> Vec<Result<Reply>>;
+}
 
-/// One shard file: a read pool and its writer.
+/// The reads of one database.
+pub(crate) trait Reads: Send + Sync {
+    /// Tasks with sequence numbers in `from..=to` that `owner` still holds unsent, in order.
+    fn leased_tasks(&self, owner: &str, from: u64, to: u64, limit: usize) -> Result<Vec<TaskRow>>;
+    /// The state of a task, by message id.
+    fn task_state(&self, message_id: &str) -> Result<Option<String>>;
+    /// Counts for `status`.
+    fn status(&self, db: u32, tb_count: u32) -> Result<ShardStatus>;
+    /// The audit's facts, read in one snapshot.
+    fn audit_facts(&self, db: u32, tb_count: u32) -> Result<crate::audit::Facts>;
+    /// Tasks in sequence order.
+    fn list_tasks(&self, state: Option<TaskState>, limit: usize) -> Result<Vec<TaskRow>>;
+    /// A user's award records in their split table, newest first.
+    fn awards_of(&self, table: &str, user: &str, limit: usize) -> Result<Vec<AwardRow>>;
+}
+
+/// A database a backend opened and checked: where it is (for people: no credentials), its
+/// reads and its writes.
+pub(crate) struct Opened {
+    pub(crate) location: String,
+    pub(crate) reads: Box<dyn Reads>,
+    pub(crate) batch: Box<dyn Batch>,
+}
+
+/// One database: its reads and its writer.
 pub struct Shard {
     db: u32,
-    path: PathBuf,
-    pool: Pool,
+    location: String,
+    reads: Box<dyn Reads>,
     handoff: Arc<Handoff>,
     writer: writer::Writer,
+}
+
+/// A task claimed for publishing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRow {
+    /// Row id.
+    pub id: i64,
+    /// User id.
+    pub user_id: String,
+    /// Topic.
+    pub topic: String,
+    /// Message id.
+    pub message_id: String,
+    /// JSON body.
+    pub message: String,
+    /// Sequence number.
+    pub seq: u64,
+    /// Counted attempts so far.
+    pub attempts: u32,
+    /// State.
+    pub state: String,
+    /// Due time or lease expiry.
+    pub next_attempt_at: i64,
+    /// Claim owner.
+    pub claimed_by: Option<String>,
+    /// Last failure.
+    pub last_error: Option<String>,
+    /// Created.
+    pub create_time: i64,
+    /// Last changed.
+    pub update_time: i64,
+}
+
+/// One award record as listed to its user.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AwardRow {
+    /// Order id.
+    pub order_id: String,
+    /// Activity id.
+    pub activity_id: i64,
+    /// Strategy id.
+    pub strategy_id: i64,
+    /// Award id.
+    pub award_id: i64,
+    /// Award title.
+    pub award_title: String,
+    /// Award time, epoch ms.
+    pub award_time: i64,
+    /// `create` (not yet delivered) or `completed` (delivered).
+    pub award_state: String,
 }
 
 /// Per-shard counts for `status`.
@@ -40,8 +118,8 @@ pub struct Shard {
 pub struct ShardStatus {
     /// Database index.
     pub db: u32,
-    /// File path.
-    pub path: PathBuf,
+    /// The file path, or the database's URL without credentials.
+    pub location: String,
     /// Tasks per state.
     pub tasks: BTreeMap<String, u64>,
     /// Award records per state (over every split table).
@@ -81,9 +159,9 @@ impl Shard {
         self.db
     }
 
-    /// File path.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The file path, or the database's URL without credentials.
+    pub fn location(&self) -> &str {
+        &self.location
     }
 
     /// Where this shard's writer hands committed tasks to the relay.
@@ -99,16 +177,12 @@ impl Shard {
         to: u64,
         limit: usize,
     ) -> Result<Vec<TaskRow>> {
-        let conn = self.read()?;
-        sql::leased_in_range(&conn, owner, from, to, limit)
-            .map_err(|e| Error::storage(self.ctx("reading back handed-off tasks"), e))
+        self.reads.leased_tasks(owner, from, to, limit)
     }
 
     /// The state of a task, by message id (`None`: no such task).
     pub fn task_state(&self, message_id: &str) -> Result<Option<TaskState>> {
-        let conn = self.read()?;
-        let state = sql::task_state(&conn, message_id)
-            .map_err(|e| Error::storage(self.ctx("reading a task"), e))?;
+        let state = self.reads.task_state(message_id)?;
         Ok(state.and_then(|s| TaskState::parse(&s).ok()))
     }
 
@@ -132,73 +206,19 @@ impl Shard {
         self.writer.call_async(op).await
     }
 
-    fn read(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>> {
-        self.pool
-            .get()
-            .map_err(|e| Error::Config(format!("cannot open {}: {e}", self.path.display())))
-    }
-
-    fn ctx(&self, what: &str) -> String {
-        format!("{what} in {}", self.path.display())
-    }
-
     /// Counts for `status`.
     pub fn status(&self, tb_count: u32) -> Result<ShardStatus> {
-        let conn = self.read()?;
-        let e = |what: &'static str| move |err| Error::storage(self.ctx(what), err);
-        let tasks = sql::count_tasks_by_state(&conn)
-            .map_err(e("counting tasks"))?
-            .into_iter()
-            .collect();
-        let mut awards = BTreeMap::new();
-        for t in 0..tb_count {
-            for (state, n) in sql::count_awards_by_state(&conn, &award_table(t))
-                .map_err(e("counting award records"))?
-            {
-                *awards.entry(state).or_insert(0) += n;
-            }
-        }
-        let oldest_pending_ms =
-            sql::oldest_pending(&conn).map_err(e("finding the oldest pending task"))?;
-        let (delivered_messages, receipts) =
-            sql::delivery_totals(&conn).map_err(e("counting deliveries"))?;
-        let last_seq = sql::last_seq(&conn).map_err(e("reading the task sequence"))?;
-        Ok(ShardStatus {
-            db: self.db,
-            path: self.path.clone(),
-            tasks,
-            awards,
-            oldest_pending_ms,
-            delivered_messages,
-            receipts,
-            last_seq,
-        })
+        self.reads.status(self.db, tb_count)
     }
 
     /// The raw facts the audit compares, read in one snapshot.
     pub fn audit_facts(&self, tb_count: u32) -> Result<crate::audit::Facts> {
-        let mut conn = self.read()?;
-        let e = |err| Error::storage(self.ctx("reading audit facts"), err);
-        let tx = conn.transaction().map_err(e)?;
-        let mut awards = Vec::new();
-        for t in 0..tb_count {
-            awards.extend(sql::award_orders(&tx, &award_table(t)).map_err(e)?);
-        }
-        Ok(crate::audit::Facts {
-            db: self.db,
-            last_seq: sql::last_seq(&tx).map_err(e)?,
-            delivered: sql::delivered_seqs(&tx).map_err(e)?,
-            tasks: sql::task_orders(&tx).map_err(e)?,
-            delivered_orders: sql::delivered_orders(&tx).map_err(e)?,
-            award_orders: awards,
-        })
+        self.reads.audit_facts(self.db, tb_count)
     }
 
     /// Tasks, oldest first.
     pub fn list_tasks(&self, state: Option<TaskState>, limit: usize) -> Result<Vec<TaskRow>> {
-        let conn = self.read()?;
-        sql::list_tasks(&conn, state, limit)
-            .map_err(|e| Error::storage(self.ctx("listing tasks"), e))
+        self.reads.list_tasks(state, limit)
     }
 }
 
@@ -209,28 +229,32 @@ pub struct Store {
 }
 
 impl Store {
-    /// Open the shards of `settings.data_dir`; with `create`, make the directory and any missing
-    /// shard file. Refuses files of another layout or schema, and files that are not shards.
+    /// Open the shards `settings.store` names: the files of `settings.data_dir`, or the
+    /// databases of a MySQL server; with `create`, make what is missing (`init`). Refuses shards
+    /// of another layout or schema, and files or databases that are not shards.
     pub fn open(settings: &Settings, create: bool) -> Result<Store> {
-        let dir = &settings.data_dir;
-        let layout = settings.layout;
-        if create {
-            std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-                path: dir.clone(),
-                source,
-            })?;
-        } else if !dir.is_dir() {
-            return Err(Error::Config(format!(
-                "no data directory at {}: run `big-market init` first or pass --data-dir",
-                dir.display()
-            )));
+        let opened = match &settings.store {
+            StoreTarget::Sqlite => sqlite::open_all(settings, create)?,
+            StoreTarget::Mysql(target) => mysql::open_all(settings, target, create)?,
+        };
+        let mut shards = Vec::with_capacity(opened.len());
+        for (i, o) in opened.into_iter().enumerate() {
+            let db = i as u32 + 1;
+            let handoff = Arc::new(Handoff::new(settings.handoff_capacity));
+            let writer =
+                writer::Writer::spawn(db, o.batch, settings.group_commit_max, handoff.clone())?;
+            shards.push(Shard {
+                db,
+                location: o.location,
+                reads: o.reads,
+                handoff,
+                writer,
+            });
         }
-        check_no_foreign_shards(dir, layout)?;
-        let mut shards = Vec::with_capacity(layout.db_count() as usize);
-        for db in 1..=layout.db_count() {
-            shards.push(open_shard(settings, db, create)?);
-        }
-        Ok(Store { layout, shards })
+        Ok(Store {
+            layout: settings.layout,
+            shards,
+        })
     }
 
     /// The layout.
@@ -380,16 +404,11 @@ impl Store {
     }
 
     /// A user's award records, newest first, at most `limit`.
-    pub fn awards_of(
-        &self,
-        user: &crate::model::UserId,
-        limit: usize,
-    ) -> Result<Vec<sql::AwardRow>> {
+    pub fn awards_of(&self, user: &crate::model::UserId, limit: usize) -> Result<Vec<AwardRow>> {
         let r = route(user.as_str(), self.layout);
-        let shard = self.shard(r.db);
-        let conn = shard.read()?;
-        sql::awards_of_user(&conn, &award_table(r.table), user.as_str(), limit)
-            .map_err(|e| Error::storage(shard.ctx("listing a user's awards"), e))
+        self.shard(r.db)
+            .reads
+            .awards_of(&award_table(r.table), user.as_str(), limit)
     }
 
     /// Per-shard counts.
@@ -410,187 +429,5 @@ impl Store {
             }
         }
         Ok(n)
-    }
-}
-
-fn insert_pair(
-    conn: &Connection,
-    db: u32,
-    layout: Layout,
-    r: &AwardRecord,
-    topic: &str,
-    now_ms: i64,
-) -> Result<(i64, String)> {
-    let table = award_table(route(r.user_id.as_str(), layout).table);
-    let saved = writer::insert_award_and_task(conn, db, &table, r, topic, "bench", now_ms, now_ms)?;
-    Ok((saved.id, saved.message))
-}
-
-fn check_no_foreign_shards(dir: &Path, layout: Layout) -> Result<()> {
-    let entries = std::fs::read_dir(dir).map_err(|source| Error::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        let idx = name
-            .strip_prefix("big_market_")
-            .and_then(|s| s.strip_suffix(".db"))
-            .and_then(|s| s.parse::<u32>().ok());
-        if let Some(idx) = idx {
-            if idx == 0 || idx > layout.db_count() {
-                return Err(Error::Config(format!(
-                    "{} holds {name}, which a layout of {} databases does not have: this data dir was made with another --db-count",
-                    dir.display(),
-                    layout.db_count()
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn configure(conn: &Connection, busy: Duration) -> rusqlite::Result<()> {
-    conn.busy_timeout(busy)?;
-    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
-            Some(format!("journal_mode is {mode}, WAL is required")),
-        ));
-    }
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    // Checkpoint every 10,000 WAL pages (about 40 MB) instead of SQLite's 1,000: at about 15
-    // pages per award, the default made every ~70th award's commit copy the WAL back and fsync
-    // the database file as well.
-    conn.pragma_update(None, "wal_autocheckpoint", 10000)?;
-    Ok(())
-}
-
-fn open_shard(settings: &Settings, db: u32, create: bool) -> Result<Shard> {
-    let path = settings.data_dir.join(format!("{}.db", db_name(db)));
-    let layout = settings.layout;
-    if !create && !path.exists() {
-        return Err(Error::Config(format!(
-            "shard file {} is missing: run `big-market init` (with the same --db-count/--tb-count) first",
-            path.display()
-        )));
-    }
-    let ctx = |what: &str| format!("{what} {}", path.display());
-    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-        | OpenFlags::SQLITE_OPEN_NO_MUTEX
-        | OpenFlags::SQLITE_OPEN_URI;
-    if create {
-        flags |= OpenFlags::SQLITE_OPEN_CREATE;
-    }
-    let mut conn =
-        Connection::open_with_flags(&path, flags).map_err(|e| Error::storage(ctx("opening"), e))?;
-    configure(&conn, settings.busy_timeout).map_err(|e| Error::storage(ctx("opening"), e))?;
-    {
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| Error::storage(ctx("locking"), e))?;
-        let version = sql::schema_version(&tx)
-            .map_err(|e| Error::storage(ctx("reading the schema version of"), e))?;
-        if version == 0 {
-            let objects: i64 = tx
-                .query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))
-                .map_err(|e| Error::storage(ctx("reading"), e))?;
-            if objects > 0 {
-                return Err(Error::Config(format!(
-                    "{} is a SQLite file but not a big-market shard (no schema version): move it away",
-                    path.display()
-                )));
-            }
-            sql::apply_schema(
-                &tx,
-                db,
-                layout.db_count(),
-                layout.tb_count(),
-                crate::util::now_ms(),
-            )
-            .map_err(|e| Error::storage(ctx("creating the schema in"), e))?;
-            log::info!(
-                "created shard path={} db={} tables={}",
-                path.display(),
-                db_name(db),
-                layout.tb_count()
-            );
-        } else if version > sql::SCHEMA_VERSION {
-            return Err(Error::Config(format!(
-                "{} has schema version {version}, newer than this build's {}: use a newer big-market",
-                path.display(),
-                sql::SCHEMA_VERSION
-            )));
-        }
-        let (file_db, dbs, tbs) =
-            sql::shard_layout(&tx).map_err(|e| Error::storage(ctx("reading the layout of"), e))?;
-        if (file_db, dbs, tbs) != (db, layout.db_count(), layout.tb_count()) {
-            return Err(Error::Config(format!(
-                "{} was created as database {file_db:02} of a {dbs} x {tbs} layout, but this run uses {} x {}: pass --db-count {dbs} --tb-count {tbs}, or another --data-dir",
-                path.display(),
-                layout.db_count(),
-                layout.tb_count()
-            )));
-        }
-        tx.commit()
-            .map_err(|e| Error::storage(ctx("initialising"), e))?;
-    }
-    drop(conn);
-    let busy = settings.busy_timeout;
-    let manager = SqliteConnectionManager::file(&path)
-        .with_flags(
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX
-                | OpenFlags::SQLITE_OPEN_URI,
-        )
-        .with_init(move |c| configure(c, busy));
-    let pool = r2d2::Pool::builder()
-        .max_size(4)
-        .min_idle(Some(1))
-        .connection_timeout(Duration::from_secs(10))
-        .build_unchecked(manager);
-    let write_conn = pool
-        .get()
-        .map_err(|e| Error::Config(format!("cannot open {}: {e}", path.display())))?;
-    if let Some(pages) = settings.max_shard_pages {
-        write_conn
-            .pragma_update(None, "max_page_count", pages)
-            .map_err(|e| Error::storage(ctx("capping the size of"), e))?;
-    }
-    let handoff = Arc::new(Handoff::new(settings.handoff_capacity));
-    let writer = writer::Writer::spawn(db, write_conn, settings.group_commit_max, handoff.clone())?;
-    Ok(Shard {
-        db,
-        path,
-        pool,
-        handoff,
-        writer,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn schema_applies_to_a_fresh_file_with_every_split_table() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = Connection::open(dir.path().join("s.db")).unwrap();
-        sql::apply_schema(&conn, 1, 2, 4, 0).unwrap();
-        for t in 0..4 {
-            let n: i64 = conn
-                .query_row(
-                    &format!("SELECT COUNT(*) FROM {}", award_table(t)),
-                    [],
-                    |r| r.get(0),
-                )
-                .unwrap();
-            assert_eq!(n, 0);
-        }
-        assert_eq!(sql::schema_version(&conn).unwrap(), sql::SCHEMA_VERSION);
-        assert_eq!(sql::shard_layout(&conn).unwrap(), (1, 2, 4));
-        assert_eq!(sql::take_seq(&conn).unwrap(), 1);
-        assert_eq!(sql::take_seq(&conn).unwrap(), 2);
     }
 }

@@ -1,14 +1,15 @@
-//! One function per SQL statement. Each takes a `&Connection` (a savepoint or transaction
+//! The SQLite backend's statements, one function each. Each takes a `&Connection` (a savepoint or transaction
 //! derefs to one), uses `prepare_cached`, and returns plain values.
 
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::model::{AwardRecord, TaskState};
+use crate::store::{AwardRow, TaskRow};
 
 type Sql<T> = rusqlite::Result<T>;
 
 /// The schema text, compiled in.
-pub const SCHEMA: &str = include_str!("../../schema.sql");
+pub const SCHEMA: &str = include_str!("../../../schema.sql");
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: i64 = 1;
 const SPLIT_MARKER: &str = "-- @split-table";
@@ -105,37 +106,6 @@ pub fn insert_task(conn: &Connection, t: &NewTask<'_>) -> Sql<i64> {
     )?
     .execute(params![t.user_id, t.topic, t.message_id, t.message, t.seq, t.lease_until_ms, t.owner, t.now_ms])?;
     Ok(conn.last_insert_rowid())
-}
-
-/// A task claimed for publishing.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TaskRow {
-    /// Row id.
-    pub id: i64,
-    /// User id.
-    pub user_id: String,
-    /// Topic.
-    pub topic: String,
-    /// Message id.
-    pub message_id: String,
-    /// JSON body.
-    pub message: String,
-    /// Sequence number.
-    pub seq: u64,
-    /// Counted attempts so far.
-    pub attempts: u32,
-    /// State.
-    pub state: String,
-    /// Due time or lease expiry.
-    pub next_attempt_at: i64,
-    /// Claim owner.
-    pub claimed_by: Option<String>,
-    /// Last failure.
-    pub last_error: Option<String>,
-    /// Created.
-    pub create_time: i64,
-    /// Last changed.
-    pub update_time: i64,
 }
 
 const TASK_COLUMNS: &str = "id, user_id, topic, message_id, message, seq, attempts, state, next_attempt_at, claimed_by, last_error, create_time, update_time";
@@ -403,26 +373,6 @@ pub fn award_orders(conn: &Connection, table: &str) -> Sql<Vec<String>> {
     let mut stmt = conn.prepare_cached(&format!("SELECT order_id FROM {table}"))?;
     let rows = stmt.query_map([], |r| r.get(0))?;
     rows.collect()
-}
-
-/// One award record as listed to its user.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AwardRow {
-    /// Order id.
-    pub order_id: String,
-    /// Activity id.
-    pub activity_id: i64,
-    /// Strategy id.
-    pub strategy_id: i64,
-    /// Award id.
-    pub award_id: i64,
-    /// Award title.
-    pub award_title: String,
-    /// Award time, epoch ms.
-    pub award_time: i64,
-    /// `create` (not yet delivered) or `completed` (delivered).
-    pub award_state: String,
 }
 
 /// A user's award records in their split table, newest first.

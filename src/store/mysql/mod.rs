@@ -1,0 +1,948 @@
+//! The MySQL/MariaDB backend: one database per shard (`big_market_01` ... on one server, or one
+//! URL per database), the original's tables plus big-market's columns (`schema.mysql.sql`).
+//!
+//! The writer's group runs in one READ COMMITTED transaction on the shard's own connection.
+//! The hot ops of a group go as multi-row statements: every award of the group takes its
+//! sequence numbers with one update of the counter row (locked until the commit, so sequence
+//! numbers stay gap-free across processes), inserts its records with one statement per split
+//! table and its tasks with one more; deliveries are checked, logged and applied the same way.
+//! When a multi-row statement is refused (a duplicate order id), the group's part rolls back to
+//! its savepoint and runs again one op per savepoint, so that only the guilty op fails. Claims
+//! use `FOR UPDATE SKIP LOCKED`: processes on several machines share the backlog without
+//! waiting on each other or sending a task twice.
+
+pub(crate) mod sql;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use mysql::prelude::Queryable;
+use mysql::{IsolationLevel, Pool, PooledConn, TxOpts};
+
+use super::writer::{Delivered, Op, Reply, SavedTask};
+use super::{AwardRow, Batch, Opened, Reads, ShardStatus, TaskRow};
+use crate::config::{MysqlDatabase, Settings};
+use crate::error::{Error, Result};
+use crate::model::{AwardRecord, EventMessage, MessageId, TaskState};
+use crate::router::award_table;
+
+/// Times a group is run again after the server broke a deadlock by rolling it back.
+const DEADLOCK_RETRIES: usize = 3;
+
+/// Columns each table must have (the original's and ours); a database whose tables lack one was
+/// made by something else, and is refused.
+fn expected_columns(table: &str) -> &'static [&'static str] {
+    match table {
+        "shard_meta" => &[
+            "id",
+            "schema_version",
+            "db_idx",
+            "db_count",
+            "tb_count",
+            "next_seq",
+        ],
+        "task" => &[
+            "id",
+            "user_id",
+            "topic",
+            "message_id",
+            "message",
+            "state",
+            "create_time",
+            "update_time",
+            "seq",
+            "attempts",
+            "next_attempt_at",
+            "claimed_by",
+            "last_error",
+        ],
+        "delivery" => &["message_id", "seq", "order_id", "receipts", "delivered_at"],
+        _ => &[
+            "id",
+            "user_id",
+            "activity_id",
+            "strategy_id",
+            "order_id",
+            "award_id",
+            "award_title",
+            "award_time",
+            "award_state",
+            "create_time",
+            "update_time",
+        ],
+    }
+}
+
+/// Open (with `create`: create what is missing of) every database of the target.
+pub(crate) fn open_all(
+    settings: &Settings,
+    dbs: &[MysqlDatabase],
+    create: bool,
+) -> Result<Vec<Opened>> {
+    // Check every database before changing any: a refused layout touches nothing.
+    let mut plans = Vec::with_capacity(dbs.len());
+    for (i, d) in dbs.iter().enumerate() {
+        plans.push(check(settings, i as u32 + 1, d, create)?);
+    }
+    let mut out = Vec::with_capacity(dbs.len());
+    for ((i, d), missing) in dbs.iter().enumerate().zip(plans) {
+        out.push(open_one(settings, i as u32 + 1, d, missing)?);
+    }
+    Ok(out)
+}
+
+fn pool(d: &MysqlDatabase, with_db: bool, max: usize) -> Result<Pool> {
+    let mut b = mysql::OptsBuilder::from_opts(d.opts.clone())
+        .tcp_connect_timeout(Some(Duration::from_secs(10)))
+        .stmt_cache_size(Some(512))
+        .init(vec![
+            "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+        ])
+        .pool_opts(
+            mysql::PoolOpts::default()
+                .with_constraints(mysql::PoolConstraints::new(1, max).expect("1 <= max")),
+        );
+    if !with_db {
+        b = b.db_name(None::<String>);
+    }
+    Pool::new(b).map_err(|e| Error::storage(format!("connecting to {}", d.shown), e))
+}
+
+/// What `open_one` must create: nothing, the tables, or the database and its tables.
+#[derive(Debug, PartialEq)]
+enum Missing {
+    Nothing,
+    Tables,
+    Database,
+}
+
+fn check(settings: &Settings, db: u32, d: &MysqlDatabase, create: bool) -> Result<Missing> {
+    let ctx = |what: &str| format!("{what} {}", d.shown);
+    let server = pool(d, false, 1)?;
+    let mut conn = server
+        .get_conn()
+        .map_err(|e| Error::storage(ctx("connecting to"), e))?;
+    let exists: Option<String> = conn
+        .exec_first(
+            "SELECT CAST(schema_name AS CHAR) FROM information_schema.schemata WHERE schema_name = ?",
+            (&d.name,),
+        )
+        .map_err(|e| Error::storage(ctx("looking up"), e))?;
+    let version: Option<String> = conn
+        .query_first("SELECT VERSION()")
+        .map_err(|e| Error::storage(ctx("reading the server version of"), e))?;
+    check_server_version(version.as_deref().unwrap_or(""), &d.shown)?;
+    if exists.is_none() {
+        if !create {
+            return Err(Error::Config(format!(
+                "database {} does not exist: run `big-market init` with the same --store, --db-count and --tb-count first",
+                d.shown
+            )));
+        }
+        return Ok(Missing::Database);
+    }
+    conn.query_drop(format!("USE `{}`", d.name))
+        .map_err(|e| Error::storage(ctx("opening"), e))?;
+    let mut tables: BTreeMap<String, HashSet<String>> = BTreeMap::new();
+    for (t, c) in
+        sql::columns(&mut conn).map_err(|e| Error::storage(ctx("reading the tables of"), e))?
+    {
+        tables.entry(t).or_default().insert(c);
+    }
+    let layout = settings.layout;
+    let ours: Vec<String> = ["shard_meta", "task", "delivery"]
+        .into_iter()
+        .map(String::from)
+        .chain((0..layout.tb_count()).map(award_table))
+        .collect();
+    let mut missing_tables = Vec::new();
+    for t in &ours {
+        match tables.get(t) {
+            None => missing_tables.push(t.clone()),
+            Some(cols) => {
+                let lacking: Vec<&str> = expected_columns(t)
+                    .iter()
+                    .copied()
+                    .filter(|c| !cols.contains(*c))
+                    .collect();
+                if !lacking.is_empty() {
+                    return Err(Error::Config(format!(
+                        "{}: table {t} lacks the columns {} that big-market needs: add them as schema.mysql.sql defines them (with their defaults), or use another database",
+                        d.shown,
+                        lacking.join(", ")
+                    )));
+                }
+            }
+        }
+    }
+    if tables.contains_key("shard_meta") {
+        let meta = sql::shard_meta(&mut conn)
+            .map_err(|e| Error::storage(ctx("reading the layout of"), e))?;
+        let Some((version, file_db, dbs, tbs)) = meta else {
+            return Err(Error::Config(format!(
+                "{} has an empty shard_meta table: it was not made by `big-market init`; use another database",
+                d.shown
+            )));
+        };
+        if version != sql::SCHEMA_VERSION {
+            return Err(Error::Config(format!(
+                "{} has schema version {version}, this build reads version {}: use the big-market that made it",
+                d.shown,
+                sql::SCHEMA_VERSION
+            )));
+        }
+        if (file_db, dbs, tbs) != (db, layout.db_count(), layout.tb_count()) {
+            return Err(Error::Config(format!(
+                "{} was created as database {file_db:02} of a {dbs} x {tbs} layout, but this run uses it as {db:02} of {} x {}: pass --db-count {dbs} --tb-count {tbs}, or another --store",
+                d.shown,
+                layout.db_count(),
+                layout.tb_count()
+            )));
+        }
+        // A split table beyond the layout means another --tb-count made this database.
+        if tables.contains_key(&award_table(layout.tb_count())) {
+            return Err(Error::Config(format!(
+                "{} holds {}, which a layout of {} tables does not have",
+                d.shown,
+                award_table(layout.tb_count()),
+                layout.tb_count()
+            )));
+        }
+    }
+    if missing_tables.is_empty() {
+        return Ok(Missing::Nothing);
+    }
+    if !create {
+        return Err(Error::Config(format!(
+            "database {} lacks the tables {}: run `big-market init` with the same --store, --db-count and --tb-count first",
+            d.shown,
+            missing_tables.join(", ")
+        )));
+    }
+    Ok(Missing::Tables)
+}
+
+/// Refuse servers without `SKIP LOCKED` (MariaDB before 10.6, MySQL before 8.0).
+fn check_server_version(version: &str, shown: &str) -> Result<()> {
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    let maria = version.to_ascii_lowercase().contains("mariadb");
+    let ok = if maria {
+        (major, minor) >= (10, 6)
+    } else {
+        major >= 8
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "{shown} runs {version}: big-market needs MySQL 8.0 or MariaDB 10.6 or newer (for SELECT ... FOR UPDATE SKIP LOCKED)"
+        )))
+    }
+}
+
+fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, missing: Missing) -> Result<Opened> {
+    let ctx = |what: &str| format!("{what} {}", d.shown);
+    let layout = settings.layout;
+    if missing == Missing::Database {
+        let server = pool(d, false, 1)?;
+        let mut conn = server
+            .get_conn()
+            .map_err(|e| Error::storage(ctx("connecting to"), e))?;
+        conn.query_drop(format!(
+            "CREATE DATABASE IF NOT EXISTS `{}` DEFAULT CHARACTER SET utf8mb4",
+            d.name
+        ))
+        .map_err(|e| Error::storage(ctx("creating"), e))?;
+    }
+    let pool = pool(d, true, 6)?;
+    if missing != Missing::Nothing {
+        let mut conn = pool
+            .get_conn()
+            .map_err(|e| Error::storage(ctx("connecting to"), e))?;
+        sql::apply_schema(&mut conn, db, layout.db_count(), layout.tb_count())
+            .map_err(|e| Error::storage(ctx("creating the schema in"), e))?;
+        log::info!(
+            "created shard {} db={db:02} tables={}",
+            d.shown,
+            layout.tb_count()
+        );
+    }
+    let writer = pool
+        .get_conn()
+        .map_err(|e| Error::storage(ctx("connecting to"), e))?;
+    Ok(Opened {
+        location: d.shown.clone(),
+        reads: Box::new(MysqlReads {
+            shown: d.shown.clone(),
+            pool: pool.clone(),
+        }),
+        batch: Box::new(MysqlBatch {
+            db,
+            shown: d.shown.clone(),
+            pool,
+            conn: Some(writer),
+        }),
+    })
+}
+
+/// The reads of one database, through its pool.
+struct MysqlReads {
+    shown: String,
+    pool: Pool,
+}
+
+impl MysqlReads {
+    fn conn(&self) -> Result<PooledConn> {
+        self.pool
+            .get_conn()
+            .map_err(|e| Error::storage(format!("connecting to {}", self.shown), e))
+    }
+
+    fn err(&self, what: &str) -> impl Fn(mysql::Error) -> Error + '_ {
+        let context = format!("{what} in {}", self.shown);
+        move |e| Error::storage(context.clone(), e)
+    }
+}
+
+impl Reads for MysqlReads {
+    fn leased_tasks(&self, owner: &str, from: u64, to: u64, limit: usize) -> Result<Vec<TaskRow>> {
+        sql::leased_in_range(&mut self.conn()?, owner, from, to, limit)
+            .map_err(self.err("reading back handed-off tasks"))
+    }
+
+    fn task_state(&self, message_id: &str) -> Result<Option<String>> {
+        sql::task_state(&mut self.conn()?, message_id).map_err(self.err("reading a task"))
+    }
+
+    fn status(&self, db: u32, tb_count: u32) -> Result<ShardStatus> {
+        let mut conn = self.conn()?;
+        let tasks = sql::count_tasks_by_state(&mut conn)
+            .map_err(self.err("counting tasks"))?
+            .into_iter()
+            .collect();
+        let mut awards = BTreeMap::new();
+        for t in 0..tb_count {
+            for (state, n) in sql::count_awards_by_state(&mut conn, &award_table(t))
+                .map_err(self.err("counting award records"))?
+            {
+                *awards.entry(state).or_insert(0) += n;
+            }
+        }
+        let oldest_pending_ms =
+            sql::oldest_pending(&mut conn).map_err(self.err("finding the oldest pending task"))?;
+        let (delivered_messages, receipts) =
+            sql::delivery_totals(&mut conn).map_err(self.err("counting deliveries"))?;
+        let last_seq = sql::last_seq(&mut conn).map_err(self.err("reading the task sequence"))?;
+        Ok(ShardStatus {
+            db,
+            location: self.shown.clone(),
+            tasks,
+            awards,
+            oldest_pending_ms,
+            delivered_messages,
+            receipts,
+            last_seq,
+        })
+    }
+
+    fn audit_facts(&self, db: u32, tb_count: u32) -> Result<crate::audit::Facts> {
+        let mut conn = self.conn()?;
+        let e = self.err("reading audit facts");
+        let mut tx = conn
+            .start_transaction(
+                TxOpts::default()
+                    .set_isolation_level(Some(IsolationLevel::RepeatableRead))
+                    .set_with_consistent_snapshot(true)
+                    .set_access_mode(Some(mysql::AccessMode::ReadOnly)),
+            )
+            .map_err(&e)?;
+        let mut awards = Vec::new();
+        for t in 0..tb_count {
+            awards.extend(sql::award_orders(&mut tx, &award_table(t)).map_err(&e)?);
+        }
+        Ok(crate::audit::Facts {
+            db,
+            last_seq: sql::last_seq(&mut tx).map_err(&e)?,
+            delivered: sql::delivered_seqs(&mut tx).map_err(&e)?,
+            tasks: sql::task_orders(&mut tx).map_err(&e)?,
+            delivered_orders: sql::delivered_orders(&mut tx).map_err(&e)?,
+            award_orders: awards,
+        })
+    }
+
+    fn list_tasks(&self, state: Option<TaskState>, limit: usize) -> Result<Vec<TaskRow>> {
+        sql::list_tasks(&mut self.conn()?, state, limit).map_err(self.err("listing tasks"))
+    }
+
+    fn awards_of(&self, table: &str, user: &str, limit: usize) -> Result<Vec<AwardRow>> {
+        sql::awards_of_user(&mut self.conn()?, table, user, limit)
+            .map_err(self.err("listing a user's awards"))
+    }
+}
+
+/// The writes of one database, on the writer thread's own connection (taken again from the
+/// pool after the server dropped it).
+struct MysqlBatch {
+    db: u32,
+    shown: String,
+    pool: Pool,
+    conn: Option<PooledConn>,
+}
+
+/// Why a group did not commit.
+enum GroupError {
+    /// The server rolled the transaction back to break a deadlock: run it again.
+    Deadlock(mysql::Error),
+    /// Anything else: every op of the group fails with it.
+    Failed(mysql::Error),
+}
+
+impl From<mysql::Error> for GroupError {
+    fn from(e: mysql::Error) -> Self {
+        if server_code(&e) == Some(1213) {
+            GroupError::Deadlock(e)
+        } else {
+            GroupError::Failed(e)
+        }
+    }
+}
+
+fn server_code(e: &mysql::Error) -> Option<u16> {
+    match e {
+        mysql::Error::MySqlError(m) => Some(m.code),
+        _ => None,
+    }
+}
+
+/// Whether the server refused one statement for its data (a duplicate key, a value too long):
+/// the op is at fault, not the connection or the transaction.
+fn refused_for_data(e: &mysql::Error) -> bool {
+    matches!(server_code(e), Some(code) if code != 1213 && code != 1205 && code != 1180 && code != 1181)
+}
+
+impl Batch for MysqlBatch {
+    fn run_batch(&mut self, ops: &[&Op]) -> Vec<Result<Reply>> {
+        let mut last = None;
+        for _ in 0..=DEADLOCK_RETRIES {
+            let mut conn = match self.conn.take() {
+                Some(c) => c,
+                None => match self.pool.get_conn() {
+                    Ok(c) => c,
+                    Err(e) => return self.fail_all(ops, &e),
+                },
+            };
+            let outcome = run_group(self.db, &mut conn, ops);
+            match outcome {
+                Ok(results) => {
+                    self.conn = Some(conn);
+                    return results;
+                }
+                Err(GroupError::Deadlock(e)) => {
+                    log::debug!(
+                        "group on {} rolled back by a deadlock, running it again",
+                        self.shown
+                    );
+                    self.conn = Some(conn);
+                    last = Some(e);
+                }
+                Err(GroupError::Failed(e)) => {
+                    // A connection that failed mid-group is not used again.
+                    if !e.is_connectivity_error() {
+                        self.conn = Some(conn);
+                    }
+                    return self.fail_all(ops, &e);
+                }
+            }
+        }
+        let e = last.expect("a deadlock was recorded");
+        self.fail_all(ops, &e)
+    }
+}
+
+impl MysqlBatch {
+    fn fail_all(&self, ops: &[&Op], e: &mysql::Error) -> Vec<Result<Reply>> {
+        ops.iter()
+            .map(|_| {
+                Err(Error::storage(
+                    format!("writing to {} (nothing of this write was kept)", self.shown),
+                    copy_err(e),
+                ))
+            })
+            .collect()
+    }
+}
+
+/// mysql errors are not `Clone`; a failed group is reported to every op of it.
+fn copy_err(e: &mysql::Error) -> mysql::Error {
+    match e {
+        mysql::Error::MySqlError(m) => mysql::Error::MySqlError(m.clone()),
+        other => mysql::Error::IoError(std::io::Error::other(other.to_string())),
+    }
+}
+
+/// Run one group in one transaction. `Ok` holds one result per op (some may be the op's own
+/// error); `Err` means nothing was committed.
+fn run_group(
+    db: u32,
+    conn: &mut PooledConn,
+    ops: &[&Op],
+) -> std::result::Result<Vec<Result<Reply>>, GroupError> {
+    let mut tx = conn.start_transaction(TxOpts::default())?;
+    let mut results: Vec<Option<Result<Reply>>> = ops.iter().map(|_| None).collect();
+    let saves: Vec<usize> = (0..ops.len())
+        .filter(|i| matches!(ops[*i], Op::SaveAward { .. }))
+        .collect();
+    let delivers: Vec<usize> = (0..ops.len())
+        .filter(|i| matches!(ops[*i], Op::Deliver { .. }))
+        .collect();
+    if saves.len() > 1 {
+        together(&mut tx, db, ops, &saves, &mut results, save_awards)?;
+    }
+    if delivers.len() > 1 {
+        together(&mut tx, db, ops, &delivers, &mut results, deliver_all)?;
+    }
+    for (i, op) in ops.iter().enumerate() {
+        if results[i].is_none() {
+            results[i] = Some(one_op(&mut tx, db, op)?);
+        }
+    }
+    crate::crash::hit("mid-group-commit");
+    tx.commit()?;
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every op has a result"))
+        .collect())
+}
+
+/// Run ops of one kind with multi-row statements under a savepoint; if the server refuses one
+/// for its data, roll back to the savepoint and leave them to `one_op`.
+fn together(
+    tx: &mut mysql::Transaction<'_>,
+    db: u32,
+    ops: &[&Op],
+    idx: &[usize],
+    results: &mut [Option<Result<Reply>>],
+    run: GroupFn,
+) -> std::result::Result<(), GroupError> {
+    let group: Vec<&Op> = idx.iter().map(|i| ops[*i]).collect();
+    tx.query_drop("SAVEPOINT together")?;
+    match run(tx, db, &group) {
+        Ok(Some(replies)) => {
+            tx.query_drop("RELEASE SAVEPOINT together")?;
+            for (i, r) in idx.iter().zip(replies) {
+                results[*i] = Some(r);
+            }
+            Ok(())
+        }
+        Ok(None) => {
+            tx.query_drop("ROLLBACK TO SAVEPOINT together")?;
+            Ok(())
+        }
+        Err(e) if refused_for_data(&e) => {
+            log::debug!("multi-row statement refused ({e}); running the group's ops one by one");
+            tx.query_drop("ROLLBACK TO SAVEPOINT together")?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+type Sql<T> = sql::Sql<T>;
+
+/// Runs ops of one kind together; `None` leaves them to be run one by one.
+type GroupFn = fn(&mut mysql::Transaction<'_>, u32, &[&Op]) -> Sql<Option<Vec<Result<Reply>>>>;
+
+/// Run one op under its own savepoint; an error the op caused rolls back only the op.
+fn one_op(
+    tx: &mut mysql::Transaction<'_>,
+    db: u32,
+    op: &Op,
+) -> std::result::Result<Result<Reply>, GroupError> {
+    // One statement is atomic by itself: it needs no savepoint of its own.
+    let single = matches!(
+        op,
+        Op::MarkCompleted { .. }
+            | Op::Release { .. }
+            | Op::Requeue { .. }
+            | Op::Purge { .. }
+            | Op::Barrier
+    );
+    if single {
+        return match apply(tx, db, op) {
+            Ok(reply) => Ok(Ok(reply)),
+            Err(OpError::Op(e)) => Ok(Err(e)),
+            Err(OpError::Server(e)) if refused_for_data(&e) => Ok(Err(Error::storage(
+                format!("writing to shard big_market_{db:02}"),
+                e,
+            ))),
+            Err(OpError::Server(e)) => Err(e.into()),
+        };
+    }
+    tx.query_drop("SAVEPOINT one")?;
+    match apply(tx, db, op) {
+        Ok(reply) => {
+            tx.query_drop("RELEASE SAVEPOINT one")?;
+            Ok(Ok(reply))
+        }
+        Err(OpError::Op(e)) => {
+            tx.query_drop("ROLLBACK TO SAVEPOINT one")?;
+            Ok(Err(e))
+        }
+        Err(OpError::Server(e)) if refused_for_data(&e) => {
+            tx.query_drop("ROLLBACK TO SAVEPOINT one")?;
+            Ok(Err(Error::storage(
+                format!("writing to shard big_market_{db:02}"),
+                e,
+            )))
+        }
+        Err(OpError::Server(e)) => Err(e.into()),
+    }
+}
+
+enum OpError {
+    /// The op's own failure (a duplicate order id, a message naming no award).
+    Op(Error),
+    /// The server's: the op's statement, or the whole group, failed.
+    Server(mysql::Error),
+}
+
+impl From<mysql::Error> for OpError {
+    fn from(e: mysql::Error) -> Self {
+        OpError::Server(e)
+    }
+}
+
+fn is_duplicate(e: &mysql::Error) -> bool {
+    server_code(e) == Some(1062)
+}
+
+struct SaveArgs<'a> {
+    record: &'a AwardRecord,
+    table: &'a str,
+    topic: &'a str,
+    owner: &'a str,
+    lease_until_ms: i64,
+    now_ms: i64,
+}
+
+fn save_args(op: &Op) -> SaveArgs<'_> {
+    match op {
+        Op::SaveAward {
+            record,
+            table,
+            topic,
+            owner,
+            lease_until_ms,
+            now_ms,
+        } => SaveArgs {
+            record,
+            table,
+            topic,
+            owner,
+            lease_until_ms: *lease_until_ms,
+            now_ms: *now_ms,
+        },
+        other => unreachable!("not a save: {other:?}"),
+    }
+}
+
+fn new_award(r: &AwardRecord) -> sql::NewAward<'_> {
+    sql::NewAward {
+        user_id: r.user_id.as_str(),
+        activity_id: r.activity_id,
+        strategy_id: r.strategy_id,
+        order_id: r.order_id.as_str(),
+        award_id: r.award_id,
+        award_title: &r.award_title,
+        award_time_ms: r.award_time_ms,
+    }
+}
+
+/// Save every award of the group with one counter update, one insert per split table and one
+/// for the tasks. `None`: the group repeats an order id; the ops run one by one instead.
+fn save_awards(
+    tx: &mut mysql::Transaction<'_>,
+    db: u32,
+    ops: &[&Op],
+) -> Sql<Option<Vec<Result<Reply>>>> {
+    let args: Vec<SaveArgs<'_>> = ops.iter().map(|op| save_args(op)).collect();
+    let mut orders = HashSet::new();
+    if !args
+        .iter()
+        .all(|a| orders.insert(a.record.order_id.as_str()))
+    {
+        return Ok(None);
+    }
+    let first = sql::take_seqs(tx, args.len() as u64)?;
+    let mut by_table: BTreeMap<&str, Vec<sql::NewAward<'_>>> = BTreeMap::new();
+    for a in &args {
+        by_table
+            .entry(a.table)
+            .or_default()
+            .push(new_award(a.record));
+    }
+    let now_ms = args[0].now_ms;
+    for (table, rows) in &by_table {
+        sql::insert_awards(tx, table, rows, now_ms)?;
+    }
+    let bodies: Vec<(u64, MessageId, String)> = args
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let seq = first + i as u64;
+            let body = EventMessage::for_award(a.record, db, seq, a.now_ms).encode();
+            (seq, MessageId::new(db, seq), body)
+        })
+        .collect();
+    let rows: Vec<sql::NewTask<'_>> = args
+        .iter()
+        .zip(&bodies)
+        .map(|(a, (seq, id, body))| sql::NewTask {
+            user_id: a.record.user_id.as_str(),
+            topic: a.topic,
+            message_id: id.as_str(),
+            message: body,
+            seq: *seq,
+            owner: a.owner,
+            lease_until_ms: a.lease_until_ms,
+        })
+        .collect();
+    let ids = sql::insert_tasks(tx, &rows, now_ms)?;
+    Ok(Some(
+        args.iter()
+            .zip(bodies)
+            .zip(ids)
+            .map(|((a, (seq, message_id, message)), id)| {
+                Ok(Reply::Saved(SavedTask {
+                    id,
+                    db,
+                    seq,
+                    message_id,
+                    topic: a.topic.to_string(),
+                    message,
+                    lease_until_ms: a.lease_until_ms,
+                }))
+            })
+            .collect(),
+    ))
+}
+
+/// Deliver every message of the group: one look-up of their awards per split table and one of
+/// the delivery log, one insert of the first receipts, one update per split table.
+fn deliver_all(
+    tx: &mut mysql::Transaction<'_>,
+    db: u32,
+    ops: &[&Op],
+) -> Sql<Option<Vec<Result<Reply>>>> {
+    let msgs: Vec<(&EventMessage, &str, i64)> = ops
+        .iter()
+        .map(|op| match op {
+            Op::Deliver { msg, table, now_ms } => (msg, table.as_str(), *now_ms),
+            other => unreachable!("not a delivery: {other:?}"),
+        })
+        .collect();
+    let mut by_table: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (m, table, _) in &msgs {
+        by_table.entry(table).or_default().push(&m.data.order_id);
+    }
+    let mut owners: HashMap<(String, String), ()> = HashMap::new();
+    for (table, orders) in &by_table {
+        for (order, user) in sql::existing_awards(tx, table, orders)? {
+            owners.insert((table.to_string(), order + "\u{0}" + &user), ());
+        }
+    }
+    let ids: Vec<&str> = msgs.iter().map(|(m, _, _)| m.id.as_str()).collect();
+    let mut logged: HashSet<String> = sql::logged_deliveries(tx, &ids)?.into_iter().collect();
+    let now_ms = msgs[0].2;
+    let mut results = Vec::with_capacity(msgs.len());
+    let mut firsts: Vec<(&str, u64, &str)> = Vec::new();
+    let mut again: Vec<&str> = Vec::new();
+    let mut complete: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (m, table, _) in &msgs {
+        let d = &m.data;
+        let key = (
+            table.to_string(),
+            format!("{}\u{0}{}", d.order_id, d.user_id),
+        );
+        if !owners.contains_key(&key) {
+            results.push(Err(poison(m, table, db)));
+            continue;
+        }
+        if logged.insert(m.id.clone()) {
+            firsts.push((&m.id, m.seq.unwrap_or(0), &d.order_id));
+            complete.entry(table).or_default().push(&d.order_id);
+            results.push(Ok(Reply::Delivered(Delivered::First)));
+        } else {
+            again.push(&m.id);
+            results.push(Ok(Reply::Delivered(Delivered::Again)));
+        }
+    }
+    if !firsts.is_empty() {
+        sql::insert_deliveries(tx, &firsts, now_ms)?;
+    }
+    for id in again {
+        sql::count_receipt(tx, id)?;
+    }
+    for (table, orders) in complete {
+        sql::complete_awards(tx, table, &orders, now_ms)?;
+    }
+    Ok(Some(results))
+}
+
+fn poison(m: &EventMessage, table: &str, db: u32) -> Error {
+    Error::Poison(format!(
+        "message {} names user {} order {}, which has no award record in big_market_{db:02}.{table}",
+        m.id, m.data.user_id, m.data.order_id
+    ))
+}
+
+/// One op, one statement at a time (the slow path, and every op that is not hot).
+fn apply(tx: &mut mysql::Transaction<'_>, db: u32, op: &Op) -> std::result::Result<Reply, OpError> {
+    match op {
+        Op::SaveAward { .. } => {
+            let a = save_args(op);
+            if let Err(e) = sql::insert_awards(tx, a.table, &[new_award(a.record)], a.now_ms) {
+                return Err(if is_duplicate(&e) {
+                    OpError::Op(Error::DuplicateOrder {
+                        order_id: a.record.order_id.as_str().to_string(),
+                    })
+                } else {
+                    e.into()
+                });
+            }
+            let seq = sql::take_seqs(tx, 1)?;
+            let message = EventMessage::for_award(a.record, db, seq, a.now_ms).encode();
+            let message_id = MessageId::new(db, seq);
+            let ids = sql::insert_tasks(
+                tx,
+                &[sql::NewTask {
+                    user_id: a.record.user_id.as_str(),
+                    topic: a.topic,
+                    message_id: message_id.as_str(),
+                    message: &message,
+                    seq,
+                    owner: a.owner,
+                    lease_until_ms: a.lease_until_ms,
+                }],
+                a.now_ms,
+            )?;
+            Ok(Reply::Saved(SavedTask {
+                id: ids[0],
+                db,
+                seq,
+                message_id,
+                topic: a.topic.to_string(),
+                message,
+                lease_until_ms: a.lease_until_ms,
+            }))
+        }
+        Op::MarkCompleted { ids, owner, now_ms } => Ok(Reply::Count(sql::mark_completed(
+            tx,
+            ids,
+            Some(owner),
+            *now_ms,
+        )?)),
+        Op::MarkFailed {
+            failures,
+            owner,
+            now_ms,
+        } => {
+            let mut n = 0;
+            for f in failures {
+                n += sql::mark_failed(
+                    tx,
+                    f.id,
+                    owner,
+                    f.state,
+                    f.attempts,
+                    f.next_attempt_at,
+                    &f.error,
+                    *now_ms,
+                )?;
+            }
+            Ok(Reply::Count(n))
+        }
+        Op::Claim {
+            owner,
+            limit,
+            lease_until_ms,
+            now_ms,
+        } => Ok(Reply::Claimed(sql::claim_due(
+            tx,
+            owner,
+            *now_ms,
+            *lease_until_ms,
+            *limit,
+        )?)),
+        Op::Renew {
+            ids,
+            owner,
+            lease_until_ms,
+            now_ms,
+        } => {
+            let mut renewed = Vec::with_capacity(ids.len());
+            for id in ids {
+                if sql::renew_lease(tx, *id, owner, *lease_until_ms, *now_ms)? == 1 {
+                    renewed.push(*id);
+                }
+            }
+            Ok(Reply::Renewed(renewed))
+        }
+        Op::Release { owner, now_ms } => Ok(Reply::Count(sql::release_claims(tx, owner, *now_ms)?)),
+        Op::Deliver { msg, table, now_ms } => {
+            let d = &msg.data;
+            if !sql::award_exists(tx, table, &d.user_id, &d.order_id)? {
+                return Err(OpError::Op(poison(msg, table, db)));
+            }
+            let first =
+                sql::record_delivery(tx, &msg.id, msg.seq.unwrap_or(0), &d.order_id, *now_ms)?;
+            if !first {
+                return Ok(Reply::Delivered(Delivered::Again));
+            }
+            sql::complete_awards(tx, table, &[&d.order_id], *now_ms)?;
+            Ok(Reply::Delivered(Delivered::First))
+        }
+        Op::Requeue {
+            message_id,
+            state,
+            now_ms,
+        } => Ok(Reply::Count(sql::requeue(
+            tx,
+            message_id.as_deref(),
+            *state,
+            *now_ms,
+        )?)),
+        Op::Barrier => Ok(Reply::Count(0)),
+        Op::Purge { before_ms } => Ok(Reply::Count(sql::purge_completed(tx, *before_ms)?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_without_skip_locked_are_refused() {
+        assert!(check_server_version("10.11.19-MariaDB-0+deb12u1", "x").is_ok());
+        assert!(check_server_version("10.6.0-MariaDB", "x").is_ok());
+        assert!(check_server_version("8.0.36", "x").is_ok());
+        assert!(check_server_version("10.5.9-MariaDB", "x").is_err());
+        assert!(check_server_version("5.7.44-log", "x").is_err());
+    }
+
+    #[test]
+    fn the_schema_has_the_split_marker_and_every_expected_column() {
+        let (shared, split) = sql::SCHEMA.split_once("-- @split-table").unwrap();
+        for t in ["shard_meta", "task", "delivery"] {
+            for c in expected_columns(t) {
+                assert!(shared.contains(&format!("    {c} ")), "{t}.{c}");
+            }
+        }
+        for c in expected_columns("user_award_record_000") {
+            assert!(split.contains(&format!("    {c} ")), "{c}");
+        }
+    }
+}

@@ -1,0 +1,588 @@
+//! The MySQL/MariaDB backend's statements, one function each. Each takes anything that runs
+//! statements (a connection or a transaction) and returns plain values. The original's datetime
+//! columns are written with `FROM_UNIXTIME(ms / 1000)` and read with `UNIX_TIMESTAMP`, both in the
+//! session time zone, as the original's `now()`; big-market's own columns hold epoch ms.
+
+use mysql::prelude::Queryable;
+use mysql::{Params, Row, Value};
+
+use crate::model::TaskState;
+use crate::store::{AwardRow, TaskRow};
+
+pub(crate) type Sql<T> = std::result::Result<T, mysql::Error>;
+
+/// The schema text, compiled in.
+pub(crate) const SCHEMA: &str = include_str!("../../../schema.mysql.sql");
+/// The schema version this build writes and reads.
+pub(crate) const SCHEMA_VERSION: u32 = 1;
+const SPLIT_MARKER: &str = "-- @split-table";
+
+/// `next_attempt_at` of a task no claim may take again (completed or dead): out of the claim
+/// query's index range, so settled tasks cost the claim nothing.
+const NEVER: i64 = i64::MAX;
+
+/// Run a statement; returns the rows it changed and the last insert id.
+fn exec(q: &mut impl Queryable, sql: &str, params: impl Into<Params>) -> Sql<(u64, u64)> {
+    let r = q.exec_iter(sql, params)?;
+    Ok((r.affected_rows(), r.last_insert_id().unwrap_or(0)))
+}
+
+fn changed(q: &mut impl Queryable, sql: &str, params: impl Into<Params>) -> Sql<usize> {
+    Ok(exec(q, sql, params)?.0 as usize)
+}
+
+/// `?, ?, ?` for `n` values.
+fn marks(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+fn col<T: mysql::prelude::FromValue>(row: &mut Row, i: usize) -> Sql<T> {
+    match row.take_opt::<T, usize>(i) {
+        Some(Ok(v)) => Ok(v),
+        Some(Err(e)) => Err(mysql::Error::FromValueError(e.0)),
+        None => Err(mysql::Error::FromRowError(row.clone())),
+    }
+}
+
+/// Create every missing table of the schema (each statement is `IF NOT EXISTS`) and the layout
+/// row, if it is not there yet.
+pub(crate) fn apply_schema(
+    q: &mut impl Queryable,
+    db_idx: u32,
+    db_count: u32,
+    tb_count: u32,
+) -> Sql<()> {
+    let (shared, split) = SCHEMA
+        .split_once(SPLIT_MARKER)
+        .expect("schema.mysql.sql has the split marker");
+    q.query_drop(shared)?;
+    for t in 0..tb_count {
+        q.query_drop(split.replace("000", &format!("{t:03}")))?;
+    }
+    q.exec_drop(
+        "INSERT IGNORE INTO shard_meta (id, schema_version, db_idx, db_count, tb_count, next_seq) VALUES (1, ?, ?, ?, ?, 1)",
+        (SCHEMA_VERSION, db_idx, db_count, tb_count),
+    )
+}
+
+/// The tables of the current database, with their columns.
+pub(crate) fn columns(q: &mut impl Queryable) -> Sql<Vec<(String, String)>> {
+    q.query(
+        "SELECT CAST(table_name AS CHAR), CAST(column_name AS CHAR) FROM information_schema.columns WHERE table_schema = DATABASE()",
+    )
+}
+
+/// The layout row: `(schema_version, db_idx, db_count, tb_count)`.
+pub(crate) fn shard_meta(q: &mut impl Queryable) -> Sql<Option<(u32, u32, u32, u32)>> {
+    q.query_first("SELECT schema_version, db_idx, db_count, tb_count FROM shard_meta WHERE id = 1")
+}
+
+/// Take `n` sequence numbers under the counter row's lock (held to the end of the
+/// transaction); returns the first.
+pub(crate) fn take_seqs(q: &mut impl Queryable, n: u64) -> Sql<u64> {
+    let (_, next) = exec(
+        q,
+        "UPDATE shard_meta SET next_seq = LAST_INSERT_ID(next_seq + ?) WHERE id = 1",
+        (n,),
+    )?;
+    Ok(next - n)
+}
+
+/// An award record to insert.
+pub(crate) struct NewAward<'a> {
+    pub(crate) user_id: &'a str,
+    pub(crate) activity_id: i64,
+    pub(crate) strategy_id: i64,
+    pub(crate) order_id: &'a str,
+    pub(crate) award_id: i32,
+    pub(crate) award_title: &'a str,
+    pub(crate) award_time_ms: i64,
+}
+
+/// Insert award records into one split table, in one statement.
+pub(crate) fn insert_awards(
+    q: &mut impl Queryable,
+    table: &str,
+    rows: &[NewAward<'_>],
+    now_ms: i64,
+) -> Sql<()> {
+    // FROM_UNIXTIME stops at 2038 on some servers; an award time may be as late as 9999.
+    let one = "(?, ?, ?, ?, ?, ?, TIMESTAMPADD(MICROSECOND, ? * 1000, FROM_UNIXTIME(0)), 'create', FROM_UNIXTIME(? / 1000), FROM_UNIXTIME(? / 1000))";
+    let sql = format!(
+        "INSERT INTO {table} (user_id, activity_id, strategy_id, order_id, award_id, award_title, award_time, award_state, create_time, update_time) VALUES {}",
+        vec![one; rows.len()].join(", ")
+    );
+    let mut params: Vec<Value> = Vec::with_capacity(rows.len() * 9);
+    for r in rows {
+        params.extend([
+            r.user_id.into(),
+            r.activity_id.into(),
+            r.strategy_id.into(),
+            r.order_id.into(),
+            r.award_id.into(),
+            r.award_title.into(),
+            r.award_time_ms.into(),
+            now_ms.into(),
+            now_ms.into(),
+        ]);
+    }
+    q.exec_drop(sql, params)
+}
+
+/// A task row to insert, claimed by the writing process until its lease expires.
+pub(crate) struct NewTask<'a> {
+    pub(crate) user_id: &'a str,
+    pub(crate) topic: &'a str,
+    pub(crate) message_id: &'a str,
+    pub(crate) message: &'a str,
+    pub(crate) seq: u64,
+    pub(crate) owner: &'a str,
+    pub(crate) lease_until_ms: i64,
+}
+
+/// Insert tasks in one statement; returns the id of each, in order.
+pub(crate) fn insert_tasks(
+    q: &mut impl Queryable,
+    rows: &[NewTask<'_>],
+    now_ms: i64,
+) -> Sql<Vec<i64>> {
+    let one =
+        "(?, ?, ?, ?, 'create', FROM_UNIXTIME(? / 1000), FROM_UNIXTIME(? / 1000), ?, 0, ?, ?)";
+    let sql = format!(
+        "INSERT INTO task (user_id, topic, message_id, message, state, create_time, update_time, seq, attempts, next_attempt_at, claimed_by) VALUES {}",
+        vec![one; rows.len()].join(", ")
+    );
+    let mut params: Vec<Value> = Vec::with_capacity(rows.len() * 9);
+    for t in rows {
+        params.extend([
+            t.user_id.into(),
+            t.topic.into(),
+            t.message_id.into(),
+            t.message.into(),
+            now_ms.into(),
+            now_ms.into(),
+            t.seq.into(),
+            t.lease_until_ms.into(),
+            t.owner.into(),
+        ]);
+    }
+    q.exec_drop(sql, params)?;
+    // Ids by sequence number: they need not be consecutive (interleaved auto-increment).
+    let (first, last) = match (rows.first(), rows.last()) {
+        (Some(f), Some(l)) => (f.seq, l.seq),
+        _ => return Ok(Vec::new()),
+    };
+    let found: Vec<(i64, u64)> = q.exec(
+        "SELECT id, seq FROM task WHERE seq BETWEEN ? AND ?",
+        (first, last),
+    )?;
+    let by_seq: std::collections::HashMap<u64, i64> =
+        found.into_iter().map(|(i, s)| (s, i)).collect();
+    rows.iter()
+        .map(|t| {
+            by_seq.get(&t.seq).copied().ok_or_else(|| {
+                mysql::Error::MySqlError(mysql::MySqlError {
+                    state: "HY000".into(),
+                    message: format!("task {} is not where it was just inserted", t.seq),
+                    code: 0,
+                })
+            })
+        })
+        .collect()
+}
+
+const TASK_COLUMNS: &str = "id, user_id, topic, message_id, message, COALESCE(seq, 0), attempts, state, next_attempt_at, claimed_by, last_error, CAST(UNIX_TIMESTAMP(create_time) * 1000 AS SIGNED), CAST(UNIX_TIMESTAMP(update_time) * 1000 AS SIGNED)";
+
+fn task_row(mut r: Row) -> Sql<TaskRow> {
+    Ok(TaskRow {
+        id: col(&mut r, 0)?,
+        user_id: col(&mut r, 1)?,
+        topic: col(&mut r, 2)?,
+        message_id: col(&mut r, 3)?,
+        message: col(&mut r, 4)?,
+        seq: col(&mut r, 5)?,
+        attempts: col(&mut r, 6)?,
+        state: col(&mut r, 7)?,
+        next_attempt_at: col(&mut r, 8)?,
+        claimed_by: col(&mut r, 9)?,
+        last_error: col(&mut r, 10)?,
+        create_time: col(&mut r, 11)?,
+        update_time: col(&mut r, 12)?,
+    })
+}
+
+fn task_rows(q: &mut impl Queryable, sql: &str, params: impl Into<Params>) -> Sql<Vec<TaskRow>> {
+    let rows: Vec<Row> = q.exec(sql, params)?;
+    rows.into_iter().map(task_row).collect()
+}
+
+/// Claim up to `limit` due tasks for `owner` until `lease_until_ms`. Rows another process is
+/// claiming right now are skipped, not waited for (`SKIP LOCKED`).
+pub(crate) fn claim_due(
+    q: &mut impl Queryable,
+    owner: &str,
+    now_ms: i64,
+    lease_until_ms: i64,
+    limit: usize,
+) -> Sql<Vec<TaskRow>> {
+    let ids: Vec<i64> = q.exec(
+        "SELECT id FROM task WHERE next_attempt_at <= ? AND state IN ('create', 'fail')
+         ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED",
+        (now_ms, limit as u64),
+    )?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut params: Vec<Value> = vec![owner.into(), lease_until_ms.into(), now_ms.into()];
+    params.extend(ids.iter().map(|i| Value::from(*i)));
+    exec(
+        q,
+        &format!(
+            "UPDATE task SET claimed_by = ?, next_attempt_at = ?, update_time = FROM_UNIXTIME(? / 1000) WHERE id IN ({})",
+            marks(ids.len())
+        ),
+        params,
+    )?;
+    let mut out = task_rows(
+        q,
+        &format!(
+            "SELECT {TASK_COLUMNS} FROM task WHERE id IN ({})",
+            marks(ids.len())
+        ),
+        ids,
+    )?;
+    out.sort_by_key(|t| (t.seq, t.id));
+    Ok(out)
+}
+
+/// Mark tasks completed, those still claimed by `owner` and not settled.
+pub(crate) fn mark_completed(
+    q: &mut impl Queryable,
+    ids: &[i64],
+    owner: Option<&str>,
+    now_ms: i64,
+) -> Sql<usize> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let mut params: Vec<Value> = vec![NEVER.into(), now_ms.into(), owner.into(), owner.into()];
+    params.extend(ids.iter().map(|i| Value::from(*i)));
+    changed(
+        q,
+        &format!(
+            "UPDATE task SET state = 'completed', claimed_by = NULL, last_error = NULL, next_attempt_at = ?, update_time = FROM_UNIXTIME(? / 1000)
+             WHERE state IN ('create', 'fail') AND (? IS NULL OR claimed_by = ?) AND id IN ({})",
+            marks(ids.len())
+        ),
+        params,
+    )
+}
+
+/// Record a failed publish by `owner` (a task another claim took since is left alone).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mark_failed(
+    q: &mut impl Queryable,
+    id: i64,
+    owner: &str,
+    state: TaskState,
+    attempts: u32,
+    next_attempt_at: i64,
+    error: &str,
+    now_ms: i64,
+) -> Sql<usize> {
+    let due = if state == TaskState::Dead {
+        NEVER
+    } else {
+        next_attempt_at
+    };
+    let error: String = error.chars().take(512).collect();
+    changed(
+        q,
+        "UPDATE task SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?, claimed_by = NULL, update_time = FROM_UNIXTIME(? / 1000)
+         WHERE id = ? AND claimed_by = ? AND state IN ('create', 'fail')",
+        (state.as_str(), attempts, due, error, now_ms, id, owner),
+    )
+}
+
+/// Extend the lease of a task `owner` still holds unsent; 0 if another claim took it.
+pub(crate) fn renew_lease(
+    q: &mut impl Queryable,
+    id: i64,
+    owner: &str,
+    lease_until_ms: i64,
+    now_ms: i64,
+) -> Sql<usize> {
+    changed(
+        q,
+        "UPDATE task SET next_attempt_at = ?, update_time = FROM_UNIXTIME(? / 1000)
+         WHERE id = ? AND claimed_by = ? AND state IN ('create', 'fail')",
+        (lease_until_ms, now_ms, id, owner),
+    )
+}
+
+/// Give back every claim `owner` holds, due now.
+pub(crate) fn release_claims(q: &mut impl Queryable, owner: &str, now_ms: i64) -> Sql<usize> {
+    changed(
+        q,
+        "UPDATE task SET claimed_by = NULL, next_attempt_at = ?, update_time = FROM_UNIXTIME(? / 1000)
+         WHERE claimed_by = ? AND state IN ('create', 'fail')",
+        (now_ms, now_ms, owner),
+    )
+}
+
+/// Put tasks back in line, due now, attempts reset: one message id, or every task in a state.
+pub(crate) fn requeue(
+    q: &mut impl Queryable,
+    message_id: Option<&str>,
+    state: Option<TaskState>,
+    now_ms: i64,
+) -> Sql<usize> {
+    let state = state.map(TaskState::as_str);
+    changed(
+        q,
+        "UPDATE task SET state = 'fail', attempts = 0, next_attempt_at = ?, claimed_by = NULL, update_time = FROM_UNIXTIME(? / 1000)
+         WHERE state IN ('fail', 'dead', 'create') AND (? IS NULL OR message_id = ?) AND (? IS NULL OR state = ?)",
+        (now_ms, now_ms, message_id, message_id, state, state),
+    )
+}
+
+/// Delete completed tasks last changed before `before_ms`.
+pub(crate) fn purge_completed(q: &mut impl Queryable, before_ms: i64) -> Sql<usize> {
+    changed(
+        q,
+        "DELETE FROM task WHERE state = 'completed' AND update_time < FROM_UNIXTIME(? / 1000)",
+        (before_ms,),
+    )
+}
+
+/// Log a delivery; returns whether it is the first receipt of `message_id`.
+pub(crate) fn record_delivery(
+    q: &mut impl Queryable,
+    message_id: &str,
+    seq: u64,
+    order_id: &str,
+    now_ms: i64,
+) -> Sql<bool> {
+    // One row changed: inserted; two: an existing row was updated.
+    let (n, _) = exec(
+        q,
+        "INSERT INTO delivery (message_id, seq, order_id, receipts, delivered_at) VALUES (?, ?, ?, 1, ?)
+         ON DUPLICATE KEY UPDATE receipts = receipts + 1",
+        (message_id, seq, order_id, now_ms),
+    )?;
+    Ok(n == 1)
+}
+
+/// Log first receipts, in one statement.
+pub(crate) fn insert_deliveries(
+    q: &mut impl Queryable,
+    rows: &[(&str, u64, &str)],
+    now_ms: i64,
+) -> Sql<()> {
+    let sql = format!(
+        "INSERT INTO delivery (message_id, seq, order_id, receipts, delivered_at) VALUES {}",
+        vec!["(?, ?, ?, 1, ?)"; rows.len()].join(", ")
+    );
+    let mut params: Vec<Value> = Vec::with_capacity(rows.len() * 4);
+    for (m, s, o) in rows {
+        params.extend([(*m).into(), (*s).into(), (*o).into(), now_ms.into()]);
+    }
+    q.exec_drop(sql, params)
+}
+
+/// Count one more receipt of a message already logged.
+pub(crate) fn count_receipt(q: &mut impl Queryable, message_id: &str) -> Sql<()> {
+    q.exec_drop(
+        "UPDATE delivery SET receipts = receipts + 1 WHERE message_id = ?",
+        (message_id,),
+    )
+}
+
+/// Which of these message ids the delivery log holds.
+pub(crate) fn logged_deliveries(q: &mut impl Queryable, ids: &[&str]) -> Sql<Vec<String>> {
+    q.exec(
+        format!(
+            "SELECT message_id FROM delivery WHERE message_id IN ({})",
+            marks(ids.len())
+        ),
+        ids.to_vec(),
+    )
+}
+
+/// `(order_id, user_id)` of the award records among these order ids in one split table.
+pub(crate) fn existing_awards(
+    q: &mut impl Queryable,
+    table: &str,
+    orders: &[&str],
+) -> Sql<Vec<(String, String)>> {
+    q.exec(
+        format!(
+            "SELECT order_id, user_id FROM {table} WHERE order_id IN ({})",
+            marks(orders.len())
+        ),
+        orders.to_vec(),
+    )
+}
+
+/// Move award records from `create` to `completed`; returns rows changed.
+pub(crate) fn complete_awards(
+    q: &mut impl Queryable,
+    table: &str,
+    orders: &[&str],
+    now_ms: i64,
+) -> Sql<usize> {
+    let mut params: Vec<Value> = vec![now_ms.into()];
+    params.extend(orders.iter().map(|o| Value::from(*o)));
+    changed(
+        q,
+        &format!(
+            "UPDATE {table} SET award_state = 'completed', update_time = FROM_UNIXTIME(? / 1000)
+             WHERE award_state = 'create' AND order_id IN ({})",
+            marks(orders.len())
+        ),
+        params,
+    )
+}
+
+/// Whether the award record of `order_id` belongs to `user_id`.
+pub(crate) fn award_exists(
+    q: &mut impl Queryable,
+    table: &str,
+    user_id: &str,
+    order_id: &str,
+) -> Sql<bool> {
+    let found: Option<u8> = q.exec_first(
+        format!("SELECT 1 FROM {table} WHERE order_id = ? AND user_id = ?"),
+        (order_id, user_id),
+    )?;
+    Ok(found.is_some())
+}
+
+/// Tasks with sequence numbers in `from..=to` still claimed by `owner` and unsent, in order.
+pub(crate) fn leased_in_range(
+    q: &mut impl Queryable,
+    owner: &str,
+    from: u64,
+    to: u64,
+    limit: usize,
+) -> Sql<Vec<TaskRow>> {
+    task_rows(
+        q,
+        &format!(
+            "SELECT {TASK_COLUMNS} FROM task WHERE seq BETWEEN ? AND ? AND claimed_by = ? AND state = 'create' ORDER BY seq LIMIT ?"
+        ),
+        (from, to, owner, limit as u64),
+    )
+}
+
+/// The state of the task with this message id.
+pub(crate) fn task_state(q: &mut impl Queryable, message_id: &str) -> Sql<Option<String>> {
+    q.exec_first("SELECT state FROM task WHERE message_id = ?", (message_id,))
+}
+
+/// Tasks in sequence order (the original's, which have none, first), optionally in one state.
+pub(crate) fn list_tasks(
+    q: &mut impl Queryable,
+    state: Option<TaskState>,
+    limit: usize,
+) -> Sql<Vec<TaskRow>> {
+    let state = state.map(TaskState::as_str);
+    task_rows(
+        q,
+        &format!(
+            "SELECT {TASK_COLUMNS} FROM task WHERE (? IS NULL OR state = ?) ORDER BY seq, id LIMIT ?"
+        ),
+        (state, state, limit as u64),
+    )
+}
+
+/// Tasks per state.
+pub(crate) fn count_tasks_by_state(q: &mut impl Queryable) -> Sql<Vec<(String, u64)>> {
+    q.query("SELECT state, COUNT(*) FROM task GROUP BY state")
+}
+
+/// Award records per state in one split table.
+pub(crate) fn count_awards_by_state(
+    q: &mut impl Queryable,
+    table: &str,
+) -> Sql<Vec<(String, u64)>> {
+    q.query(format!(
+        "SELECT award_state, COUNT(*) FROM {table} GROUP BY award_state"
+    ))
+}
+
+/// Creation time of the oldest task not completed or dead, epoch ms.
+pub(crate) fn oldest_pending(q: &mut impl Queryable) -> Sql<Option<i64>> {
+    let v: Option<Option<i64>> = q.query_first(
+        "SELECT CAST(UNIX_TIMESTAMP(MIN(create_time)) * 1000 AS SIGNED) FROM task WHERE state IN ('create', 'fail')",
+    )?;
+    Ok(v.flatten())
+}
+
+/// `(messages handled, receipts)`.
+pub(crate) fn delivery_totals(q: &mut impl Queryable) -> Sql<(u64, u64)> {
+    let v: Option<(u64, u64)> = q.query_first(
+        "SELECT COUNT(*), CAST(COALESCE(SUM(receipts), 0) AS UNSIGNED) FROM delivery",
+    )?;
+    Ok(v.unwrap_or((0, 0)))
+}
+
+/// The highest sequence number handed out.
+pub(crate) fn last_seq(q: &mut impl Queryable) -> Sql<u64> {
+    let v: Option<u64> = q.query_first("SELECT next_seq - 1 FROM shard_meta WHERE id = 1")?;
+    Ok(v.unwrap_or(0))
+}
+
+/// Delivered sequence numbers, ascending, with receipts (messages without one left out).
+pub(crate) fn delivered_seqs(q: &mut impl Queryable) -> Sql<Vec<(u64, u32)>> {
+    q.query("SELECT seq, receipts FROM delivery WHERE seq > 0 ORDER BY seq")
+}
+
+/// Every task's sequence number (0 for the original's), creation time and order id.
+pub(crate) fn task_orders(q: &mut impl Queryable) -> Sql<Vec<(u64, i64, Option<String>)>> {
+    q.query(
+        "SELECT COALESCE(seq, 0), CAST(UNIX_TIMESTAMP(create_time) * 1000 AS SIGNED),
+                JSON_UNQUOTE(JSON_EXTRACT(message, '$.data.orderId'))
+         FROM task ORDER BY seq",
+    )
+}
+
+/// Order ids of every delivered message.
+pub(crate) fn delivered_orders(q: &mut impl Queryable) -> Sql<Vec<String>> {
+    q.query("SELECT order_id FROM delivery")
+}
+
+/// Order ids of the award records in one split table.
+pub(crate) fn award_orders(q: &mut impl Queryable, table: &str) -> Sql<Vec<String>> {
+    q.query(format!("SELECT order_id FROM {table}"))
+}
+
+/// A user's award records in their split table, newest first.
+pub(crate) fn awards_of_user(
+    q: &mut impl Queryable,
+    table: &str,
+    user_id: &str,
+    limit: usize,
+) -> Sql<Vec<AwardRow>> {
+    let rows: Vec<Row> = q.exec(
+        format!(
+            "SELECT order_id, activity_id, strategy_id, award_id, award_title,
+                    TIMESTAMPDIFF(MICROSECOND, FROM_UNIXTIME(0), award_time) DIV 1000, award_state
+             FROM {table} WHERE user_id = ? ORDER BY id DESC LIMIT ?"
+        ),
+        (user_id, limit as u64),
+    )?;
+    rows.into_iter()
+        .map(|mut r| {
+            Ok(AwardRow {
+                order_id: col(&mut r, 0)?,
+                activity_id: col(&mut r, 1)?,
+                strategy_id: col(&mut r, 2)?,
+                award_id: col(&mut r, 3)?,
+                award_title: col(&mut r, 4)?,
+                award_time: col(&mut r, 5)?,
+                award_state: col(&mut r, 6)?,
+            })
+        })
+        .collect()
+}
