@@ -7,43 +7,42 @@ use big_market::util::wait_until;
 use crate::cli::bin;
 use crate::support::*;
 
-fn shard_invariants(s: &big_market::config::Settings) {
-    for db in 1..=s.layout.db_count() {
-        let c = raw(s, db);
-        let tasks = count(&c, "SELECT COUNT(*) FROM task");
+fn shard_invariants(t: &TestStore) {
+    for db in 1..=t.settings.layout.db_count() {
+        let c = db;
+        let tasks = t.count(c, "SELECT COUNT(*) FROM task");
         assert_eq!(
-            awards(&c, None),
+            t.awards(c, None),
             tasks,
             "shard {db}: every award has exactly one task"
         );
         assert_eq!(
-            count(&c, "SELECT COUNT(*) FROM task WHERE state <> 'completed'"),
+            t.count(c, "SELECT COUNT(*) FROM task WHERE state <> 'completed'"),
             0,
             "shard {db}: every task completed"
         );
         assert_eq!(
-            awards(&c, Some("create")),
+            t.awards(c, Some("create")),
             0,
             "shard {db}: every award delivered"
         );
         assert_eq!(
-            count(&c, "SELECT COALESCE(MAX(seq), 0) FROM task"),
+            t.count(c, "SELECT COALESCE(MAX(seq), 0) FROM task"),
             tasks,
             "shard {db}: sequence has no gaps"
         );
         assert_eq!(
-            count(&c, "SELECT COUNT(*) FROM delivery"),
+            t.count(c, "SELECT COUNT(*) FROM delivery"),
             tasks,
             "shard {db}: one delivery per task"
         );
     }
 }
 
-#[test]
-fn sigkill_in_the_middle_of_load_then_serve_delivers_everything_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = settings(dir.path());
-    let mut load = bin(dir.path())
+fn sigkill_in_the_middle_of_load_then_serve_delivers_everything_exactly_once(kind: Kind) {
+    let t = TestStore::new(kind);
+    let mut load = t
+        .bin()
         .args([
             "--stale-after",
             "1s",
@@ -59,8 +58,9 @@ fn sigkill_in_the_middle_of_load_then_serve_delivers_everything_exactly_once() {
         .unwrap();
     // Kill it once a few thousand awards are committed.
     let committed = || {
-        s.data_dir.join("big_market_02.db").exists()
-            && std::panic::catch_unwind(|| totals(&s).0).unwrap_or(0) > 3000
+        t.ready()
+            && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.totals().0)).unwrap_or(0)
+                > 3000
     };
     assert!(
         wait_until(Duration::from_secs(60), committed),
@@ -68,16 +68,17 @@ fn sigkill_in_the_middle_of_load_then_serve_delivers_everything_exactly_once() {
     );
     load.kill().unwrap();
     load.wait().unwrap();
-    let (awards_at_kill, ..) = totals(&s);
+    let (awards_at_kill, ..) = t.totals();
     assert!(awards_at_kill < 200_000, "killed mid-load");
 
-    let mut serve = bin(dir.path())
+    let mut serve = t
+        .bin()
         .args(["--stale-after", "1s", "--scan-interval", "100ms", "serve"])
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let done = wait_until(Duration::from_secs(90), || {
-        let (a, d, t, c) = totals(&s);
+        let (a, d, t, c) = t.totals();
         a == d && t == c && a == t
     });
     let status = std::process::Command::new("kill")
@@ -86,9 +87,9 @@ fn sigkill_in_the_middle_of_load_then_serve_delivers_everything_exactly_once() {
         .unwrap();
     assert!(status.success());
     let exit = serve.wait().unwrap();
-    assert!(done, "serve did not deliver the backlog: {:?}", totals(&s));
+    assert!(done, "serve did not deliver the backlog: {:?}", t.totals());
     assert!(exit.success(), "serve exits 0 on SIGTERM: {exit:?}");
-    shard_invariants(&s);
+    shard_invariants(&t);
 }
 
 /// A backlog of failed tasks, committed while the transport was down.
@@ -113,13 +114,12 @@ fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
     child.wait().unwrap()
 }
 
-#[test]
-fn two_serve_processes_on_one_backlog_send_each_message_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = settings(dir.path());
+fn two_serve_processes_on_one_backlog_send_each_message_once(kind: Kind) {
+    let t = TestStore::new(kind);
+    let s = t.settings.clone();
     backlog(&s, 3000);
     let serve = || {
-        bin(dir.path())
+        t.bin()
             .args(["--scan-interval", "50ms", "serve"])
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -127,31 +127,31 @@ fn two_serve_processes_on_one_backlog_send_each_message_once() {
     };
     let (mut a, mut b) = (serve(), serve());
     let done = wait_until(Duration::from_secs(60), || {
-        let (n, d, t, c) = totals(&s);
+        let (n, d, t, c) = t.totals();
         n == 3000 && d == n && c == t
     });
     let (ea, eb) = (sigterm(&mut a), sigterm(&mut b));
-    assert!(done, "backlog not delivered: {:?}", totals(&s));
+    assert!(done, "backlog not delivered: {:?}", t.totals());
     assert!(
         ea.success() && eb.success(),
         "both exit 0 on SIGTERM: {ea:?} {eb:?}"
     );
     for db in 1..=2 {
-        let c = raw(&s, db);
-        let tasks = count(&c, "SELECT COUNT(*) FROM task");
+        let c = db;
+        let tasks = t.count(c, "SELECT COUNT(*) FROM task");
         // Every message reached a consumer exactly once: no receipt beyond the first.
         assert_eq!(
-            count(&c, "SELECT COALESCE(SUM(receipts), 0) FROM delivery"),
+            t.count(c, "SELECT COALESCE(SUM(receipts), 0) FROM delivery"),
             tasks,
             "shard {db}: a message was sent twice"
         );
         assert_eq!(
-            count(&c, "SELECT COUNT(*) FROM task WHERE claimed_by IS NOT NULL"),
+            t.count(c, "SELECT COUNT(*) FROM task WHERE claimed_by IS NOT NULL"),
             0,
             "shard {db}: claims released on shutdown"
         );
     }
-    shard_invariants(&s);
+    shard_invariants(&t);
 }
 
 #[test]
@@ -292,10 +292,9 @@ fn a_data_dir_of_another_layout_is_refused_by_every_command_and_left_untouched()
     assert!(!dir.path().join("data/big_market_03.db").exists());
 }
 
-#[test]
-fn audit_passes_a_clean_data_dir_and_catches_a_lost_delivery_and_a_half_written_award() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = settings(dir.path());
+fn audit_passes_a_clean_data_dir_and_catches_a_lost_delivery_and_a_half_written_award(kind: Kind) {
+    let t = TestStore::new(kind);
+    let s = t.settings.clone();
     let (service, _) = start(s.clone());
     for i in 0..30 {
         service
@@ -303,7 +302,7 @@ fn audit_passes_a_clean_data_dir_and_catches_a_lost_delivery_and_a_half_written_
             .unwrap();
     }
     service.shutdown().unwrap();
-    let clean = bin(dir.path()).args(["audit"]).output().unwrap();
+    let clean = t.bin().args(["audit"]).output().unwrap();
     assert!(
         clean.status.success(),
         "{}",
@@ -312,16 +311,16 @@ fn audit_passes_a_clean_data_dir_and_catches_a_lost_delivery_and_a_half_written_
     assert!(String::from_utf8_lossy(&clean.stdout).contains("big_market_01"));
 
     // Forget one delivery: the number is missing; young, it is lag; old enough, it is a loss.
-    raw(&s, 1)
-        .execute_batch("DELETE FROM delivery WHERE seq = 3")
-        .unwrap();
-    let lag = bin(dir.path())
+    t.exec(1, "DELETE FROM delivery WHERE seq = 3");
+    let lag = t
+        .bin()
         .args(["audit", "--older-than", "1h"])
         .output()
         .unwrap();
     assert!(lag.status.success(), "a fresh gap is not yet a loss");
     assert!(String::from_utf8_lossy(&lag.stdout).contains("missing seq=3"));
-    let lost = bin(dir.path())
+    let lost = t
+        .bin()
         .args(["audit", "--older-than", "0s"])
         .output()
         .unwrap();
@@ -333,17 +332,19 @@ fn audit_passes_a_clean_data_dir_and_catches_a_lost_delivery_and_a_half_written_
     );
 
     // An award with no task and no delivery breaks atomicity, whatever its age.
-    let dir2 = tempfile::tempdir().unwrap();
-    let s2 = settings(dir2.path());
+    let t2 = TestStore::new(kind);
+    let s2 = t2.settings.clone();
     let (service, _) = start(s2.clone());
     service
         .save_award(award("xiaofuge", "500000000001"))
         .unwrap();
     service.shutdown().unwrap();
-    raw(&s2, 1)
-        .execute_batch("INSERT INTO user_award_record_001 (user_id, activity_id, strategy_id, order_id, award_id, award_title, award_time, create_time, update_time) VALUES ('xiaofuge', 1, 1, 'orphan', 1, 't', 0, 0, 0)")
-        .unwrap();
-    let json = bin(dir2.path())
+    t2.exec(1, match kind {
+        Kind::Sqlite => "INSERT INTO user_award_record_001 (user_id, activity_id, strategy_id, order_id, award_id, award_title, award_time, create_time, update_time) VALUES ('xiaofuge', 1, 1, 'orphan', 1, 't', 0, 0, 0)",
+        Kind::Mariadb => "INSERT INTO user_award_record_001 (user_id, activity_id, strategy_id, order_id, award_id, award_title, award_time, create_time, update_time) VALUES ('xiaofuge', 1, 1, 'orphan', 1, 't', now(), now(), now())",
+    });
+    let json = t2
+        .bin()
         .args(["audit", "--json", "--older-than", "1h"])
         .output()
         .unwrap();
@@ -524,3 +525,9 @@ fn the_consumer_holds_back_while_the_store_fails_and_resumes_once_it_writes_agai
         "delivered once the store writes again"
     );
 }
+
+crate::on_both_backends!(
+    sigkill_in_the_middle_of_load_then_serve_delivers_everything_exactly_once,
+    two_serve_processes_on_one_backlog_send_each_message_once,
+    audit_passes_a_clean_data_dir_and_catches_a_lost_delivery_and_a_half_written_award,
+);

@@ -4,6 +4,7 @@ mod amqp;
 mod cli;
 mod faults;
 mod http;
+mod mariadb;
 mod pipeline;
 mod relay;
 mod support;

@@ -10,10 +10,9 @@ use big_market::Error;
 
 use crate::support::*;
 
-#[test]
-fn a_saved_award_is_committed_published_and_delivered() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = settings(dir.path());
+fn a_saved_award_is_committed_published_and_delivered(kind: Kind) {
+    let t = TestStore::new(kind);
+    let s = t.settings.clone();
     let (service, faulty) = start(s.clone());
     let saved = service
         .save_award(award("xiaofuge", "100000000001"))
@@ -29,18 +28,16 @@ fn a_saved_award_is_committed_published_and_delivered() {
     assert_eq!(faulty.forwarded(), 1);
     service.shutdown().unwrap();
 
-    let c = raw(&s, 1);
-    assert_eq!(count(&c, "SELECT COUNT(*) FROM user_award_record_001 WHERE order_id = '100000000001' AND award_state = 'completed'"), 1);
+    let c = 1;
+    assert_eq!(t.count(c, "SELECT COUNT(*) FROM user_award_record_001 WHERE order_id = '100000000001' AND award_state = 'completed'"), 1);
     assert_eq!(
-        count(
-            &c,
+        t.count(
+            c,
             "SELECT COUNT(*) FROM task WHERE state = 'completed' AND message_id = '01000000001'"
         ),
         1
     );
-    let body: String = c
-        .query_row("SELECT message FROM task", [], |r| r.get(0))
-        .unwrap();
+    let body = t.text(c, "SELECT message FROM task");
     let msg = EventMessage::decode(body.as_bytes()).unwrap();
     assert_eq!(
         (
@@ -53,10 +50,9 @@ fn a_saved_award_is_committed_published_and_delivered() {
     );
 }
 
-#[test]
-fn a_repeated_order_id_is_refused_and_writes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = settings(dir.path());
+fn a_repeated_order_id_is_refused_and_writes_nothing(kind: Kind) {
+    let t = TestStore::new(kind);
+    let s = t.settings.clone();
     let (service, faulty) = start(s.clone());
     service
         .save_award(award("xiaofuge", "200000000001"))
@@ -77,42 +73,43 @@ fn a_repeated_order_id_is_refused_and_writes_nothing() {
         .unwrap();
     assert_eq!(next.seq, 2);
     service.shutdown().unwrap();
-    assert_eq!(totals(&s), (2, 2, 2, 2));
+    assert_eq!(t.totals(), (2, 2, 2, 2));
 }
 
-#[test]
-fn a_failure_between_the_two_inserts_leaves_neither() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = settings(dir.path());
+fn a_failure_between_the_two_inserts_leaves_neither(kind: Kind) {
+    let t = TestStore::new(kind);
+    let s = t.settings.clone();
     let (service, _) = start(s.clone());
     // Inject a failure into the task insert, after the award insert of the same transaction.
-    let c = raw(&s, 1);
-    c.execute_batch("CREATE TRIGGER inject_fault BEFORE INSERT ON task BEGIN SELECT RAISE(ABORT, 'injected fault'); END;").unwrap();
+    let c = 1;
+    t.exec(c, match kind {
+        Kind::Sqlite => "CREATE TRIGGER inject_fault BEFORE INSERT ON task BEGIN SELECT RAISE(ABORT, 'injected fault'); END;",
+        Kind::Mariadb => "CREATE TRIGGER inject_fault BEFORE INSERT ON task FOR EACH ROW SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected fault'",
+    });
     let err = service
         .save_award(award("xiaofuge", "300000000001"))
         .unwrap_err();
     assert!(matches!(err, Error::Storage { .. }), "{err}");
     assert!(err.to_string().contains("injected fault"), "{err}");
     assert_eq!(
-        awards(&c, None),
+        t.awards(c, None),
         0,
         "the award insert was rolled back with the task insert"
     );
-    assert_eq!(count(&c, "SELECT COUNT(*) FROM task"), 0);
-    c.execute_batch("DROP TRIGGER inject_fault;").unwrap();
+    assert_eq!(t.count(c, "SELECT COUNT(*) FROM task"), 0);
+    t.exec(c, "DROP TRIGGER inject_fault");
     // No trace: the same order id is accepted now, with sequence 1.
     let saved = service
         .save_award(award("xiaofuge", "300000000001"))
         .unwrap();
     assert_eq!(saved.seq, 1);
     service.shutdown().unwrap();
-    assert_eq!(totals(&s), (1, 1, 1, 1));
+    assert_eq!(t.totals(), (1, 1, 1, 1));
 }
 
-#[test]
-fn a_failed_publish_leaves_a_failed_task_that_the_scanner_delivers() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = settings(dir.path());
+fn a_failed_publish_leaves_a_failed_task_that_the_scanner_delivers(kind: Kind) {
+    let t = TestStore::new(kind);
+    let s = t.settings.clone();
     let (service, faulty) = start(s.clone());
     faulty.set_down(true);
     for i in 0..20 {
@@ -121,12 +118,11 @@ fn a_failed_publish_leaves_a_failed_task_that_the_scanner_delivers() {
             .unwrap();
     }
     settle(&service);
-    let (a, delivered, t, completed) = totals(&s);
-    assert_eq!((a, delivered, t, completed), (20, 0, 20, 0));
+    assert_eq!(t.totals(), (20, 0, 20, 0));
     let failed: i64 = (1..=2)
         .map(|db| {
-            count(
-                &raw(&s, db),
+            t.count(
+                db,
                 "SELECT COUNT(*) FROM task WHERE state = 'fail' AND attempts = 0",
             )
         })
@@ -142,13 +138,12 @@ fn a_failed_publish_leaves_a_failed_task_that_the_scanner_delivers() {
         "completed tasks are never claimed again"
     );
     service.shutdown().unwrap();
-    assert_eq!(totals(&s), (20, 20, 20, 20));
+    assert_eq!(t.totals(), (20, 20, 20, 20));
 }
 
-#[test]
-fn caller_runs_engages_when_the_pool_is_full_and_nothing_is_dropped() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = settings(dir.path());
+fn caller_runs_engages_when_the_pool_is_full_and_nothing_is_dropped(kind: Kind) {
+    let t = TestStore::new(kind);
+    let mut s = t.settings.clone();
     s.pool_threads = 1;
     s.pool_queue = 1;
     s.publish_chunk = 1;
@@ -169,13 +164,12 @@ fn caller_runs_engages_when_the_pool_is_full_and_nothing_is_dropped() {
         "200 one-task jobs on a 1-thread, 1-slot pool must overflow: {report:?}"
     );
     service.shutdown().unwrap();
-    assert_eq!(totals(&s), (200, 200, 200, 200));
+    assert_eq!(t.totals(), (200, 200, 200, 200));
 }
 
-#[test]
-fn a_refused_message_ends_dead_after_the_attempt_limit_and_requeue_brings_it_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = settings(dir.path());
+fn a_refused_message_ends_dead_after_the_attempt_limit_and_requeue_brings_it_back(kind: Kind) {
+    let t = TestStore::new(kind);
+    let mut s = t.settings.clone();
     s.retry.max_attempts = 3;
     // No backoff delay: a refused task is due again on the next pass.
     s.retry.base = std::time::Duration::ZERO;
@@ -211,10 +205,10 @@ fn a_refused_message_ends_dead_after_the_attempt_limit_and_requeue_brings_it_bac
         "a dead task is never retried by itself"
     );
     let db = route("poison-user", Layout::default()).db;
-    let c = raw(&s, db);
+    let c = db;
     assert_eq!(
-        count(
-            &c,
+        t.count(
+            c,
             "SELECT COUNT(*) FROM task WHERE state = 'dead' AND attempts = 3"
         ),
         1
@@ -232,21 +226,18 @@ fn a_refused_message_ends_dead_after_the_attempt_limit_and_requeue_brings_it_bac
     assert_eq!(n, 1);
     assert_eq!(service.scan_once().unwrap().relayed.completed, 1);
     service.shutdown().unwrap();
-    assert_eq!(totals(&s), (2, 2, 2, 2));
+    assert_eq!(t.totals(), (2, 2, 2, 2));
 }
 
-#[test]
-fn a_redelivered_message_changes_nothing_and_concurrent_duplicates_deliver_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = settings(dir.path());
+fn a_redelivered_message_changes_nothing_and_concurrent_duplicates_deliver_once(kind: Kind) {
+    let t = TestStore::new(kind);
+    let s = t.settings.clone();
     let (service, faulty) = start(s.clone());
     faulty.set_down(true); // committed, not yet delivered
     service
         .save_award(award("xiaofuge", "700000000001"))
         .unwrap();
-    let body: String = raw(&s, 1)
-        .query_row("SELECT message FROM task", [], |r| r.get(0))
-        .unwrap();
+    let body = t.text(1, "SELECT message FROM task");
     let store = service.store().clone();
     // Eight threads deliver the same message at once: exactly one first delivery.
     let handles: Vec<_> = (0..8)
@@ -265,22 +256,21 @@ fn a_redelivered_message_changes_nothing_and_concurrent_duplicates_deliver_once(
         1,
         "{outcomes:?}"
     );
-    let c = raw(&s, 1);
+    let c = 1;
     assert_eq!(
-        count(
-            &c,
+        t.count(
+            c,
             "SELECT receipts FROM delivery WHERE message_id = '01000000001'"
         ),
         8
     );
-    assert_eq!(awards(&c, Some("completed")), 1);
+    assert_eq!(t.awards(c, Some("completed")), 1);
     service.shutdown().unwrap();
 }
 
-#[test]
-fn a_poison_message_is_rejected_and_the_consumer_goes_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = settings(dir.path());
+fn a_poison_message_is_rejected_and_the_consumer_goes_on(kind: Kind) {
+    let t = TestStore::new(kind);
+    let s = t.settings.clone();
     let store = Arc::new(Store::open(&s, true).unwrap());
     let consumer = big_market::consumer::AwardConsumer::new(store.clone(), Default::default());
     assert!(matches!(consumer.handle(b"{not json"), Handled::Reject(_)));
@@ -292,10 +282,7 @@ fn a_poison_message_is_rejected_and_the_consumer_goes_on() {
         other => panic!("expected reject, got {other:?}"),
     }
     // Nothing was logged as delivered for the unknown message.
-    assert_eq!(
-        count(&raw(&s, route_db), "SELECT COUNT(*) FROM delivery"),
-        0
-    );
+    assert_eq!(t.count(route_db, "SELECT COUNT(*) FROM delivery"), 0);
 }
 
 #[test]
@@ -338,10 +325,9 @@ fn a_shard_file_that_is_not_sqlite_is_refused_with_a_clear_error() {
     );
 }
 
-#[test]
-fn with_a_retention_the_scanner_purges_old_completed_tasks_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = settings(dir.path());
+fn with_a_retention_the_scanner_purges_old_completed_tasks_only(kind: Kind) {
+    let t = TestStore::new(kind);
+    let mut s = t.settings.clone();
     s.retention = Some(std::time::Duration::from_secs(3600));
     let (service, faulty) = start(s.clone());
     for i in 0..6 {
@@ -355,15 +341,20 @@ fn with_a_retention_the_scanner_purges_old_completed_tasks_only() {
     settle(&service);
     faulty.set_down(false);
     let db = route("keeper", Layout::default()).db;
-    let c = raw(&s, db);
-    assert!(crate::support::count(&c, "SELECT COUNT(*) FROM task WHERE state = 'completed'") >= 1);
+    let c = db;
+    assert!(t.count(c, "SELECT COUNT(*) FROM task WHERE state = 'completed'") >= 1);
     // Age every task past the retention; only completed ones may go.
     assert!(big_market::util::wait_until(
         std::time::Duration::from_secs(5),
-        || count(&c, "SELECT COUNT(*) FROM task WHERE state = 'completed'") == 6
+        || t.count(c, "SELECT COUNT(*) FROM task WHERE state = 'completed'") == 6
     ));
-    c.execute_batch("UPDATE task SET update_time = update_time - 7200000")
-        .unwrap();
+    t.exec(
+        c,
+        match kind {
+            Kind::Sqlite => "UPDATE task SET update_time = update_time - 7200000",
+            Kind::Mariadb => "UPDATE task SET update_time = update_time - INTERVAL 2 HOUR",
+        },
+    );
     let report = service.scan_once().unwrap();
     assert_eq!(report.purged, 6);
     assert_eq!(
@@ -373,10 +364,9 @@ fn with_a_retention_the_scanner_purges_old_completed_tasks_only() {
     service.shutdown().unwrap();
 }
 
-#[test]
-fn save_awards_commits_a_batch_across_shards_and_a_duplicate_fails_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = settings(dir.path());
+fn save_awards_commits_a_batch_across_shards_and_a_duplicate_fails_alone(kind: Kind) {
+    let t = TestStore::new(kind);
+    let s = t.settings.clone();
     let (service, _) = start(s.clone());
     service
         .save_award(award("user001", "300000000000"))
@@ -399,5 +389,18 @@ fn save_awards_commits_a_batch_across_shards_and_a_duplicate_fails_alone() {
         .collect();
     assert_eq!(shape, ["saved", "duplicate", "saved", "duplicate", "saved"]);
     service.shutdown().unwrap();
-    assert_eq!(totals(&s), (4, 4, 4, 4));
+    assert_eq!(t.totals(), (4, 4, 4, 4));
 }
+
+crate::on_both_backends!(
+    a_saved_award_is_committed_published_and_delivered,
+    a_repeated_order_id_is_refused_and_writes_nothing,
+    a_failure_between_the_two_inserts_leaves_neither,
+    a_failed_publish_leaves_a_failed_task_that_the_scanner_delivers,
+    caller_runs_engages_when_the_pool_is_full_and_nothing_is_dropped,
+    a_refused_message_ends_dead_after_the_attempt_limit_and_requeue_brings_it_back,
+    a_redelivered_message_changes_nothing_and_concurrent_duplicates_deliver_once,
+    a_poison_message_is_rejected_and_the_consumer_goes_on,
+    with_a_retention_the_scanner_purges_old_completed_tasks_only,
+    save_awards_commits_a_batch_across_shards_and_a_duplicate_fails_alone,
+);

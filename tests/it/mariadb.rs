@@ -1,0 +1,282 @@
+//! What only the MySQL/MariaDB store has to show: the original Java service's own statements
+//! work on big-market's databases and the other way round, rows sit where the Java router puts
+//! them, refused databases are left untouched, and credentials never reach a log or an error.
+//! Needs MariaDB on 127.0.0.1:3306 (root, no password); fails when it is unreachable.
+
+use std::time::Duration;
+
+use big_market::router::{award_table, route, Layout};
+use big_market::store::Store;
+use big_market::util::wait_until;
+use mysql::prelude::Queryable;
+
+use crate::support::*;
+
+/// The seed's mapper statements, as MyBatis sends them (the db-router plugin puts the split
+/// table's name in place of `user_award_record`).
+const JAVA_INSERT_TASK: &str = "insert into task(
+        user_id, topic, message_id, message, state, create_time, update_time
+        ) values (
+        ?,?,?,?,?,now(),now()
+        )";
+const JAVA_INSERT_AWARD: &str = "insert into user_award_record(
+            user_id, activity_id, strategy_id, order_id, award_id, award_title, award_time, award_state, create_time, update_time
+        ) values (
+            ?,?,?,?,?,?,?,?,now(),now()
+        )";
+const JAVA_NO_SEND_TASKS: &str = "select user_id, topic, message_id, message
+        from task
+        where state = 'fail' or (state = 'create' and now() - update_time > 6)
+        limit 10";
+
+#[test]
+fn the_originals_rows_are_relayed_and_delivered_and_ours_are_found_by_its_scan() {
+    let t = TestStore::new(Kind::Mariadb);
+    drop(Store::open(&t.settings, true).unwrap());
+
+    // The Java service writes an award and its task, as its mapper does.
+    let user = "xiaofuge";
+    let r = route(user, Layout::default());
+    let message = r#"{"data":{"awardId":101,"awardTitle":"OpenAI 增加使用次数","orderId":"880000000001","userId":"xiaofuge"},"id":"74920280321","timestamp":1712377010878}"#;
+    {
+        let mut c = t.mysql(r.db);
+        let mut tx = c.start_transaction(mysql::TxOpts::default()).unwrap();
+        tx.exec_drop(
+            JAVA_INSERT_AWARD.replace("user_award_record", &award_table(r.table)),
+            (
+                user,
+                100301i64,
+                100006i64,
+                "880000000001",
+                101,
+                "OpenAI 增加使用次数",
+                "2024-04-06 12:16:50",
+                "create",
+            ),
+        )
+        .unwrap();
+        tx.exec_drop(
+            JAVA_INSERT_TASK,
+            (user, "send_award", "74920280321", message, "create"),
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+
+    // big-market's scan finds it, publishes it, and its consumer delivers the award.
+    let (service, faulty) = start(t.settings.clone());
+    let report = service.scan_once().unwrap();
+    assert_eq!(
+        (report.claimed, report.relayed.completed),
+        (1, 1),
+        "{report:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || t
+            .awards(r.db, Some("completed"))
+            == 1),
+        "the original's award was not delivered"
+    );
+    assert_eq!(
+        t.text(
+            r.db,
+            "SELECT state FROM task WHERE message_id = '74920280321'"
+        ),
+        "completed"
+    );
+    assert_eq!(
+        t.count(
+            r.db,
+            "SELECT receipts FROM delivery WHERE message_id = '74920280321'"
+        ),
+        1
+    );
+
+    // A task big-market could not send is what the original's compensation scan selects.
+    faulty.set_down(true);
+    let saved = service
+        .save_award(award("user001", "880000000002"))
+        .unwrap();
+    settle(&service);
+    let found: Vec<(String, String, String, String)> =
+        t.mysql(saved.db).query(JAVA_NO_SEND_TASKS).unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    let (u, topic, id, body) = &found[0];
+    assert_eq!(
+        (u.as_str(), topic.as_str(), id.as_str()),
+        ("user001", "send_award", saved.message_id.as_str())
+    );
+    let decoded = big_market::model::EventMessage::decode(body.as_bytes()).unwrap();
+    assert_eq!(decoded.data.order_id, "880000000002");
+    // The original's completion statement works on our row too.
+    t.mysql(saved.db)
+        .exec_drop(
+            "update task set state = 'completed', update_time = now() where user_id = ? and message_id = ?",
+            ("user001", saved.message_id.as_str()),
+        )
+        .unwrap();
+    assert!(t
+        .mysql(saved.db)
+        .query::<String, _>(JAVA_NO_SEND_TASKS)
+        .unwrap()
+        .is_empty());
+    service.shutdown().unwrap();
+}
+
+#[test]
+fn every_row_sits_where_the_java_router_puts_it() {
+    let t = TestStore::new(Kind::Mariadb);
+    let (service, _) = start(t.settings.clone());
+    let mut users: Vec<String> = ["xiaofuge", "user001", "user 4", "用户一"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    users.extend((0..60).map(|i| format!("u{i}")));
+    for (i, u) in users.iter().enumerate() {
+        service.save_award(award(u, &format!("9{i:011}"))).unwrap();
+    }
+    settle(&service);
+    service.shutdown().unwrap();
+    // The vectors of the original's router (see DESIGN.md), then every user.
+    assert_eq!(
+        (
+            route("xiaofuge", Layout::default()).db,
+            route("xiaofuge", Layout::default()).table
+        ),
+        (1, 1)
+    );
+    assert_eq!(
+        (
+            route("user001", Layout::default()).db,
+            route("user001", Layout::default()).table
+        ),
+        (2, 0)
+    );
+    for u in &users {
+        let r = route(u, Layout::default());
+        for db in 1..=2 {
+            for tb in 0..4 {
+                let n = t.count(
+                    db,
+                    &format!(
+                        "SELECT COUNT(*) FROM {} WHERE user_id = '{u}'",
+                        award_table(tb)
+                    ),
+                );
+                let here = (db, tb) == (r.db, r.table);
+                assert_eq!(n, i64::from(here), "user {u:?} in db {db} table {tb}");
+            }
+            let tasks = t.count(
+                db,
+                &format!("SELECT COUNT(*) FROM task WHERE user_id = '{u}'"),
+            );
+            assert_eq!(tasks, i64::from(db == r.db), "task of {u:?} in db {db}");
+        }
+    }
+}
+
+#[test]
+fn a_database_of_another_layout_version_or_origin_is_refused_in_one_line_and_left_untouched() {
+    let mut t = TestStore::new(Kind::Mariadb);
+    drop(Store::open(&t.settings, true).unwrap());
+    let tables = |t: &TestStore, db: u32| -> Vec<String> {
+        t.mysql(db)
+            .query("SELECT CAST(table_name AS CHAR) FROM information_schema.tables WHERE table_schema = DATABASE() ORDER BY 1")
+            .unwrap()
+    };
+    let before = tables(&t, 1);
+    t.set_layout(Layout::new(2, 8).unwrap());
+    let err = Store::open(&t.settings, true)
+        .err()
+        .expect("layout mismatch");
+    let msg = err.to_string();
+    assert!(msg.contains("--tb-count 4") && !msg.contains('\n'), "{msg}");
+    assert_eq!(tables(&t, 1), before, "nothing was created");
+
+    t.set_layout(Layout::default());
+    t.exec(1, "UPDATE shard_meta SET schema_version = 2");
+    let err = Store::open(&t.settings, true)
+        .err()
+        .expect("version mismatch");
+    assert!(err.to_string().contains("schema version 2"), "{err}");
+    assert_eq!(tables(&t, 2).len(), before.len());
+
+    // The original's database: its task table without big-market's columns.
+    let other = TestStore::new(Kind::Mariadb);
+    let server = mysql::Pool::new(MARIADB).unwrap();
+    let db1 = format!("{}_01", other.url().rsplit('/').next().unwrap());
+    server
+        .get_conn()
+        .unwrap()
+        .query_drop(format!("CREATE DATABASE `{db1}`"))
+        .unwrap();
+    other.exec(1, "CREATE TABLE task (id bigint unsigned NOT NULL AUTO_INCREMENT PRIMARY KEY, user_id varchar(32) NOT NULL, topic varchar(32) NOT NULL, message_id varchar(11) NOT NULL, message varchar(512) NOT NULL, state varchar(16) NOT NULL DEFAULT 'create', create_time datetime NOT NULL DEFAULT CURRENT_TIMESTAMP, update_time datetime NOT NULL DEFAULT CURRENT_TIMESTAMP)");
+    let err = Store::open(&other.settings, true)
+        .err()
+        .expect("foreign task table");
+    assert!(err.to_string().contains("lacks the columns seq"), "{err}");
+    assert_eq!(tables(&other, 1), ["task"], "nothing was added");
+
+    // Without init, a missing database is named with what to do.
+    let fresh = TestStore::new(Kind::Mariadb);
+    let err = Store::open(&fresh.settings, false)
+        .err()
+        .expect("no database");
+    assert!(err.to_string().contains("big-market init"), "{err}");
+}
+
+#[test]
+fn credentials_never_reach_a_log_or_an_error() {
+    let t = TestStore::new(Kind::Mariadb);
+    let user = format!("u{}", fastrand::u32(..));
+    let secret = format!("pw{}x", fastrand::u64(..));
+    let mut root = mysql::Pool::new(MARIADB).unwrap().get_conn().unwrap();
+    root.query_drop(format!("CREATE USER '{user}'@'%' IDENTIFIED BY '{secret}'"))
+        .unwrap();
+    struct DropUser(String);
+    impl Drop for DropUser {
+        fn drop(&mut self) {
+            if let Ok(mut c) = mysql::Pool::new(MARIADB).and_then(|p| p.get_conn()) {
+                let _ = c.query_drop(format!("DROP USER IF EXISTS '{}'@'%'", self.0));
+            }
+        }
+    }
+    let _cleanup = DropUser(user.clone());
+    let prefix = t.url().rsplit('/').next().unwrap().to_string();
+    root.query_drop(format!("GRANT ALL ON `{}\\_%`.* TO '{user}'@'%'", prefix))
+        .unwrap();
+    let url = format!("mysql://{user}:{secret}@127.0.0.1:3306/{prefix}");
+    let run = |store: &str, args: &[&str]| {
+        let out = t
+            .bin()
+            .env("BIG_MARKET_STORE", store)
+            .env("RUST_LOG", "debug")
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status, text)
+    };
+    let (ok, text) = run(&url, &["init"]);
+    assert!(ok.success(), "{text}");
+    assert!(
+        text.contains(&format!("mysql://{user}@127.0.0.1:3306/{prefix}_01")),
+        "{text}"
+    );
+    let (ok, text) = run(&url, &["load", "--records", "50"]);
+    assert!(ok.success(), "{text}");
+    assert!(!text.contains(&secret), "{text}");
+    // A wrong password: refused, and neither password is shown.
+    let wrong = url.replace(&secret, "wrongpw1234");
+    let (ok, text) = run(&wrong, &["status"]);
+    assert!(!ok.success());
+    assert!(text.contains("check the user and password"), "{text}");
+    assert!(
+        !text.contains("wrongpw1234") && !text.contains(&secret),
+        "{text}"
+    );
+}
