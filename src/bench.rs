@@ -17,12 +17,18 @@
 //!   do, end to end: from the first save to the last award delivered.
 //! - `drain`: tasks/s for the scanner to deliver a backlog of failed tasks; the backlog is
 //!   written while the broker is down, and its peak memory is reported.
+//!
+//! With `--store mysql://…` the bench measures the MySQL store instead, on fresh databases named
+//! after the configured ones (`<name>_b<digits><phase>`, dropped afterwards):
+//! - `mysql_e2e_limit`: every statement of an award end to end as multi-row statements,
+//!   1,000 awards per transaction, one connection (and thread) per database;
+//! - `pipeline` and `pipeline_batched` as above, against it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::Settings;
+use crate::config::{MysqlDatabase, Settings, StoreTarget};
 use crate::consumer::AwardConsumer;
 use crate::error::{Error, Result};
 use crate::model::{AwardRecord, EventMessage, NewAward};
@@ -52,6 +58,12 @@ pub struct BenchOptions {
 pub struct Figures {
     /// Transport used (`in-process` or the AMQP URL without password).
     pub transport: String,
+    /// Store measured: `sqlite`, or the MySQL databases' URLs without passwords.
+    pub store: String,
+    /// MySQL ceiling of the whole pipeline, awards/s (`--store mysql://…` only).
+    pub mysql_e2e_limit: Option<f64>,
+    /// `pipeline / mysql_e2e_limit`: the target is 0.7.
+    pub pipeline_over_mysql_e2e_limit: Option<f64>,
     /// Awards per phase.
     pub records: usize,
     /// Caller threads.
@@ -285,6 +297,9 @@ fn peak_rss_mb() -> f64 {
 
 /// Measure everything and print it; returns the figures.
 pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
+    if let StoreTarget::Mysql(dbs) = &base.store {
+        return run_mysql(base, dbs, opts);
+    }
     let tmp = tempfile::tempdir().map_err(|e| Error::Io {
         path: std::env::temp_dir(),
         source: e,
@@ -293,6 +308,7 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
     let mut f = Figures {
         records: n,
         threads: opts.threads,
+        store: "sqlite".into(),
         ..Default::default()
     };
     let say = |what: &str| eprintln!("bench: {what}");
@@ -564,6 +580,171 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
         "peak memory   {:>10.1} MB during the pipeline phase ({:.1} MB for the whole bench, test data included)",
         f.pipeline_peak_rss_mb, f.peak_rss_mb
     );
+    println!("{}", serde_json::to_string(&f).expect("figures serialize"));
+    Ok(f)
+}
+
+/// Fresh MySQL databases for one phase, named after the configured ones; dropped on drop.
+struct Scratch {
+    settings: Settings,
+    dbs: Vec<MysqlDatabase>,
+}
+
+impl Scratch {
+    fn new(base: &Settings, dbs: &[MysqlDatabase], phase: char) -> Scratch {
+        let tag = Rng::new().digits(6);
+        let dbs: Vec<MysqlDatabase> = dbs
+            .iter()
+            .map(|d| {
+                let name = format!("{}_b{tag}{phase}", d.name);
+                let opts = ::mysql::Opts::from(
+                    ::mysql::OptsBuilder::from_opts(d.opts.clone()).db_name(Some(&name)),
+                );
+                let shown = match d.shown.rsplit_once('/') {
+                    Some((server, _)) => format!("{server}/{name}"),
+                    None => name.clone(),
+                };
+                MysqlDatabase { opts, name, shown }
+            })
+            .collect();
+        let mut settings = base.clone();
+        settings.store = StoreTarget::Mysql(dbs.clone());
+        settings.topic = format!("{}_bench_{tag}", base.topic);
+        settings.scan_interval = Duration::from_secs(3600);
+        Scratch { settings, dbs }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        use ::mysql::prelude::Queryable;
+        for d in &self.dbs {
+            let opts = ::mysql::OptsBuilder::from_opts(d.opts.clone()).db_name(None::<String>);
+            match ::mysql::Conn::new(opts)
+                .and_then(|mut c| c.query_drop(format!("DROP DATABASE IF EXISTS `{}`", d.name)))
+            {
+                Ok(()) => {}
+                Err(e) => log::warn!("bench: could not drop {}: {e}", d.shown),
+            }
+        }
+    }
+}
+
+/// The bench on the MySQL store: its ceiling beside the pipeline.
+fn run_mysql(base: &Settings, dbs: &[MysqlDatabase], opts: &BenchOptions) -> Result<Figures> {
+    let n = opts.records.max(100);
+    let say = |what: &str| eprintln!("bench: {what}");
+    let mut f = Figures {
+        records: n,
+        threads: opts.threads,
+        store: dbs
+            .iter()
+            .map(|d| d.shown.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+        transport: match &base.amqp_url {
+            Some(_) => "amqp".into(),
+            None => "in-process".into(),
+        },
+        ..Default::default()
+    };
+
+    say("mysql_e2e_limit: every statement of an award end to end, multi-row, 1000 awards per transaction, one connection per database");
+    let scratch = Scratch::new(base, dbs, 'e');
+    let s = &scratch.settings;
+    drop(Store::open(s, true)?);
+    let mut per_db: Vec<Vec<AwardRecord>> = vec![Vec::new(); s.layout.db_count() as usize];
+    for r in records(n, '8') {
+        per_db[(route(r.user_id.as_str(), s.layout).db - 1) as usize].push(r);
+    }
+    let start = Instant::now();
+    std::thread::scope(|scope| -> Result<()> {
+        let handles: Vec<_> = per_db
+            .iter()
+            .enumerate()
+            .map(|(i, rs)| {
+                let d = &scratch.dbs[i];
+                scope.spawn(move || {
+                    crate::store::ceiling::mysql_e2e_batches(
+                        d,
+                        i as u32 + 1,
+                        s.layout,
+                        rs,
+                        1000,
+                        &s.topic,
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("bench thread"))
+    })?;
+    let limit = rate(n, start.elapsed());
+    f.mysql_e2e_limit = Some(limit);
+    drop(scratch);
+    println!("mysql_e2e_limit {:>8.0} awards/s", limit);
+
+    say(&format!(
+        "pipeline: save_award from {} threads, one award per call, until the last is delivered",
+        opts.threads
+    ));
+    let scratch = Scratch::new(base, dbs, 'p');
+    let service = start_service(&scratch.settings)?;
+    let lat = Mutex::new(Vec::with_capacity(n));
+    reset_peak_rss();
+    let progress = crate::load::progress_bar(n as u64, "pipeline");
+    let start = Instant::now();
+    on_threads(opts.threads, n, |i| {
+        let t0 = Instant::now();
+        service.save_award(record(i, '4'))?;
+        lat.lock().unwrap().push(t0.elapsed());
+        progress.inc(1);
+        Ok(())
+    })?;
+    progress.finish_and_clear();
+    f.pipeline = rate(n, until_delivered(&service, n, start, "pipeline")?);
+    let mut lat = lat.into_inner().unwrap();
+    lat.sort();
+    f.save_p50_ms = percentile(&lat, 0.50);
+    f.save_p99_ms = percentile(&lat, 0.99);
+    f.pipeline_peak_rss_mb = peak_rss_mb();
+    service.shutdown()?;
+    drop(scratch);
+    f.pipeline_over_mysql_e2e_limit = Some(f.pipeline / limit);
+    println!(
+        "pipeline      {:>10.0} awards/s end to end  (save p50 {:.2} ms, p99 {:.2} ms; {:.2} x mysql_e2e_limit)",
+        f.pipeline,
+        f.save_p50_ms,
+        f.save_p99_ms,
+        f.pipeline / limit
+    );
+
+    say("pipeline_batched: save_awards, 100 awards per call, until the last is delivered");
+    let scratch = Scratch::new(base, dbs, 'b');
+    let service = start_service(&scratch.settings)?;
+    let calls = n.div_ceil(100);
+    let start = Instant::now();
+    on_threads(opts.threads, calls, |c| {
+        let batch: Vec<AwardRecord> = (c * 100..((c + 1) * 100).min(n))
+            .map(|i| record(i, '7'))
+            .collect();
+        match service.save_awards(batch).into_iter().find_map(|r| r.err()) {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    })?;
+    f.pipeline_batched = rate(n, until_delivered(&service, n, start, "pipeline_batched")?);
+    service.shutdown()?;
+    drop(scratch);
+    println!(
+        "pipeline_batched {:>7.0} awards/s end to end  (save_awards, 100 per call; {:.2} x mysql_e2e_limit)",
+        f.pipeline_batched,
+        f.pipeline_batched / limit
+    );
+
+    f.peak_rss_mb = peak_rss_mb();
+    f.pipeline_over_e2e_limit = f.pipeline / limit;
     println!("{}", serde_json::to_string(&f).expect("figures serialize"));
     Ok(f)
 }

@@ -115,3 +115,89 @@ impl Direct {
         Ok(())
     }
 }
+
+/// The MySQL ceiling: every statement the pipeline runs for an award (sequence numbers, award
+/// and task inserts, delivery log, award completion, task completion), as the multi-row
+/// statements of one group, `batch` awards per transaction, on one connection to database
+/// `d`. Records must route to it. The database must have been created (`Store::open`).
+pub(crate) fn mysql_e2e_batches(
+    d: &crate::config::MysqlDatabase,
+    db: u32,
+    layout: Layout,
+    records: &[AwardRecord],
+    batch: usize,
+    topic: &str,
+) -> Result<()> {
+    use super::mysql::sql as my;
+    use ::mysql::prelude::Queryable;
+    use std::collections::BTreeMap;
+
+    let e = |err: ::mysql::Error| Error::storage(format!("bench e2e batch on {}", d.shown), err);
+    let mut conn = ::mysql::Conn::new(d.opts.clone()).map_err(e)?;
+    conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        .map_err(e)?;
+    for chunk in records.chunks(batch.max(1)) {
+        let now = crate::util::now_ms();
+        let mut tx = conn
+            .start_transaction(::mysql::TxOpts::default())
+            .map_err(e)?;
+        let first = my::take_seqs(&mut tx, chunk.len() as u64).map_err(e)?;
+        let mut tables: BTreeMap<String, Vec<my::NewAward<'_>>> = BTreeMap::new();
+        for r in chunk {
+            tables
+                .entry(award_table(route(r.user_id.as_str(), layout).table))
+                .or_default()
+                .push(my::NewAward {
+                    user_id: r.user_id.as_str(),
+                    activity_id: r.activity_id,
+                    strategy_id: r.strategy_id,
+                    order_id: r.order_id.as_str(),
+                    award_id: r.award_id,
+                    award_title: &r.award_title,
+                    award_time_ms: r.award_time_ms,
+                });
+        }
+        for (table, rows) in &tables {
+            my::insert_awards(&mut tx, table, rows, now).map_err(e)?;
+        }
+        let bodies: Vec<(u64, crate::model::MessageId, String)> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let seq = first + i as u64;
+                let body = crate::model::EventMessage::for_award(r, db, seq, now).encode();
+                (seq, crate::model::MessageId::new(db, seq), body)
+            })
+            .collect();
+        let tasks: Vec<my::NewTask<'_>> = chunk
+            .iter()
+            .zip(&bodies)
+            .map(|(r, (seq, id, body))| my::NewTask {
+                user_id: r.user_id.as_str(),
+                topic,
+                message_id: id.as_str(),
+                message: body,
+                seq: *seq,
+                owner: "bench",
+                lease_until_ms: now,
+            })
+            .collect();
+        let ids = my::insert_tasks(&mut tx, &tasks, now).map_err(e)?;
+        let deliveries: Vec<(&str, u64, &str)> = chunk
+            .iter()
+            .zip(&bodies)
+            .map(|(r, (seq, id, _))| (id.as_str(), *seq, r.order_id.as_str()))
+            .collect();
+        let logged: Vec<&str> = deliveries.iter().map(|d| d.0).collect();
+        my::logged_deliveries(&mut tx, &logged).map_err(e)?;
+        my::insert_deliveries(&mut tx, &deliveries, now).map_err(e)?;
+        for (table, rows) in &tables {
+            let orders: Vec<&str> = rows.iter().map(|a| a.order_id).collect();
+            my::existing_awards(&mut tx, table, &orders).map_err(e)?;
+            my::complete_awards(&mut tx, table, &orders, now).map_err(e)?;
+        }
+        my::mark_completed(&mut tx, &ids, None, now).map_err(e)?;
+        tx.commit().map_err(e)?;
+    }
+    Ok(())
+}

@@ -50,7 +50,10 @@ pub(crate) trait Reads: Send + Sync {
 pub(crate) struct Opened {
     pub(crate) location: String,
     pub(crate) reads: Box<dyn Reads>,
-    pub(crate) batch: Box<dyn Batch>,
+    /// One write connection per lane.
+    pub(crate) lanes: Vec<Box<dyn Batch>>,
+    /// Which lane runs an op.
+    pub(crate) lane_of: writer::LaneOf,
 }
 
 /// One database: its reads and its writer.
@@ -241,8 +244,13 @@ impl Store {
         for (i, o) in opened.into_iter().enumerate() {
             let db = i as u32 + 1;
             let handoff = Arc::new(Handoff::new(settings.handoff_capacity));
-            let writer =
-                writer::Writer::spawn(db, o.batch, settings.group_commit_max, handoff.clone())?;
+            let writer = writer::Writer::spawn(
+                db,
+                o.lanes,
+                o.lane_of,
+                settings.group_commit_max,
+                handoff.clone(),
+            )?;
             shards.push(Shard {
                 db,
                 location: o.location,

@@ -181,41 +181,81 @@ enum ReplyTo {
     Async(async_channel::Sender<Result<Reply>>),
 }
 
-/// Handle to a shard's writer thread. Dropping it lets the thread finish the queued work, then
-/// joins it.
-pub struct Writer {
-    db: u32,
+/// Which of a backend's write connections (lanes) runs an op. Lanes commit independently; a
+/// backend with one lane (SQLite) runs every op in the same group.
+pub(crate) type LaneOf = fn(&Op) -> usize;
+
+/// One lane: its queue and its thread.
+struct Lane {
     tx: Option<Sender<Job>>,
     handle: Option<JoinHandle<()>>,
 }
 
+/// Handle to a shard's writer threads, one per lane. Dropping it lets the threads finish the
+/// queued work, then joins them.
+pub struct Writer {
+    db: u32,
+    lanes: Vec<Lane>,
+    lane_of: LaneOf,
+}
+
 impl Writer {
-    /// Start the writer thread on a backend's write connection.
+    /// Start one writer thread per lane, each on its own write connection.
     pub(crate) fn spawn(
         db: u32,
-        batch: Box<dyn Batch>,
+        batches: Vec<Box<dyn Batch>>,
+        lane_of: LaneOf,
         group_commit_max: usize,
         handoff: Arc<Handoff>,
     ) -> Result<Self> {
-        let (tx, rx) = bounded::<Job>(WRITER_QUEUE);
-        let handle = std::thread::Builder::new()
-            .name(format!("writer-{db:02}"))
-            .spawn(move || run(db, batch, rx, group_commit_max, &handoff))
-            .map_err(|e| Error::Io {
-                path: format!("writer-{db:02}").into(),
-                source: e,
-            })?;
-        Ok(Writer {
-            db,
-            tx: Some(tx),
-            handle: Some(handle),
-        })
+        let mut lanes = Vec::with_capacity(batches.len());
+        for (i, batch) in batches.into_iter().enumerate() {
+            let (tx, rx) = bounded::<Job>(WRITER_QUEUE);
+            let handoff = handoff.clone();
+            let name = if i == 0 {
+                format!("writer-{db:02}")
+            } else {
+                format!("writer-{db:02}-{i}")
+            };
+            let handle = std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || run(db, batch, rx, group_commit_max, &handoff))
+                .map_err(|e| Error::Io {
+                    path: name.into(),
+                    source: e,
+                })?;
+            lanes.push(Lane {
+                tx: Some(tx),
+                handle: Some(handle),
+            });
+        }
+        Ok(Writer { db, lanes, lane_of })
     }
 
-    /// Run one op and wait until its transaction has committed (or failed).
+    /// The queue of the lane that runs `op`.
+    fn queue(&self, op: &Op) -> Result<&Sender<Job>> {
+        let lane = (self.lane_of)(op).min(self.lanes.len() - 1);
+        self.lanes[lane].tx.as_ref().ok_or(Error::ShuttingDown)
+    }
+
+    /// Run one op and wait until its transaction has committed (or failed). A barrier waits
+    /// for every lane.
     pub fn call(&self, op: Op) -> Result<Reply> {
+        if matches!(op, Op::Barrier) && self.lanes.len() > 1 {
+            for lane in &self.lanes {
+                let (reply, rx) = bounded(1);
+                let tx = lane.tx.as_ref().ok_or(Error::ShuttingDown)?;
+                tx.send(Job {
+                    op: Op::Barrier,
+                    reply: Some(ReplyTo::Wait(reply)),
+                })
+                .map_err(|_| Error::ShuttingDown)?;
+                rx.recv().map_err(|_| Error::ShuttingDown)??;
+            }
+            return Ok(Reply::Count(0));
+        }
         let (reply, rx) = bounded(1);
-        let tx = self.tx.as_ref().ok_or(Error::ShuttingDown)?;
+        let tx = self.queue(&op)?;
         tx.send(Job {
             op,
             reply: Some(ReplyTo::Wait(reply)),
@@ -229,7 +269,7 @@ impl Writer {
     /// queue is full does the hand-over wait, on the blocking pool.
     pub async fn call_async(&self, op: Op) -> Result<Reply> {
         let (reply, rx) = async_channel::bounded(1);
-        let tx = self.tx.as_ref().ok_or(Error::ShuttingDown)?;
+        let tx = self.queue(&op)?;
         let job = Job {
             op,
             reply: Some(ReplyTo::Async(reply)),
@@ -249,15 +289,14 @@ impl Writer {
         rx.recv().await.map_err(|_| Error::ShuttingDown)?
     }
 
-    /// Run several ops: all are queued before any reply is awaited, so they share a group commit.
+    /// Run several ops: all are queued before any reply is awaited, so they share a group commit
+    /// (per lane).
     pub fn call_many(&self, ops: Vec<Op>) -> Vec<Result<Reply>> {
-        let Some(tx) = self.tx.as_ref() else {
-            return ops.iter().map(|_| Err(Error::ShuttingDown)).collect();
-        };
         let waits: Vec<Option<crossbeam_channel::Receiver<Result<Reply>>>> = ops
             .into_iter()
             .map(|op| {
                 let (reply, rx) = bounded(1);
+                let tx = self.queue(&op).ok()?;
                 tx.send(Job {
                     op,
                     reply: Some(ReplyTo::Wait(reply)),
@@ -278,7 +317,7 @@ impl Writer {
     /// Queue an op without waiting for it: it commits with the next group. Used where a lost op
     /// is repaired anyway (a task left unmarked is resent after its lease, and deduplicated).
     pub fn send_detached(&self, op: Op) -> Result<()> {
-        let tx = self.tx.as_ref().ok_or(Error::ShuttingDown)?;
+        let tx = self.queue(&op)?;
         tx.send(Job { op, reply: None })
             .map_err(|_| Error::ShuttingDown)
     }
@@ -291,9 +330,13 @@ impl Writer {
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        self.tx.take();
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
+        for lane in &mut self.lanes {
+            lane.tx.take();
+        }
+        for lane in &mut self.lanes {
+            if let Some(h) = lane.handle.take() {
+                let _ = h.join();
+            }
         }
     }
 }

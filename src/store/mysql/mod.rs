@@ -13,7 +13,7 @@
 
 pub(crate) mod sql;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use mysql::prelude::Queryable;
@@ -257,7 +257,7 @@ fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, missing: Missing) -
         ))
         .map_err(|e| Error::storage(ctx("creating"), e))?;
     }
-    let pool = pool(d, true, 6)?;
+    let pool = pool(d, true, LANES + 4)?;
     if missing != Missing::Nothing {
         let mut conn = pool
             .get_conn()
@@ -270,22 +270,42 @@ fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, missing: Missing) -
             layout.tb_count()
         );
     }
-    let writer = pool
-        .get_conn()
-        .map_err(|e| Error::storage(ctx("connecting to"), e))?;
+    let mut lanes: Vec<Box<dyn Batch>> = Vec::with_capacity(LANES);
+    for _ in 0..LANES {
+        let conn = pool
+            .get_conn()
+            .map_err(|e| Error::storage(ctx("connecting to"), e))?;
+        lanes.push(Box::new(MysqlBatch {
+            db,
+            shown: d.shown.clone(),
+            pool: pool.clone(),
+            conn: Some(conn),
+        }));
+    }
     Ok(Opened {
         location: d.shown.clone(),
         reads: Box::new(MysqlReads {
             shown: d.shown.clone(),
-            pool: pool.clone(),
-        }),
-        batch: Box::new(MysqlBatch {
-            db,
-            shown: d.shown.clone(),
             pool,
-            conn: Some(writer),
         }),
+        lanes,
+        lane_of,
     })
+}
+
+/// Write lanes per database: saves, deliveries, and the relay's bookkeeping each commit on their
+/// own connection, so that a group of one kind never waits for another kind's statements and
+/// commit (a MySQL server runs transactions of several connections at once; SQLite could not).
+/// They touch different rows: saves insert, deliveries update award records and the delivery
+/// log, the relay updates task rows that were committed before it saw them.
+const LANES: usize = 3;
+
+fn lane_of(op: &Op) -> usize {
+    match op {
+        Op::SaveAward { .. } => 0,
+        Op::Deliver { .. } => 1,
+        _ => 2,
+    }
 }
 
 /// The reads of one database, through its pool.
@@ -490,6 +510,8 @@ fn run_group(
     conn: &mut PooledConn,
     ops: &[&Op],
 ) -> std::result::Result<Vec<Result<Reply>>, GroupError> {
+    let started = std::time::Instant::now();
+    let nbe = conn.no_backslash_escape();
     let mut tx = conn.start_transaction(TxOpts::default())?;
     let mut results: Vec<Option<Result<Reply>>> = ops.iter().map(|_| None).collect();
     let saves: Vec<usize> = (0..ops.len())
@@ -498,49 +520,58 @@ fn run_group(
     let delivers: Vec<usize> = (0..ops.len())
         .filter(|i| matches!(ops[*i], Op::Deliver { .. }))
         .collect();
-    if saves.len() > 1 {
-        together(&mut tx, db, ops, &saves, &mut results, save_awards)?;
+    let t_begin = started.elapsed().as_micros();
+    if !saves.is_empty() {
+        together(&mut tx, db, ops, &saves, &mut results, nbe, save_awards)?;
     }
-    if delivers.len() > 1 {
-        together(&mut tx, db, ops, &delivers, &mut results, deliver_all)?;
+    let t_saves = started.elapsed().as_micros();
+    if !delivers.is_empty() {
+        together(&mut tx, db, ops, &delivers, &mut results, nbe, deliver_all)?;
     }
+    let t_delivers = started.elapsed().as_micros();
     for (i, op) in ops.iter().enumerate() {
         if results[i].is_none() {
             results[i] = Some(one_op(&mut tx, db, op)?);
         }
     }
     crate::crash::hit("mid-group-commit");
+    let t0 = std::time::Instant::now();
     tx.commit()?;
+    log::trace!(
+        "group db={db:02} begin={t_begin} saves_at={t_saves} delivers_at={t_delivers} ops={} saves={} delivers={} commit_us={} total_us={}",
+        ops.len(),
+        saves.len(),
+        delivers.len(),
+        t0.elapsed().as_micros(),
+        started.elapsed().as_micros()
+    );
     Ok(results
         .into_iter()
         .map(|r| r.expect("every op has a result"))
         .collect())
 }
 
-/// Run ops of one kind with multi-row statements under a savepoint; if the server refuses one
-/// for its data, roll back to the savepoint and leave them to `one_op`.
+/// Run ops of one kind with multi-row statements under the savepoint `together` (which `run`
+/// opens and releases); if the server refuses one for its data, roll back to the savepoint and
+/// leave them to `one_op`. `nbe`: the session has `NO_BACKSLASH_ESCAPES`.
 fn together(
     tx: &mut mysql::Transaction<'_>,
     db: u32,
     ops: &[&Op],
     idx: &[usize],
     results: &mut [Option<Result<Reply>>],
+    nbe: bool,
     run: GroupFn,
 ) -> std::result::Result<(), GroupError> {
     let group: Vec<&Op> = idx.iter().map(|i| ops[*i]).collect();
-    tx.query_drop("SAVEPOINT together")?;
-    match run(tx, db, &group) {
+    match run(tx, db, nbe, &group) {
         Ok(Some(replies)) => {
-            tx.query_drop("RELEASE SAVEPOINT together")?;
             for (i, r) in idx.iter().zip(replies) {
                 results[*i] = Some(r);
             }
             Ok(())
         }
-        Ok(None) => {
-            tx.query_drop("ROLLBACK TO SAVEPOINT together")?;
-            Ok(())
-        }
+        Ok(None) => Ok(()),
         Err(e) if refused_for_data(&e) => {
             log::debug!("multi-row statement refused ({e}); running the group's ops one by one");
             tx.query_drop("ROLLBACK TO SAVEPOINT together")?;
@@ -553,7 +584,8 @@ fn together(
 type Sql<T> = sql::Sql<T>;
 
 /// Runs ops of one kind together; `None` leaves them to be run one by one.
-type GroupFn = fn(&mut mysql::Transaction<'_>, u32, &[&Op]) -> Sql<Option<Vec<Result<Reply>>>>;
+type GroupFn =
+    fn(&mut mysql::Transaction<'_>, u32, bool, &[&Op]) -> Sql<Option<Vec<Result<Reply>>>>;
 
 /// Run one op under its own savepoint; an error the op caused rolls back only the op.
 fn one_op(
@@ -666,28 +698,21 @@ fn new_award(r: &AwardRecord) -> sql::NewAward<'_> {
 fn save_awards(
     tx: &mut mysql::Transaction<'_>,
     db: u32,
+    nbe: bool,
     ops: &[&Op],
 ) -> Sql<Option<Vec<Result<Reply>>>> {
     let args: Vec<SaveArgs<'_>> = ops.iter().map(|op| save_args(op)).collect();
     let mut orders = HashSet::new();
-    if !args
-        .iter()
-        .all(|a| orders.insert(a.record.order_id.as_str()))
-    {
+    if !args.iter().all(|a| orders.insert(a.record.order_id.as_str())) {
         return Ok(None);
     }
-    let first = sql::take_seqs(tx, args.len() as u64)?;
+    // Round trip 1: the savepoint and the sequence numbers (the messages carry them).
+    let first = sql::group_take_seqs(tx, nbe, args.len() as u64)?;
     let mut by_table: BTreeMap<&str, Vec<sql::NewAward<'_>>> = BTreeMap::new();
     for a in &args {
-        by_table
-            .entry(a.table)
-            .or_default()
-            .push(new_award(a.record));
+        by_table.entry(a.table).or_default().push(new_award(a.record));
     }
     let now_ms = args[0].now_ms;
-    for (table, rows) in &by_table {
-        sql::insert_awards(tx, table, rows, now_ms)?;
-    }
     let bodies: Vec<(u64, MessageId, String)> = args
         .iter()
         .enumerate()
@@ -710,7 +735,8 @@ fn save_awards(
             lease_until_ms: a.lease_until_ms,
         })
         .collect();
-    let ids = sql::insert_tasks(tx, &rows, now_ms)?;
+    // Round trip 2: every row, the task ids, the savepoint released.
+    let ids = sql::group_insert(tx, nbe, &by_table, &rows, now_ms)?;
     Ok(Some(
         args.iter()
             .zip(bodies)
@@ -730,11 +756,12 @@ fn save_awards(
     ))
 }
 
-/// Deliver every message of the group: one look-up of their awards per split table and one of
-/// the delivery log, one insert of the first receipts, one update per split table.
+/// Deliver every message of the group in two round trips: the look-up of their awards and of
+/// the delivery log, then the log's inserts and the awards' updates.
 fn deliver_all(
     tx: &mut mysql::Transaction<'_>,
     db: u32,
+    nbe: bool,
     ops: &[&Op],
 ) -> Sql<Option<Vec<Result<Reply>>>> {
     let msgs: Vec<(&EventMessage, &str, i64)> = ops
@@ -748,14 +775,10 @@ fn deliver_all(
     for (m, table, _) in &msgs {
         by_table.entry(table).or_default().push(&m.data.order_id);
     }
-    let mut owners: HashMap<(String, String), ()> = HashMap::new();
-    for (table, orders) in &by_table {
-        for (order, user) in sql::existing_awards(tx, table, orders)? {
-            owners.insert((table.to_string(), order + "\u{0}" + &user), ());
-        }
-    }
     let ids: Vec<&str> = msgs.iter().map(|(m, _, _)| m.id.as_str()).collect();
-    let mut logged: HashSet<String> = sql::logged_deliveries(tx, &ids)?.into_iter().collect();
+    let (found, logged) = sql::group_lookup(tx, nbe, &by_table, &ids)?;
+    let owners: HashSet<(String, String, String)> = found.into_iter().collect();
+    let mut logged: HashSet<String> = logged.into_iter().collect();
     let now_ms = msgs[0].2;
     let mut results = Vec::with_capacity(msgs.len());
     let mut firsts: Vec<(&str, u64, &str)> = Vec::new();
@@ -763,11 +786,8 @@ fn deliver_all(
     let mut complete: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for (m, table, _) in &msgs {
         let d = &m.data;
-        let key = (
-            table.to_string(),
-            format!("{}\u{0}{}", d.order_id, d.user_id),
-        );
-        if !owners.contains_key(&key) {
+        let key = (table.to_string(), d.order_id.clone(), d.user_id.clone());
+        if !owners.contains(&key) {
             results.push(Err(poison(m, table, db)));
             continue;
         }
@@ -780,15 +800,7 @@ fn deliver_all(
             results.push(Ok(Reply::Delivered(Delivered::Again)));
         }
     }
-    if !firsts.is_empty() {
-        sql::insert_deliveries(tx, &firsts, now_ms)?;
-    }
-    for id in again {
-        sql::count_receipt(tx, id)?;
-    }
-    for (table, orders) in complete {
-        sql::complete_awards(tx, table, &orders, now_ms)?;
-    }
+    sql::group_deliver(tx, nbe, &firsts, &again, &complete, now_ms)?;
     Ok(Some(results))
 }
 

@@ -586,3 +586,261 @@ pub(crate) fn awards_of_user(
         })
         .collect()
 }
+
+/// Several statements sent as one query (one round trip), for the writer's multi-row group
+/// statements. Values go in as literals that the `mysql` crate escapes (`Value::as_sql`, which
+/// honours the session's `NO_BACKSLASH_ESCAPES`); the connection's character set is utf8mb4.
+/// The server runs the statements in order and stops at the first error, which is returned.
+pub(crate) struct Script {
+    text: String,
+    statements: usize,
+    no_backslash_escape: bool,
+}
+
+/// What one statement of a script returned.
+pub(crate) struct Outcome {
+    pub(crate) last_insert_id: u64,
+    pub(crate) rows: Vec<Row>,
+}
+
+impl Script {
+    pub(crate) fn new(no_backslash_escape: bool) -> Script {
+        Script {
+            text: String::new(),
+            statements: 0,
+            no_backslash_escape,
+        }
+    }
+
+    /// A value as an escaped SQL literal.
+    pub(crate) fn lit(&self, v: impl Into<Value>) -> String {
+        v.into().as_sql(self.no_backslash_escape)
+    }
+
+    /// `(lit, lit, ...)` of some values.
+    pub(crate) fn list<V: Into<Value> + Clone>(&self, vs: &[V]) -> String {
+        let items: Vec<String> = vs.iter().map(|v| self.lit(v.clone())).collect();
+        format!("({})", items.join(", "))
+    }
+
+    pub(crate) fn push(&mut self, statement: String) {
+        if self.statements > 0 {
+            self.text.push_str(";\n");
+        }
+        self.text.push_str(&statement);
+        self.statements += 1;
+    }
+
+    /// Run every statement; one outcome each, in order.
+    pub(crate) fn run(self, q: &mut impl Queryable) -> Sql<Vec<Outcome>> {
+        let mut result = q.query_iter(&self.text)?;
+        let mut out = Vec::with_capacity(self.statements);
+        while let Some(mut set) = result.iter() {
+            // Read the OK packet's figures before the rows: consuming them moves to the next set.
+            let last_insert_id = set.last_insert_id().unwrap_or(0);
+            let mut rows = Vec::new();
+            for row in set.by_ref() {
+                rows.push(row?);
+            }
+            out.push(Outcome {
+                last_insert_id,
+                rows,
+            });
+        }
+        if out.len() != self.statements {
+            return Err(mysql::Error::MySqlError(mysql::MySqlError {
+                state: "HY000".into(),
+                message: format!(
+                    "a script of {} statements returned {} results",
+                    self.statements,
+                    out.len()
+                ),
+                code: 0,
+            }));
+        }
+        Ok(out)
+    }
+}
+
+/// Open the group's savepoint and take `n` sequence numbers; returns the first.
+pub(crate) fn group_take_seqs(q: &mut impl Queryable, nbe: bool, n: u64) -> Sql<u64> {
+    let mut s = Script::new(nbe);
+    s.push("SAVEPOINT together".into());
+    s.push(format!(
+        "UPDATE shard_meta SET next_seq = LAST_INSERT_ID(next_seq + {n}) WHERE id = 1"
+    ));
+    let out = s.run(q)?;
+    Ok(out[1].last_insert_id - n)
+}
+
+/// Insert a group's award records (one statement per split table) and tasks (one statement),
+/// release the savepoint; returns the task ids in the order of `tasks`.
+pub(crate) fn group_insert(
+    q: &mut impl Queryable,
+    nbe: bool,
+    awards: &std::collections::BTreeMap<&str, Vec<NewAward<'_>>>,
+    tasks: &[NewTask<'_>],
+    now_ms: i64,
+) -> Sql<Vec<i64>> {
+    let mut s = Script::new(nbe);
+    let now = format!("FROM_UNIXTIME({now_ms} / 1000)");
+    for (table, rows) in awards {
+        let values: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "({}, {}, {}, {}, {}, {}, TIMESTAMPADD(MICROSECOND, {} * 1000, FROM_UNIXTIME(0)), 'create', {now}, {now})",
+                    s.lit(r.user_id),
+                    s.lit(r.activity_id),
+                    s.lit(r.strategy_id),
+                    s.lit(r.order_id),
+                    s.lit(r.award_id),
+                    s.lit(r.award_title),
+                    s.lit(r.award_time_ms)
+                )
+            })
+            .collect();
+        s.push(format!(
+            "INSERT INTO {table} (user_id, activity_id, strategy_id, order_id, award_id, award_title, award_time, award_state, create_time, update_time) VALUES {}",
+            values.join(", ")
+        ));
+    }
+    let values: Vec<String> = tasks
+        .iter()
+        .map(|t| {
+            format!(
+                "({}, {}, {}, {}, 'create', {now}, {now}, {}, 0, {}, {})",
+                s.lit(t.user_id),
+                s.lit(t.topic),
+                s.lit(t.message_id),
+                s.lit(t.message),
+                s.lit(t.seq),
+                s.lit(t.lease_until_ms),
+                s.lit(t.owner)
+            )
+        })
+        .collect();
+    s.push(format!(
+        "INSERT INTO task (user_id, topic, message_id, message, state, create_time, update_time, seq, attempts, next_attempt_at, claimed_by) VALUES {}",
+        values.join(", ")
+    ));
+    let (first, last) = (
+        tasks.first().map_or(0, |t| t.seq),
+        tasks.last().map_or(0, |t| t.seq),
+    );
+    s.push(format!(
+        "SELECT id, seq FROM task WHERE seq BETWEEN {first} AND {last}"
+    ));
+    s.push("RELEASE SAVEPOINT together".into());
+    let mut out = s.run(q)?;
+    let at = out.len() - 2;
+    let rows = std::mem::take(&mut out[at].rows);
+    let mut by_seq = std::collections::HashMap::with_capacity(rows.len());
+    for mut r in rows {
+        let (id, seq): (i64, u64) = (col(&mut r, 0)?, col(&mut r, 1)?);
+        by_seq.insert(seq, id);
+    }
+    tasks
+        .iter()
+        .map(|t| {
+            by_seq.get(&t.seq).copied().ok_or_else(|| {
+                mysql::Error::MySqlError(mysql::MySqlError {
+                    state: "HY000".into(),
+                    message: format!("task {} is not where it was just inserted", t.seq),
+                    code: 0,
+                })
+            })
+        })
+        .collect()
+}
+
+/// Open the group's savepoint and look up, in one round trip, the award records the messages
+/// name (`(table, order_id, user_id)`) and which message ids the delivery log already holds.
+#[allow(clippy::type_complexity)]
+pub(crate) fn group_lookup(
+    q: &mut impl Queryable,
+    nbe: bool,
+    orders: &std::collections::BTreeMap<&str, Vec<&str>>,
+    message_ids: &[&str],
+) -> Sql<(Vec<(String, String, String)>, Vec<String>)> {
+    let mut s = Script::new(nbe);
+    s.push("SAVEPOINT together".into());
+    let selects: Vec<String> = orders
+        .iter()
+        .map(|(table, orders)| {
+            format!(
+                "SELECT {}, order_id, user_id FROM {table} WHERE order_id IN {}",
+                s.lit(*table),
+                s.list(orders)
+            )
+        })
+        .collect();
+    s.push(selects.join(" UNION ALL "));
+    s.push(format!(
+        "SELECT message_id FROM delivery WHERE message_id IN {}",
+        s.list(message_ids)
+    ));
+    let mut out = s.run(q)?;
+    let mut awards = Vec::new();
+    for mut r in std::mem::take(&mut out[1].rows) {
+        awards.push((col(&mut r, 0)?, col(&mut r, 1)?, col(&mut r, 2)?));
+    }
+    let mut logged = Vec::new();
+    for mut r in std::mem::take(&mut out[2].rows) {
+        logged.push(col(&mut r, 0)?);
+    }
+    Ok((awards, logged))
+}
+
+/// Apply a group's deliveries in one round trip: log the first receipts, count the repeated
+/// ones, complete the awards, release the savepoint.
+pub(crate) fn group_deliver(
+    q: &mut impl Queryable,
+    nbe: bool,
+    firsts: &[(&str, u64, &str)],
+    again: &[&str],
+    complete: &std::collections::BTreeMap<&str, Vec<&str>>,
+    now_ms: i64,
+) -> Sql<()> {
+    let mut s = Script::new(nbe);
+    if !firsts.is_empty() {
+        let values: Vec<String> = firsts
+            .iter()
+            .map(|(m, seq, o)| format!("({}, {}, {}, 1, {now_ms})", s.lit(*m), s.lit(*seq), s.lit(*o)))
+            .collect();
+        s.push(format!(
+            "INSERT INTO delivery (message_id, seq, order_id, receipts, delivered_at) VALUES {}",
+            values.join(", ")
+        ));
+    }
+    for m in again {
+        s.push(format!(
+            "UPDATE delivery SET receipts = receipts + 1 WHERE message_id = {}",
+            s.lit(*m)
+        ));
+    }
+    for (table, orders) in complete {
+        s.push(format!(
+            "UPDATE {table} SET award_state = 'completed', update_time = FROM_UNIXTIME({now_ms} / 1000) WHERE award_state = 'create' AND order_id IN {}",
+            s.list(orders)
+        ));
+    }
+    s.push("RELEASE SAVEPOINT together".into());
+    s.run(q).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn script_literals_are_escaped_by_the_driver() {
+        let s = Script::new(false);
+        assert_eq!(s.lit("it's"), r"'it\'s'");
+        assert_eq!(s.lit(r"a\b"), r"'a\\b'");
+        assert_eq!(s.lit(42i64), "42");
+        assert_eq!(s.list(&["a", "b'"]), r"('a', 'b\'')");
+        let strict = Script::new(true);
+        assert_eq!(strict.lit("it's"), "'it''s'");
+    }
+}

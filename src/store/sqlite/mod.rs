@@ -568,10 +568,12 @@ fn open_shard(settings: &Settings, db: u32, create: bool) -> Result<Opened> {
     Ok(Opened {
         location: path.display().to_string(),
         reads: Box::new(SqliteReads { path, pool }),
-        batch: Box::new(SqliteBatch {
+        // SQLite has one writer per file: one lane.
+        lanes: vec![Box::new(SqliteBatch {
             db,
             conn: write_conn,
-        }),
+        })],
+        lane_of: |_| 0,
     })
 }
 
