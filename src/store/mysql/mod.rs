@@ -270,6 +270,11 @@ fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, missing: Missing) -
             layout.tb_count()
         );
     }
+    let lock_mode: Option<u32> = pool
+        .get_conn()
+        .and_then(|mut c| c.query_first("SELECT @@innodb_autoinc_lock_mode"))
+        .map_err(|e| Error::storage(ctx("reading the auto-increment mode of"), e))?;
+    let consecutive_ids = matches!(lock_mode, Some(0 | 1));
     let mut lanes: Vec<Box<dyn Batch>> = Vec::with_capacity(LANES);
     for _ in 0..LANES {
         let conn = pool
@@ -280,6 +285,7 @@ fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, missing: Missing) -
             shown: d.shown.clone(),
             pool: pool.clone(),
             conn: Some(conn),
+            consecutive_ids,
         }));
     }
     Ok(Opened {
@@ -410,6 +416,8 @@ struct MysqlBatch {
     shown: String,
     pool: Pool,
     conn: Option<PooledConn>,
+    /// Multi-row inserts get consecutive auto-increment ids (InnoDB lock mode 0 or 1).
+    consecutive_ids: bool,
 }
 
 /// Why a group did not commit.
@@ -418,6 +426,14 @@ enum GroupError {
     Deadlock(mysql::Error),
     /// Anything else: every op of the group fails with it.
     Failed(mysql::Error),
+}
+
+impl GroupError {
+    fn into_inner(self) -> mysql::Error {
+        match self {
+            GroupError::Deadlock(e) | GroupError::Failed(e) => e,
+        }
+    }
 }
 
 impl From<mysql::Error> for GroupError {
@@ -454,7 +470,16 @@ impl Batch for MysqlBatch {
                     Err(e) => return self.fail_all(ops, &e),
                 },
             };
-            let outcome = run_group(self.db, &mut conn, ops);
+            let outcome = run_group(self.db, conn.as_mut(), ops, self.consecutive_ids);
+            if outcome.is_err() {
+                // Whatever the failure left open is not kept.
+                if conn.query_drop("ROLLBACK").is_err() {
+                    return self.fail_all(
+                        ops,
+                        &outcome.err().map(|e| e.into_inner()).expect("an error"),
+                    );
+                }
+            }
             match outcome {
                 Ok(results) => {
                     self.conn = Some(conn);
@@ -503,48 +528,84 @@ fn copy_err(e: &mysql::Error) -> mysql::Error {
     }
 }
 
+/// What a group's multi-row statements need to know.
+struct GroupCtx {
+    db: u32,
+    /// The session has `NO_BACKSLASH_ESCAPES`.
+    nbe: bool,
+    frame: sql::Frame,
+    /// Multi-row inserts get consecutive auto-increment ids.
+    consecutive_ids: bool,
+}
+
 /// Run one group in one transaction. `Ok` holds one result per op (some may be the op's own
-/// error); `Err` means nothing was committed.
+/// error); `Err` means nothing was committed (the caller rolls the connection back).
+///
+/// A group of one kind (the save lane's, the delivery lane's) is its own transaction: its two
+/// scripts begin and commit it, two round trips in all. Otherwise, or when the server refuses
+/// a multi-row statement for its data, the group runs in an explicit transaction with each
+/// kind under a savepoint, and op by op where it must.
 fn run_group(
     db: u32,
-    conn: &mut PooledConn,
+    conn: &mut mysql::Conn,
     ops: &[&Op],
+    consecutive_ids: bool,
 ) -> std::result::Result<Vec<Result<Reply>>, GroupError> {
-    let started = std::time::Instant::now();
-    let nbe = conn.no_backslash_escape();
-    let mut tx = conn.start_transaction(TxOpts::default())?;
+    let ctx = |frame| GroupCtx {
+        db,
+        nbe: conn.no_backslash_escape(),
+        frame,
+        consecutive_ids,
+    };
+    let (as_tx, in_tx) = (ctx(sql::Frame::Transaction), ctx(sql::Frame::Savepoint));
+    let alone: Option<GroupFn> = if ops.iter().all(|o| matches!(o, Op::SaveAward { .. })) {
+        Some(save_awards)
+    } else if ops.iter().all(|o| matches!(o, Op::Deliver { .. })) {
+        Some(deliver_all)
+    } else {
+        None
+    };
+    let mut together_ok = true;
+    if let Some(run) = alone {
+        match run(conn, &as_tx, ops) {
+            Ok(Some(replies)) => return Ok(replies),
+            Ok(None) => {}
+            Err(e) => {
+                // The server stopped at the failing statement, before the COMMIT.
+                conn.query_drop("ROLLBACK")?;
+                if !refused_for_data(&e) {
+                    return Err(e.into());
+                }
+                log::debug!(
+                    "multi-row statement refused ({e}); running the group's ops one by one"
+                );
+                together_ok = false;
+            }
+        }
+    }
+    conn.query_drop("START TRANSACTION")?;
     let mut results: Vec<Option<Result<Reply>>> = ops.iter().map(|_| None).collect();
-    let saves: Vec<usize> = (0..ops.len())
-        .filter(|i| matches!(ops[*i], Op::SaveAward { .. }))
-        .collect();
-    let delivers: Vec<usize> = (0..ops.len())
-        .filter(|i| matches!(ops[*i], Op::Deliver { .. }))
-        .collect();
-    let t_begin = started.elapsed().as_micros();
-    if !saves.is_empty() {
-        together(&mut tx, db, ops, &saves, &mut results, nbe, save_awards)?;
+    if together_ok {
+        for (kind, run) in [(0, save_awards as GroupFn), (1, deliver_all as GroupFn)] {
+            let idx: Vec<usize> = (0..ops.len())
+                .filter(|i| match ops[*i] {
+                    Op::SaveAward { .. } => kind == 0,
+                    Op::Deliver { .. } => kind == 1,
+                    _ => false,
+                })
+                .collect();
+            if !idx.is_empty() {
+                together(conn, &in_tx, ops, &idx, &mut results, run)?;
+            }
+        }
     }
-    let t_saves = started.elapsed().as_micros();
-    if !delivers.is_empty() {
-        together(&mut tx, db, ops, &delivers, &mut results, nbe, deliver_all)?;
-    }
-    let t_delivers = started.elapsed().as_micros();
     for (i, op) in ops.iter().enumerate() {
         if results[i].is_none() {
-            results[i] = Some(one_op(&mut tx, db, op)?);
+            results[i] = Some(one_op(conn, db, op)?);
         }
     }
     crate::crash::hit("mid-group-commit");
-    let t0 = std::time::Instant::now();
-    tx.commit()?;
-    log::trace!(
-        "group db={db:02} begin={t_begin} saves_at={t_saves} delivers_at={t_delivers} ops={} saves={} delivers={} commit_us={} total_us={}",
-        ops.len(),
-        saves.len(),
-        delivers.len(),
-        t0.elapsed().as_micros(),
-        started.elapsed().as_micros()
-    );
+    conn.query_drop("COMMIT")?;
     Ok(results
         .into_iter()
         .map(|r| r.expect("every op has a result"))
@@ -553,18 +614,17 @@ fn run_group(
 
 /// Run ops of one kind with multi-row statements under the savepoint `together` (which `run`
 /// opens and releases); if the server refuses one for its data, roll back to the savepoint and
-/// leave them to `one_op`. `nbe`: the session has `NO_BACKSLASH_ESCAPES`.
+/// leave them to `one_op`.
 fn together(
-    tx: &mut mysql::Transaction<'_>,
-    db: u32,
+    tx: &mut mysql::Conn,
+    ctx: &GroupCtx,
     ops: &[&Op],
     idx: &[usize],
     results: &mut [Option<Result<Reply>>],
-    nbe: bool,
     run: GroupFn,
 ) -> std::result::Result<(), GroupError> {
     let group: Vec<&Op> = idx.iter().map(|i| ops[*i]).collect();
-    match run(tx, db, nbe, &group) {
+    match run(tx, ctx, &group) {
         Ok(Some(replies)) => {
             for (i, r) in idx.iter().zip(replies) {
                 results[*i] = Some(r);
@@ -584,12 +644,11 @@ fn together(
 type Sql<T> = sql::Sql<T>;
 
 /// Runs ops of one kind together; `None` leaves them to be run one by one.
-type GroupFn =
-    fn(&mut mysql::Transaction<'_>, u32, bool, &[&Op]) -> Sql<Option<Vec<Result<Reply>>>>;
+type GroupFn = fn(&mut mysql::Conn, &GroupCtx, &[&Op]) -> Sql<Option<Vec<Result<Reply>>>>;
 
 /// Run one op under its own savepoint; an error the op caused rolls back only the op.
 fn one_op(
-    tx: &mut mysql::Transaction<'_>,
+    tx: &mut mysql::Conn,
     db: u32,
     op: &Op,
 ) -> std::result::Result<Result<Reply>, GroupError> {
@@ -696,21 +755,27 @@ fn new_award(r: &AwardRecord) -> sql::NewAward<'_> {
 /// Save every award of the group with one counter update, one insert per split table and one
 /// for the tasks. `None`: the group repeats an order id; the ops run one by one instead.
 fn save_awards(
-    tx: &mut mysql::Transaction<'_>,
-    db: u32,
-    nbe: bool,
+    tx: &mut mysql::Conn,
+    ctx: &GroupCtx,
     ops: &[&Op],
 ) -> Sql<Option<Vec<Result<Reply>>>> {
+    let db = ctx.db;
     let args: Vec<SaveArgs<'_>> = ops.iter().map(|op| save_args(op)).collect();
     let mut orders = HashSet::new();
-    if !args.iter().all(|a| orders.insert(a.record.order_id.as_str())) {
+    if !args
+        .iter()
+        .all(|a| orders.insert(a.record.order_id.as_str()))
+    {
         return Ok(None);
     }
-    // Round trip 1: the savepoint and the sequence numbers (the messages carry them).
-    let first = sql::group_take_seqs(tx, nbe, args.len() as u64)?;
+    // Round trip 1: the frame and the sequence numbers (the messages carry them).
+    let first = sql::group_take_seqs(tx, ctx.nbe, ctx.frame, args.len() as u64)?;
     let mut by_table: BTreeMap<&str, Vec<sql::NewAward<'_>>> = BTreeMap::new();
     for a in &args {
-        by_table.entry(a.table).or_default().push(new_award(a.record));
+        by_table
+            .entry(a.table)
+            .or_default()
+            .push(new_award(a.record));
     }
     let now_ms = args[0].now_ms;
     let bodies: Vec<(u64, MessageId, String)> = args
@@ -735,8 +800,20 @@ fn save_awards(
             lease_until_ms: a.lease_until_ms,
         })
         .collect();
-    // Round trip 2: every row, the task ids, the savepoint released.
-    let ids = sql::group_insert(tx, nbe, &by_table, &rows, now_ms)?;
+    // Round trip 2: every row, the task ids, the frame closed (committed, as its own
+    // transaction).
+    if ctx.frame == sql::Frame::Transaction {
+        crate::crash::hit("mid-group-commit");
+    }
+    let ids = sql::group_insert(
+        tx,
+        ctx.nbe,
+        ctx.frame,
+        ctx.consecutive_ids,
+        &by_table,
+        &rows,
+        now_ms,
+    )?;
     Ok(Some(
         args.iter()
             .zip(bodies)
@@ -759,11 +836,11 @@ fn save_awards(
 /// Deliver every message of the group in two round trips: the look-up of their awards and of
 /// the delivery log, then the log's inserts and the awards' updates.
 fn deliver_all(
-    tx: &mut mysql::Transaction<'_>,
-    db: u32,
-    nbe: bool,
+    tx: &mut mysql::Conn,
+    ctx: &GroupCtx,
     ops: &[&Op],
 ) -> Sql<Option<Vec<Result<Reply>>>> {
+    let db = ctx.db;
     let msgs: Vec<(&EventMessage, &str, i64)> = ops
         .iter()
         .map(|op| match op {
@@ -776,7 +853,7 @@ fn deliver_all(
         by_table.entry(table).or_default().push(&m.data.order_id);
     }
     let ids: Vec<&str> = msgs.iter().map(|(m, _, _)| m.id.as_str()).collect();
-    let (found, logged) = sql::group_lookup(tx, nbe, &by_table, &ids)?;
+    let (found, logged) = sql::group_lookup(tx, ctx.nbe, ctx.frame, &by_table, &ids)?;
     let owners: HashSet<(String, String, String)> = found.into_iter().collect();
     let mut logged: HashSet<String> = logged.into_iter().collect();
     let now_ms = msgs[0].2;
@@ -800,7 +877,10 @@ fn deliver_all(
             results.push(Ok(Reply::Delivered(Delivered::Again)));
         }
     }
-    sql::group_deliver(tx, nbe, &firsts, &again, &complete, now_ms)?;
+    if ctx.frame == sql::Frame::Transaction {
+        crate::crash::hit("mid-group-commit");
+    }
+    sql::group_deliver(tx, ctx.nbe, ctx.frame, &firsts, &again, &complete, now_ms)?;
     Ok(Some(results))
 }
 
@@ -812,7 +892,7 @@ fn poison(m: &EventMessage, table: &str, db: u32) -> Error {
 }
 
 /// One op, one statement at a time (the slow path, and every op that is not hot).
-fn apply(tx: &mut mysql::Transaction<'_>, db: u32, op: &Op) -> std::result::Result<Reply, OpError> {
+fn apply(tx: &mut mysql::Conn, db: u32, op: &Op) -> std::result::Result<Reply, OpError> {
     match op {
         Op::SaveAward { .. } => {
             let a = save_args(op);

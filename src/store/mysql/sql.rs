@@ -390,14 +390,6 @@ pub(crate) fn insert_deliveries(
     q.exec_drop(sql, params)
 }
 
-/// Count one more receipt of a message already logged.
-pub(crate) fn count_receipt(q: &mut impl Queryable, message_id: &str) -> Sql<()> {
-    q.exec_drop(
-        "UPDATE delivery SET receipts = receipts + 1 WHERE message_id = ?",
-        (message_id,),
-    )
-}
-
 /// Which of these message ids the delivery log holds.
 pub(crate) fn logged_deliveries(q: &mut impl Queryable, ids: &[&str]) -> Sql<Vec<String>> {
     q.exec(
@@ -662,10 +654,33 @@ impl Script {
     }
 }
 
-/// Open the group's savepoint and take `n` sequence numbers; returns the first.
-pub(crate) fn group_take_seqs(q: &mut impl Queryable, nbe: bool, n: u64) -> Sql<u64> {
+/// How a group's scripts are framed: inside the writer's transaction (a savepoint, released at
+/// the end), or as the whole transaction (begun by the first script, committed by the last).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Frame {
+    Savepoint,
+    Transaction,
+}
+
+impl Frame {
+    fn open(self) -> String {
+        match self {
+            Frame::Savepoint => "SAVEPOINT together".into(),
+            Frame::Transaction => "START TRANSACTION".into(),
+        }
+    }
+    fn close(self) -> String {
+        match self {
+            Frame::Savepoint => "RELEASE SAVEPOINT together".into(),
+            Frame::Transaction => "COMMIT".into(),
+        }
+    }
+}
+
+/// Open the group's frame and take `n` sequence numbers; returns the first.
+pub(crate) fn group_take_seqs(q: &mut impl Queryable, nbe: bool, frame: Frame, n: u64) -> Sql<u64> {
     let mut s = Script::new(nbe);
-    s.push("SAVEPOINT together".into());
+    s.push(frame.open());
     s.push(format!(
         "UPDATE shard_meta SET next_seq = LAST_INSERT_ID(next_seq + {n}) WHERE id = 1"
     ));
@@ -674,10 +689,14 @@ pub(crate) fn group_take_seqs(q: &mut impl Queryable, nbe: bool, n: u64) -> Sql<
 }
 
 /// Insert a group's award records (one statement per split table) and tasks (one statement),
-/// release the savepoint; returns the task ids in the order of `tasks`.
+/// close the frame; returns the task ids in the order of `tasks`. With `consecutive_ids` (the
+/// server hands a multi-row insert consecutive auto-increment values: InnoDB's lock modes 0
+/// and 1) they follow from the insert's first id; otherwise they are read back by sequence.
 pub(crate) fn group_insert(
     q: &mut impl Queryable,
     nbe: bool,
+    frame: Frame,
+    consecutive_ids: bool,
     awards: &std::collections::BTreeMap<&str, Vec<NewAward<'_>>>,
     tasks: &[NewTask<'_>],
     now_ms: i64,
@@ -728,11 +747,18 @@ pub(crate) fn group_insert(
         tasks.first().map_or(0, |t| t.seq),
         tasks.last().map_or(0, |t| t.seq),
     );
-    s.push(format!(
-        "SELECT id, seq FROM task WHERE seq BETWEEN {first} AND {last}"
-    ));
-    s.push("RELEASE SAVEPOINT together".into());
+    let task_insert = awards.len();
+    if !consecutive_ids {
+        s.push(format!(
+            "SELECT id, seq FROM task WHERE seq BETWEEN {first} AND {last}"
+        ));
+    }
+    s.push(frame.close());
     let mut out = s.run(q)?;
+    if consecutive_ids {
+        let first_id = out[task_insert].last_insert_id as i64;
+        return Ok((0..tasks.len() as i64).map(|i| first_id + i).collect());
+    }
     let at = out.len() - 2;
     let rows = std::mem::take(&mut out[at].rows);
     let mut by_seq = std::collections::HashMap::with_capacity(rows.len());
@@ -754,17 +780,18 @@ pub(crate) fn group_insert(
         .collect()
 }
 
-/// Open the group's savepoint and look up, in one round trip, the award records the messages
-/// name (`(table, order_id, user_id)`) and which message ids the delivery log already holds.
+/// Open the group's frame and look up, in one round trip, the award records the messages name
+/// (`(table, order_id, user_id)`) and which message ids the delivery log already holds.
 #[allow(clippy::type_complexity)]
 pub(crate) fn group_lookup(
     q: &mut impl Queryable,
     nbe: bool,
+    frame: Frame,
     orders: &std::collections::BTreeMap<&str, Vec<&str>>,
     message_ids: &[&str],
 ) -> Sql<(Vec<(String, String, String)>, Vec<String>)> {
     let mut s = Script::new(nbe);
-    s.push("SAVEPOINT together".into());
+    s.push(frame.open());
     let selects: Vec<String> = orders
         .iter()
         .map(|(table, orders)| {
@@ -793,10 +820,11 @@ pub(crate) fn group_lookup(
 }
 
 /// Apply a group's deliveries in one round trip: log the first receipts, count the repeated
-/// ones, complete the awards, release the savepoint.
+/// ones, complete the awards, close the frame.
 pub(crate) fn group_deliver(
     q: &mut impl Queryable,
     nbe: bool,
+    frame: Frame,
     firsts: &[(&str, u64, &str)],
     again: &[&str],
     complete: &std::collections::BTreeMap<&str, Vec<&str>>,
@@ -806,7 +834,14 @@ pub(crate) fn group_deliver(
     if !firsts.is_empty() {
         let values: Vec<String> = firsts
             .iter()
-            .map(|(m, seq, o)| format!("({}, {}, {}, 1, {now_ms})", s.lit(*m), s.lit(*seq), s.lit(*o)))
+            .map(|(m, seq, o)| {
+                format!(
+                    "({}, {}, {}, 1, {now_ms})",
+                    s.lit(*m),
+                    s.lit(*seq),
+                    s.lit(*o)
+                )
+            })
             .collect();
         s.push(format!(
             "INSERT INTO delivery (message_id, seq, order_id, receipts, delivered_at) VALUES {}",
@@ -825,7 +860,7 @@ pub(crate) fn group_deliver(
             s.list(orders)
         ));
     }
-    s.push("RELEASE SAVEPOINT together".into());
+    s.push(frame.close());
     s.run(q).map(|_| ())
 }
 
