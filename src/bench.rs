@@ -22,6 +22,8 @@
 //! after the configured ones (`<name>_b<digits><phase>`, dropped afterwards):
 //! - `mysql_e2e_limit`: every statement of an award end to end as multi-row statements,
 //!   1,000 awards per transaction, one connection (and thread) per database;
+//! - `mysql_group_limit`: the same in transactions of `threads / databases` awards, the largest
+//!   group that callers with one award each in flight can form;
 //! - `pipeline` and `pipeline_batched` as above, against it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -64,6 +66,8 @@ pub struct Figures {
     pub mysql_e2e_limit: Option<f64>,
     /// `pipeline / mysql_e2e_limit`: the target is 0.7.
     pub pipeline_over_mysql_e2e_limit: Option<f64>,
+    /// The MySQL ceiling in groups of `threads / databases` awards (what the callers can form).
+    pub mysql_group_limit: Option<f64>,
     /// Awards per phase.
     pub records: usize,
     /// Caller threads.
@@ -685,6 +689,51 @@ fn run_mysql(base: &Settings, dbs: &[MysqlDatabase], opts: &BenchOptions) -> Res
     drop(scratch);
     println!("mysql_e2e_limit {:>8.0} awards/s", limit);
 
+    // The same statements in groups no larger than the callers can form: one award per caller
+    // in flight, spread over the databases.
+    let group = (opts.threads / dbs.len()).max(1);
+    say(&format!(
+        "mysql_group_limit: the same, {group} awards per transaction (the callers per database)"
+    ));
+    let scratch = Scratch::new(base, dbs, 'g');
+    let s = &scratch.settings;
+    drop(Store::open(s, true)?);
+    let small = (n / 4).max(100);
+    let mut per_db: Vec<Vec<AwardRecord>> = vec![Vec::new(); s.layout.db_count() as usize];
+    for r in records(small, '9') {
+        per_db[(route(r.user_id.as_str(), s.layout).db - 1) as usize].push(r);
+    }
+    let start = Instant::now();
+    std::thread::scope(|scope| -> Result<()> {
+        let handles: Vec<_> = per_db
+            .iter()
+            .enumerate()
+            .map(|(i, rs)| {
+                let d = &scratch.dbs[i];
+                scope.spawn(move || {
+                    crate::store::ceiling::mysql_e2e_batches(
+                        d,
+                        i as u32 + 1,
+                        s.layout,
+                        rs,
+                        group,
+                        &s.topic,
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("bench thread"))
+    })?;
+    let group_limit = rate(small, start.elapsed());
+    f.mysql_group_limit = Some(group_limit);
+    drop(scratch);
+    println!(
+        "mysql_group_limit {:>6.0} awards/s  ({group} awards per transaction)",
+        group_limit
+    );
+
     say(&format!(
         "pipeline: save_award from {} threads, one award per call, until the last is delivered",
         opts.threads
@@ -713,11 +762,12 @@ fn run_mysql(base: &Settings, dbs: &[MysqlDatabase], opts: &BenchOptions) -> Res
     drop(scratch);
     f.pipeline_over_mysql_e2e_limit = Some(f.pipeline / limit);
     println!(
-        "pipeline      {:>10.0} awards/s end to end  (save p50 {:.2} ms, p99 {:.2} ms; {:.2} x mysql_e2e_limit)",
+        "pipeline      {:>10.0} awards/s end to end  (save p50 {:.2} ms, p99 {:.2} ms; {:.2} x mysql_e2e_limit, {:.2} x mysql_group_limit)",
         f.pipeline,
         f.save_p50_ms,
         f.save_p99_ms,
-        f.pipeline / limit
+        f.pipeline / limit,
+        f.pipeline / group_limit
     );
 
     say("pipeline_batched: save_awards, 100 awards per call, until the last is delivered");
