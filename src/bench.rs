@@ -588,49 +588,21 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
     Ok(f)
 }
 
-/// Fresh MySQL databases for one phase, named after the configured ones; dropped on drop.
+/// Fresh MySQL databases for one phase (`<name>_b<digits><phase>`), dropped afterwards.
 struct Scratch {
     settings: Settings,
-    dbs: Vec<MysqlDatabase>,
+    dbs: crate::store::scratch::Scratch,
 }
 
 impl Scratch {
     fn new(base: &Settings, dbs: &[MysqlDatabase], phase: char) -> Scratch {
         let tag = Rng::new().digits(6);
-        let dbs: Vec<MysqlDatabase> = dbs
-            .iter()
-            .map(|d| {
-                let name = format!("{}_b{tag}{phase}", d.name);
-                let opts = ::mysql::Opts::from(
-                    ::mysql::OptsBuilder::from_opts(d.opts.clone()).db_name(Some(&name)),
-                );
-                let shown = match d.shown.rsplit_once('/') {
-                    Some((server, _)) => format!("{server}/{name}"),
-                    None => name.clone(),
-                };
-                MysqlDatabase { opts, name, shown }
-            })
-            .collect();
+        let dbs = crate::store::scratch::Scratch::new(dbs, &format!("b{tag}{phase}"));
         let mut settings = base.clone();
-        settings.store = StoreTarget::Mysql(dbs.clone());
+        settings.store = dbs.target();
         settings.topic = format!("{}_bench_{tag}", base.topic);
         settings.scan_interval = Duration::from_secs(3600);
         Scratch { settings, dbs }
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        use ::mysql::prelude::Queryable;
-        for d in &self.dbs {
-            let opts = ::mysql::OptsBuilder::from_opts(d.opts.clone()).db_name(None::<String>);
-            match ::mysql::Conn::new(opts)
-                .and_then(|mut c| c.query_drop(format!("DROP DATABASE IF EXISTS `{}`", d.name)))
-            {
-                Ok(()) => {}
-                Err(e) => log::warn!("bench: could not drop {}: {e}", d.shown),
-            }
-        }
     }
 }
 
@@ -667,7 +639,7 @@ fn run_mysql(base: &Settings, dbs: &[MysqlDatabase], opts: &BenchOptions) -> Res
             .iter()
             .enumerate()
             .map(|(i, rs)| {
-                let d = &scratch.dbs[i];
+                let d = &scratch.dbs.dbs()[i];
                 scope.spawn(move || {
                     crate::store::ceiling::mysql_e2e_batches(
                         d,
@@ -709,7 +681,7 @@ fn run_mysql(base: &Settings, dbs: &[MysqlDatabase], opts: &BenchOptions) -> Res
             .iter()
             .enumerate()
             .map(|(i, rs)| {
-                let d = &scratch.dbs[i];
+                let d = &scratch.dbs.dbs()[i];
                 scope.spawn(move || {
                     crate::store::ceiling::mysql_e2e_batches(
                         d,

@@ -216,6 +216,34 @@ pub struct MysqlDatabase {
     pub name: String,
     /// `mysql://user@host:port/name`: the URL without its password.
     pub shown: String,
+    /// The URL of this one database, password included: only ever handed to a child process's
+    /// environment, never shown.
+    url: String,
+}
+
+impl MysqlDatabase {
+    /// The same server and credentials, another database.
+    pub fn renamed(&self, name: &str) -> MysqlDatabase {
+        let opts =
+            mysql::Opts::from(mysql::OptsBuilder::from_opts(self.opts.clone()).db_name(Some(name)));
+        let mut url = url::Url::parse(&self.url).expect("a URL that parsed before");
+        url.set_path(name);
+        let shown = match self.shown.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{name}"),
+            None => name.to_string(),
+        };
+        MysqlDatabase {
+            opts,
+            name: name.to_string(),
+            shown,
+            url: url.to_string(),
+        }
+    }
+
+    /// The URL of this database, password included (for a child process's environment).
+    pub fn secret_url(&self) -> &str {
+        &self.url
+    }
 }
 
 impl std::fmt::Debug for MysqlDatabase {
@@ -288,7 +316,14 @@ impl StoreTarget {
                 let opts = mysql::Opts::from(
                     mysql::OptsBuilder::from_opts(opts.clone()).db_name(Some(&name)),
                 );
-                out.push(MysqlDatabase { opts, name, shown });
+                let mut full = url::Url::parse(url).map_err(|e| bad(which(i), &e.to_string()))?;
+                full.set_path(&name);
+                out.push(MysqlDatabase {
+                    opts,
+                    name,
+                    shown,
+                    url: full.to_string(),
+                });
             }
         }
         Ok(StoreTarget::Mysql(out))
@@ -376,6 +411,18 @@ mod tests {
         assert_eq!(names, ["big_market_01", "big_market_02"]);
         assert_eq!(dbs[1].shown, "mysql://app@db.example:3307/big_market_02");
         assert_eq!(dbs[1].opts.get_db_name(), Some("big_market_02"));
+        assert_eq!(
+            dbs[1].secret_url(),
+            "mysql://app:s3cret@db.example:3307/big_market_02"
+        );
+        let scratch = dbs[0].renamed("big_market_01_x");
+        assert_eq!(
+            (scratch.shown.as_str(), scratch.secret_url()),
+            (
+                "mysql://app@db.example:3307/big_market_01_x",
+                "mysql://app:s3cret@db.example:3307/big_market_01_x"
+            )
+        );
         assert!(!format!("{dbs:?}").contains("s3cret"));
         let StoreTarget::Mysql(dbs) =
             StoreTarget::parse("mysql://a:p@h1/shard_a, mysql://a:p@h2/shard_b", 2).unwrap()

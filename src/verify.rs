@@ -179,10 +179,22 @@ fn scenario(
     let mut settings = base.clone();
     settings.data_dir = tmp.path().join("data");
     // Against RabbitMQ, each scenario has queues of its own, deleted afterwards.
-    settings.topic = format!("verify_{}", crate::util::Rng::new().digits(12));
+    let tag = crate::util::Rng::new().digits(12);
+    settings.topic = format!("verify_{tag}");
+    // On MySQL, each scenario has databases of its own, dropped afterwards.
+    let scratch = match &base.store {
+        crate::config::StoreTarget::Mysql(dbs) => {
+            let s = crate::store::scratch::Scratch::new(dbs, &format!("v{}", &tag[..6]));
+            settings.store = s.target();
+            Some(s)
+        }
+        crate::config::StoreTarget::Sqlite => None,
+    };
+    let store_env = scratch.as_ref().map(|s| s.env_value()).unwrap_or_default();
     let common = |cmd: &mut Command| {
         cmd.arg("--data-dir")
             .arg(&settings.data_dir)
+            .env("BIG_MARKET_STORE", &store_env)
             .args([
                 "--db-count",
                 &settings.layout.db_count().to_string(),
@@ -301,10 +313,14 @@ pub fn run(base: &Settings, opts: &VerifyOptions) -> Result<Vec<Outcome>> {
         source: e,
     })?;
     println!(
-        "transport: {}",
+        "transport: {}; store: {}",
         match &base.amqp_url {
             Some(_) => "RabbitMQ (--amqp-url), a queue per scenario",
             None => "in-process",
+        },
+        match &base.store {
+            crate::config::StoreTarget::Mysql(_) => "MySQL (--store), databases per scenario",
+            crate::config::StoreTarget::Sqlite => "SQLite, a directory per scenario",
         }
     );
     println!(

@@ -8,6 +8,7 @@
 
 pub(crate) mod ceiling;
 pub(crate) mod mysql;
+pub(crate) mod scratch;
 pub(crate) mod sqlite;
 pub mod writer;
 

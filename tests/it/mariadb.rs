@@ -280,3 +280,69 @@ fn credentials_never_reach_a_log_or_an_error() {
         "{text}"
     );
 }
+
+#[test]
+fn the_tools_and_the_http_api_run_on_mariadb() {
+    let t = TestStore::new(Kind::Mariadb);
+    let run = |args: &[&str]| {
+        let out = t.bin().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(run(&["init"]).contains("_02 ready"));
+    run(&[
+        "award",
+        "--user-id",
+        "user 4",
+        "--activity-id",
+        "100301",
+        "--strategy-id",
+        "100006",
+        "--order-id",
+        "990000000001",
+        "--award-id",
+        "101",
+        "--award-title",
+        "OpenAI 增加使用次数",
+        "--wait",
+        "confirmed",
+    ]);
+    let status: serde_json::Value = serde_json::from_str(&run(&["status", "--json"])).unwrap();
+    assert!(
+        status["shards"][1]["location"]
+            .as_str()
+            .unwrap()
+            .starts_with("mysql://root@127.0.0.1:3306/"),
+        "{status}"
+    );
+    assert_eq!(status["shards"][1]["tasks"]["completed"], 1, "{status}");
+    assert!(run(&["tasks", "list"]).contains("02000000001"));
+    run(&["audit"]);
+
+    // The HTTP API on the same databases.
+    let url = t.url();
+    let server = crate::http::Server::start_with(t.dir.path(), &["--store", &url], &[]);
+    let body = r#"{"userId":"xiaofuge","activityId":100301,"strategyId":100006,"orderId":"990000000002","awardId":101,"awardTitle":"t","awardTime":"2024-04-06T12:16:50+08:00"}"#;
+    let (code, v) = server.call("POST", "/api/v1/awards", body);
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["db"], "big_market_01");
+    assert_eq!(v["table"], "user_award_record_001");
+    let (code, _) = server.call("POST", "/api/v1/awards", body);
+    assert_eq!(code, 409, "a repeated order id");
+    let (code, v) = server.call("GET", "/api/v1/awards?userId=xiaofuge", "");
+    assert_eq!(code, 200);
+    assert_eq!(v["awards"][0]["orderId"], "990000000002", "{v}");
+    assert_eq!(
+        v["awards"][0]["awardTime"], 1_712_377_010_000i64,
+        "the original's datetime column keeps the second: {v}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || t.awards(1, Some("completed"))
+            == 1),
+        "delivered"
+    );
+}
