@@ -570,7 +570,10 @@ fn run_group(
     let (as_tx, in_tx) = (ctx(sql::Frame::Transaction), ctx(sql::Frame::Savepoint));
     let alone: Option<GroupFn> = if ops.iter().all(|o| matches!(o, Op::SaveAward { .. })) {
         Some(save_awards)
-    } else if ops.iter().all(|o| matches!(o, Op::Deliver { .. })) {
+    } else if ops
+        .iter()
+        .all(|o| matches!(o, Op::Deliver { .. } | Op::MarkCompleted { .. }))
+    {
         Some(deliver_all)
     } else {
         None
@@ -851,13 +854,37 @@ fn deliver_all(
     ops: &[&Op],
 ) -> Sql<Option<Vec<Result<Reply>>>> {
     let db = ctx.db;
-    let msgs: Vec<(&EventMessage, &str, i64)> = ops
+    // The relay's completions ride along in the same transaction (the delivery lane's groups
+    // hold both).
+    let marks: Vec<sql::Marks<'_>> = ops
         .iter()
-        .map(|op| match op {
-            Op::Deliver { msg, table, now_ms } => (msg, table.as_str(), *now_ms),
-            other => unreachable!("not a delivery: {other:?}"),
+        .filter_map(|op| match op {
+            Op::MarkCompleted { ids, owner, now_ms } => Some(sql::Marks {
+                ids,
+                owner: Some(owner),
+                now_ms: *now_ms,
+            }),
+            _ => None,
         })
         .collect();
+    let msgs: Vec<(&EventMessage, &str, i64)> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Deliver { msg, table, now_ms } => Some((msg, table.as_str(), *now_ms)),
+            Op::MarkCompleted { .. } => None,
+            other => unreachable!("not a delivery or a completion: {other:?}"),
+        })
+        .collect();
+    if msgs.is_empty() {
+        if ctx.frame != sql::Frame::Transaction {
+            return Ok(None);
+        }
+        crate::crash::hit("mid-group-commit");
+        let counts = sql::group_marks(tx, ctx.nbe, &marks)?;
+        return Ok(Some(
+            counts.into_iter().map(|n| Ok(Reply::Count(n))).collect(),
+        ));
+    }
     let mut by_table: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for (m, table, _) in &msgs {
         by_table.entry(table).or_default().push(&m.data.order_id);
@@ -890,8 +917,20 @@ fn deliver_all(
     if ctx.frame == sql::Frame::Transaction {
         crate::crash::hit("mid-group-commit");
     }
-    sql::group_deliver(tx, ctx.nbe, ctx.frame, &firsts, &again, &complete, now_ms)?;
-    Ok(Some(results))
+    let counts = sql::group_deliver(
+        tx, ctx.nbe, ctx.frame, &firsts, &again, &complete, &marks, now_ms,
+    )?;
+    // One result per op, in the order of `ops`.
+    let mut delivered = results.into_iter();
+    let mut counted = counts.into_iter();
+    Ok(Some(
+        ops.iter()
+            .map(|op| match op {
+                Op::MarkCompleted { .. } => Ok(Reply::Count(counted.next().unwrap_or(0))),
+                _ => delivered.next().expect("one result per delivery"),
+            })
+            .collect(),
+    ))
 }
 
 fn poison(m: &EventMessage, table: &str, db: u32) -> Error {

@@ -591,6 +591,7 @@ pub(crate) struct Script {
 
 /// What one statement of a script returned.
 pub(crate) struct Outcome {
+    pub(crate) affected: u64,
     pub(crate) last_insert_id: u64,
     pub(crate) rows: Vec<Row>,
 }
@@ -630,11 +631,13 @@ impl Script {
         while let Some(mut set) = result.iter() {
             // Read the OK packet's figures before the rows: consuming them moves to the next set.
             let last_insert_id = set.last_insert_id().unwrap_or(0);
+            let affected = set.affected_rows();
             let mut rows = Vec::new();
             for row in set.by_ref() {
                 rows.push(row?);
             }
             out.push(Outcome {
+                affected,
                 last_insert_id,
                 rows,
             });
@@ -819,8 +822,70 @@ pub(crate) fn group_lookup(
     Ok((awards, logged))
 }
 
+/// A task completion for a script: tasks still claimed by `owner` (any owner: `None`) and not
+/// settled, as [`mark_completed`].
+pub(crate) struct Marks<'a> {
+    pub(crate) ids: &'a [i64],
+    pub(crate) owner: Option<&'a str>,
+    pub(crate) now_ms: i64,
+}
+
+fn push_marks(s: &mut Script, marks: &[Marks<'_>]) -> usize {
+    let mut pushed = 0;
+    for m in marks {
+        if m.ids.is_empty() {
+            continue;
+        }
+        let owner = match m.owner {
+            Some(o) => format!("claimed_by = {}", s.lit(o)),
+            None => "TRUE".to_string(),
+        };
+        let ids: Vec<String> = m.ids.iter().map(|i| i.to_string()).collect();
+        s.push(format!(
+            "UPDATE task SET state = 'completed', claimed_by = NULL, last_error = NULL, next_attempt_at = {NEVER}, update_time = FROM_UNIXTIME({} / 1000)
+             WHERE state IN ('create', 'fail') AND {owner} AND id IN ({})",
+            m.now_ms,
+            ids.join(", ")
+        ));
+        pushed += 1;
+    }
+    pushed
+}
+
+/// Rows each of `marks` changed, read from the script's outcomes that follow `from`.
+fn marked(out: &[Outcome], from: usize, marks: &[Marks<'_>]) -> Vec<usize> {
+    let mut at = from;
+    marks
+        .iter()
+        .map(|m| {
+            if m.ids.is_empty() {
+                0
+            } else {
+                at += 1;
+                out[at - 1].affected as usize
+            }
+        })
+        .collect()
+}
+
+/// Task completions alone, as one transaction in one round trip; rows changed per mark.
+pub(crate) fn group_marks(
+    q: &mut impl Queryable,
+    nbe: bool,
+    marks: &[Marks<'_>],
+) -> Sql<Vec<usize>> {
+    let mut s = Script::new(nbe);
+    s.push("START TRANSACTION".into());
+    push_marks(&mut s, marks);
+    s.push("COMMIT".into());
+    let out = s.run(q)?;
+    Ok(marked(&out, 1, marks))
+}
+
 /// Apply a group's deliveries in one round trip: log the first receipts, count the repeated
-/// ones, complete the awards, close the frame.
+/// ones, complete the awards, mark the tasks of `marks` completed, close the frame. Returns the
+/// rows each mark changed.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn group_deliver(
     q: &mut impl Queryable,
     nbe: bool,
@@ -828,8 +893,9 @@ pub(crate) fn group_deliver(
     firsts: &[(&str, u64, &str)],
     again: &[&str],
     complete: &std::collections::BTreeMap<&str, Vec<&str>>,
+    marks: &[Marks<'_>],
     now_ms: i64,
-) -> Sql<()> {
+) -> Sql<Vec<usize>> {
     let mut s = Script::new(nbe);
     if !firsts.is_empty() {
         let values: Vec<String> = firsts
@@ -860,8 +926,11 @@ pub(crate) fn group_deliver(
             s.list(orders)
         ));
     }
+    let before_marks = s.statements;
+    push_marks(&mut s, marks);
     s.push(frame.close());
-    s.run(q).map(|_| ())
+    let out = s.run(q)?;
+    Ok(marked(&out, before_marks, marks))
 }
 
 #[cfg(test)]
