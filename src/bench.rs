@@ -224,12 +224,12 @@ fn on_threads(
     }
 }
 
-/// Create the shards of `s`, route `recs` to them, and run `f` on each shard's share with its
-/// own direct connection, one thread per shard; returns the time it took.
+/// Create the shards of `s`, route `recs` to them, and run `f` on each shard's share (with the
+/// shard's database index), one thread per shard; returns the time it took.
 fn on_shards(
     s: &Settings,
     recs: Vec<AwardRecord>,
-    f: impl Fn(&mut Direct, &[AwardRecord]) -> Result<()> + Sync,
+    f: impl Fn(u32, &[AwardRecord]) -> Result<()> + Sync,
 ) -> Result<Duration> {
     drop(Store::open(s, true)?);
     let mut per_db: Vec<Vec<AwardRecord>> = vec![Vec::new(); s.layout.db_count() as usize];
@@ -243,7 +243,7 @@ fn on_shards(
             .enumerate()
             .map(|(i, rs)| {
                 let f = &f;
-                scope.spawn(move || f(&mut Direct::open(s, i as u32 + 1)?, rs))
+                scope.spawn(move || f(i as u32 + 1, rs))
             })
             .collect();
         handles
@@ -322,8 +322,8 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
     let s = fresh(base, &tmp, "sqlite_limit");
     f.sqlite_limit = rate(
         n,
-        on_shards(&s, records(n, '1'), |d, rs| {
-            d.insert_batches(rs, 1000, &s.topic, now_ms())
+        on_shards(&s, records(n, '1'), |db, rs| {
+            Direct::open(&s, db)?.insert_batches(rs, 1000, &s.topic, now_ms())
         })?,
     );
     println!("sqlite_limit  {:>10.0} awards/s", f.sqlite_limit);
@@ -332,8 +332,8 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
     let s = fresh(base, &tmp, "sqlite_e2e_limit");
     f.sqlite_e2e_limit = rate(
         n,
-        on_shards(&s, records(n, '8'), |d, rs| {
-            d.e2e_batches(rs, 1000, &s.topic, now_ms())
+        on_shards(&s, records(n, '8'), |db, rs| {
+            Direct::open(&s, db)?.e2e_batches(rs, 1000, &s.topic, now_ms())
         })?,
     );
     println!("sqlite_e2e_limit {:>7.0} awards/s", f.sqlite_e2e_limit);
@@ -439,27 +439,7 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
     ));
     let s = fresh(base, &tmp, "pipeline");
     let service = start_service(&s)?;
-    let lat = Mutex::new(Vec::with_capacity(n));
-    reset_peak_rss();
-    let progress = crate::load::progress_bar(n as u64, "pipeline");
-    let start = Instant::now();
-    on_threads(opts.threads, n, |i| {
-        let r = record(i, '4');
-        let t0 = Instant::now();
-        service.save_award(r)?;
-        lat.lock().unwrap().push(t0.elapsed());
-        progress.inc(1);
-        Ok(())
-    })?;
-    progress.finish_and_clear();
-    let elapsed = until_delivered(&service, n, start, "pipeline")?;
-    f.pipeline = rate(n, elapsed);
-    let mut lat = lat.into_inner().unwrap();
-    lat.sort();
-    f.save_p50_ms = percentile(&lat, 0.50);
-    f.save_p99_ms = percentile(&lat, 0.99);
-    f.pipeline_peak_rss_mb = peak_rss_mb();
-    drop(lat);
+    pipeline_phase(&service, opts.threads, n, &mut f)?;
     service.shutdown()?;
     println!(
         "pipeline      {:>10.0} awards/s end to end  (save p50 {:.2} ms, p99 {:.2} ms)",
@@ -470,19 +450,7 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
     say("pipeline_batched: save_awards, 100 awards per call, until the last is delivered");
     let s = fresh(base, &tmp, "pipeline_batched");
     let service = start_service(&s)?;
-    let calls = n.div_ceil(100);
-    let start = Instant::now();
-    on_threads(opts.threads, calls, |c| {
-        let batch: Vec<AwardRecord> = (c * 100..((c + 1) * 100).min(n))
-            .map(|i| record(i, '7'))
-            .collect();
-        match service.save_awards(batch).into_iter().find_map(|r| r.err()) {
-            None => Ok(()),
-            Some(e) => Err(e),
-        }
-    })?;
-    let elapsed = until_delivered(&service, n, start, "pipeline_batched")?;
-    f.pipeline_batched = rate(n, elapsed);
+    f.pipeline_batched = batched_phase(&service, opts.threads, n)?;
     service.shutdown()?;
     println!(
         "pipeline_batched {:>7.0} awards/s end to end  (save_awards, 100 per call)",
@@ -606,6 +574,69 @@ impl Scratch {
     }
 }
 
+/// `save_award` from `threads` callers, one award per call, until the last is delivered: fills
+/// the pipeline's rate, save latencies and peak memory.
+fn pipeline_phase(service: &Service, threads: usize, n: usize, f: &mut Figures) -> Result<()> {
+    let lat = Mutex::new(Vec::with_capacity(n));
+    reset_peak_rss();
+    let progress = crate::load::progress_bar(n as u64, "pipeline");
+    let start = Instant::now();
+    on_threads(threads, n, |i| {
+        let r = record(i, '4');
+        let t0 = Instant::now();
+        service.save_award(r)?;
+        lat.lock().unwrap().push(t0.elapsed());
+        progress.inc(1);
+        Ok(())
+    })?;
+    progress.finish_and_clear();
+    f.pipeline = rate(n, until_delivered(service, n, start, "pipeline")?);
+    let mut lat = lat.into_inner().unwrap();
+    lat.sort();
+    f.save_p50_ms = percentile(&lat, 0.50);
+    f.save_p99_ms = percentile(&lat, 0.99);
+    f.pipeline_peak_rss_mb = peak_rss_mb();
+    Ok(())
+}
+
+/// `save_awards` from `threads` callers, 100 awards per call, until the last is delivered.
+fn batched_phase(service: &Service, threads: usize, n: usize) -> Result<f64> {
+    let calls = n.div_ceil(100);
+    let start = Instant::now();
+    on_threads(threads, calls, |c| {
+        let batch: Vec<AwardRecord> = (c * 100..((c + 1) * 100).min(n))
+            .map(|i| record(i, '7'))
+            .collect();
+        match service.save_awards(batch).into_iter().find_map(|r| r.err()) {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    })?;
+    Ok(rate(
+        n,
+        until_delivered(service, n, start, "pipeline_batched")?,
+    ))
+}
+
+/// Every statement of `n` awards end to end on scratch databases, `batch` awards per
+/// transaction, one connection and thread per database; awards/s.
+fn mysql_ceiling(
+    base: &Settings,
+    dbs: &[MysqlDatabase],
+    n: usize,
+    batch: usize,
+    phase: char,
+    tag: char,
+) -> Result<f64> {
+    let scratch = Scratch::new(base, dbs, phase);
+    let s = &scratch.settings;
+    let elapsed = on_shards(s, records(n, tag), |db, rs| {
+        let d = &scratch.dbs.dbs()[db as usize - 1];
+        crate::store::ceiling::mysql_e2e_batches(d, db, s.layout, rs, batch, &s.topic)
+    })?;
+    Ok(rate(n, elapsed))
+}
+
 /// The bench on the MySQL store: its ceiling beside the pipeline.
 fn run_mysql(base: &Settings, dbs: &[MysqlDatabase], opts: &BenchOptions) -> Result<Figures> {
     let n = opts.records.max(100);
@@ -626,39 +657,8 @@ fn run_mysql(base: &Settings, dbs: &[MysqlDatabase], opts: &BenchOptions) -> Res
     };
 
     say("mysql_e2e_limit: every statement of an award end to end, multi-row, 1000 awards per transaction, one connection per database");
-    let scratch = Scratch::new(base, dbs, 'e');
-    let s = &scratch.settings;
-    drop(Store::open(s, true)?);
-    let mut per_db: Vec<Vec<AwardRecord>> = vec![Vec::new(); s.layout.db_count() as usize];
-    for r in records(n, '8') {
-        per_db[(route(r.user_id.as_str(), s.layout).db - 1) as usize].push(r);
-    }
-    let start = Instant::now();
-    std::thread::scope(|scope| -> Result<()> {
-        let handles: Vec<_> = per_db
-            .iter()
-            .enumerate()
-            .map(|(i, rs)| {
-                let d = &scratch.dbs.dbs()[i];
-                scope.spawn(move || {
-                    crate::store::ceiling::mysql_e2e_batches(
-                        d,
-                        i as u32 + 1,
-                        s.layout,
-                        rs,
-                        1000,
-                        &s.topic,
-                    )
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().expect("bench thread"))
-    })?;
-    let limit = rate(n, start.elapsed());
+    let limit = mysql_ceiling(base, dbs, n, 1000, 'e', '8')?;
     f.mysql_e2e_limit = Some(limit);
-    drop(scratch);
     println!("mysql_e2e_limit {:>8.0} awards/s", limit);
 
     // The same statements in groups no larger than the callers can form: one award per caller
@@ -667,40 +667,8 @@ fn run_mysql(base: &Settings, dbs: &[MysqlDatabase], opts: &BenchOptions) -> Res
     say(&format!(
         "mysql_group_limit: the same, {group} awards per transaction (the callers per database)"
     ));
-    let scratch = Scratch::new(base, dbs, 'g');
-    let s = &scratch.settings;
-    drop(Store::open(s, true)?);
-    let small = (n / 4).max(100);
-    let mut per_db: Vec<Vec<AwardRecord>> = vec![Vec::new(); s.layout.db_count() as usize];
-    for r in records(small, '9') {
-        per_db[(route(r.user_id.as_str(), s.layout).db - 1) as usize].push(r);
-    }
-    let start = Instant::now();
-    std::thread::scope(|scope| -> Result<()> {
-        let handles: Vec<_> = per_db
-            .iter()
-            .enumerate()
-            .map(|(i, rs)| {
-                let d = &scratch.dbs.dbs()[i];
-                scope.spawn(move || {
-                    crate::store::ceiling::mysql_e2e_batches(
-                        d,
-                        i as u32 + 1,
-                        s.layout,
-                        rs,
-                        group,
-                        &s.topic,
-                    )
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().expect("bench thread"))
-    })?;
-    let group_limit = rate(small, start.elapsed());
+    let group_limit = mysql_ceiling(base, dbs, (n / 4).max(100), group, 'g', '9')?;
     f.mysql_group_limit = Some(group_limit);
-    drop(scratch);
     println!(
         "mysql_group_limit {:>6.0} awards/s  ({group} awards per transaction)",
         group_limit
@@ -712,24 +680,7 @@ fn run_mysql(base: &Settings, dbs: &[MysqlDatabase], opts: &BenchOptions) -> Res
     ));
     let scratch = Scratch::new(base, dbs, 'p');
     let service = start_service(&scratch.settings)?;
-    let lat = Mutex::new(Vec::with_capacity(n));
-    reset_peak_rss();
-    let progress = crate::load::progress_bar(n as u64, "pipeline");
-    let start = Instant::now();
-    on_threads(opts.threads, n, |i| {
-        let t0 = Instant::now();
-        service.save_award(record(i, '4'))?;
-        lat.lock().unwrap().push(t0.elapsed());
-        progress.inc(1);
-        Ok(())
-    })?;
-    progress.finish_and_clear();
-    f.pipeline = rate(n, until_delivered(&service, n, start, "pipeline")?);
-    let mut lat = lat.into_inner().unwrap();
-    lat.sort();
-    f.save_p50_ms = percentile(&lat, 0.50);
-    f.save_p99_ms = percentile(&lat, 0.99);
-    f.pipeline_peak_rss_mb = peak_rss_mb();
+    pipeline_phase(&service, opts.threads, n, &mut f)?;
     service.shutdown()?;
     drop(scratch);
     f.pipeline_over_mysql_e2e_limit = Some(f.pipeline / limit);
@@ -745,18 +696,7 @@ fn run_mysql(base: &Settings, dbs: &[MysqlDatabase], opts: &BenchOptions) -> Res
     say("pipeline_batched: save_awards, 100 awards per call, until the last is delivered");
     let scratch = Scratch::new(base, dbs, 'b');
     let service = start_service(&scratch.settings)?;
-    let calls = n.div_ceil(100);
-    let start = Instant::now();
-    on_threads(opts.threads, calls, |c| {
-        let batch: Vec<AwardRecord> = (c * 100..((c + 1) * 100).min(n))
-            .map(|i| record(i, '7'))
-            .collect();
-        match service.save_awards(batch).into_iter().find_map(|r| r.err()) {
-            None => Ok(()),
-            Some(e) => Err(e),
-        }
-    })?;
-    f.pipeline_batched = rate(n, until_delivered(&service, n, start, "pipeline_batched")?);
+    f.pipeline_batched = batched_phase(&service, opts.threads, n)?;
     service.shutdown()?;
     drop(scratch);
     println!(

@@ -147,15 +147,7 @@ pub(crate) fn mysql_e2e_batches(
             tables
                 .entry(award_table(route(r.user_id.as_str(), layout).table))
                 .or_default()
-                .push(my::NewAward {
-                    user_id: r.user_id.as_str(),
-                    activity_id: r.activity_id,
-                    strategy_id: r.strategy_id,
-                    order_id: r.order_id.as_str(),
-                    award_id: r.award_id,
-                    award_title: &r.award_title,
-                    award_time_ms: r.award_time_ms,
-                });
+                .push(my::NewAward::of(r));
         }
         for (table, rows) in &tables {
             my::insert_awards(&mut tx, table, rows, now).map_err(e)?;

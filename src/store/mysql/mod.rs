@@ -753,18 +753,6 @@ fn save_args(op: &Op) -> SaveArgs<'_> {
     }
 }
 
-fn new_award(r: &AwardRecord) -> sql::NewAward<'_> {
-    sql::NewAward {
-        user_id: r.user_id.as_str(),
-        activity_id: r.activity_id,
-        strategy_id: r.strategy_id,
-        order_id: r.order_id.as_str(),
-        award_id: r.award_id,
-        award_title: &r.award_title,
-        award_time_ms: r.award_time_ms,
-    }
-}
-
 /// Save every award of the group with one counter update, one insert per split table and one
 /// for the tasks. `None`: the group repeats an order id; the ops run one by one instead.
 fn save_awards(
@@ -788,7 +776,7 @@ fn save_awards(
         by_table
             .entry(a.table)
             .or_default()
-            .push(new_award(a.record));
+            .push(sql::NewAward::of(a.record));
     }
     let now_ms = args[0].now_ms;
     let bodies: Vec<(u64, MessageId, String)> = args
@@ -945,7 +933,9 @@ fn apply(tx: &mut mysql::Conn, db: u32, op: &Op) -> std::result::Result<Reply, O
     match op {
         Op::SaveAward { .. } => {
             let a = save_args(op);
-            if let Err(e) = sql::insert_awards(tx, a.table, &[new_award(a.record)], a.now_ms) {
+            if let Err(e) =
+                sql::insert_awards(tx, a.table, &[sql::NewAward::of(a.record)], a.now_ms)
+            {
                 return Err(if is_duplicate(&e) {
                     OpError::Op(Error::DuplicateOrder {
                         order_id: a.record.order_id.as_str().to_string(),

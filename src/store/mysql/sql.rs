@@ -99,6 +99,21 @@ pub(crate) struct NewAward<'a> {
     pub(crate) award_time_ms: i64,
 }
 
+impl<'a> NewAward<'a> {
+    /// The row of an award record.
+    pub(crate) fn of(r: &'a crate::model::AwardRecord) -> Self {
+        NewAward {
+            user_id: r.user_id.as_str(),
+            activity_id: r.activity_id,
+            strategy_id: r.strategy_id,
+            order_id: r.order_id.as_str(),
+            award_id: r.award_id,
+            award_title: &r.award_title,
+            award_time_ms: r.award_time_ms,
+        }
+    }
+}
+
 /// Insert award records into one split table, in one statement.
 pub(crate) fn insert_awards(
     q: &mut impl Queryable,
