@@ -91,12 +91,20 @@ pub(crate) fn open_all(
     Ok(out)
 }
 
-fn pool(d: &MysqlDatabase, with_db: bool, max: usize) -> Result<Pool> {
+/// A pool of sessions in READ COMMITTED (no gap locks between processes' claims and inserts),
+/// utf8mb4 (the scripts' literals are escaped for it), that wait at most `busy` for a row lock
+/// another process holds (as SQLite's busy timeout), at least a second.
+fn pool(d: &MysqlDatabase, with_db: bool, max: usize, busy: Duration) -> Result<Pool> {
     let mut b = mysql::OptsBuilder::from_opts(d.opts.clone())
         .tcp_connect_timeout(Some(Duration::from_secs(10)))
         .stmt_cache_size(Some(512))
         .init(vec![
-            "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            "SET NAMES utf8mb4".to_string(),
+            "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED".to_string(),
+            format!(
+                "SET SESSION innodb_lock_wait_timeout = {}",
+                busy.as_secs().clamp(1, 3600)
+            ),
         ])
         .pool_opts(
             mysql::PoolOpts::default()
@@ -118,7 +126,7 @@ enum Missing {
 
 fn check(settings: &Settings, db: u32, d: &MysqlDatabase, create: bool) -> Result<Missing> {
     let ctx = |what: &str| format!("{what} {}", d.shown);
-    let server = pool(d, false, 1)?;
+    let server = pool(d, false, 1, settings.busy_timeout)?;
     let mut conn = server
         .get_conn()
         .map_err(|e| Error::storage(ctx("connecting to"), e))?;
@@ -247,7 +255,7 @@ fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, missing: Missing) -
     let ctx = |what: &str| format!("{what} {}", d.shown);
     let layout = settings.layout;
     if missing == Missing::Database {
-        let server = pool(d, false, 1)?;
+        let server = pool(d, false, 1, settings.busy_timeout)?;
         let mut conn = server
             .get_conn()
             .map_err(|e| Error::storage(ctx("connecting to"), e))?;
@@ -257,7 +265,7 @@ fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, missing: Missing) -
         ))
         .map_err(|e| Error::storage(ctx("creating"), e))?;
     }
-    let pool = pool(d, true, LANES + 4)?;
+    let pool = pool(d, true, LANES + 4, settings.busy_timeout)?;
     if missing != Missing::Nothing {
         let mut conn = pool
             .get_conn()
