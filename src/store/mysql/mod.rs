@@ -278,11 +278,15 @@ fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, missing: Missing) -
             layout.tb_count()
         );
     }
-    let lock_mode: Option<u32> = pool
+    // A multi-row insert's ids are consecutive only in InnoDB's lock modes 0 and 1, and only
+    // with an increment of 1 (multi-primary setups use more).
+    let autoinc: Option<(u32, u32)> = pool
         .get_conn()
-        .and_then(|mut c| c.query_first("SELECT @@innodb_autoinc_lock_mode"))
+        .and_then(|mut c| {
+            c.query_first("SELECT @@innodb_autoinc_lock_mode, @@auto_increment_increment")
+        })
         .map_err(|e| Error::storage(ctx("reading the auto-increment mode of"), e))?;
-    let consecutive_ids = matches!(lock_mode, Some(0 | 1));
+    let consecutive_ids = matches!(autoinc, Some((0 | 1, 1)));
     let mut lanes: Vec<Box<dyn Batch>> = Vec::with_capacity(LANES);
     for _ in 0..LANES {
         let conn = pool
