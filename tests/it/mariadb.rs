@@ -346,3 +346,112 @@ fn the_tools_and_the_http_api_run_on_mariadb() {
         "delivered"
     );
 }
+
+/// Kill every server connection to the test's databases (as a network drop or a server-side
+/// `KILL` would); returns how many there were.
+fn kill_connections(t: &TestStore) -> usize {
+    let mut root = mysql::Pool::new(MARIADB).unwrap().get_conn().unwrap();
+    let prefix = t.url().rsplit('/').next().unwrap().to_string();
+    let ids: Vec<u64> = root
+        .exec(
+            "SELECT id FROM information_schema.processlist WHERE db LIKE ? AND id <> CONNECTION_ID()",
+            (format!("{prefix}\\_%"),),
+        )
+        .unwrap();
+    for id in &ids {
+        let _ = root.query_drop(format!("KILL CONNECTION {id}"));
+    }
+    ids.len()
+}
+
+#[test]
+fn connections_killed_mid_load_lose_nothing_and_the_service_reconnects() {
+    let t = TestStore::new(Kind::Mariadb);
+    let (service, _) = start(t.settings.clone());
+    let saved = std::sync::Mutex::new(Vec::new());
+    let failed = std::sync::atomic::AtomicUsize::new(0);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let total = 3000;
+    let killed = std::thread::scope(|scope| {
+        for _ in 0..8 {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= total {
+                    break;
+                }
+                let order = format!("6{i:011}");
+                match service.save_award(award(&format!("k{}", i % 40), &order)) {
+                    Ok(_) => saved.lock().unwrap().push(order),
+                    Err(_) => {
+                        failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+        let mut killed = 0;
+        for round in 1..=3 {
+            assert!(
+                wait_until(Duration::from_secs(30), || next
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                    >= round * total / 4),
+                "the load did not progress"
+            );
+            killed += kill_connections(&t);
+        }
+        killed
+    });
+    assert!(killed > 0, "connections were killed");
+    eprintln!(
+        "killed {killed} connections; {} saves failed",
+        failed.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    let saved = saved.into_inner().unwrap();
+    assert!(
+        saved.len() > total / 2,
+        "most saves succeed: {} of {total}, {} failed",
+        saved.len(),
+        failed.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    // The service reconnects: a save after the kills succeeds, and the scanner sends whatever
+    // was committed but not marked.
+    service.save_award(award("after", "699999999999")).unwrap();
+    let done = wait_until(Duration::from_secs(60), || {
+        service.scan_once().is_ok() && {
+            let (a, d, tasks, c) = t.totals();
+            a == d && tasks == c && a == tasks
+        }
+    });
+    assert!(
+        done,
+        "not everything committed was delivered: {:?}",
+        t.totals()
+    );
+    service.shutdown().unwrap();
+    // Every acknowledged save is stored (a save whose reply was lost may be stored as well).
+    let (awards, ..) = t.totals();
+    assert!(awards as usize >= saved.len() + 1);
+    for order in saved.iter().step_by(97) {
+        let r = route(
+            &format!("k{}", order[1..].parse::<usize>().unwrap() % 40),
+            Layout::default(),
+        );
+        assert_eq!(
+            t.count(
+                r.db,
+                &format!(
+                    "SELECT COUNT(*) FROM {} WHERE order_id = '{order}'",
+                    award_table(r.table)
+                )
+            ),
+            1,
+            "order {order}"
+        );
+    }
+    let audit = t.bin().args(["audit"]).output().unwrap();
+    assert!(
+        audit.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&audit.stdout),
+        String::from_utf8_lossy(&audit.stderr)
+    );
+}
