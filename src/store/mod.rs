@@ -28,6 +28,12 @@ pub use writer::{Delivered, Failure, Op, Reply, SavedTask};
 pub(crate) trait Batch: Send + 'static {
     /// Run `ops` as one group commit.
     fn run_batch(&mut self, ops: &[&Op]) -> Vec<Result<Reply>>;
+
+    /// How long the writer waits for more ops before it runs a group smaller than the maximum:
+    /// zero (the default) runs whatever is waiting at once.
+    fn linger(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// The reads of one database.

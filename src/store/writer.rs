@@ -342,8 +342,18 @@ impl Drop for Writer {
 }
 
 fn run(db: u32, mut backend: Box<dyn Batch>, rx: Receiver<Job>, max: usize, handoff: &Handoff) {
+    let linger = backend.linger();
     while let Ok(first) = rx.recv() {
-        let batch = crate::util::drain_batch(&rx, first, max);
+        let mut batch = crate::util::drain_batch(&rx, first, max);
+        if !linger.is_zero() {
+            let deadline = std::time::Instant::now() + linger;
+            while batch.len() < max {
+                match rx.recv_deadline(deadline) {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
         log::trace!("writer shard={db:02} batch={}", batch.len());
         let ops: Vec<&Op> = batch.iter().map(|j| &j.op).collect();
         let results = backend.run_batch(&ops);

@@ -288,7 +288,7 @@ fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, missing: Missing) -
         .map_err(|e| Error::storage(ctx("reading the auto-increment mode of"), e))?;
     let consecutive_ids = matches!(autoinc, Some((0 | 1, 1)));
     let mut lanes: Vec<Box<dyn Batch>> = Vec::with_capacity(LANES);
-    for _ in 0..LANES {
+    for lane in 0..LANES {
         let conn = pool
             .get_conn()
             .map_err(|e| Error::storage(ctx("connecting to"), e))?;
@@ -298,6 +298,7 @@ fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, missing: Missing) -
             pool: pool.clone(),
             conn: Some(conn),
             consecutive_ids,
+            linger: if lane == 0 { Duration::ZERO } else { LINGER },
         }));
     }
     Ok(Opened {
@@ -319,6 +320,12 @@ fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, missing: Missing) -
 /// third lane, deliveries apart from the relay, measured no faster: every lane's commit is one
 /// more fsync.)
 const LANES: usize = 2;
+
+/// How long the second lane gathers ops before it runs a small group. Nobody waits on its
+/// groups the way a caller waits on a save, and on MySQL every group has a fixed cost on the
+/// server (statements, a commit): gathering for 5 ms took `bench` from 5,649 to 6,869 awards/s at
+/// 16 callers, with save p50 2.66 -> 2.26 ms (10 and 20 ms measured no better).
+const LINGER: Duration = Duration::from_millis(5);
 
 fn lane_of(op: &Op) -> usize {
     match op {
@@ -431,6 +438,8 @@ struct MysqlBatch {
     conn: Option<PooledConn>,
     /// Multi-row inserts get consecutive auto-increment ids (InnoDB lock mode 0 or 1).
     consecutive_ids: bool,
+    /// How long the lane gathers ops before a group smaller than the maximum.
+    linger: Duration,
 }
 
 /// Why a group did not commit.
@@ -473,6 +482,10 @@ fn refused_for_data(e: &mysql::Error) -> bool {
 }
 
 impl Batch for MysqlBatch {
+    fn linger(&self) -> Duration {
+        self.linger
+    }
+
     fn run_batch(&mut self, ops: &[&Op]) -> Vec<Result<Reply>> {
         let mut last = None;
         for _ in 0..=DEADLOCK_RETRIES {
