@@ -201,20 +201,14 @@ fn a_database_of_another_layout_version_or_origin_is_refused_in_one_line_and_lef
     assert!(err.to_string().contains("schema version 2"), "{err}");
     assert_eq!(tables(&t, 2).len(), before.len());
 
-    // The original's database: its task table without big-market's columns.
+    // A task table that is neither the original's nor ours is refused, even by init.
     let other = TestStore::new(Kind::Mariadb);
-    let server = mysql::Pool::new(MARIADB).unwrap();
-    let db1 = format!("{}_01", other.url().rsplit('/').next().unwrap());
-    server
-        .get_conn()
-        .unwrap()
-        .query_drop(format!("CREATE DATABASE `{db1}`"))
-        .unwrap();
-    other.exec(1, "CREATE TABLE task (id bigint unsigned NOT NULL AUTO_INCREMENT PRIMARY KEY, user_id varchar(32) NOT NULL, topic varchar(32) NOT NULL, message_id varchar(11) NOT NULL, message varchar(512) NOT NULL, state varchar(16) NOT NULL DEFAULT 'create', create_time datetime NOT NULL DEFAULT CURRENT_TIMESTAMP, update_time datetime NOT NULL DEFAULT CURRENT_TIMESTAMP)");
+    create_database(&other);
+    other.exec(1, "CREATE TABLE task (id bigint unsigned NOT NULL AUTO_INCREMENT PRIMARY KEY, user_id varchar(32) NOT NULL, topic varchar(32) NOT NULL)");
     let err = Store::open(&other.settings, true)
         .err()
         .expect("foreign task table");
-    assert!(err.to_string().contains("lacks the columns seq"), "{err}");
+    assert!(err.to_string().contains("made by something else"), "{err}");
     assert_eq!(tables(&other, 1), ["task"], "nothing was added");
 
     // Without init, a missing database is named with what to do.
@@ -223,6 +217,105 @@ fn a_database_of_another_layout_version_or_origin_is_refused_in_one_line_and_lef
         .err()
         .expect("no database");
     assert!(err.to_string().contains("big-market init"), "{err}");
+}
+
+/// Create the test's first database, empty.
+fn create_database(t: &TestStore) {
+    let db1 = format!("{}_01", t.url().rsplit('/').next().unwrap());
+    mysql::Pool::new(MARIADB)
+        .unwrap()
+        .get_conn()
+        .unwrap()
+        .query_drop(format!("CREATE DATABASE `{db1}`"))
+        .unwrap();
+}
+
+/// The original's tables, as its DDL has them (DESIGN.md): no column of big-market's.
+const ORIGINAL_TASK: &str = "CREATE TABLE task (id int unsigned NOT NULL AUTO_INCREMENT, user_id varchar(32) NOT NULL, topic varchar(32) NOT NULL, message_id varchar(11) NOT NULL, message varchar(512) NOT NULL, state varchar(16) NOT NULL DEFAULT 'create', create_time datetime NOT NULL DEFAULT CURRENT_TIMESTAMP, update_time datetime NOT NULL DEFAULT CURRENT_TIMESTAMP, PRIMARY KEY (id), UNIQUE KEY uq_message_id (message_id), KEY idx_state (state), KEY idx_update_time (update_time)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4";
+
+#[test]
+fn init_adds_big_markets_columns_to_the_originals_database_and_its_rows_are_delivered() {
+    let t = TestStore::new(Kind::Mariadb);
+    create_database(&t);
+    t.exec(1, ORIGINAL_TASK);
+    for tb in 0..4 {
+        t.exec(1, &format!("CREATE TABLE user_award_record_{tb:03} (id int unsigned NOT NULL AUTO_INCREMENT, user_id varchar(32) NOT NULL, activity_id bigint NOT NULL, strategy_id bigint NOT NULL, order_id varchar(12) NOT NULL, award_id int NOT NULL, award_title varchar(128) NOT NULL, award_time datetime NOT NULL, award_state varchar(16) NOT NULL DEFAULT 'create', create_time datetime NOT NULL DEFAULT CURRENT_TIMESTAMP, update_time datetime NOT NULL DEFAULT CURRENT_TIMESTAMP, PRIMARY KEY (id), UNIQUE KEY uq_order_id (order_id), KEY idx_user_id (user_id), KEY idx_activity_id (activity_id), KEY idx_strategy_id (strategy_id)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"));
+    }
+    // The Java service's rows: a delivered award with its completed task, and one not yet sent.
+    let mut c = t.mysql(1);
+    for (order, id, state) in [
+        ("870000000001", "11111111111", "completed"),
+        ("870000000002", "22222222222", "create"),
+    ] {
+        c.exec_drop(
+            JAVA_INSERT_AWARD.replace("user_award_record", "user_award_record_001"),
+            (
+                "xiaofuge",
+                100301i64,
+                100006i64,
+                order,
+                101,
+                "t",
+                "2024-04-06 12:16:50",
+                if state == "completed" {
+                    "completed"
+                } else {
+                    "create"
+                },
+            ),
+        )
+        .unwrap();
+        let message = format!(
+            r#"{{"data":{{"awardId":101,"awardTitle":"t","orderId":"{order}","userId":"xiaofuge"}},"id":"{id}","timestamp":1712377010878}}"#
+        );
+        c.exec_drop(
+            JAVA_INSERT_TASK,
+            ("xiaofuge", "send_award", id, message, state),
+        )
+        .unwrap();
+    }
+    drop(c);
+
+    // Without init, the database is refused with what to do; init adds the columns.
+    let status = t.bin().args(["status"]).output().unwrap();
+    assert_eq!(status.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&status.stderr);
+    assert!(err.contains("run `big-market init` to add them"), "{err}");
+    let init = t.bin().args(["init"]).output().unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    assert_eq!(
+        t.count(
+            1,
+            "SELECT COUNT(*) FROM task WHERE next_attempt_at = 9223372036854775807"
+        ),
+        1,
+        "the original's settled task is out of the claim range"
+    );
+
+    // The Java service's own statements still work, and big-market delivers its pending row.
+    t.mysql(1)
+        .exec_drop(
+            JAVA_INSERT_TASK,
+            ("xiaofuge", "send_award", "33333333333", r#"{"data":{"awardId":101,"awardTitle":"t","orderId":"870000000002","userId":"xiaofuge"},"id":"33333333333","timestamp":1712377010878}"#, "create"),
+        )
+        .unwrap();
+    let (service, _) = start(t.settings.clone());
+    let report = service.scan_once().unwrap();
+    assert_eq!(report.relayed.completed, 2, "{report:?}");
+    assert!(
+        wait_until(Duration::from_secs(10), || t.awards(1, Some("completed"))
+            == 2),
+        "the original's pending award was delivered"
+    );
+    assert_eq!(
+        t.count(1, "SELECT receipts FROM delivery WHERE order_id = '870000000002' AND message_id = '22222222222'"),
+        1
+    );
+    service.shutdown().unwrap();
 }
 
 #[test]

@@ -116,7 +116,8 @@ fn pool(d: &MysqlDatabase, with_db: bool, max: usize, busy: Duration) -> Result<
     Pool::new(b).map_err(|e| Error::storage(format!("connecting to {}", d.shown), e))
 }
 
-/// What `open_one` must create: nothing, the tables, or the database and its tables.
+/// What `open_one` must create: nothing, the tables, or the database and its tables; and
+/// whether the original's `task` table needs big-market's columns.
 #[derive(Debug, PartialEq)]
 enum Missing {
     Nothing,
@@ -124,7 +125,14 @@ enum Missing {
     Database,
 }
 
-fn check(settings: &Settings, db: u32, d: &MysqlDatabase, create: bool) -> Result<Missing> {
+/// `check`'s verdict on a database.
+struct Plan {
+    missing: Missing,
+    /// big-market's columns to add to the original's `task` table.
+    add_to_task: Vec<&'static str>,
+}
+
+fn check(settings: &Settings, db: u32, d: &MysqlDatabase, create: bool) -> Result<Plan> {
     let ctx = |what: &str| format!("{what} {}", d.shown);
     let server = pool(d, false, 1, settings.busy_timeout)?;
     let mut conn = server
@@ -147,7 +155,10 @@ fn check(settings: &Settings, db: u32, d: &MysqlDatabase, create: bool) -> Resul
                 d.shown
             )));
         }
-        return Ok(Missing::Database);
+        return Ok(Plan {
+            missing: Missing::Database,
+            add_to_task: Vec::new(),
+        });
     }
     conn.query_drop(format!("USE `{}`", d.name))
         .map_err(|e| Error::storage(ctx("opening"), e))?;
@@ -164,24 +175,48 @@ fn check(settings: &Settings, db: u32, d: &MysqlDatabase, create: bool) -> Resul
         .chain((0..layout.tb_count()).map(award_table))
         .collect();
     let mut missing_tables = Vec::new();
+    let mut add_to_task = Vec::new();
     for t in &ours {
         match tables.get(t) {
             None => missing_tables.push(t.clone()),
             Some(cols) => {
-                let lacking: Vec<&str> = expected_columns(t)
+                let lacking: Vec<&'static str> = expected_columns(t)
                     .iter()
                     .copied()
                     .filter(|c| !cols.contains(*c))
                     .collect();
-                if !lacking.is_empty() {
+                // The original's task table (the Java service's database): it lacks only
+                // big-market's own columns, which `init` adds with their defaults.
+                let originals = t == "task"
+                    && lacking
+                        .iter()
+                        .all(|c| sql::TASK_COLUMNS_ADDED.iter().any(|(name, _)| name == c));
+                if !lacking.is_empty() && originals && create {
+                    add_to_task = lacking;
+                } else if !lacking.is_empty() && originals {
                     return Err(Error::Config(format!(
-                        "{}: table {t} lacks the columns {} that big-market needs: add them as schema.mysql.sql defines them (with their defaults), or use another database",
+                        "{}: the task table is the original's, without big-market's columns {}: run `big-market init` to add them (with defaults, so the original's statements keep working)",
+                        d.shown,
+                        lacking.join(", ")
+                    )));
+                } else if !lacking.is_empty() {
+                    return Err(Error::Config(format!(
+                        "{}: table {t} lacks the columns {} that big-market needs: it was made by something else; use another database",
                         d.shown,
                         lacking.join(", ")
                     )));
                 }
             }
         }
+    }
+    // A split table beyond the layout means the database was made for another --tb-count.
+    if tables.contains_key(&award_table(layout.tb_count())) {
+        return Err(Error::Config(format!(
+            "{} holds {}, which a layout of {} tables does not have: pass the --tb-count it was made with",
+            d.shown,
+            award_table(layout.tb_count()),
+            layout.tb_count()
+        )));
     }
     if tables.contains_key("shard_meta") {
         let meta = sql::shard_meta(&mut conn)
@@ -207,18 +242,12 @@ fn check(settings: &Settings, db: u32, d: &MysqlDatabase, create: bool) -> Resul
                 layout.tb_count()
             )));
         }
-        // A split table beyond the layout means another --tb-count made this database.
-        if tables.contains_key(&award_table(layout.tb_count())) {
-            return Err(Error::Config(format!(
-                "{} holds {}, which a layout of {} tables does not have",
-                d.shown,
-                award_table(layout.tb_count()),
-                layout.tb_count()
-            )));
-        }
     }
-    if missing_tables.is_empty() {
-        return Ok(Missing::Nothing);
+    if missing_tables.is_empty() && add_to_task.is_empty() {
+        return Ok(Plan {
+            missing: Missing::Nothing,
+            add_to_task,
+        });
     }
     if !create {
         return Err(Error::Config(format!(
@@ -227,7 +256,10 @@ fn check(settings: &Settings, db: u32, d: &MysqlDatabase, create: bool) -> Resul
             missing_tables.join(", ")
         )));
     }
-    Ok(Missing::Tables)
+    Ok(Plan {
+        missing: Missing::Tables,
+        add_to_task,
+    })
 }
 
 /// Refuse servers without `SKIP LOCKED` (MariaDB before 10.6, MySQL before 8.0).
@@ -251,9 +283,10 @@ fn check_server_version(version: &str, shown: &str) -> Result<()> {
     }
 }
 
-fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, missing: Missing) -> Result<Opened> {
+fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, plan: Plan) -> Result<Opened> {
     let ctx = |what: &str| format!("{what} {}", d.shown);
     let layout = settings.layout;
+    let missing = plan.missing;
     if missing == Missing::Database {
         let server = pool(d, false, 1, settings.busy_timeout)?;
         let mut conn = server
@@ -270,6 +303,16 @@ fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, missing: Missing) -
         let mut conn = pool
             .get_conn()
             .map_err(|e| Error::storage(ctx("connecting to"), e))?;
+        if !plan.add_to_task.is_empty() {
+            sql::add_task_columns(&mut conn, &plan.add_to_task).map_err(|e| {
+                Error::storage(ctx("adding big-market's columns to the task table of"), e)
+            })?;
+            log::info!(
+                "added {} to the original's task table in {}",
+                plan.add_to_task.join(", "),
+                d.shown
+            );
+        }
         sql::apply_schema(&mut conn, db, layout.db_count(), layout.tb_count())
             .map_err(|e| Error::storage(ctx("creating the schema in"), e))?;
         log::info!(

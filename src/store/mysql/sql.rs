@@ -65,6 +65,40 @@ pub(crate) fn apply_schema(
     )
 }
 
+/// The columns big-market adds to the original's `task` table, as `schema.mysql.sql` defines
+/// them: each has a default, so the original's inserts, which do not name them, still work.
+pub(crate) const TASK_COLUMNS_ADDED: [(&str, &str); 5] = [
+    ("seq", "bigint unsigned NULL DEFAULT NULL"),
+    ("attempts", "int unsigned NOT NULL DEFAULT 0"),
+    ("next_attempt_at", "bigint NOT NULL DEFAULT 0"),
+    ("claimed_by", "varchar(64) NULL DEFAULT NULL"),
+    ("last_error", "varchar(512) NULL DEFAULT NULL"),
+];
+
+/// Add big-market's `columns` (and their indexes) to the original's `task` table, and take the
+/// tasks it already settled out of the claim index's range.
+pub(crate) fn add_task_columns(q: &mut impl Queryable, columns: &[&str]) -> Sql<()> {
+    let mut alter: Vec<String> = TASK_COLUMNS_ADDED
+        .iter()
+        .filter(|(name, _)| columns.contains(name))
+        .map(|(name, def)| format!("ADD COLUMN {name} {def}"))
+        .collect();
+    let indexes: Vec<String> = q.query(
+        "SELECT DISTINCT CAST(index_name AS CHAR) FROM information_schema.statistics WHERE table_schema = DATABASE() AND table_name = 'task'",
+    )?;
+    if !indexes.iter().any(|i| i == "uq_task_seq") {
+        alter.push("ADD UNIQUE KEY uq_task_seq (seq)".into());
+    }
+    if !indexes.iter().any(|i| i == "idx_task_due") {
+        alter.push("ADD KEY idx_task_due (next_attempt_at)".into());
+    }
+    q.query_drop(format!("ALTER TABLE task {}", alter.join(", ")))?;
+    q.exec_drop(
+        "UPDATE task SET next_attempt_at = ? WHERE state NOT IN ('create', 'fail')",
+        (NEVER,),
+    )
+}
+
 /// The tables of the current database, with their columns.
 pub(crate) fn columns(q: &mut impl Queryable) -> Sql<Vec<(String, String)>> {
     q.query(
@@ -951,6 +985,18 @@ pub(crate) fn group_deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_columns_added_to_the_originals_task_table_are_the_schemas() {
+        for (name, def) in TASK_COLUMNS_ADDED {
+            let line = SCHEMA
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("{name} is in schema.mysql.sql"));
+            let squeezed: String = line.split_whitespace().collect::<Vec<_>>().join(" ");
+            assert!(squeezed.starts_with(&format!("{name} {def}")), "{squeezed}");
+        }
+    }
 
     #[test]
     fn script_literals_are_escaped_by_the_driver() {
