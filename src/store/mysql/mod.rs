@@ -1,15 +1,16 @@
 //! The MySQL/MariaDB backend: one database per shard (`big_market_01` ... on one server, or one
 //! URL per database), the original's tables plus big-market's columns (`schema.mysql.sql`).
 //!
-//! The writer's group runs in one READ COMMITTED transaction on the shard's own connection.
-//! The hot ops of a group go as multi-row statements: every award of the group takes its
-//! sequence numbers with one update of the counter row (locked until the commit, so sequence
+//! Each database has two write lanes (connections with a writer thread each): saves, and
+//! everything else. A lane's group runs in one READ COMMITTED transaction. The hot ops of a group
+//! go as multi-row statements, sent as two scripts (round trips): every award of the group takes
+//! its sequence numbers with one update of the counter row (locked until the commit, so sequence
 //! numbers stay gap-free across processes), inserts its records with one statement per split
-//! table and its tasks with one more; deliveries are checked, logged and applied the same way.
-//! When a multi-row statement is refused (a duplicate order id), the group's part rolls back to
-//! its savepoint and runs again one op per savepoint, so that only the guilty op fails. Claims
-//! use `FOR UPDATE SKIP LOCKED`: processes on several machines share the backlog without
-//! waiting on each other or sending a task twice.
+//! table and its tasks with one more; deliveries are checked, logged and applied the same way,
+//! with the relay's completions in the same transaction. When a multi-row statement is refused (a
+//! duplicate order id), the group rolls back and runs again one op per savepoint, so that only
+//! the guilty op fails. Claims use `FOR UPDATE SKIP LOCKED`: processes on several machines share
+//! the backlog without waiting on each other or sending a task twice.
 
 pub(crate) mod sql;
 
@@ -116,8 +117,7 @@ fn pool(d: &MysqlDatabase, with_db: bool, max: usize, busy: Duration) -> Result<
     Pool::new(b).map_err(|e| Error::storage(format!("connecting to {}", d.shown), e))
 }
 
-/// What `open_one` must create: nothing, the tables, or the database and its tables; and
-/// whether the original's `task` table needs big-market's columns.
+/// What `open_one` must create: nothing, the tables, or the database and its tables.
 #[derive(Debug, PartialEq)]
 enum Missing {
     Nothing,
