@@ -339,7 +339,7 @@ fn list(service: &Service, query: &str) -> Response<Body> {
 }
 
 fn ready(service: &Service) -> Response<Body> {
-    let shards = match service.status() {
+    let shards = match service.store().ping() {
         Ok(_) => "open",
         Err(e) => {
             log::warn!("readyz: shards unavailable: {e}");

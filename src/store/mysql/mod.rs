@@ -397,6 +397,12 @@ impl MysqlReads {
 }
 
 impl Reads for MysqlReads {
+    fn ping(&self) -> Result<()> {
+        sql::last_seq(&mut self.conn()?)
+            .map(|_| ())
+            .map_err(self.err("reading"))
+    }
+
     fn leased_tasks(&self, owner: &str, from: u64, to: u64, limit: usize) -> Result<Vec<TaskRow>> {
         sql::leased_in_range(&mut self.conn()?, owner, from, to, limit)
             .map_err(self.err("reading back handed-off tasks"))

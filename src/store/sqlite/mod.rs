@@ -67,6 +67,12 @@ impl SqliteReads {
 }
 
 impl Reads for SqliteReads {
+    fn ping(&self) -> Result<()> {
+        sql::last_seq(&*self.conn()?)
+            .map(|_| ())
+            .map_err(|e| Error::storage(self.ctx("reading"), e))
+    }
+
     fn leased_tasks(&self, owner: &str, from: u64, to: u64, limit: usize) -> Result<Vec<TaskRow>> {
         sql::leased_in_range(&*self.conn()?, owner, from, to, limit)
             .map_err(|e| Error::storage(self.ctx("reading back handed-off tasks"), e))
