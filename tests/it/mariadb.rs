@@ -421,7 +421,11 @@ fn the_tools_and_the_http_api_run_on_mariadb() {
     let server = crate::http::Server::start_with(t.dir.path(), &["--store", &url], &[]);
     let body = r#"{"userId":"xiaofuge","activityId":100301,"strategyId":100006,"orderId":"990000000002","awardId":101,"awardTitle":"t","awardTime":"2024-04-06T12:16:50+08:00"}"#;
     let (code, v) = server.call("GET", "/readyz", "");
-    assert_eq!((code, &v["shards"]), (200, &serde_json::json!("open")), "{v}");
+    assert_eq!(
+        (code, &v["shards"]),
+        (200, &serde_json::json!("open")),
+        "{v}"
+    );
     let (code, v) = server.call("POST", "/api/v1/awards", body);
     assert_eq!(code, 201, "{v}");
     assert_eq!(v["db"], "big_market_01");
