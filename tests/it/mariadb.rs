@@ -557,3 +557,64 @@ fn connections_killed_mid_load_lose_nothing_and_the_service_reconnects() {
         String::from_utf8_lossy(&audit.stderr)
     );
 }
+
+#[test]
+fn quotes_backslashes_and_any_unicode_in_values_are_stored_exactly() {
+    let t = TestStore::new(Kind::Mariadb);
+    let (service, _) = start(t.settings.clone());
+    let nasty = [
+        ("o'brien", r#"it's "quoted""#),
+        (r"back\slash", r"C:\path\to\n"),
+        ("x'); DROP TABLE task; --", "'; DELETE FROM task; --"),
+        ("用户 😀", "奖品 🎁\u{2028}中"),
+        ("%_like", "100% _off_"),
+    ];
+    // Saved together, so they go through one multi-row script; the delivery of their messages
+    // (whose bodies hold the same values, JSON-escaped) goes through another.
+    let records: Vec<_> = nasty
+        .iter()
+        .enumerate()
+        .map(|(i, (user, title))| {
+            big_market::model::AwardRecord::new(big_market::model::NewAward {
+                user_id: user,
+                activity_id: 1,
+                strategy_id: 2,
+                order_id: &format!("55000000000{i}"),
+                award_id: 3,
+                award_title: title,
+                award_time_ms: 1_712_377_010_000,
+            })
+            .unwrap()
+        })
+        .collect();
+    for r in service.save_awards(records) {
+        r.unwrap();
+    }
+    settle(&service);
+    for (i, (user, title)) in nasty.iter().enumerate() {
+        let r = route(user, Layout::default());
+        let stored: Option<(String, String)> = t
+            .mysql(r.db)
+            .exec_first(
+                format!(
+                    "SELECT user_id, award_title FROM {} WHERE order_id = ?",
+                    award_table(r.table)
+                ),
+                (format!("55000000000{i}"),),
+            )
+            .unwrap();
+        let (u, ti) = stored.unwrap_or_else(|| panic!("{user:?} not stored"));
+        assert_eq!((u.as_str(), ti.as_str()), (*user, *title));
+        let awards = service
+            .store()
+            .awards_of(&big_market::model::UserId::parse(user).unwrap(), 10)
+            .unwrap();
+        assert_eq!(awards[0].award_title, *title);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || t.totals() == (5, 5, 5, 5)),
+        "{:?}",
+        t.totals()
+    );
+    service.shutdown().unwrap();
+}
