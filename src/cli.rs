@@ -33,7 +33,7 @@ fn count<T: TryFrom<u64>, const MAX: u64>(s: &str) -> std::result::Result<T, Str
     T::try_from(n).map_err(|_| format!("{n} is too large for this machine"))
 }
 
-/// big-market: write award records and their outbox tasks atomically on SQLite shards, and
+/// big-market: write award records and their outbox tasks atomically on SQLite or MySQL shards, and
 /// deliver them through RabbitMQ or an in-process queue, losing nothing.
 #[derive(Debug, Parser)]
 #[command(name = "big-market", version, about, long_about = None, after_help = "Exit codes: 0 success, 1 failure, 2 bad input or settings, 3 duplicate order id.\nLogs go to stderr; set RUST_LOG (error, warn, info, debug, trace) to change how much.")]
@@ -131,7 +131,8 @@ struct GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create the shard files (idempotent).
+    /// Create the shard files, or with --store the MySQL databases and tables (idempotent; on the
+    /// original's own databases, it adds big-market's columns to the task table).
     Init,
     /// Print the database and table a user id routes to.
     Route {
@@ -166,7 +167,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Measure the pipeline beside the storage and broker ceilings, in one run, on fresh temporary shards.
+    /// Measure the pipeline beside the storage and broker ceilings, in one run, on fresh temporary
+    /// shards (with --store, scratch MySQL databases named after yours, dropped afterwards).
     Bench {
         /// Awards per phase (1 to 10,000,000).
         #[arg(long, default_value_t = 20000, value_parser = count::<usize, 10_000_000>)]
@@ -190,7 +192,8 @@ enum Command {
     },
     /// Kill and restart the pipeline at every crash boundary under injected faults, and audit;
     /// a scenario whose crash point is never reached fails. In-process by default; with
-    /// --amqp-url, against RabbitMQ, with queues of its own per scenario (deleted afterwards).
+    /// --amqp-url, against RabbitMQ, with queues of its own per scenario (deleted afterwards);
+    /// with --store, on MySQL databases of its own per scenario (dropped afterwards).
     Verify {
         /// Rounds over every boundary (1 to 100).
         #[arg(long, default_value_t = 1, value_parser = count::<usize, 100>)]
