@@ -1,7 +1,8 @@
 //! big-market: the award-delivery core of a lottery platform, embedded.
 //!
 //! When a user wins, [`outbox::Outbox::save_award`] writes the award record and an outbox task
-//! in one SQLite transaction on the shard the user id routes to and returns once it is durable;
+//! in one transaction on the shard the user id routes to (a SQLite file, or a MySQL/MariaDB
+//! database with `--store`) and returns once it is durable;
 //! the shard's [`relay`] then publishes the task's message (topic `send_award`) in batches and
 //! marks the task completed or failed. The [`scanner`] resends
 //! failed and stale tasks through a caller-runs pool; the [`consumer`] delivers each award once
@@ -13,7 +14,8 @@
 //! - [`router`]: user id -> database and table, the original db-router formula (pure);
 //! - [`retry`]: which failures count, backoff with jitter, the dead-letter limit (pure);
 //! - [`config`]: settings and their validation (pure);
-//! - [`store`]: shard files, schema, one function per SQL statement, the writer threads;
+//! - [`store`]: the shards behind one interface (SQLite files, MySQL databases), each backend's
+//!   SQL in its own module, the writer threads;
 //! - [`transport`]: the broker boundary: in-process, RabbitMQ (lapin), fault injection;
 //! - [`pool`]: the bounded caller-runs thread pool;
 //! - [`outbox`]: the write path (return on commit) and the publish-and-settle step;
