@@ -1,10 +1,11 @@
 //! The store: the shards and the only code that speaks SQL.
 //!
 //! Each database of the layout is a shard: a SQLite file under the data directory (the
-//! default, [`sqlite`]) or a MySQL/MariaDB database (`--store mysql://…`, [`mysql`]). A backend
-//! gives the store two things per database: its [`Reads`] and its [`Batch`], which the shard's
-//! [`writer::Writer`] thread runs every write through. Everything above this module
-//! (writer loop, relay, scanner, consumer, CLI) is backend-free.
+//! default, `store::sqlite`) or a MySQL/MariaDB database (`--store mysql://…`,
+//! `store::mysql`). A backend gives the store two things per database: its `Reads`, and one
+//! `Batch` per write lane, through which the shard's [`writer::Writer`] threads run every
+//! write. Everything above this module (writer loop, relay, scanner, consumer, CLI) is
+//! backend-free.
 
 pub(crate) mod ceiling;
 pub(crate) mod mysql;

@@ -1,6 +1,6 @@
 //! The shard writer: one thread per database owns its write connection. Callers send an
 //! [`Op`] on a bounded channel and wait for the reply; the thread takes every op waiting (up to
-//! `group_commit_max`) and hands the group to its backend's [`Batch`], which runs it in one
+//! `group_commit_max`) and hands the group to its backend's `Batch`, which runs it in one
 //! transaction and commits once; only then does the thread reply. A failing op (a duplicate
 //! order id) fails alone; a failed commit fails every op of the group. Backend-free: the SQL is
 //! in `store::sqlite` and `store::mysql`.
