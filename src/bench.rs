@@ -500,10 +500,6 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
 
     // 6. Through the HTTP API.
     if opts.http {
-        say(&format!(
-            "http: POST /api/v1/awards from {} keep-alive clients, until the last is delivered",
-            opts.threads
-        ));
         let s = fresh(base, &tmp, "http");
         http_phase(&s, opts.threads, n, &mut f)?;
         f.http_over_pipeline = f.http.map(|h| h / f.pipeline);
@@ -577,6 +573,9 @@ fn pipeline_phase(service: &Service, threads: usize, n: usize, f: &mut Figures) 
 /// `POST /api/v1/awards` from `threads` keep-alive connections to a server on a fresh service,
 /// until the last is delivered: fills the HTTP rate and p99.
 fn http_phase(s: &Settings, threads: usize, n: usize, f: &mut Figures) -> Result<()> {
+    eprintln!(
+        "bench: http: POST /api/v1/awards from {threads} keep-alive clients, until the last is delivered"
+    );
     let service = Arc::new(start_service(s)?);
     let server = crate::http::HttpServer::start(
         crate::http::HttpConfig::local("127.0.0.1:0"),
@@ -707,10 +706,6 @@ fn run_mysql(base: &Settings, dbs: &[MysqlDatabase], opts: &BenchOptions) -> Res
     );
 
     if opts.http {
-        say(&format!(
-            "http: POST /api/v1/awards from {} keep-alive clients, until the last is delivered",
-            opts.threads
-        ));
         let scratch = Scratch::new(base, dbs, 'h');
         http_phase(&scratch.settings, opts.threads, n, &mut f)?;
         drop(scratch);

@@ -129,6 +129,7 @@ pub(crate) fn mysql_e2e_batches(
     topic: &str,
 ) -> Result<()> {
     use super::mysql::sql as my;
+    use super::mysql::{Numbered, SaveArgs};
     use ::mysql::prelude::Queryable;
     use std::collections::BTreeMap;
 
@@ -142,42 +143,34 @@ pub(crate) fn mysql_e2e_batches(
             .start_transaction(::mysql::TxOpts::default())
             .map_err(e)?;
         let first = my::take_seqs(&mut tx, chunk.len() as u64).map_err(e)?;
-        let mut tables: BTreeMap<String, Vec<my::NewAward<'_>>> = BTreeMap::new();
-        for r in chunk {
-            tables
-                .entry(award_table(route(r.user_id.as_str(), layout).table))
-                .or_default()
-                .push(my::NewAward::of(r));
+        let split: Vec<String> = chunk
+            .iter()
+            .map(|r| award_table(route(r.user_id.as_str(), layout).table))
+            .collect();
+        let mut tables: BTreeMap<&str, Vec<my::NewAward<'_>>> = BTreeMap::new();
+        for (r, table) in chunk.iter().zip(&split) {
+            tables.entry(table).or_default().push(my::NewAward::of(r));
         }
         for (table, rows) in &tables {
             my::insert_awards(&mut tx, table, rows, now).map_err(e)?;
         }
-        let bodies: Vec<(u64, crate::model::MessageId, String)> = chunk
+        let args: Vec<SaveArgs<'_>> = chunk
             .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let seq = first + i as u64;
-                let body = crate::model::EventMessage::for_award(r, db, seq, now).encode();
-                (seq, crate::model::MessageId::new(db, seq), body)
-            })
-            .collect();
-        let tasks: Vec<my::NewTask<'_>> = chunk
-            .iter()
-            .zip(&bodies)
-            .map(|(r, (seq, id, body))| my::NewTask {
-                user_id: r.user_id.as_str(),
+            .zip(&split)
+            .map(|(record, table)| SaveArgs {
+                record,
+                table,
                 topic,
-                message_id: id.as_str(),
-                message: body,
-                seq: *seq,
                 owner: "bench",
                 lease_until_ms: now,
+                now_ms: now,
             })
             .collect();
-        let ids = my::insert_tasks(&mut tx, &tasks, now).map_err(e)?;
+        let numbered = Numbered::new(db, &args, first);
+        let ids = my::insert_tasks(&mut tx, &numbered.task_rows(), now).map_err(e)?;
         let deliveries: Vec<(&str, u64, &str)> = chunk
             .iter()
-            .zip(&bodies)
+            .zip(&numbered.messages)
             .map(|(r, (seq, id, _))| (id.as_str(), *seq, r.order_id.as_str()))
             .collect();
         let logged: Vec<&str> = deliveries.iter().map(|d| d.0).collect();

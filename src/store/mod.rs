@@ -24,6 +24,17 @@ use crate::relay::Handoff;
 use crate::router::{award_table, route, Layout};
 pub use writer::{Delivered, Failure, Op, Reply, SavedTask};
 
+/// The scripts that create a schema: the part every database has once, then, per split table
+/// index, the part after the `-- @split-table` marker with `000` replaced by that index.
+pub(crate) fn schema_scripts(schema: &str, tb_count: u32) -> Vec<String> {
+    let (shared, split) = schema
+        .split_once("-- @split-table")
+        .expect("a schema has the split-table marker");
+    std::iter::once(shared.to_string())
+        .chain((0..tb_count).map(|t| split.replace("000", &format!("{t:03}"))))
+        .collect()
+}
+
 /// The writes of one database: run a group of ops in one transaction, commit once, and return
 /// one result per op, in order. A failing op fails alone; a failed commit fails them all.
 pub(crate) trait Batch: Send + 'static {

@@ -499,14 +499,6 @@ enum GroupError {
     Failed(mysql::Error),
 }
 
-impl GroupError {
-    fn into_inner(self) -> mysql::Error {
-        match self {
-            GroupError::Deadlock(e) | GroupError::Failed(e) => e,
-        }
-    }
-}
-
 impl From<mysql::Error> for GroupError {
     fn from(e: mysql::Error) -> Self {
         if server_code(&e) == Some(1213) {
@@ -555,21 +547,18 @@ impl Batch for MysqlBatch {
                 outcome.is_ok(),
                 started.elapsed().as_micros()
             );
-            if outcome.is_err() {
-                // Whatever the failure left open is not kept.
-                if conn.query_drop("ROLLBACK").is_err() {
-                    return self.fail_all(
-                        ops,
-                        &outcome.err().map(|e| e.into_inner()).expect("an error"),
-                    );
-                }
-            }
-            match outcome {
+            let failure = match outcome {
                 Ok(results) => {
                     self.conn = Some(conn);
                     return results;
                 }
-                Err(GroupError::Deadlock(e)) => {
+                Err(failure) => failure,
+            };
+            // Whatever the failure left open is not kept; a connection that cannot even roll
+            // back, or that failed mid-group, is not used again.
+            let usable = conn.query_drop("ROLLBACK").is_ok();
+            match failure {
+                GroupError::Deadlock(e) if usable => {
                     log::debug!(
                         "group on {} rolled back by a deadlock, running it again",
                         self.shown
@@ -577,9 +566,8 @@ impl Batch for MysqlBatch {
                     self.conn = Some(conn);
                     last = Some(e);
                 }
-                Err(GroupError::Failed(e)) => {
-                    // A connection that failed mid-group is not used again.
-                    if !e.is_connectivity_error() {
+                GroupError::Deadlock(e) | GroupError::Failed(e) => {
+                    if usable && !e.is_connectivity_error() {
                         self.conn = Some(conn);
                     }
                     return self.fail_all(ops, &e);
@@ -797,13 +785,14 @@ fn is_duplicate(e: &mysql::Error) -> bool {
     server_code(e) == Some(1062)
 }
 
-struct SaveArgs<'a> {
-    record: &'a AwardRecord,
-    table: &'a str,
-    topic: &'a str,
-    owner: &'a str,
-    lease_until_ms: i64,
-    now_ms: i64,
+/// What saving one award needs.
+pub(crate) struct SaveArgs<'a> {
+    pub(crate) record: &'a AwardRecord,
+    pub(crate) table: &'a str,
+    pub(crate) topic: &'a str,
+    pub(crate) owner: &'a str,
+    pub(crate) lease_until_ms: i64,
+    pub(crate) now_ms: i64,
 }
 
 fn save_args(op: &Op) -> SaveArgs<'_> {
@@ -824,6 +813,65 @@ fn save_args(op: &Op) -> SaveArgs<'_> {
             now_ms: *now_ms,
         },
         other => unreachable!("not a save: {other:?}"),
+    }
+}
+
+/// The awards of `args` numbered from `first`: each one's sequence number, message id and
+/// message, the task rows that carry them, and (given the tasks' ids) the replies.
+pub(crate) struct Numbered<'a> {
+    args: &'a [SaveArgs<'a>],
+    db: u32,
+    pub(crate) messages: Vec<(u64, MessageId, String)>,
+}
+
+impl<'a> Numbered<'a> {
+    pub(crate) fn new(db: u32, args: &'a [SaveArgs<'a>], first: u64) -> Self {
+        let messages = args
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let seq = first + i as u64;
+                let body = EventMessage::for_award(a.record, db, seq, a.now_ms).encode();
+                (seq, MessageId::new(db, seq), body)
+            })
+            .collect();
+        Numbered { args, db, messages }
+    }
+
+    pub(crate) fn task_rows(&self) -> Vec<sql::NewTask<'_>> {
+        self.args
+            .iter()
+            .zip(&self.messages)
+            .map(|(a, (seq, id, body))| sql::NewTask {
+                user_id: a.record.user_id.as_str(),
+                topic: a.topic,
+                message_id: id.as_str(),
+                message: body,
+                seq: *seq,
+                owner: a.owner,
+                lease_until_ms: a.lease_until_ms,
+            })
+            .collect()
+    }
+
+    fn saved(self, ids: Vec<i64>) -> Vec<Reply> {
+        let db = self.db;
+        self.args
+            .iter()
+            .zip(self.messages)
+            .zip(ids)
+            .map(|((a, (seq, message_id, message)), id)| {
+                Reply::Saved(SavedTask {
+                    id,
+                    db,
+                    seq,
+                    message_id,
+                    topic: a.topic.to_string(),
+                    message,
+                    lease_until_ms: a.lease_until_ms,
+                })
+            })
+            .collect()
     }
 }
 
@@ -853,28 +901,8 @@ fn save_awards(
             .push(sql::NewAward::of(a.record));
     }
     let now_ms = args[0].now_ms;
-    let bodies: Vec<(u64, MessageId, String)> = args
-        .iter()
-        .enumerate()
-        .map(|(i, a)| {
-            let seq = first + i as u64;
-            let body = EventMessage::for_award(a.record, db, seq, a.now_ms).encode();
-            (seq, MessageId::new(db, seq), body)
-        })
-        .collect();
-    let rows: Vec<sql::NewTask<'_>> = args
-        .iter()
-        .zip(&bodies)
-        .map(|(a, (seq, id, body))| sql::NewTask {
-            user_id: a.record.user_id.as_str(),
-            topic: a.topic,
-            message_id: id.as_str(),
-            message: body,
-            seq: *seq,
-            owner: a.owner,
-            lease_until_ms: a.lease_until_ms,
-        })
-        .collect();
+    let numbered = Numbered::new(db, &args, first);
+    let rows = numbered.task_rows();
     // Round trip 2: every row, the task ids, the frame closed (committed, as its own
     // transaction).
     if ctx.frame == sql::Frame::Transaction {
@@ -889,23 +917,8 @@ fn save_awards(
         &rows,
         now_ms,
     )?;
-    Ok(Some(
-        args.iter()
-            .zip(bodies)
-            .zip(ids)
-            .map(|((a, (seq, message_id, message)), id)| {
-                Ok(Reply::Saved(SavedTask {
-                    id,
-                    db,
-                    seq,
-                    message_id,
-                    topic: a.topic.to_string(),
-                    message,
-                    lease_until_ms: a.lease_until_ms,
-                }))
-            })
-            .collect(),
-    ))
+    drop(rows);
+    Ok(Some(numbered.saved(ids).into_iter().map(Ok).collect()))
 }
 
 /// Deliver every message of the group in two round trips: the look-up of their awards and of
@@ -1019,30 +1032,10 @@ fn apply(tx: &mut mysql::Conn, db: u32, op: &Op) -> std::result::Result<Reply, O
                 });
             }
             let seq = sql::take_seqs(tx, 1)?;
-            let message = EventMessage::for_award(a.record, db, seq, a.now_ms).encode();
-            let message_id = MessageId::new(db, seq);
-            let ids = sql::insert_tasks(
-                tx,
-                &[sql::NewTask {
-                    user_id: a.record.user_id.as_str(),
-                    topic: a.topic,
-                    message_id: message_id.as_str(),
-                    message: &message,
-                    seq,
-                    owner: a.owner,
-                    lease_until_ms: a.lease_until_ms,
-                }],
-                a.now_ms,
-            )?;
-            Ok(Reply::Saved(SavedTask {
-                id: ids[0],
-                db,
-                seq,
-                message_id,
-                topic: a.topic.to_string(),
-                message,
-                lease_until_ms: a.lease_until_ms,
-            }))
+            let one = [a];
+            let numbered = Numbered::new(db, &one, seq);
+            let ids = sql::insert_tasks(tx, &numbered.task_rows(), one[0].now_ms)?;
+            Ok(numbered.saved(ids).pop().expect("one reply"))
         }
         Op::MarkCompleted { ids, owner, now_ms } => Ok(Reply::Count(sql::mark_completed(
             tx,

@@ -15,7 +15,6 @@ pub(crate) type Sql<T> = std::result::Result<T, mysql::Error>;
 pub(crate) const SCHEMA: &str = include_str!("../../../schema.mysql.sql");
 /// The schema version this build writes and reads.
 pub(crate) const SCHEMA_VERSION: u32 = 1;
-const SPLIT_MARKER: &str = "-- @split-table";
 
 /// `next_attempt_at` of a task no claim may take again (completed or dead): out of the claim
 /// query's index range, so settled tasks cost the claim nothing.
@@ -52,12 +51,8 @@ pub(crate) fn apply_schema(
     db_count: u32,
     tb_count: u32,
 ) -> Sql<()> {
-    let (shared, split) = SCHEMA
-        .split_once(SPLIT_MARKER)
-        .expect("schema.mysql.sql has the split marker");
-    q.query_drop(shared)?;
-    for t in 0..tb_count {
-        q.query_drop(split.replace("000", &format!("{t:03}")))?;
+    for script in crate::store::schema_scripts(SCHEMA, tb_count) {
+        q.query_drop(script)?;
     }
     q.exec_drop(
         "INSERT IGNORE INTO shard_meta (id, schema_version, db_idx, db_count, tb_count, next_seq) VALUES (1, ?, ?, ?, ?, 1)",
@@ -148,13 +143,23 @@ impl<'a> NewAward<'a> {
     }
 }
 
+/// A statement with `?` placeholders and its values. It goes out prepared on its own, or inside
+/// a [`Script`] with the values bound as the driver's escaped literals: one definition of each
+/// statement serves both. The SQL text is ours; no `?` stands anywhere but as a placeholder.
+pub(crate) struct Stmt {
+    pub(crate) sql: String,
+    pub(crate) params: Vec<Value>,
+}
+
+impl Stmt {
+    /// Run it prepared; returns the rows it changed and the last insert id.
+    fn exec(self, q: &mut impl Queryable) -> Sql<(u64, u64)> {
+        exec(q, &self.sql, self.params)
+    }
+}
+
 /// Insert award records into one split table, in one statement.
-pub(crate) fn insert_awards(
-    q: &mut impl Queryable,
-    table: &str,
-    rows: &[NewAward<'_>],
-    now_ms: i64,
-) -> Sql<()> {
+pub(crate) fn award_insert(table: &str, rows: &[NewAward<'_>], now_ms: i64) -> Stmt {
     // FROM_UNIXTIME stops at 2038 on some servers; an award time may be as late as 9999.
     let one = "(?, ?, ?, ?, ?, ?, TIMESTAMPADD(MICROSECOND, ? * 1000, FROM_UNIXTIME(0)), 'create', FROM_UNIXTIME(? / 1000), FROM_UNIXTIME(? / 1000))";
     let sql = format!(
@@ -175,7 +180,17 @@ pub(crate) fn insert_awards(
             now_ms.into(),
         ]);
     }
-    q.exec_drop(sql, params)
+    Stmt { sql, params }
+}
+
+/// [`award_insert`], prepared.
+pub(crate) fn insert_awards(
+    q: &mut impl Queryable,
+    table: &str,
+    rows: &[NewAward<'_>],
+    now_ms: i64,
+) -> Sql<()> {
+    award_insert(table, rows, now_ms).exec(q).map(|_| ())
 }
 
 /// A task row to insert, claimed by the writing process until its lease expires.
@@ -189,12 +204,8 @@ pub(crate) struct NewTask<'a> {
     pub(crate) lease_until_ms: i64,
 }
 
-/// Insert tasks in one statement; returns the id of each, in order.
-pub(crate) fn insert_tasks(
-    q: &mut impl Queryable,
-    rows: &[NewTask<'_>],
-    now_ms: i64,
-) -> Sql<Vec<i64>> {
+/// Insert tasks in one statement.
+pub(crate) fn task_insert_stmt(rows: &[NewTask<'_>], now_ms: i64) -> Stmt {
     let one =
         "(?, ?, ?, ?, 'create', FROM_UNIXTIME(? / 1000), FROM_UNIXTIME(? / 1000), ?, 0, ?, ?)";
     let sql = format!(
@@ -215,16 +226,35 @@ pub(crate) fn insert_tasks(
             t.owner.into(),
         ]);
     }
-    q.exec_drop(sql, params)?;
-    // Ids by sequence number: they need not be consecutive (interleaved auto-increment).
-    let (first, last) = match (rows.first(), rows.last()) {
-        (Some(f), Some(l)) => (f.seq, l.seq),
-        _ => return Ok(Vec::new()),
-    };
-    let found: Vec<(i64, u64)> = q.exec(
-        "SELECT id, seq FROM task WHERE seq BETWEEN ? AND ?",
-        (first, last),
-    )?;
+    Stmt { sql, params }
+}
+
+/// [`task_insert_stmt`], prepared; returns the id of each task, in order.
+pub(crate) fn insert_tasks(
+    q: &mut impl Queryable,
+    rows: &[NewTask<'_>],
+    now_ms: i64,
+) -> Sql<Vec<i64>> {
+    task_insert_stmt(rows, now_ms).exec(q)?;
+    let ids = tasks_by_seq(rows);
+    let found: Vec<(i64, u64)> = q.exec(ids.sql, ids.params)?;
+    ids_in_order(found, rows)
+}
+
+/// `(id, seq)` of the tasks with the sequence numbers of `rows` (ids need not be consecutive:
+/// interleaved auto-increment).
+fn tasks_by_seq(rows: &[NewTask<'_>]) -> Stmt {
+    Stmt {
+        sql: "SELECT id, seq FROM task WHERE seq BETWEEN ? AND ?".into(),
+        params: vec![
+            rows.first().map_or(0, |t| t.seq).into(),
+            rows.last().map_or(0, |t| t.seq).into(),
+        ],
+    }
+}
+
+/// The id of each of `rows`, in order, from the `(id, seq)` pairs read back.
+fn ids_in_order(found: Vec<(i64, u64)>, rows: &[NewTask<'_>]) -> Sql<Vec<i64>> {
     let by_seq: std::collections::HashMap<u64, i64> =
         found.into_iter().map(|(i, s)| (s, i)).collect();
     rows.iter()
@@ -304,7 +334,22 @@ pub(crate) fn claim_due(
     Ok(out)
 }
 
-/// Mark tasks completed, those still claimed by `owner` and not settled.
+/// Mark tasks completed, those still claimed by `owner` (any: `None`) and not settled; a settled
+/// task leaves the claim index's range.
+pub(crate) fn tasks_completion(ids: &[i64], owner: Option<&str>, now_ms: i64) -> Stmt {
+    let mut params: Vec<Value> = vec![NEVER.into(), now_ms.into(), owner.into(), owner.into()];
+    params.extend(ids.iter().map(|i| Value::from(*i)));
+    Stmt {
+        sql: format!(
+            "UPDATE task SET state = 'completed', claimed_by = NULL, last_error = NULL, next_attempt_at = ?, update_time = FROM_UNIXTIME(? / 1000)
+             WHERE state IN ('create', 'fail') AND (? IS NULL OR claimed_by = ?) AND id IN ({})",
+            marks(ids.len())
+        ),
+        params,
+    }
+}
+
+/// [`tasks_completion`], prepared; returns the rows changed.
 pub(crate) fn mark_completed(
     q: &mut impl Queryable,
     ids: &[i64],
@@ -314,17 +359,7 @@ pub(crate) fn mark_completed(
     if ids.is_empty() {
         return Ok(0);
     }
-    let mut params: Vec<Value> = vec![NEVER.into(), now_ms.into(), owner.into(), owner.into()];
-    params.extend(ids.iter().map(|i| Value::from(*i)));
-    changed(
-        q,
-        &format!(
-            "UPDATE task SET state = 'completed', claimed_by = NULL, last_error = NULL, next_attempt_at = ?, update_time = FROM_UNIXTIME(? / 1000)
-             WHERE state IN ('create', 'fail') AND (? IS NULL OR claimed_by = ?) AND id IN ({})",
-            marks(ids.len())
-        ),
-        params,
-    )
+    Ok(tasks_completion(ids, owner, now_ms).exec(q)?.0 as usize)
 }
 
 /// Record a failed publish by `owner` (a task another claim took since is left alone).
@@ -423,11 +458,7 @@ pub(crate) fn record_delivery(
 }
 
 /// Log first receipts, in one statement.
-pub(crate) fn insert_deliveries(
-    q: &mut impl Queryable,
-    rows: &[(&str, u64, &str)],
-    now_ms: i64,
-) -> Sql<()> {
+pub(crate) fn delivery_insert(rows: &[(&str, u64, &str)], now_ms: i64) -> Stmt {
     let sql = format!(
         "INSERT INTO delivery (message_id, seq, order_id, receipts, delivered_at) VALUES {}",
         vec!["(?, ?, ?, 1, ?)"; rows.len()].join(", ")
@@ -436,53 +467,88 @@ pub(crate) fn insert_deliveries(
     for (m, s, o) in rows {
         params.extend([(*m).into(), (*s).into(), (*o).into(), now_ms.into()]);
     }
-    q.exec_drop(sql, params)
+    Stmt { sql, params }
+}
+
+/// [`delivery_insert`], prepared.
+pub(crate) fn insert_deliveries(
+    q: &mut impl Queryable,
+    rows: &[(&str, u64, &str)],
+    now_ms: i64,
+) -> Sql<()> {
+    delivery_insert(rows, now_ms).exec(q).map(|_| ())
+}
+
+/// Count one more receipt of a message the log holds.
+fn receipt_count(message_id: &str) -> Stmt {
+    Stmt {
+        sql: "UPDATE delivery SET receipts = receipts + 1 WHERE message_id = ?".into(),
+        params: vec![message_id.into()],
+    }
 }
 
 /// Which of these message ids the delivery log holds.
-pub(crate) fn logged_deliveries(q: &mut impl Queryable, ids: &[&str]) -> Sql<Vec<String>> {
-    q.exec(
-        format!(
+fn deliveries_lookup(ids: &[&str]) -> Stmt {
+    Stmt {
+        sql: format!(
             "SELECT message_id FROM delivery WHERE message_id IN ({})",
             marks(ids.len())
         ),
-        ids.to_vec(),
-    )
+        params: ids.iter().map(|i| Value::from(*i)).collect(),
+    }
 }
 
-/// `(order_id, user_id)` of the award records among these order ids in one split table.
+/// [`deliveries_lookup`], prepared.
+pub(crate) fn logged_deliveries(q: &mut impl Queryable, ids: &[&str]) -> Sql<Vec<String>> {
+    let s = deliveries_lookup(ids);
+    q.exec(s.sql, s.params)
+}
+
+/// `(table, order_id, user_id)` of the award records among these order ids in one split table.
+fn awards_lookup(table: &str, orders: &[&str]) -> Stmt {
+    let mut params: Vec<Value> = vec![table.into()];
+    params.extend(orders.iter().map(|o| Value::from(*o)));
+    Stmt {
+        sql: format!(
+            "SELECT ?, order_id, user_id FROM {table} WHERE order_id IN ({})",
+            marks(orders.len())
+        ),
+        params,
+    }
+}
+
+/// [`awards_lookup`], prepared.
 pub(crate) fn existing_awards(
     q: &mut impl Queryable,
     table: &str,
     orders: &[&str],
-) -> Sql<Vec<(String, String)>> {
-    q.exec(
-        format!(
-            "SELECT order_id, user_id FROM {table} WHERE order_id IN ({})",
-            marks(orders.len())
-        ),
-        orders.to_vec(),
-    )
+) -> Sql<Vec<(String, String, String)>> {
+    let s = awards_lookup(table, orders);
+    q.exec(s.sql, s.params)
 }
 
-/// Move award records from `create` to `completed`; returns rows changed.
+/// Move award records from `create` to `completed`.
+fn awards_completion(table: &str, orders: &[&str], now_ms: i64) -> Stmt {
+    let mut params: Vec<Value> = vec![now_ms.into()];
+    params.extend(orders.iter().map(|o| Value::from(*o)));
+    Stmt {
+        sql: format!(
+            "UPDATE {table} SET award_state = 'completed', update_time = FROM_UNIXTIME(? / 1000)
+             WHERE award_state = 'create' AND order_id IN ({})",
+            marks(orders.len())
+        ),
+        params,
+    }
+}
+
+/// [`awards_completion`], prepared; returns the rows changed.
 pub(crate) fn complete_awards(
     q: &mut impl Queryable,
     table: &str,
     orders: &[&str],
     now_ms: i64,
 ) -> Sql<usize> {
-    let mut params: Vec<Value> = vec![now_ms.into()];
-    params.extend(orders.iter().map(|o| Value::from(*o)));
-    changed(
-        q,
-        &format!(
-            "UPDATE {table} SET award_state = 'completed', update_time = FROM_UNIXTIME(? / 1000)
-             WHERE award_state = 'create' AND order_id IN ({})",
-            marks(orders.len())
-        ),
-        params,
-    )
+    Ok(awards_completion(table, orders, now_ms).exec(q)?.0 as usize)
 }
 
 /// Whether the award record of `order_id` belongs to `user_id`.
@@ -659,10 +725,26 @@ impl Script {
         v.into().as_sql(self.no_backslash_escape)
     }
 
-    /// `(lit, lit, ...)` of some values.
-    pub(crate) fn list<V: Into<Value> + Clone>(&self, vs: &[V]) -> String {
-        let items: Vec<String> = vs.iter().map(|v| self.lit(v.clone())).collect();
-        format!("({})", items.join(", "))
+    /// A statement's text with each `?` replaced by its value as an escaped literal.
+    pub(crate) fn bind(&self, stmt: &Stmt) -> String {
+        let mut values = stmt.params.iter();
+        let mut out = String::with_capacity(stmt.sql.len() + 16 * stmt.params.len());
+        for c in stmt.sql.chars() {
+            if c == '?' {
+                let v = values.next().expect("a value for every placeholder");
+                out.push_str(&self.lit(v.clone()));
+            } else {
+                out.push(c);
+            }
+        }
+        debug_assert!(values.next().is_none(), "a placeholder for every value");
+        out
+    }
+
+    /// Add a statement with its values bound.
+    pub(crate) fn push_stmt(&mut self, stmt: &Stmt) {
+        let text = self.bind(stmt);
+        self.push(text);
     }
 
     pub(crate) fn push(&mut self, statement: String) {
@@ -754,56 +836,13 @@ pub(crate) fn group_insert(
     now_ms: i64,
 ) -> Sql<Vec<i64>> {
     let mut s = Script::new(nbe);
-    let now = format!("FROM_UNIXTIME({now_ms} / 1000)");
     for (table, rows) in awards {
-        let values: Vec<String> = rows
-            .iter()
-            .map(|r| {
-                format!(
-                    "({}, {}, {}, {}, {}, {}, TIMESTAMPADD(MICROSECOND, {} * 1000, FROM_UNIXTIME(0)), 'create', {now}, {now})",
-                    s.lit(r.user_id),
-                    s.lit(r.activity_id),
-                    s.lit(r.strategy_id),
-                    s.lit(r.order_id),
-                    s.lit(r.award_id),
-                    s.lit(r.award_title),
-                    s.lit(r.award_time_ms)
-                )
-            })
-            .collect();
-        s.push(format!(
-            "INSERT INTO {table} (user_id, activity_id, strategy_id, order_id, award_id, award_title, award_time, award_state, create_time, update_time) VALUES {}",
-            values.join(", ")
-        ));
+        s.push_stmt(&award_insert(table, rows, now_ms));
     }
-    let values: Vec<String> = tasks
-        .iter()
-        .map(|t| {
-            format!(
-                "({}, {}, {}, {}, 'create', {now}, {now}, {}, 0, {}, {})",
-                s.lit(t.user_id),
-                s.lit(t.topic),
-                s.lit(t.message_id),
-                s.lit(t.message),
-                s.lit(t.seq),
-                s.lit(t.lease_until_ms),
-                s.lit(t.owner)
-            )
-        })
-        .collect();
-    s.push(format!(
-        "INSERT INTO task (user_id, topic, message_id, message, state, create_time, update_time, seq, attempts, next_attempt_at, claimed_by) VALUES {}",
-        values.join(", ")
-    ));
-    let (first, last) = (
-        tasks.first().map_or(0, |t| t.seq),
-        tasks.last().map_or(0, |t| t.seq),
-    );
-    let task_insert = awards.len();
+    let task_insert = s.statements;
+    s.push_stmt(&task_insert_stmt(tasks, now_ms));
     if !consecutive_ids {
-        s.push(format!(
-            "SELECT id, seq FROM task WHERE seq BETWEEN {first} AND {last}"
-        ));
+        s.push_stmt(&tasks_by_seq(tasks));
     }
     s.push(frame.close());
     let mut out = s.run(q)?;
@@ -811,25 +850,11 @@ pub(crate) fn group_insert(
         let first_id = out[task_insert].last_insert_id as i64;
         return Ok((0..tasks.len() as i64).map(|i| first_id + i).collect());
     }
-    let at = out.len() - 2;
-    let rows = std::mem::take(&mut out[at].rows);
-    let mut by_seq = std::collections::HashMap::with_capacity(rows.len());
-    for mut r in rows {
-        let (id, seq): (i64, u64) = (col(&mut r, 0)?, col(&mut r, 1)?);
-        by_seq.insert(seq, id);
+    let mut found = Vec::new();
+    for mut r in std::mem::take(&mut out[task_insert + 1].rows) {
+        found.push((col(&mut r, 0)?, col(&mut r, 1)?));
     }
-    tasks
-        .iter()
-        .map(|t| {
-            by_seq.get(&t.seq).copied().ok_or_else(|| {
-                mysql::Error::MySqlError(mysql::MySqlError {
-                    state: "HY000".into(),
-                    message: format!("task {} is not where it was just inserted", t.seq),
-                    code: 0,
-                })
-            })
-        })
-        .collect()
+    ids_in_order(found, tasks)
 }
 
 /// Open the group's frame and look up, in one round trip, the award records the messages name
@@ -846,19 +871,10 @@ pub(crate) fn group_lookup(
     s.push(frame.open());
     let selects: Vec<String> = orders
         .iter()
-        .map(|(table, orders)| {
-            format!(
-                "SELECT {}, order_id, user_id FROM {table} WHERE order_id IN {}",
-                s.lit(*table),
-                s.list(orders)
-            )
-        })
+        .map(|(table, orders)| s.bind(&awards_lookup(table, orders)))
         .collect();
     s.push(selects.join(" UNION ALL "));
-    s.push(format!(
-        "SELECT message_id FROM delivery WHERE message_id IN {}",
-        s.list(message_ids)
-    ));
+    s.push_stmt(&deliveries_lookup(message_ids));
     let mut out = s.run(q)?;
     let mut awards = Vec::new();
     for mut r in std::mem::take(&mut out[1].rows) {
@@ -871,34 +887,17 @@ pub(crate) fn group_lookup(
     Ok((awards, logged))
 }
 
-/// A task completion for a script: tasks still claimed by `owner` (any owner: `None`) and not
-/// settled, as [`mark_completed`].
+/// A task completion for a script, as [`tasks_completion`].
 pub(crate) struct Marks<'a> {
     pub(crate) ids: &'a [i64],
     pub(crate) owner: Option<&'a str>,
     pub(crate) now_ms: i64,
 }
 
-fn push_marks(s: &mut Script, marks: &[Marks<'_>]) -> usize {
-    let mut pushed = 0;
-    for m in marks {
-        if m.ids.is_empty() {
-            continue;
-        }
-        let owner = match m.owner {
-            Some(o) => format!("claimed_by = {}", s.lit(o)),
-            None => "TRUE".to_string(),
-        };
-        let ids: Vec<String> = m.ids.iter().map(|i| i.to_string()).collect();
-        s.push(format!(
-            "UPDATE task SET state = 'completed', claimed_by = NULL, last_error = NULL, next_attempt_at = {NEVER}, update_time = FROM_UNIXTIME({} / 1000)
-             WHERE state IN ('create', 'fail') AND {owner} AND id IN ({})",
-            m.now_ms,
-            ids.join(", ")
-        ));
-        pushed += 1;
+fn push_marks(s: &mut Script, marks: &[Marks<'_>]) {
+    for m in marks.iter().filter(|m| !m.ids.is_empty()) {
+        s.push_stmt(&tasks_completion(m.ids, m.owner, m.now_ms));
     }
-    pushed
 }
 
 /// Rows each of `marks` changed, read from the script's outcomes that follow `from`.
@@ -947,33 +946,13 @@ pub(crate) fn group_deliver(
 ) -> Sql<Vec<usize>> {
     let mut s = Script::new(nbe);
     if !firsts.is_empty() {
-        let values: Vec<String> = firsts
-            .iter()
-            .map(|(m, seq, o)| {
-                format!(
-                    "({}, {}, {}, 1, {now_ms})",
-                    s.lit(*m),
-                    s.lit(*seq),
-                    s.lit(*o)
-                )
-            })
-            .collect();
-        s.push(format!(
-            "INSERT INTO delivery (message_id, seq, order_id, receipts, delivered_at) VALUES {}",
-            values.join(", ")
-        ));
+        s.push_stmt(&delivery_insert(firsts, now_ms));
     }
     for m in again {
-        s.push(format!(
-            "UPDATE delivery SET receipts = receipts + 1 WHERE message_id = {}",
-            s.lit(*m)
-        ));
+        s.push_stmt(&receipt_count(m));
     }
     for (table, orders) in complete {
-        s.push(format!(
-            "UPDATE {table} SET award_state = 'completed', update_time = FROM_UNIXTIME({now_ms} / 1000) WHERE award_state = 'create' AND order_id IN {}",
-            s.list(orders)
-        ));
+        s.push_stmt(&awards_completion(table, orders, now_ms));
     }
     let before_marks = s.statements;
     push_marks(&mut s, marks);
@@ -1004,7 +983,11 @@ mod tests {
         assert_eq!(s.lit("it's"), r"'it\'s'");
         assert_eq!(s.lit(r"a\b"), r"'a\\b'");
         assert_eq!(s.lit(42i64), "42");
-        assert_eq!(s.list(&["a", "b'"]), r"('a', 'b\'')");
+        let stmt = Stmt {
+            sql: "(?, ?)".into(),
+            params: vec!["a".into(), "b'".into()],
+        };
+        assert_eq!(s.bind(&stmt), r"('a', 'b\'')");
         let strict = Script::new(true);
         assert_eq!(strict.lit("it's"), "'it''s'");
     }

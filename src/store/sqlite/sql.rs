@@ -12,7 +12,6 @@ type Sql<T> = rusqlite::Result<T>;
 pub const SCHEMA: &str = include_str!("../../../schema.sql");
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: i64 = 1;
-const SPLIT_MARKER: &str = "-- @split-table";
 
 /// Create every table of a new shard file (inside the caller's transaction).
 pub fn apply_schema(
@@ -22,12 +21,8 @@ pub fn apply_schema(
     tb_count: u32,
     now_ms: i64,
 ) -> Sql<()> {
-    let (shared, split) = SCHEMA
-        .split_once(SPLIT_MARKER)
-        .expect("schema.sql has the split marker");
-    conn.execute_batch(shared)?;
-    for t in 0..tb_count {
-        conn.execute_batch(&split.replace("000", &format!("{t:03}")))?;
+    for script in crate::store::schema_scripts(SCHEMA, tb_count) {
+        conn.execute_batch(&script)?;
     }
     conn.execute(
         "INSERT INTO shard_meta (id, db_idx, db_count, tb_count, next_seq, create_time) VALUES (1, ?1, ?2, ?3, 1, ?4)",
