@@ -721,8 +721,8 @@ impl Script {
     }
 
     /// A value as an escaped SQL literal.
-    pub(crate) fn lit(&self, v: impl Into<Value>) -> String {
-        v.into().as_sql(self.no_backslash_escape)
+    fn lit(&self, v: &Value) -> String {
+        v.as_sql(self.no_backslash_escape)
     }
 
     /// A statement's text with each `?` replaced by its value as an escaped literal.
@@ -732,7 +732,7 @@ impl Script {
         for c in stmt.sql.chars() {
             if c == '?' {
                 let v = values.next().expect("a value for every placeholder");
-                out.push_str(&self.lit(v.clone()));
+                out.push_str(&self.lit(v));
             } else {
                 out.push(c);
             }
@@ -980,15 +980,15 @@ mod tests {
     #[test]
     fn script_literals_are_escaped_by_the_driver() {
         let s = Script::new(false);
-        assert_eq!(s.lit("it's"), r"'it\'s'");
-        assert_eq!(s.lit(r"a\b"), r"'a\\b'");
-        assert_eq!(s.lit(42i64), "42");
+        assert_eq!(s.lit(&Value::from("it's")), r"'it\'s'");
+        assert_eq!(s.lit(&Value::from(r"a\b")), r"'a\\b'");
+        assert_eq!(s.lit(&Value::from(42i64)), "42");
         let stmt = Stmt {
             sql: "(?, ?)".into(),
             params: vec!["a".into(), "b'".into()],
         };
         assert_eq!(s.bind(&stmt), r"('a', 'b\'')");
         let strict = Script::new(true);
-        assert_eq!(strict.lit("it's"), "'it''s'");
+        assert_eq!(strict.lit(&Value::from("it's")), "'it''s'");
     }
 }
