@@ -25,6 +25,8 @@
 //! - [`crash`]: named crash points for `verify`;
 //! - [`verify`]: kill-and-restart rounds checked by the audit;
 //! - [`metrics`]: process counters and their OpenMetrics text (prometheus-client);
+//! - [`counts`]: the shard counts behind `/metrics`, kept so that counting stays a small share
+//!   of the database's time;
 //! - [`audit`]: proof that nothing was lost, from per-shard sequence numbers (pure);
 //! - [`service`]: wiring and lifecycle;
 //! - [`http`]: the HTTP interface of `serve` on hyper: server setup and deadlines, routes, the
@@ -41,6 +43,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod consumer;
+pub mod counts;
 pub mod crash;
 pub mod error;
 pub mod http;

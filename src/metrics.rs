@@ -10,6 +10,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::counts::Counts;
 use crate::model::TaskState;
 use crate::router::db_name;
 use crate::store::ShardStatus;
@@ -141,13 +142,10 @@ type Labels = Vec<(&'static str, String)>;
 /// The exposition of the counters, per-shard state and the broker, in OpenMetrics text. Metric
 /// names: `big_market_<counter>_total`, `big_market_tasks{shard,state}`,
 /// `big_market_awards{shard,state}`, `big_market_oldest_pending_task_age_seconds{shard}`,
+/// `big_market_shard_counts_age_seconds` (how old the shard counts are: see [`crate::counts`]),
 /// `big_market_broker_connected`, `big_market_save_latency_seconds` (histogram).
-pub fn render(
-    m: &Metrics,
-    statuses: &[ShardStatus],
-    broker_connected: bool,
-    now_ms: i64,
-) -> String {
+pub fn render(m: &Metrics, counts: &Counts, broker_connected: bool, now_ms: i64) -> String {
+    let statuses: &[ShardStatus] = &counts.shards;
     let mut r = Registry::with_prefix("big_market");
     let counters: [(&str, &str, &AtomicU64); 11] = [
         ("awards_saved", "Awards committed", &m.awards_saved),
@@ -217,6 +215,11 @@ pub fn render(
         age,
     );
     r.register(
+        "shard_counts_age_seconds",
+        "How long ago the task and award counts were taken",
+        ConstGauge::<f64>::new(counts.taken.elapsed().as_secs_f64()),
+    );
+    r.register(
         "broker_connected",
         "Whether publishing can succeed",
         ConstGauge::new(i64::from(broker_connected)),
@@ -248,7 +251,12 @@ mod tests {
             ..Default::default()
         };
         s.tasks.insert("completed".into(), 3);
-        let text = render(&m, &[s], true, 3000);
+        let counts = Counts {
+            shards: std::sync::Arc::new(vec![s]),
+            taken: std::time::Instant::now(),
+            took: Duration::ZERO,
+        };
+        let text = render(&m, &counts, true, 3000);
         for line in [
             "big_market_awards_saved_total 3",
             "big_market_tasks{shard=\"big_market_01\",state=\"completed\"} 3",

@@ -10,6 +10,7 @@ use crossbeam_channel::{bounded, Sender};
 
 use crate::config::Settings;
 use crate::consumer::AwardConsumer;
+use crate::counts::{CountCache, Counts};
 use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::model::{AwardRecord, TaskState};
@@ -72,6 +73,7 @@ pub struct Service {
     outbox: Arc<Outbox>,
     scanner: Arc<Scanner>,
     metrics: Arc<Metrics>,
+    counts: Arc<CountCache>,
     consumer: Option<Box<dyn ConsumerHandle>>,
     relays: Option<RelayThreads>,
     scan_loop: Option<(Sender<()>, JoinHandle<()>)>,
@@ -116,6 +118,7 @@ impl Service {
         let relays = Some(RelayThreads::start(&store, &outbox, &settings)?);
         let mut service = Service {
             settings,
+            counts: CountCache::new(store.clone()),
             store,
             transport,
             outbox,
@@ -232,9 +235,15 @@ impl Service {
         self.scanner.drain(max_passes)
     }
 
-    /// Per-shard counts.
+    /// Per-shard counts, counted now.
     pub fn status(&self) -> Result<Vec<ShardStatus>> {
         self.store.status()
+    }
+
+    /// Per-shard counts as `/metrics` serves them: kept, and counted again only as often as
+    /// their own duration allows (see [`crate::counts`]).
+    pub fn shard_counts(&self) -> Result<Counts> {
+        self.counts.get()
     }
 
     /// The store.

@@ -360,11 +360,11 @@ fn ready(service: &Service) -> Response<Body> {
 }
 
 fn metrics(service: &Service) -> Response<Body> {
-    match service.status() {
-        Ok(statuses) => {
+    match service.shard_counts() {
+        Ok(counts) => {
             let text = crate::metrics::render(
                 service.metrics(),
-                &statuses,
+                &counts,
                 service.transport().is_connected(),
                 now_ms(),
             );

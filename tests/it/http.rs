@@ -331,6 +331,29 @@ fn the_http_api_creates_refuses_duplicates_and_bad_input_lists_and_reports() {
             "missing {line:?} in\n{metrics}"
         );
     }
+    // The shard gauges count what was just written: counts this quick are taken again for
+    // each scrape (a long count would be served as kept, with its age).
+    let awards_counted = |text: &str| -> i64 {
+        text.lines()
+            .filter(|l| l.starts_with("big_market_awards{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<i64>().unwrap())
+            .sum()
+    };
+    assert_eq!(awards_counted(&metrics), 2, "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("big_market_shard_counts_age_seconds ")),
+        "{metrics}"
+    );
+    let (status, _) = server.call(
+        "POST",
+        "/api/v1/awards",
+        &award("xiaofuge", "100000000007").to_string(),
+    );
+    assert_eq!(status, 201);
+    let (_, metrics) = server.call("GET", "/metrics", "");
+    assert_eq!(awards_counted(metrics.as_str().unwrap()), 3, "{metrics}");
     assert_eq!(server.call("GET", "/healthz", "").0, 200);
     let (status, ready) = server.call("GET", "/readyz", "");
     assert_eq!(status, 200, "{ready}");
@@ -339,8 +362,13 @@ fn the_http_api_creates_refuses_duplicates_and_bad_input_lists_and_reports() {
     assert!(!ready.to_string().contains(&data_dir), "{ready}");
     assert_eq!(server.call("GET", "/nope", "").0, 404);
     assert_eq!(server.call("DELETE", "/api/v1/awards", "").0, 405);
+    assert!(
+        wait_until(Duration::from_secs(10), || totals(&s) == (3, 3, 3, 3)),
+        "{:?}",
+        totals(&s)
+    );
     server.stop();
-    assert_eq!(totals(&s), (2, 2, 2, 2));
+    assert_eq!(totals(&s), (3, 3, 3, 3));
 }
 
 #[test]

@@ -124,6 +124,62 @@ fn the_originals_rows_are_relayed_and_delivered_and_ours_are_found_by_its_scan()
 }
 
 #[test]
+fn tasks_the_original_settled_leave_the_claim_range_and_do_not_hide_a_due_one() {
+    let mut t = TestStore::new(Kind::Mariadb);
+    t.settings.scan_batch = 5;
+    drop(Store::open(&t.settings, true).unwrap());
+    let user = "xiaofuge";
+    let db = route(user, Layout::default()).db;
+    {
+        // 25 tasks the Java service wrote and completed itself (they keep next_attempt_at = 0,
+        // the start of the claim range), then one it could not send.
+        let mut c = t.mysql(db);
+        for i in 0..25 {
+            c.exec_drop(
+                JAVA_INSERT_TASK,
+                (user, "send_award", format!("7492028{i:04}"), "{}", "create"),
+            )
+            .unwrap();
+            c.exec_drop(
+                "update task set state = 'completed', update_time = now() where user_id = ? and message_id = ?",
+                (user, format!("7492028{i:04}")),
+            )
+            .unwrap();
+        }
+        c.exec_drop(
+            JAVA_INSERT_TASK,
+            (
+                user,
+                "send_award",
+                "74920289999",
+                "{\"not\":\"ours\"}",
+                "fail",
+            ),
+        )
+        .unwrap();
+    }
+    let due_or_settled_in_range =
+        "SELECT COUNT(*) FROM task WHERE next_attempt_at <= 1000 * UNIX_TIMESTAMP() AND state = 'completed'";
+    assert_eq!(t.count(db, due_or_settled_in_range), 25);
+
+    let (service, _faulty) = start(t.settings.clone());
+    // One pass finds the failed task behind five claim windows of settled ones.
+    let report = service.scan_once().unwrap();
+    assert_eq!(report.claimed, 1, "{report:?}");
+    assert_eq!(
+        t.count(db, due_or_settled_in_range),
+        0,
+        "settled tasks moved out of the range"
+    );
+    assert_eq!(
+        t.count(db, "SELECT COUNT(*) FROM task WHERE state = 'completed'"),
+        25,
+        "and left as they were"
+    );
+    service.shutdown().unwrap();
+}
+
+#[test]
 fn every_row_sits_where_the_java_router_puts_it() {
     let t = TestStore::new(Kind::Mariadb);
     let (service, _) = start(t.settings.clone());

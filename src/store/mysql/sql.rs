@@ -295,8 +295,17 @@ fn task_rows(q: &mut impl Queryable, sql: &str, params: impl Into<Params>) -> Sq
     rows.into_iter().map(task_row).collect()
 }
 
+/// Rounds of one claim that may meet settled tasks in the due range (see [`claim_due`]).
+const CLAIM_ROUNDS: usize = 8;
+
 /// Claim up to `limit` due tasks for `owner` until `lease_until_ms`. Rows another process is
 /// claiming right now are skipped, not waited for (`SKIP LOCKED`).
+///
+/// The claim walks the due range (`next_attempt_at <= now`) from its start. Tasks settled by
+/// the original service keep the `next_attempt_at` they had (0 for its own rows), so they sit at
+/// the start of that range: each claim moves those it meets out of the range for good, and
+/// reads on, for at most [`CLAIM_ROUNDS`] windows of `limit` rows. Claimed rows leave the range
+/// as they are leased, so no row is read twice.
 pub(crate) fn claim_due(
     q: &mut impl Queryable,
     owner: &str,
@@ -304,24 +313,51 @@ pub(crate) fn claim_due(
     lease_until_ms: i64,
     limit: usize,
 ) -> Sql<Vec<TaskRow>> {
-    let ids: Vec<i64> = q.exec(
-        "SELECT id FROM task WHERE next_attempt_at <= ? AND state IN ('create', 'fail')
-         ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED",
-        (now_ms, limit as u64),
-    )?;
+    let mut ids: Vec<i64> = Vec::new();
+    for _ in 0..CLAIM_ROUNDS {
+        let want = limit - ids.len();
+        let window: Vec<(i64, String)> = q.exec(
+            "SELECT id, state FROM task WHERE next_attempt_at <= ?
+             ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED",
+            (now_ms, want as u64),
+        )?;
+        let (due, settled): (Vec<_>, Vec<_>) = window
+            .iter()
+            .partition(|(_, state)| matches!(state.as_str(), "create" | "fail"));
+        let due: Vec<i64> = due.into_iter().map(|(id, _)| *id).collect();
+        if !due.is_empty() {
+            let mut params: Vec<Value> = vec![owner.into(), lease_until_ms.into(), now_ms.into()];
+            params.extend(due.iter().map(|i| Value::from(*i)));
+            exec(
+                q,
+                &format!(
+                    "UPDATE task SET claimed_by = ?, next_attempt_at = ?, update_time = FROM_UNIXTIME(? / 1000) WHERE id IN ({})",
+                    marks(due.len())
+                ),
+                params,
+            )?;
+            ids.extend(due);
+        }
+        if settled.is_empty() {
+            break;
+        }
+        let mut params: Vec<Value> = vec![NEVER.into()];
+        params.extend(settled.iter().map(|(id, _)| Value::from(*id)));
+        exec(
+            q,
+            &format!(
+                "UPDATE task SET next_attempt_at = ? WHERE state NOT IN ('create', 'fail') AND id IN ({})",
+                marks(settled.len())
+            ),
+            params,
+        )?;
+        if window.len() < want || ids.len() >= limit {
+            break;
+        }
+    }
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let mut params: Vec<Value> = vec![owner.into(), lease_until_ms.into(), now_ms.into()];
-    params.extend(ids.iter().map(|i| Value::from(*i)));
-    exec(
-        q,
-        &format!(
-            "UPDATE task SET claimed_by = ?, next_attempt_at = ?, update_time = FROM_UNIXTIME(? / 1000) WHERE id IN ({})",
-            marks(ids.len())
-        ),
-        params,
-    )?;
     let mut out = task_rows(
         q,
         &format!(
