@@ -25,6 +25,9 @@
 //! - `mysql_group_limit`: the same in transactions of `threads / databases` awards, the largest
 //!   group that callers with one award each in flight can form;
 //! - `pipeline` and `pipeline_batched` as above, against it.
+//!
+//! Beside `mysql_e2e_limit` and `pipeline` it prints the statements and commits the servers ran
+//! per award (their global `Questions` and `Com_commit`; other clients of the servers count too).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,7 +39,7 @@ use crate::error::{Error, Result};
 use crate::model::{AwardRecord, EventMessage, NewAward};
 use crate::router::route;
 use crate::service::{Parts, Service};
-use crate::store::ceiling::Direct;
+use crate::store::ceiling::{mysql_server_work, Direct};
 use crate::store::Store;
 use crate::transport::amqp::Amqp;
 use crate::transport::fault::Faulty;
@@ -68,6 +71,14 @@ pub struct Figures {
     pub pipeline_over_mysql_e2e_limit: Option<f64>,
     /// The MySQL ceiling in groups of `threads / databases` awards (what the callers can form).
     pub mysql_group_limit: Option<f64>,
+    /// Statements the MySQL servers ran per award during `mysql_e2e_limit`.
+    pub mysql_e2e_statements_per_award: Option<f64>,
+    /// Commits per award during `mysql_e2e_limit`.
+    pub mysql_e2e_commits_per_award: Option<f64>,
+    /// Statements the MySQL servers ran per award during `pipeline`.
+    pub pipeline_statements_per_award: Option<f64>,
+    /// Commits per award during `pipeline`.
+    pub pipeline_commits_per_award: Option<f64>,
     /// Awards per phase.
     pub records: usize,
     /// Caller threads.
@@ -224,11 +235,13 @@ fn on_threads(
     }
 }
 
-/// Create the shards of `s`, route `recs` to them, and run `f` on each shard's share (with the
-/// shard's database index), one thread per shard; returns the time it took.
+/// Create the shards of `s`, route `recs` to them, call `ready` just before the clock starts,
+/// and run `f` on each shard's share (with the shard's database index), one thread per shard;
+/// returns the time it took.
 fn on_shards(
     s: &Settings,
     recs: Vec<AwardRecord>,
+    ready: impl FnOnce() -> Result<()>,
     f: impl Fn(u32, &[AwardRecord]) -> Result<()> + Sync,
 ) -> Result<Duration> {
     drop(Store::open(s, true)?);
@@ -236,6 +249,7 @@ fn on_shards(
     for r in recs {
         per_db[(route(r.user_id.as_str(), s.layout).db - 1) as usize].push(r);
     }
+    ready()?;
     let start = Instant::now();
     std::thread::scope(|scope| -> Result<()> {
         let handles: Vec<_> = per_db
@@ -322,9 +336,12 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
     let s = fresh(base, &tmp, "sqlite_limit");
     f.sqlite_limit = rate(
         n,
-        on_shards(&s, records(n, '1'), |db, rs| {
-            Direct::open(&s, db)?.insert_batches(rs, 1000, &s.topic, now_ms())
-        })?,
+        on_shards(
+            &s,
+            records(n, '1'),
+            || Ok(()),
+            |db, rs| Direct::open(&s, db)?.insert_batches(rs, 1000, &s.topic, now_ms()),
+        )?,
     );
     println!("sqlite_limit  {:>10.0} awards/s", f.sqlite_limit);
 
@@ -332,9 +349,12 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
     let s = fresh(base, &tmp, "sqlite_e2e_limit");
     f.sqlite_e2e_limit = rate(
         n,
-        on_shards(&s, records(n, '8'), |db, rs| {
-            Direct::open(&s, db)?.e2e_batches(rs, 1000, &s.topic, now_ms())
-        })?,
+        on_shards(
+            &s,
+            records(n, '8'),
+            || Ok(()),
+            |db, rs| Direct::open(&s, db)?.e2e_batches(rs, 1000, &s.topic, now_ms()),
+        )?,
     );
     println!("sqlite_e2e_limit {:>7.0} awards/s", f.sqlite_e2e_limit);
 
@@ -619,7 +639,8 @@ fn batched_phase(service: &Service, threads: usize, n: usize) -> Result<f64> {
 }
 
 /// Every statement of `n` awards end to end on scratch databases, `batch` awards per
-/// transaction, one connection and thread per database; awards/s.
+/// transaction, one connection and thread per database: awards/s, and the statements and
+/// commits per award the servers ran meanwhile.
 fn mysql_ceiling(
     base: &Settings,
     dbs: &[MysqlDatabase],
@@ -627,14 +648,24 @@ fn mysql_ceiling(
     batch: usize,
     phase: char,
     tag: char,
-) -> Result<f64> {
+) -> Result<(f64, (f64, f64))> {
     let scratch = Scratch::new(base, dbs, phase);
     let s = &scratch.settings;
-    let elapsed = on_shards(s, records(n, tag), |db, rs| {
-        let d = &scratch.dbs.dbs()[db as usize - 1];
-        crate::store::ceiling::mysql_e2e_batches(d, db, s.layout, rs, batch, &s.topic)
-    })?;
-    Ok(rate(n, elapsed))
+    let mut before = None;
+    let elapsed = on_shards(
+        s,
+        records(n, tag),
+        || {
+            before = Some(mysql_server_work(dbs)?);
+            Ok(())
+        },
+        |db, rs| {
+            let d = &scratch.dbs.dbs()[db as usize - 1];
+            crate::store::ceiling::mysql_e2e_batches(d, db, s.layout, rs, batch, &s.topic)
+        },
+    )?;
+    let work = mysql_server_work(dbs)?.per_award(before.unwrap_or_default(), n);
+    Ok((rate(n, elapsed), work))
 }
 
 /// The bench on the MySQL store: its ceiling beside the pipeline.
@@ -657,9 +688,14 @@ fn run_mysql(base: &Settings, dbs: &[MysqlDatabase], opts: &BenchOptions) -> Res
     };
 
     say("mysql_e2e_limit: every statement of an award end to end, multi-row, 1000 awards per transaction, one connection per database");
-    let limit = mysql_ceiling(base, dbs, n, 1000, 'e', '8')?;
+    let (limit, (statements, commits)) = mysql_ceiling(base, dbs, n, 1000, 'e', '8')?;
     f.mysql_e2e_limit = Some(limit);
-    println!("mysql_e2e_limit {:>8.0} awards/s", limit);
+    f.mysql_e2e_statements_per_award = Some(statements);
+    f.mysql_e2e_commits_per_award = Some(commits);
+    println!(
+        "mysql_e2e_limit {:>8.0} awards/s  ({statements:.3} statements, {commits:.4} commits per award)",
+        limit
+    );
 
     // The same statements in groups no larger than the callers can form: one award per caller
     // in flight, spread over the databases.
@@ -667,7 +703,7 @@ fn run_mysql(base: &Settings, dbs: &[MysqlDatabase], opts: &BenchOptions) -> Res
     say(&format!(
         "mysql_group_limit: the same, {group} awards per transaction (the callers per database)"
     ));
-    let group_limit = mysql_ceiling(base, dbs, (n / 4).max(100), group, 'g', '9')?;
+    let (group_limit, _) = mysql_ceiling(base, dbs, (n / 4).max(100), group, 'g', '9')?;
     f.mysql_group_limit = Some(group_limit);
     println!(
         "mysql_group_limit {:>6.0} awards/s  ({group} awards per transaction)",
@@ -680,12 +716,16 @@ fn run_mysql(base: &Settings, dbs: &[MysqlDatabase], opts: &BenchOptions) -> Res
     ));
     let scratch = Scratch::new(base, dbs, 'p');
     let service = start_service(&scratch.settings)?;
+    let before = mysql_server_work(dbs)?;
     pipeline_phase(&service, opts.threads, n, &mut f)?;
+    let (statements, commits) = mysql_server_work(dbs)?.per_award(before, n);
     service.shutdown()?;
     drop(scratch);
     f.pipeline_over_mysql_e2e_limit = Some(f.pipeline / limit);
+    f.pipeline_statements_per_award = Some(statements);
+    f.pipeline_commits_per_award = Some(commits);
     println!(
-        "pipeline      {:>10.0} awards/s end to end  (save p50 {:.2} ms, p99 {:.2} ms; {:.2} x mysql_e2e_limit, {:.2} x mysql_group_limit)",
+        "pipeline      {:>10.0} awards/s end to end  (save p50 {:.2} ms, p99 {:.2} ms; {:.2} x mysql_e2e_limit, {:.2} x mysql_group_limit; {statements:.3} statements, {commits:.4} commits per award)",
         f.pipeline,
         f.save_p50_ms,
         f.save_p99_ms,

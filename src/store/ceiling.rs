@@ -186,3 +186,55 @@ pub(crate) fn mysql_e2e_batches(
     }
     Ok(())
 }
+
+/// What MySQL servers have run so far: statements received and transactions committed, from
+/// their global status. Other clients of the same servers count too.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ServerWork {
+    /// `Questions`: statements clients sent (each statement of a multi-statement query too).
+    pub(crate) statements: u64,
+    /// `Com_commit`: COMMIT statements.
+    pub(crate) commits: u64,
+}
+
+impl ServerWork {
+    /// Per award, between `before` and `self`, over `n` awards.
+    pub(crate) fn per_award(self, before: ServerWork, n: usize) -> (f64, f64) {
+        let n = n.max(1) as f64;
+        (
+            self.statements.saturating_sub(before.statements) as f64 / n,
+            self.commits.saturating_sub(before.commits) as f64 / n,
+        )
+    }
+}
+
+/// The work counters summed over the distinct servers of `dbs`.
+pub(crate) fn mysql_server_work(dbs: &[crate::config::MysqlDatabase]) -> Result<ServerWork> {
+    use ::mysql::prelude::Queryable;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = ServerWork::default();
+    for d in dbs {
+        if !seen.insert((
+            d.opts.get_ip_or_hostname().to_string(),
+            d.opts.get_tcp_port(),
+        )) {
+            continue;
+        }
+        let e =
+            |err: ::mysql::Error| Error::storage(format!("reading the status of {}", d.shown), err);
+        let server = ::mysql::OptsBuilder::from_opts(d.opts.clone()).db_name(None::<String>);
+        let mut conn = ::mysql::Conn::new(server).map_err(e)?;
+        let rows: Vec<(String, String)> = conn
+            .query("SHOW GLOBAL STATUS WHERE Variable_name IN ('Questions', 'Com_commit')")
+            .map_err(e)?;
+        for (name, value) in rows {
+            let v: u64 = value.parse().unwrap_or(0);
+            match name.as_str() {
+                "Questions" => total.statements += v,
+                "Com_commit" => total.commits += v,
+                _ => {}
+            }
+        }
+    }
+    Ok(total)
+}

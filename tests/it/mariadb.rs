@@ -674,3 +674,49 @@ fn quotes_backslashes_and_any_unicode_in_values_are_stored_exactly() {
     );
     service.shutdown().unwrap();
 }
+
+#[test]
+fn bench_on_mariadb_prints_the_ceiling_the_pipeline_and_their_server_work_and_cleans_up() {
+    use mysql::prelude::Queryable;
+    let t = TestStore::new(Kind::Mariadb);
+    let out = t
+        .bin()
+        .args(["bench", "--records", "300", "--threads", "4"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let figures: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    for key in [
+        "mysql_e2e_limit",
+        "mysql_group_limit",
+        "pipeline",
+        "pipeline_batched",
+        "mysql_e2e_statements_per_award",
+        "pipeline_statements_per_award",
+        "pipeline_commits_per_award",
+    ] {
+        assert!(figures[key].as_f64().unwrap() > 0.0, "{key}: {figures}");
+    }
+    // A pipeline commits each award at least twice (its save, its delivery) in groups of at
+    // most the callers per database; the ceiling commits once per 1,000.
+    assert!(
+        figures["pipeline_commits_per_award"].as_f64().unwrap()
+            > figures["mysql_e2e_commits_per_award"].as_f64().unwrap(),
+        "{figures}"
+    );
+    let left: Vec<String> = mysql::Pool::new(MARIADB)
+        .unwrap()
+        .get_conn()
+        .unwrap()
+        .exec(
+            "SELECT CAST(schema_name AS CHAR) FROM information_schema.schemata WHERE schema_name LIKE ?",
+            (format!("{}\\_%", t.prefix()),),
+        )
+        .unwrap();
+    assert!(left.is_empty(), "scratch databases left behind: {left:?}");
+}

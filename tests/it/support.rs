@@ -246,6 +246,11 @@ impl TestStore {
         }
     }
 
+    /// The database name prefix of these shards (MariaDB).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The `--store` URL (MariaDB only).
     pub fn url(&self) -> String {
         format!("{MARIADB}/{}", self.prefix)
