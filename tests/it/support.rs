@@ -352,9 +352,7 @@ impl TestStore {
                 .exists(),
             Kind::Mariadb => {
                 use mysql::prelude::Queryable;
-                let server = mysql::Pool::new(MARIADB).unwrap();
-                let n: Option<i64> = server
-                    .get_conn()
+                let n: Option<i64> = mysql::Conn::new(MARIADB)
                     .unwrap()
                     .exec_first(
                         "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = 'shard_meta'",
