@@ -6,11 +6,11 @@
 //!
 //! So the last counts are kept with when they were taken and how long they took. A count quicker
 //! than [`QUICK`] is taken for every scrape. A longer one is served as it is while it is younger
-//! than ten times its own duration: counting then
-//! takes at most about a tenth of the time, whatever the size of the tables. Once older, a
-//! count that took at most [`SYNC_LIMIT`] is simply taken again before the scrape answers; a
-//! longer one is taken on a thread of its own while scrapes keep getting the previous counts,
-//! whose age `/metrics` shows (`big_market_shard_counts_age_seconds`).
+//! than ten times its own duration: counting then takes at most about a tenth of the time,
+//! whatever the size of the tables. Once older, a count that took at most [`SYNC_LIMIT`] is
+//! simply taken again before the scrape answers; a longer one is taken on a thread of its own
+//! while scrapes keep getting the previous counts, whose age `/metrics` shows
+//! (`big_market_shard_counts_age_seconds`).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
