@@ -590,20 +590,12 @@ fn serve(settings: Settings, http: Option<crate::http::HttpConfig>) -> Result<()
     log::info!("serving; send SIGINT or SIGTERM to stop");
     let first = signals.forever().next();
     log::info!("signal {first:?} received: shutting down (send it again to exit at once; committed work is kept)");
-    std::thread::Builder::new()
-        .name("second-signal".into())
-        .spawn(move || {
-            if signals.forever().next().is_some() {
-                eprintln!(
-                    "second signal: exiting now; pending tasks are resent after the next start"
-                );
-                std::process::exit(130);
-            }
-        })
-        .map_err(|e| Error::Io {
-            path: "signal thread".into(),
-            source: e,
-        })?;
+    crate::util::spawn("second-signal", move || {
+        if signals.forever().next().is_some() {
+            eprintln!("second signal: exiting now; pending tasks are resent after the next start");
+            std::process::exit(130);
+        }
+    })?;
     if let Some(server) = server {
         server.drain();
         server.stop();

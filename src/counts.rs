@@ -117,16 +117,14 @@ impl CountCache {
         };
         if start_behind {
             let me = self.clone();
-            let spawned = std::thread::Builder::new()
-                .name("shard-counts".into())
-                .spawn(move || {
-                    if let Err(e) = me.count() {
-                        log::warn!(
-                            "counting the shards for /metrics failed, serving older counts: {e}"
-                        );
-                    }
-                    me.held.lock().expect("count cache lock").behind = false;
-                });
+            let spawned = crate::util::spawn("shard-counts", move || {
+                if let Err(e) = me.count() {
+                    log::warn!(
+                        "counting the shards for /metrics failed, serving older counts: {e}"
+                    );
+                }
+                me.held.lock().expect("count cache lock").behind = false;
+            });
             if let Err(e) = spawned {
                 log::warn!("could not start a thread to count the shards: {e}");
                 self.held.lock().expect("count cache lock").behind = false;

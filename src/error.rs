@@ -42,6 +42,13 @@ pub enum Error {
     Violation(String),
     /// The service is shutting down and takes no new work; retry against a running instance.
     ShuttingDown,
+    /// The operating system refused to start a thread (too many threads or too little memory).
+    Spawn {
+        /// The thread's name.
+        name: String,
+        /// The error underneath.
+        source: std::io::Error,
+    },
 }
 
 /// Result with [`Error`].
@@ -84,105 +91,66 @@ impl fmt::Display for Error {
             ),
             Error::Config(msg) => write!(f, "configuration error: {msg}"),
             Error::Storage { context, source } => {
-                let hint = match source {
-                    StorageError::Sqlite(e) => sqlite_hint(e),
-                    StorageError::Mysql(e) => mysql_hint(e),
-                };
-                write!(f, "storage error while {context}: {source}{hint}")
+                write!(f, "storage error while {context}: {source}{}", source.hint())
             }
             Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
             Error::Broker(msg) => write!(f, "broker error: {msg}"),
             Error::Poison(msg) => write!(f, "unprocessable message: {msg}"),
             Error::Violation(msg) => write!(f, "invariant violated: {msg}"),
             Error::ShuttingDown => write!(f, "the service is shutting down and takes no new work"),
+            Error::Spawn { name, source } => write!(
+                f,
+                "could not start thread {name}: {source} (the process may have too many threads or too little memory: lower --workers or --threads)"
+            ),
         }
     }
 }
 
-fn sqlite_hint(e: &rusqlite::Error) -> &'static str {
-    match e.sqlite_error_code() {
-                    Some(rusqlite::ErrorCode::NotADatabase) => {
-                        " (the file is not a SQLite database: move it away or point --data-dir elsewhere)"
-                    }
-                    Some(rusqlite::ErrorCode::DiskFull) => {
-                        " (the disk is full, or the shard reached its size limit: free space, e.g. `big-market tasks purge --older-than 7d`, and retry)"
-                    }
-                    Some(rusqlite::ErrorCode::ReadOnly) | Some(rusqlite::ErrorCode::CannotOpen) => {
-                        " (check that the data directory exists and is writable)"
-                    }
-                    Some(rusqlite::ErrorCode::DatabaseBusy) => {
-                        " (another process holds the shard's write lock: retry)"
-                    }
-                    _ => "",
-                }
-}
-
-fn mysql_hint(e: &mysql::Error) -> &'static str {
-    match e {
-        mysql::Error::MySqlError(m) if m.code == 1213 => " (a deadlock between processes: retry)",
-        mysql::Error::MySqlError(m) if m.code == 1205 => {
-            " (another process held a row lock too long: retry)"
-        }
-        mysql::Error::MySqlError(m) if m.code == 1114 || m.code == 1021 => {
-            " (the MySQL server is out of space: free space, e.g. `big-market tasks purge --older-than 7d`, and retry)"
-        }
-        mysql::Error::MySqlError(m) if m.code == 1045 || m.code == 1044 || m.code == 1142 => {
-            " (check the user and password of --store and the user's grants)"
-        }
-        e if e.is_connectivity_error() => {
-            " (check that the MySQL server of --store is running and reachable)"
-        }
-        _ => "",
-    }
-}
-
-/// The database error underneath [`Error::Storage`], from either backend.
+/// The database error underneath [`Error::Storage`], from either backend. Each backend turns its
+/// driver's errors into this (`store::sqlite`, `store::mysql`), with the hint that says what to
+/// do about it: only the backends know their driver's error codes.
 #[derive(Debug)]
-pub enum StorageError {
-    /// From a SQLite shard file.
-    Sqlite(rusqlite::Error),
-    /// From a MySQL or MariaDB server.
-    Mysql(mysql::Error),
+pub struct StorageError {
+    source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    hint: &'static str,
+    full: bool,
 }
 
 impl StorageError {
-    /// Whether the disk (or the shard's size cap) is full.
-    pub fn is_full(&self) -> bool {
-        match self {
-            StorageError::Sqlite(e) => e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull),
-            StorageError::Mysql(mysql::Error::MySqlError(m)) => m.code == 1114 || m.code == 1021,
-            StorageError::Mysql(_) => false,
+    /// A driver error, with its hint (empty, or a parenthesised sentence with a leading space)
+    /// and whether it says that the disk is full.
+    pub(crate) fn new(
+        source: impl std::error::Error + Send + Sync + 'static,
+        hint: &'static str,
+        full: bool,
+    ) -> Self {
+        StorageError {
+            source: Box::new(source),
+            hint,
+            full,
         }
     }
-}
 
-impl From<rusqlite::Error> for StorageError {
-    fn from(e: rusqlite::Error) -> Self {
-        StorageError::Sqlite(e)
+    /// Whether the disk (or the shard's size cap) is full.
+    pub fn is_full(&self) -> bool {
+        self.full
     }
-}
 
-impl From<mysql::Error> for StorageError {
-    fn from(e: mysql::Error) -> Self {
-        StorageError::Mysql(e)
+    /// What to do about it, as the backend says.
+    pub fn hint(&self) -> &'static str {
+        self.hint
     }
 }
 
 impl fmt::Display for StorageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StorageError::Sqlite(e) => e.fmt(f),
-            StorageError::Mysql(e) => e.fmt(f),
-        }
+        self.source.fmt(f)
     }
 }
 
 impl std::error::Error for StorageError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            StorageError::Sqlite(e) => Some(e),
-            StorageError::Mysql(e) => Some(e),
-        }
+        Some(&*self.source)
     }
 }
 
@@ -191,6 +159,7 @@ impl std::error::Error for Error {
         match self {
             Error::Storage { source, .. } => Some(source),
             Error::Io { source, .. } => Some(source),
+            Error::Spawn { source, .. } => Some(source),
             _ => None,
         }
     }

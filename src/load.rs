@@ -221,15 +221,11 @@ pub fn run(
                 }
                 latencies.lock().expect("latency lock").extend(mine);
             };
-            writers.push(
-                std::thread::Builder::new()
-                    .name(format!("load-{t}"))
-                    .spawn_scoped(scope, writer)
-                    .map_err(|e| Error::Io {
-                        path: "load thread".into(),
-                        source: e,
-                    })?,
-            );
+            writers.push(crate::util::spawn_scoped(
+                scope,
+                format!("load-{t}"),
+                writer,
+            )?);
         }
         // Progress display pacing while the writers run; their end is what is waited for.
         while writers.iter().any(|h| !h.is_finished()) {

@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
@@ -34,17 +34,11 @@ impl CallerRunsPool {
         let handles = (0..threads)
             .map(|i| {
                 let rx = rx.clone();
-                std::thread::Builder::new()
-                    .name(format!("{name}-{i}"))
-                    .spawn(move || {
-                        for job in rx {
-                            job();
-                        }
-                    })
-                    .map_err(|e| Error::Io {
-                        path: format!("{name} thread").into(),
-                        source: e,
-                    })
+                crate::util::spawn(format!("{name}-{i}"), move || {
+                    for job in rx {
+                        job();
+                    }
+                })
             })
             .collect::<Result<_>>()?;
         Ok(CallerRunsPool {

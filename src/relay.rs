@@ -298,13 +298,9 @@ impl RelayThreads {
                 settings.clone(),
             ));
             let (r, stop_rx) = (relay.clone(), stop_rx.clone());
-            let handle = std::thread::Builder::new()
-                .name(format!("relay-{:02}", shard.db()))
-                .spawn(move || run(&r, &stop_rx))
-                .map_err(|e| Error::Io {
-                    path: "relay thread".into(),
-                    source: e,
-                })?;
+            let handle = crate::util::spawn(format!("relay-{:02}", shard.db()), move || {
+                run(&r, &stop_rx)
+            })?;
             relays.push(relay);
             handles.push(handle);
         }

@@ -153,35 +153,32 @@ impl Service {
         let (stop_tx, stop_rx) = bounded::<()>(0);
         let scanner = self.scanner.clone();
         let interval = self.settings.scan_interval;
-        let handle = std::thread::Builder::new()
-            .name("scanner".into())
-            .spawn(move || {
-                let mut was_disconnected = false;
-                loop {
-                    let started = Instant::now();
-                    match scanner.scan_once() {
-                        Ok(r) => {
-                            if r.skipped_disconnected != was_disconnected {
-                                if r.skipped_disconnected {
-                                    log::warn!("scanner paused: the transport is disconnected; tasks stay pending");
-                                } else {
-                                    log::info!("scanner resumed: the transport is connected");
-                                }
-                                was_disconnected = r.skipped_disconnected;
+        let handle = crate::util::spawn("scanner", move || {
+            let mut was_disconnected = false;
+            loop {
+                let started = Instant::now();
+                match scanner.scan_once() {
+                    Ok(r) => {
+                        if r.skipped_disconnected != was_disconnected {
+                            if r.skipped_disconnected {
+                                log::warn!("scanner paused: the transport is disconnected; tasks stay pending");
+                            } else {
+                                log::info!("scanner resumed: the transport is connected");
                             }
+                            was_disconnected = r.skipped_disconnected;
                         }
-                        Err(e) => log::warn!("scan failed, retrying next tick: {e}"),
                     }
-                    let wait = interval.saturating_sub(started.elapsed());
-                    // The stop sender is dropped on shutdown: a disconnect ends the loop at once.
-                    match stop_rx.recv_timeout(wait) {
-                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-                        _ => break,
-                    }
+                    Err(e) => log::warn!("scan failed, retrying next tick: {e}"),
                 }
-                log::debug!("scanner stopped");
-            })
-            .map_err(|e| crate::Error::Io { path: "scanner thread".into(), source: e })?;
+                let wait = interval.saturating_sub(started.elapsed());
+                // The stop sender is dropped on shutdown: a disconnect ends the loop at once.
+                match stop_rx.recv_timeout(wait) {
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                    _ => break,
+                }
+            }
+            log::debug!("scanner stopped");
+        })?;
         Ok((stop_tx, handle))
     }
 

@@ -58,6 +58,38 @@ pub fn drain_batch<T>(rx: &crossbeam_channel::Receiver<T>, first: T, max: usize)
     batch
 }
 
+/// Start a named thread: the one way big-market starts a thread (the tidy test holds it), so
+/// every thread has a name in `top -H`, panics and logs, and a refused start is one error.
+pub fn spawn<T, F>(name: impl Into<String>, f: F) -> crate::Result<std::thread::JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let name = name.into();
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(f)
+        .map_err(|source| crate::Error::Spawn { name, source })
+}
+
+/// [`spawn`] inside a [`std::thread::scope`]: the thread may borrow from the caller's stack and
+/// is joined when the scope ends.
+pub fn spawn_scoped<'scope, 'env, T, F>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    name: impl Into<String>,
+    f: F,
+) -> crate::Result<std::thread::ScopedJoinHandle<'scope, T>>
+where
+    F: FnOnce() -> T + Send + 'scope,
+    T: Send + 'scope,
+{
+    let name = name.into();
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn_scoped(scope, f)
+        .map_err(|source| crate::Error::Spawn { name, source })
+}
+
 /// Poll `cond` every few milliseconds until it holds or `timeout` passes; returns whether it held.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

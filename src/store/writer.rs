@@ -217,13 +217,9 @@ impl Writer {
             } else {
                 format!("writer-{db:02}-{i}")
             };
-            let handle = std::thread::Builder::new()
-                .name(name.clone())
-                .spawn(move || run(db, batch, rx, group_commit_max, &handoff))
-                .map_err(|e| Error::Io {
-                    path: name.into(),
-                    source: e,
-                })?;
+            let handle = crate::util::spawn(name.clone(), move || {
+                run(db, batch, rx, group_commit_max, &handoff)
+            })?;
             lanes.push(Lane {
                 tx: Some(tx),
                 handle: Some(handle),

@@ -111,15 +111,9 @@ fn with_timeout<T: Send + 'static>(
     f: impl Future<Output = lapin::Result<T>> + Send + 'static,
 ) -> Result<T> {
     let (tx, rx) = bounded(1);
-    std::thread::Builder::new()
-        .name("amqp-connect".into())
-        .spawn(move || {
-            let _ = tx.send(async_global_executor::block_on(f));
-        })
-        .map_err(|e| Error::Io {
-            path: "amqp connect thread".into(),
-            source: e,
-        })?;
+    crate::util::spawn("amqp-connect", move || {
+        let _ = tx.send(async_global_executor::block_on(f));
+    })?;
     match rx.recv_timeout(CONNECT_TIMEOUT) {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(Error::Broker(format!("{what}: {e}"))),
@@ -310,13 +304,7 @@ impl Amqp {
         }
         let (stop_tx, stop_rx) = bounded::<()>(0);
         let sup = inner.clone();
-        let handle = std::thread::Builder::new()
-            .name("amqp-supervisor".into())
-            .spawn(move || supervise(sup, stop_rx))
-            .map_err(|e| Error::Io {
-                path: "amqp supervisor".into(),
-                source: e,
-            })?;
+        let handle = crate::util::spawn("amqp-supervisor", move || supervise(sup, stop_rx))?;
         Ok(Amqp {
             inner,
             supervisor: Some((stop_tx, handle)),
@@ -524,9 +512,7 @@ impl Transport for Amqp {
                 self.inner.clone(),
             );
             handles.push(
-                std::thread::Builder::new()
-                    .name(format!("amqp-consumer-{i}"))
-                    .spawn(move || loop {
+                crate::util::spawn(format!("amqp-consumer-{i}"), move || loop {
                         select! {
                             recv(stop_rx) -> _ => break,
                             recv(rx) -> d => match d {
@@ -540,10 +526,6 @@ impl Transport for Amqp {
                                 Err(_) => break,
                             },
                         }
-                    })
-                    .map_err(|e| Error::Io {
-                        path: "amqp consumer".into(),
-                        source: e,
                     })?,
             );
         }

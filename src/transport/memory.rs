@@ -11,7 +11,7 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, select, Receiver, Sender};
 
 use super::{ConsumerHandle, Handled, Handler, Outgoing, PublishFailure, Transport, CONSUME_BATCH};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Messages waiting for a consumer. When full, publishers block: backpressure.
 pub const QUEUE_CAPACITY: usize = 4096;
@@ -127,34 +127,33 @@ impl Transport for InProcess {
                 self.consumers.clone(),
             );
             consumers.fetch_add(1, Ordering::SeqCst);
-            let h = std::thread::Builder::new()
-                .name(format!("consumer-{i}"))
-                .spawn(move || {
-                    loop {
-                        select! {
-                            recv(stop_rx) -> _ => break,
-                            recv(rx) -> env => match env {
-                                Ok(first) => {
-                                    let batch = crate::util::drain_batch(&rx, first, CONSUME_BATCH);
-                                    let bodies: Vec<&[u8]> = batch.iter().map(|e| e.body.as_bytes()).collect();
-                                    let outcomes = handler.handle_batch(&bodies);
-                                    crate::crash::hit("before-ack");
-                                    for (env, outcome) in batch.iter().zip(outcomes) {
-                                        let _ = env.reply.send(outcome);
-                                    }
+            let h = crate::util::spawn(format!("consumer-{i}"), move || {
+                loop {
+                    select! {
+                        recv(stop_rx) -> _ => break,
+                        recv(rx) -> env => match env {
+                            Ok(first) => {
+                                let batch = crate::util::drain_batch(&rx, first, CONSUME_BATCH);
+                                let bodies: Vec<&[u8]> = batch.iter().map(|e| e.body.as_bytes()).collect();
+                                let outcomes = handler.handle_batch(&bodies);
+                                crate::crash::hit("before-ack");
+                                for (env, outcome) in batch.iter().zip(outcomes) {
+                                    let _ = env.reply.send(outcome);
                                 }
-                                Err(_) => break,
-                            },
-                        }
+                            }
+                            Err(_) => break,
+                        },
                     }
-                    // The last consumer to stop answers what is still queued, so no publisher waits.
-                    if consumers.fetch_sub(1, Ordering::SeqCst) == 1 {
-                        while let Ok(env) = rx.try_recv() {
-                            let _ = env.reply.send(Handled::Retry("the in-process consumer stopped".into()));
-                        }
+                }
+                // The last consumer to stop answers what is still queued, so no publisher waits.
+                if consumers.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    while let Ok(env) = rx.try_recv() {
+                        let _ = env
+                            .reply
+                            .send(Handled::Retry("the in-process consumer stopped".into()));
                     }
-                })
-                .map_err(|e| Error::Io { path: "consumer thread".into(), source: e })?;
+                }
+            })?;
             handles.push(h);
         }
         Ok(Box::new(Running {

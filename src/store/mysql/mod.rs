@@ -1118,6 +1118,33 @@ fn apply(tx: &mut mysql::Conn, db: u32, op: &Op) -> std::result::Result<Reply, O
     }
 }
 
+/// The driver's errors, with what to do about each: only this backend knows their codes.
+impl From<mysql::Error> for crate::error::StorageError {
+    fn from(e: mysql::Error) -> Self {
+        let (hint, full) = match &e {
+            mysql::Error::MySqlError(m) if m.code == 1213 => {
+                (" (a deadlock between processes: retry)", false)
+            }
+            mysql::Error::MySqlError(m) if m.code == 1205 => {
+                (" (another process held a row lock too long: retry)", false)
+            }
+            mysql::Error::MySqlError(m) if m.code == 1114 || m.code == 1021 => (
+                " (the MySQL server is out of space: free space, e.g. `big-market tasks purge --older-than 7d`, and retry)",
+                true,
+            ),
+            mysql::Error::MySqlError(m) if m.code == 1045 || m.code == 1044 || m.code == 1142 => {
+                (" (check the user and password of --store and the user's grants)", false)
+            }
+            e if e.is_connectivity_error() => (
+                " (check that the MySQL server of --store is running and reachable)",
+                false,
+            ),
+            _ => ("", false),
+        };
+        crate::error::StorageError::new(e, hint, full)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

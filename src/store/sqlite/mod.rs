@@ -226,7 +226,7 @@ fn rolled_back(db: u32, full: bool, cause: &str) -> Error {
     );
     Error::Storage {
         context,
-        source: crate::error::StorageError::Sqlite(rusqlite::Error::SqliteFailure(
+        source: crate::error::StorageError::from(rusqlite::Error::SqliteFailure(
             rusqlite::ffi::Error::new(if full {
                 rusqlite::ffi::SQLITE_FULL
             } else {
@@ -581,6 +581,30 @@ fn open_shard(settings: &Settings, db: u32, create: bool) -> Result<Opened> {
         })],
         lane_of: |_| 0,
     })
+}
+
+/// The driver's errors, with what to do about each: only this backend knows their codes.
+impl From<rusqlite::Error> for crate::error::StorageError {
+    fn from(e: rusqlite::Error) -> Self {
+        let code = e.sqlite_error_code();
+        let hint = match code {
+            Some(rusqlite::ErrorCode::NotADatabase) => {
+                " (the file is not a SQLite database: move it away or point --data-dir elsewhere)"
+            }
+            Some(rusqlite::ErrorCode::DiskFull) => {
+                " (the disk is full, or the shard reached its size limit: free space, e.g. `big-market tasks purge --older-than 7d`, and retry)"
+            }
+            Some(rusqlite::ErrorCode::ReadOnly) | Some(rusqlite::ErrorCode::CannotOpen) => {
+                " (check that the data directory exists and is writable)"
+            }
+            Some(rusqlite::ErrorCode::DatabaseBusy) => {
+                " (another process holds the shard's write lock: retry)"
+            }
+            _ => "",
+        };
+        let full = code == Some(rusqlite::ErrorCode::DiskFull);
+        crate::error::StorageError::new(e, hint, full)
+    }
 }
 
 #[cfg(test)]
