@@ -39,8 +39,8 @@ use crate::error::{Error, Result};
 use crate::model::{AwardRecord, EventMessage, NewAward};
 use crate::router::route;
 use crate::service::{Parts, Service};
-use crate::store::ceiling::{mysql_server_work, Direct};
 use crate::store::Store;
+use crate::store::{mysql_server_work, Direct};
 use crate::transport::amqp::Amqp;
 use crate::transport::fault::Faulty;
 use crate::transport::memory::InProcess;
@@ -550,13 +550,13 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
 /// Fresh MySQL databases for one phase (`<name>_b<digits><phase>`), dropped afterwards.
 struct Scratch {
     settings: Settings,
-    dbs: crate::store::scratch::Scratch,
+    dbs: crate::store::Scratch,
 }
 
 impl Scratch {
     fn new(base: &Settings, dbs: &[MysqlDatabase], phase: char) -> Scratch {
         let tag = Rng::new().digits(6);
-        let dbs = crate::store::scratch::Scratch::new(dbs, &format!("b{tag}{phase}"));
+        let dbs = crate::store::Scratch::new(dbs, &format!("b{tag}{phase}"));
         let mut settings = base.clone();
         settings.store = dbs.target();
         settings.topic = format!("{}_bench_{tag}", base.topic);
@@ -661,7 +661,7 @@ fn mysql_ceiling(
         },
         |db, rs| {
             let d = &scratch.dbs.dbs()[db as usize - 1];
-            crate::store::ceiling::mysql_e2e_batches(d, db, s.layout, rs, batch, &s.topic)
+            crate::store::mysql_e2e_batches(d, db, s.layout, rs, batch, &s.topic)
         },
     )?;
     let work = mysql_server_work(dbs)?.per_award(before.unwrap_or_default(), n);

@@ -207,11 +207,9 @@ pub enum StoreTarget {
 }
 
 /// One MySQL database of the layout: how to connect (credentials included, never shown) and
-/// what to call it in logs and errors.
+/// what to call it in logs and errors. `store::mysql` turns it into the driver's options.
 #[derive(Clone, PartialEq)]
 pub struct MysqlDatabase {
-    /// Connection options, database name included.
-    pub opts: mysql::Opts,
     /// The database name.
     pub name: String,
     /// `mysql://user@host:port/name`: the URL without its password.
@@ -224,8 +222,6 @@ pub struct MysqlDatabase {
 impl MysqlDatabase {
     /// The same server and credentials, another database.
     pub fn renamed(&self, name: &str) -> MysqlDatabase {
-        let opts =
-            mysql::Opts::from(mysql::OptsBuilder::from_opts(self.opts.clone()).db_name(Some(name)));
         let mut url = url::Url::parse(&self.url).expect("a URL that parsed before");
         url.set_path(name);
         let shown = match self.shown.rsplit_once('/') {
@@ -233,14 +229,14 @@ impl MysqlDatabase {
             None => name.to_string(),
         };
         MysqlDatabase {
-            opts,
             name: name.to_string(),
             shown,
             url: url.to_string(),
         }
     }
 
-    /// The URL of this database, password included (for a child process's environment).
+    /// The URL of this database, password included (for the driver, and a child process's
+    /// environment).
     pub fn secret_url(&self) -> &str {
         &self.url
     }
@@ -261,7 +257,7 @@ impl StoreTarget {
         let urls: Vec<&str> = spec.split(',').map(str::trim).collect();
         let bad = |which: String, why: &str| {
             Error::Config(format!(
-                "{which} of --store {why}: use mysql://user:password@host:3306/big_market (databases big_market_01 ...), or one URL per database; leave --store unset for SQLite under --data-dir"
+                "{which} of --store {why}: give mysql://user:password@host:3306/big_market (databases big_market_01 ...), or one URL per database; leave --store unset for SQLite under --data-dir"
             ))
         };
         let which = |i: usize| {
@@ -283,9 +279,12 @@ impl StoreTarget {
             if !url.starts_with("mysql://") {
                 return Err(bad(which(i), "does not start with mysql://"));
             }
-            let opts = mysql::Opts::from_url(url)
-                .map_err(|e| bad(which(i), &format!("is not a valid URL ({})", url_error(&e))))?;
-            let named = opts.get_db_name().unwrap_or("").to_string();
+            let parsed = url::Url::parse(url)
+                .map_err(|e| bad(which(i), &format!("is not a valid URL ({e})")))?;
+            if parsed.scheme() != "mysql" || parsed.host_str().unwrap_or("").is_empty() {
+                return Err(bad(which(i), "names no server"));
+            }
+            let named = parsed.path().trim_start_matches('/').to_string();
             if named.is_empty() {
                 return Err(bad(which(i), "names no database"));
             }
@@ -309,17 +308,13 @@ impl StoreTarget {
                 }
                 let shown = format!(
                     "mysql://{}@{}:{}/{name}",
-                    opts.get_user().unwrap_or(""),
-                    opts.get_ip_or_hostname(),
-                    opts.get_tcp_port()
+                    parsed.username(),
+                    parsed.host_str().unwrap_or(""),
+                    parsed.port().unwrap_or(3306)
                 );
-                let opts = mysql::Opts::from(
-                    mysql::OptsBuilder::from_opts(opts.clone()).db_name(Some(&name)),
-                );
-                let mut full = url::Url::parse(url).map_err(|e| bad(which(i), &e.to_string()))?;
+                let mut full = parsed.clone();
                 full.set_path(&name);
                 out.push(MysqlDatabase {
-                    opts,
                     name,
                     shown,
                     url: full.to_string(),
@@ -327,18 +322,6 @@ impl StoreTarget {
             }
         }
         Ok(StoreTarget::Mysql(out))
-    }
-}
-
-/// A URL error without the URL's text.
-fn url_error(e: &mysql::UrlError) -> String {
-    match e {
-        mysql::UrlError::ParseError(p) => p.to_string(),
-        mysql::UrlError::UnsupportedScheme(_) => "unsupported scheme".into(),
-        mysql::UrlError::UnknownParameter(p) => format!("unknown parameter {p}"),
-        mysql::UrlError::InvalidValue(p, _) => format!("invalid value for {p}"),
-        mysql::UrlError::FeatureRequired(f, p) => format!("{p} needs the {f} feature"),
-        _ => "malformed".into(),
     }
 }
 
@@ -410,7 +393,7 @@ mod tests {
         let names: Vec<&str> = dbs.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["big_market_01", "big_market_02"]);
         assert_eq!(dbs[1].shown, "mysql://app@db.example:3307/big_market_02");
-        assert_eq!(dbs[1].opts.get_db_name(), Some("big_market_02"));
+        assert_eq!(dbs[1].name, "big_market_02");
         assert_eq!(
             dbs[1].secret_url(),
             "mysql://app:s3cret@db.example:3307/big_market_02"

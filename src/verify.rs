@@ -184,7 +184,7 @@ fn scenario(
     // On MySQL, each scenario has databases of its own, dropped afterwards.
     let scratch = match &base.store {
         crate::config::StoreTarget::Mysql(dbs) => {
-            let s = crate::store::scratch::Scratch::new(dbs, &format!("v{}", &tag[..6]));
+            let s = crate::store::Scratch::new(dbs, &format!("v{}", &tag[..6]));
             settings.store = s.target();
             Some(s)
         }

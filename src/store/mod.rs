@@ -7,9 +7,7 @@
 //! write. Everything above this module (writer loop, relay, scanner, consumer, CLI) is
 //! backend-free.
 
-pub(crate) mod ceiling;
 pub(crate) mod mysql;
-pub(crate) mod scratch;
 pub(crate) mod sqlite;
 pub mod writer;
 
@@ -22,6 +20,16 @@ use crate::error::{Error, Result};
 use crate::model::{AwardRecord, EventMessage, TaskState};
 use crate::relay::Handoff;
 use crate::router::{award_table, route, Layout};
+// The MySQL backend by another name here, so that `mysql::` in this crate always means the
+// driver, which only `store::mysql` may use (the tidy test).
+use self::{mysql as backend_mysql, sqlite as backend_sqlite};
+
+/// Bench and verify reach the backends' direct access through these (crate-private).
+pub(crate) use self::{
+    backend_mysql::ceiling::{mysql_e2e_batches, mysql_server_work},
+    backend_mysql::scratch::Scratch,
+    backend_sqlite::ceiling::Direct,
+};
 pub use writer::{Delivered, Failure, Op, Reply, SavedTask};
 
 /// The scripts that create a schema: the part every database has once, then, per split table
@@ -263,8 +271,8 @@ impl Store {
     /// of another layout or schema, and files or databases that are not shards.
     pub fn open(settings: &Settings, create: bool) -> Result<Store> {
         let opened = match &settings.store {
-            StoreTarget::Sqlite => sqlite::open_all(settings, create)?,
-            StoreTarget::Mysql(target) => mysql::open_all(settings, target, create)?,
+            StoreTarget::Sqlite => backend_sqlite::open_all(settings, create)?,
+            StoreTarget::Mysql(target) => backend_mysql::open_all(settings, target, create)?,
         };
         let mut shards = Vec::with_capacity(opened.len());
         for (i, o) in opened.into_iter().enumerate() {

@@ -12,6 +12,8 @@
 //! the guilty op fails. Claims use `FOR UPDATE SKIP LOCKED`: processes on several machines share
 //! the backlog without waiting on each other or sending a task twice.
 
+pub(crate) mod ceiling;
+pub(crate) mod scratch;
 pub(crate) mod sql;
 
 use std::collections::{BTreeMap, HashSet};
@@ -92,11 +94,30 @@ pub(crate) fn open_all(
     Ok(out)
 }
 
+/// The driver's options for a database of `--store`: its URL, parsed by the driver (which
+/// knows its query parameters). Errors never repeat the URL: it may hold a password.
+pub(crate) fn opts(d: &MysqlDatabase) -> Result<mysql::Opts> {
+    mysql::Opts::from_url(d.secret_url()).map_err(|e| {
+        let why = match e {
+            mysql::UrlError::ParseError(p) => p.to_string(),
+            mysql::UrlError::UnsupportedScheme(_) => "unsupported scheme".into(),
+            mysql::UrlError::UnknownParameter(p) => format!("unknown parameter {p}"),
+            mysql::UrlError::InvalidValue(p, _) => format!("invalid value for {p}"),
+            mysql::UrlError::FeatureRequired(f, p) => format!("{p} needs the {f} feature"),
+            _ => "malformed".into(),
+        };
+        Error::Config(format!(
+            "the URL of --store for {} is not valid ({why}): see https://docs.rs/mysql for its parameters",
+            d.shown
+        ))
+    })
+}
+
 /// A pool of sessions in READ COMMITTED (no gap locks between processes' claims and inserts),
 /// utf8mb4 (the scripts' literals are escaped for it), that wait at most `busy` for a row lock
 /// another process holds (as SQLite's busy timeout), at least a second.
 fn pool(d: &MysqlDatabase, with_db: bool, max: usize, busy: Duration) -> Result<Pool> {
-    let mut b = mysql::OptsBuilder::from_opts(d.opts.clone())
+    let mut b = mysql::OptsBuilder::from_opts(opts(d)?)
         .tcp_connect_timeout(Some(Duration::from_secs(10)))
         .stmt_cache_size(Some(512))
         .init(vec![

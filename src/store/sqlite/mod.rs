@@ -3,6 +3,7 @@
 //! writer thread runs each group of ops in one `BEGIN IMMEDIATE` transaction, one savepoint per
 //! op, so a failing op (a duplicate order id) rolls back alone.
 
+pub(crate) mod ceiling;
 pub(crate) mod sql;
 
 use std::collections::BTreeMap;

@@ -42,14 +42,16 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        use ::mysql::prelude::Queryable;
+        use mysql::prelude::Queryable;
         for d in &self.dbs {
-            let opts = ::mysql::OptsBuilder::from_opts(d.opts.clone()).db_name(None::<String>);
-            match ::mysql::Conn::new(opts)
-                .and_then(|mut c| c.query_drop(format!("DROP DATABASE IF EXISTS `{}`", d.name)))
-            {
-                Ok(()) => {}
-                Err(e) => log::warn!("could not drop the scratch database {}: {e}", d.shown),
+            let dropped = super::opts(d).map_err(|e| e.to_string()).and_then(|opts| {
+                let server = mysql::OptsBuilder::from_opts(opts).db_name(None::<String>);
+                mysql::Conn::new(server)
+                    .and_then(|mut c| c.query_drop(format!("DROP DATABASE IF EXISTS `{}`", d.name)))
+                    .map_err(|e| e.to_string())
+            });
+            if let Err(e) = dropped {
+                log::warn!("could not drop the scratch database {}: {e}", d.shown);
             }
         }
     }
