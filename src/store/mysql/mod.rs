@@ -1169,6 +1169,26 @@ impl From<mysql::Error> for crate::error::StorageError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::StoreTarget;
+
+    #[test]
+    fn a_url_the_driver_refuses_is_a_config_error_without_its_password() {
+        let StoreTarget::Mysql(dbs) =
+            StoreTarget::parse("mysql://u:s3cret@h/db?nonsense=1", 2).unwrap()
+        else {
+            panic!("not mysql")
+        };
+        let e = opts(&dbs[0]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let e = e.to_string();
+        assert!(e.contains("nonsense") && e.contains("--store"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+        let StoreTarget::Mysql(good) = StoreTarget::parse("mysql://u:s3cret@h/db", 2).unwrap()
+        else {
+            panic!("not mysql")
+        };
+        assert_eq!(opts(&good[1]).unwrap().get_db_name(), Some("db_02"));
+    }
 
     #[test]
     fn servers_without_skip_locked_are_refused() {
