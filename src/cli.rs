@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::model::{AwardRecord, NewAward, TaskState, UserId};
 use crate::router::{route, Layout};
 use crate::service::{transport_for, Parts, Service};
-use crate::store::{Op, ShardStatus, Store};
+use crate::store::{ShardStatus, Store};
 use crate::util::now_ms;
 
 fn duration(s: &str) -> std::result::Result<Duration, String> {
@@ -704,11 +704,7 @@ fn tasks(settings: &Settings, cmd: TasksCommand) -> Result<()> {
                 ));
             }
             let now = now_ms();
-            let n = store.write_all(|| Op::Requeue {
-                message_id: message_id.clone(),
-                state,
-                now_ms: now,
-            })?;
+            let n = store.requeue(message_id.as_deref(), state, now)?;
             if n == 0 && message_id.is_some() {
                 return Err(Error::invalid(
                     "message_id",
@@ -720,7 +716,7 @@ fn tasks(settings: &Settings, cmd: TasksCommand) -> Result<()> {
         TasksCommand::Purge { older_than } => {
             // older_than is at most ten years (parse_duration), so this cannot wrap.
             let before_ms = now_ms().saturating_sub(older_than.as_millis() as i64);
-            let n = store.write_all(|| Op::Purge { before_ms })?;
+            let n = store.purge(before_ms)?;
             println!("purged {n} completed tasks older than {older_than:?}");
         }
     }

@@ -18,7 +18,8 @@
 //!   SQL in its own module, the writer threads;
 //! - [`transport`]: the broker boundary: in-process, RabbitMQ (lapin), fault injection;
 //! - [`pool`]: the bounded caller-runs thread pool;
-//! - [`outbox`]: the write path (return on commit) and the publish-and-settle step;
+//! - [`outbox`]: the save path (return on commit), and waiting for a confirm when asked;
+//! - [`publish`]: publish-and-settle of a batch, shared by the relay and the scanner;
 //! - [`relay`]: the hand-off from each shard's writer and the relay that publishes in batches;
 //! - [`scanner`]: the compensation scan (`scan_once`);
 //! - [`consumer`]: award delivery from messages, and the backoff while the store fails;
@@ -52,6 +53,7 @@ pub mod metrics;
 pub mod model;
 pub mod outbox;
 pub mod pool;
+pub mod publish;
 pub mod relay;
 pub mod retry;
 pub mod router;

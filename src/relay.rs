@@ -18,116 +18,26 @@
 //! another process) claimed in the meantime is dropped, so the two never have a task in flight
 //! at once.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TryRecvError};
 
 use crate::config::Settings;
 use crate::error::{Error, Result};
-use crate::outbox::{Outbox, Pending, Relayed};
-use crate::store::{Op, Reply, SavedTask, Store};
+use crate::publish::{Pending, Publisher, Relayed, Settle};
+use crate::store::{Handoff, Store};
 use crate::util::now_ms;
-
-/// Committed tasks on their way from a shard's writer to its relay: in memory up to a capacity,
-/// past it as a range of sequence numbers to read back from SQLite.
-pub struct Handoff {
-    /// Unbounded as a channel; bounded in tasks by `held` and `capacity`. An empty batch is a
-    /// wake-up (a range was recorded, or the relay is asked to stop).
-    tx: Sender<Vec<SavedTask>>,
-    rx: Receiver<Vec<SavedTask>>,
-    held: AtomicUsize,
-    capacity: usize,
-    /// Sequence numbers `(from, to)` committed but not handed over. While set, every new commit
-    /// extends it instead of going to memory, so memory and range never share a task.
-    spilled: Mutex<Option<(u64, u64)>>,
-    spilled_total: AtomicU64,
-}
-
-impl Handoff {
-    /// A hand-off that holds at most `capacity` tasks in memory.
-    pub fn new(capacity: usize) -> Self {
-        let (tx, rx) = unbounded();
-        Handoff {
-            tx,
-            rx,
-            held: AtomicUsize::new(0),
-            capacity,
-            spilled: Mutex::new(None),
-            spilled_total: AtomicU64::new(0),
-        }
-    }
-
-    /// Hand over the tasks of one commit (the writer calls this after the commit returned).
-    pub fn offer(&self, tasks: Vec<SavedTask>) {
-        if tasks.is_empty() {
-            return;
-        }
-        let n = tasks.len();
-        let mut spilled = self.spilled.lock().expect("handoff lock");
-        if spilled.is_none() && self.held.load(Ordering::SeqCst) + n <= self.capacity {
-            self.held.fetch_add(n, Ordering::SeqCst);
-            let _ = self.tx.send(tasks);
-            return;
-        }
-        let lo = tasks.iter().map(|t| t.seq).min().unwrap_or(0);
-        let hi = tasks.iter().map(|t| t.seq).max().unwrap_or(0);
-        let was_empty = spilled.is_none();
-        *spilled = Some(match *spilled {
-            Some((a, b)) => (a.min(lo), b.max(hi)),
-            None => (lo, hi),
-        });
-        self.spilled_total.fetch_add(n as u64, Ordering::SeqCst);
-        if was_empty {
-            log::debug!("relay hand-off full: tasks from seq={lo} wait in SQLite");
-            let _ = self.tx.send(Vec::new());
-        }
-    }
-
-    /// Up to about `max` handed-over tasks, waiting at most `wait` for the first.
-    fn take(&self, wait: Duration, max: usize) -> Vec<SavedTask> {
-        let first = if wait.is_zero() {
-            self.rx.try_recv().ok()
-        } else {
-            self.rx.recv_timeout(wait).ok()
-        };
-        let mut out = first.unwrap_or_default();
-        while out.len() < max {
-            match self.rx.try_recv() {
-                Ok(more) => out.extend(more),
-                Err(_) => break,
-            }
-        }
-        self.held.fetch_sub(out.len(), Ordering::SeqCst);
-        out
-    }
-
-    fn take_spilled(&self) -> Option<(u64, u64)> {
-        self.spilled.lock().expect("handoff lock").take()
-    }
-
-    fn wake(&self) {
-        let _ = self.tx.send(Vec::new());
-    }
-
-    /// Tasks held in memory now.
-    pub fn held(&self) -> usize {
-        self.held.load(Ordering::SeqCst)
-    }
-
-    /// Tasks that did not fit and went the SQLite way, since start.
-    pub fn spilled_total(&self) -> u64 {
-        self.spilled_total.load(Ordering::SeqCst)
-    }
-}
 
 /// One shard's relay.
 pub struct Relay {
     db: u32,
     store: Arc<Store>,
-    outbox: Arc<Outbox>,
+    publisher: Arc<Publisher>,
+    /// The claim owner new tasks are inserted with (`<process>/relay`).
+    owner: Arc<str>,
     settings: Arc<Settings>,
     /// The part of a spilled range not read back yet.
     cursor: Mutex<Option<(u64, u64)>>,
@@ -136,12 +46,19 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// The relay of shard `db`.
-    pub fn new(db: u32, store: Arc<Store>, outbox: Arc<Outbox>, settings: Arc<Settings>) -> Self {
+    /// The relay of shard `db`, publishing the tasks that `owner` holds.
+    pub fn new(
+        db: u32,
+        store: Arc<Store>,
+        publisher: Arc<Publisher>,
+        owner: Arc<str>,
+        settings: Arc<Settings>,
+    ) -> Self {
         Relay {
             db,
             store,
-            outbox,
+            publisher,
+            owner,
             settings,
             cursor: Mutex::new(None),
             busy: AtomicBool::new(false),
@@ -158,13 +75,8 @@ impl Relay {
     pub fn relay_once(&self, wait: Duration) -> Result<Relayed> {
         let max = self.settings.relay_batch;
         // Work waiting in SQLite: do not wait for the hand-off.
-        let spilled_waiting = self.cursor.lock().expect("cursor lock").is_some()
-            || self
-                .handoff()
-                .spilled
-                .lock()
-                .expect("handoff lock")
-                .is_some();
+        let spilled_waiting =
+            self.cursor.lock().expect("cursor lock").is_some() || self.handoff().has_spilled();
         let wait = if spilled_waiting {
             Duration::ZERO
         } else {
@@ -186,7 +98,8 @@ impl Relay {
             }
             let batch = self.hold_leases(batch)?;
             log::debug!("relay shard={:02} tasks={}", self.db, batch.len());
-            self.outbox.relay_committed(self.db, &batch)
+            self.publisher
+                .publish(self.db, &batch, &self.owner, Settle::Detached)
         })();
         self.busy.store(false, Ordering::SeqCst);
         result
@@ -197,7 +110,7 @@ impl Relay {
         let h = self.handoff();
         !self.busy.load(Ordering::SeqCst)
             && h.held() == 0
-            && h.spilled.lock().expect("handoff lock").is_none()
+            && !h.has_spilled()
             && self.cursor.lock().expect("cursor lock").is_none()
     }
 
@@ -211,10 +124,10 @@ impl Relay {
                     None => return Ok(Vec::new()),
                 },
             };
-            let rows =
-                self.store
-                    .shard(self.db)
-                    .leased_tasks(self.outbox.relay_owner(), from, to, max)?;
+            let rows = self
+                .store
+                .shard(self.db)
+                .leased_tasks(&self.owner, from, to, max)?;
             match rows.last() {
                 None => *cursor = None,
                 Some(last) => {
@@ -242,15 +155,12 @@ impl Relay {
             return Ok(keep);
         }
         let lease_until_ms = now.saturating_add(self.settings.stale_after.as_millis() as i64);
-        let renewed = match self.store.shard(self.db).write(Op::Renew {
-            ids: short.iter().map(|t| t.id).collect(),
-            owner: self.outbox.relay_owner().clone(),
+        let renewed = self.store.shard(self.db).renew(
+            short.iter().map(|t| t.id).collect(),
+            &self.owner,
             lease_until_ms,
-            now_ms: now,
-        })? {
-            Reply::Renewed(ids) => ids,
-            other => unreachable!("Renew replied {other:?}"),
-        };
+            now,
+        )?;
         let lost = short.len() - renewed.len();
         if lost > 0 {
             log::debug!(
@@ -284,7 +194,8 @@ impl RelayThreads {
     /// Start one relay thread per shard.
     pub fn start(
         store: &Arc<Store>,
-        outbox: &Arc<Outbox>,
+        publisher: &Arc<Publisher>,
+        owner: &Arc<str>,
         settings: &Arc<Settings>,
     ) -> Result<RelayThreads> {
         let (stop, stop_rx) = bounded::<()>(0);
@@ -294,7 +205,8 @@ impl RelayThreads {
             let relay = Arc::new(Relay::new(
                 shard.db(),
                 store.clone(),
-                outbox.clone(),
+                publisher.clone(),
+                owner.clone(),
                 settings.clone(),
             ));
             let (r, stop_rx) = (relay.clone(), stop_rx.clone());
@@ -400,49 +312,4 @@ fn run(relay: &Relay, stop: &Receiver<()>) {
         }
     }
     log::debug!("relay stopped shard={:02}", relay.db);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::MessageId;
-
-    fn task(seq: u64) -> SavedTask {
-        SavedTask {
-            id: seq as i64,
-            db: 1,
-            seq,
-            message_id: MessageId::new(1, seq),
-            topic: "t".into(),
-            message: "{}".into(),
-            lease_until_ms: 0,
-        }
-    }
-
-    #[test]
-    fn a_full_handoff_spills_a_range_that_never_overlaps_memory() {
-        let h = Handoff::new(3);
-        h.offer(vec![task(1), task(2)]);
-        h.offer(vec![task(3), task(4)]); // does not fit: spilled
-        h.offer(vec![task(5)]); // a range is open: spilled too, though it would fit
-        assert_eq!(h.held(), 2);
-        assert_eq!(h.spilled_total(), 3);
-        let taken: Vec<u64> = h.take(Duration::ZERO, 10).iter().map(|t| t.seq).collect();
-        assert_eq!(taken, vec![1, 2]);
-        assert_eq!(h.held(), 0);
-        assert_eq!(h.take_spilled(), Some((3, 5)));
-        h.offer(vec![task(6)]); // range taken: memory again
-        assert_eq!(h.held(), 1);
-        assert_eq!(h.take_spilled(), None);
-    }
-
-    #[test]
-    fn a_commit_larger_than_the_capacity_spills_and_wakes_the_relay() {
-        let h = Handoff::new(2);
-        h.offer((1..=5).map(task).collect());
-        assert_eq!(h.held(), 0);
-        // The wake-up is an empty batch, so a waiting relay looks at the range at once.
-        assert!(h.take(Duration::from_secs(1), 10).is_empty());
-        assert_eq!(h.take_spilled(), Some((1, 5)));
-    }
 }

@@ -10,9 +10,9 @@ use crossbeam_channel::unbounded;
 use crate::config::Settings;
 use crate::error::Result;
 use crate::metrics::Metrics;
-use crate::outbox::{Outbox, Pending, Relayed};
 use crate::pool::{CallerRunsPool, Submitted};
-use crate::store::{Op, Reply, Store};
+use crate::publish::{Pending, Publisher, Relayed, Settle};
+use crate::store::Store;
 use crate::transport::Transport;
 use crate::util::now_ms;
 
@@ -41,7 +41,9 @@ impl ScanReport {
 /// The scanner: claims due tasks and relays them.
 pub struct Scanner {
     store: Arc<Store>,
-    outbox: Arc<Outbox>,
+    publisher: Arc<Publisher>,
+    /// This process's claim owner.
+    owner: Arc<str>,
     transport: Arc<dyn Transport>,
     settings: Arc<Settings>,
     metrics: Arc<Metrics>,
@@ -49,10 +51,11 @@ pub struct Scanner {
 }
 
 impl Scanner {
-    /// A scanner with its own relay pool.
+    /// A scanner with its own relay pool, claiming as `owner`.
     pub fn new(
         store: Arc<Store>,
-        outbox: Arc<Outbox>,
+        publisher: Arc<Publisher>,
+        owner: Arc<str>,
         transport: Arc<dyn Transport>,
         settings: Arc<Settings>,
         metrics: Arc<Metrics>,
@@ -60,7 +63,8 @@ impl Scanner {
         let pool = CallerRunsPool::new("relay", settings.pool_threads, settings.pool_queue)?;
         Ok(Scanner {
             store,
-            outbox,
+            publisher,
+            owner,
             transport,
             settings,
             metrics,
@@ -74,7 +78,7 @@ impl Scanner {
         Metrics::add(&self.metrics.scans, 1);
         if let Some(keep) = self.settings.retention {
             let before_ms = now_ms() - keep.as_millis() as i64;
-            report.purged = self.store.write_all(|| Op::Purge { before_ms })?;
+            report.purged = self.store.purge(before_ms)?;
         }
         if !self.transport.is_connected() {
             report.skipped_disconnected = true;
@@ -92,15 +96,12 @@ impl Scanner {
             // An unreachable broker ends this pass; the tasks are due again next tick.
             while !unavailable.load(Ordering::SeqCst) {
                 let now = now_ms();
-                let claimed = match shard.write(Op::Claim {
-                    owner: self.outbox.owner().clone(),
-                    limit: self.settings.scan_batch,
-                    lease_until_ms: now + lease.as_millis() as i64,
-                    now_ms: now,
-                })? {
-                    Reply::Claimed(rows) => rows,
-                    other => unreachable!("Claim replied {other:?}"),
-                };
+                let claimed = shard.claim(
+                    &self.owner,
+                    self.settings.scan_batch,
+                    now + lease.as_millis() as i64,
+                    now,
+                )?;
                 let n = claimed.len();
                 if n == 0 {
                     break;
@@ -109,15 +110,16 @@ impl Scanner {
                 log::debug!("scan claimed shard={db:02} tasks={n}");
                 let pending: Vec<Pending> = claimed.into_iter().map(Pending::from).collect();
                 for chunk in pending.chunks(self.settings.publish_chunk) {
-                    let (outbox, chunk, tx, unavailable) = (
-                        self.outbox.clone(),
+                    let (publisher, owner, chunk, tx, unavailable) = (
+                        self.publisher.clone(),
+                        self.owner.clone(),
                         chunk.to_vec(),
                         tx.clone(),
                         unavailable.clone(),
                     );
                     jobs += 1;
                     let submitted = self.pool.submit(move || {
-                        let r = outbox.relay(db, &chunk);
+                        let r = publisher.publish(db, &chunk, &owner, Settle::Wait);
                         if r.as_ref().is_ok_and(|r| r.unavailable > 0) {
                             unavailable.store(true, Ordering::SeqCst);
                         }

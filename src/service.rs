@@ -15,9 +15,10 @@ use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::model::{AwardRecord, TaskState};
 use crate::outbox::{Outbox, Saved};
+use crate::publish::Publisher;
 use crate::relay::RelayThreads;
 use crate::scanner::{ScanReport, Scanner};
-use crate::store::{Op, ShardStatus, Store};
+use crate::store::{ShardStatus, Store};
 use crate::transport::{memory::InProcess, ConsumerHandle, Transport};
 use crate::util::{now_ms, Rng};
 
@@ -97,14 +98,20 @@ impl Service {
         .into();
         let outbox = Arc::new(Outbox::new(
             store.clone(),
-            transport.clone(),
             settings.clone(),
             owner.clone(),
             metrics.clone(),
         ));
+        let publisher = Arc::new(Publisher::new(
+            store.clone(),
+            transport.clone(),
+            settings.clone(),
+            metrics.clone(),
+        ));
         let scanner = Arc::new(Scanner::new(
             store.clone(),
-            outbox.clone(),
+            publisher.clone(),
+            owner.clone(),
             transport.clone(),
             settings.clone(),
             metrics.clone(),
@@ -115,7 +122,12 @@ impl Service {
         } else {
             None
         };
-        let relays = Some(RelayThreads::start(&store, &outbox, &settings)?);
+        let relays = Some(RelayThreads::start(
+            &store,
+            &publisher,
+            outbox.relay_owner(),
+            &settings,
+        )?);
         let mut service = Service {
             settings,
             counts: CountCache::new(store.clone()),
@@ -207,7 +219,7 @@ impl Service {
         if !crate::util::wait_until(timeout, || self.relays_idle()) {
             return Ok(false);
         }
-        self.store.write_all(|| Op::Barrier)?;
+        self.store.barrier()?;
         Ok(true)
     }
 
@@ -273,10 +285,7 @@ impl Service {
             self.outbox.owner().clone(),
             self.outbox.relay_owner().clone(),
         ] {
-            released += self.store.write_all(|| Op::Release {
-                owner: owner.clone(),
-                now_ms: now_ms(),
-            })?;
+            released += self.store.release(&owner, now_ms())?;
         }
         if released > 0 {
             log::info!("released claims tasks={released}");

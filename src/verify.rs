@@ -329,7 +329,11 @@ pub fn run(base: &Settings, opts: &VerifyOptions) -> Result<Vec<Outcome>> {
     );
     let mut outcomes = Vec::new();
     for round in 1..=opts.rounds {
-        for name in BOUNDARIES.iter().copied().chain(["two-processes"]) {
+        for name in BOUNDARIES
+            .iter()
+            .map(|b| b.as_str())
+            .chain(["two-processes"])
+        {
             let o = scenario(&exe, base, opts, round, name)?;
             println!(
                 "{:<5} {:<18} {:<22} {:<9} {:>9} {:>9} {:>11}  {}",

@@ -7,9 +7,11 @@
 //! write. Everything above this module (writer loop, relay, scanner, consumer, CLI) is
 //! backend-free.
 
+pub mod handoff;
 pub(crate) mod mysql;
+pub(crate) mod op;
 pub(crate) mod sqlite;
-pub mod writer;
+pub(crate) mod writer;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,7 +20,6 @@ use std::time::Duration;
 use crate::config::{Settings, StoreTarget};
 use crate::error::{Error, Result};
 use crate::model::{AwardRecord, EventMessage, TaskState};
-use crate::relay::Handoff;
 use crate::router::{award_table, route, Layout};
 // The MySQL backend by another name here, so that `mysql::` in this crate always means the
 // driver, which only `store::mysql` may use (the tidy test).
@@ -30,7 +31,9 @@ pub(crate) use self::{
     backend_mysql::scratch::Scratch,
     backend_sqlite::ceiling::Direct,
 };
-pub use writer::{Delivered, Failure, Op, Reply, SavedTask};
+pub use handoff::Handoff;
+pub use op::{Delivered, Failure, SavedTask};
+pub(crate) use op::{Op, Reply};
 
 /// The scripts that create a schema: the part every database has once, then, per split table
 /// index, the part after the `-- @split-table` marker with `000` replaced by that index.
@@ -219,23 +222,91 @@ impl Shard {
     }
 
     /// Run several write ops in the same group commit; one result per op, in order.
-    pub fn write_many(&self, ops: Vec<Op>) -> Vec<Result<Reply>> {
+    fn write_many(&self, ops: Vec<Op>) -> Vec<Result<Reply>> {
         self.writer.call_many(ops)
     }
 
-    /// Queue a write op without waiting for its commit.
-    pub fn write_detached(&self, op: Op) -> Result<()> {
-        self.writer.send_detached(op)
-    }
-
-    /// Run a write op on this shard's writer thread.
-    pub fn write(&self, op: Op) -> Result<Reply> {
+    /// Run a write op on this shard's writer thread and wait for its commit.
+    fn write(&self, op: Op) -> Result<Reply> {
         self.writer.call(op)
     }
 
-    /// Run a write op on this shard's writer thread and await its commit.
-    pub async fn write_async(&self, op: Op) -> Result<Reply> {
-        self.writer.call_async(op).await
+    /// Claim up to `limit` due tasks (failed ones past their backoff, and pending ones whose
+    /// lease expired) for `owner`, leased until `lease_until_ms`.
+    pub fn claim(
+        &self,
+        owner: &Arc<str>,
+        limit: usize,
+        lease_until_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<TaskRow>> {
+        self.write(Op::Claim {
+            owner: owner.clone(),
+            limit,
+            lease_until_ms,
+            now_ms,
+        })
+        .map(Reply::claimed)
+    }
+
+    /// Extend the leases of tasks `owner` still holds unsent; returns the ids renewed (a task
+    /// another claim took is left out).
+    pub fn renew(
+        &self,
+        ids: Vec<i64>,
+        owner: &Arc<str>,
+        lease_until_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<i64>> {
+        self.write(Op::Renew {
+            ids,
+            owner: owner.clone(),
+            lease_until_ms,
+            now_ms,
+        })
+        .map(Reply::renewed)
+    }
+
+    /// Mark tasks completed, those `owner` still holds; returns how many were.
+    pub fn mark_completed(&self, ids: Vec<i64>, owner: &Arc<str>, now_ms: i64) -> Result<usize> {
+        self.write(Self::completed(ids, owner, now_ms))
+            .map(Reply::count)
+    }
+
+    /// [`Shard::mark_completed`] without waiting: it commits with the next group. For tasks
+    /// whose loss is repaired anyway (a task left unmarked is resent after its lease, and the
+    /// consumer deduplicates it).
+    pub fn mark_completed_detached(
+        &self,
+        ids: Vec<i64>,
+        owner: &Arc<str>,
+        now_ms: i64,
+    ) -> Result<()> {
+        self.writer
+            .send_detached(Self::completed(ids, owner, now_ms))
+    }
+
+    fn completed(ids: Vec<i64>, owner: &Arc<str>, now_ms: i64) -> Op {
+        Op::MarkCompleted {
+            ids,
+            owner: owner.clone(),
+            now_ms,
+        }
+    }
+
+    /// Record failed publishes of tasks `owner` still holds; returns how many were recorded.
+    pub fn mark_failed(
+        &self,
+        failures: Vec<Failure>,
+        owner: &Arc<str>,
+        now_ms: i64,
+    ) -> Result<usize> {
+        self.write(Op::MarkFailed {
+            failures,
+            owner: owner.clone(),
+            now_ms,
+        })
+        .map(Reply::count)
     }
 
     /// Counts for `status`.
@@ -359,10 +430,7 @@ impl Store {
         now_ms: i64,
     ) -> Result<SavedTask> {
         let (db, op) = self.save_op(record, topic, owner, lease, now_ms);
-        match self.shard(db).write_async(op).await? {
-            Reply::Saved(t) => Ok(t),
-            other => unreachable!("SaveAward replied {other:?}"),
-        }
+        self.shard(db).writer.call_async(op).await.map(Reply::saved)
     }
 
     /// Insert many awards, each with its task in its own savepoint; each shard's share is queued
@@ -383,10 +451,7 @@ impl Store {
             entry.0.push(i);
             entry.1.push(op);
         }
-        self.run_per_shard(per_shard, results, |r| match r {
-            Reply::Saved(t) => t,
-            other => unreachable!("SaveAward replied {other:?}"),
-        })
+        self.run_per_shard(per_shard, results, Reply::saved)
     }
 
     /// Run each shard's ops in one group commit and put each reply at its caller's index;
@@ -439,10 +504,7 @@ impl Store {
                 now_ms,
             });
         }
-        self.run_per_shard(per_shard, results, |r| match r {
-            Reply::Delivered(d) => d,
-            other => unreachable!("Deliver replied {other:?}"),
-        })
+        self.run_per_shard(per_shard, results, Reply::delivered)
     }
 
     /// A user's award records, newest first, at most `limit`.
@@ -467,15 +529,47 @@ impl Store {
             .collect()
     }
 
-    /// Write counts from an op that replies a count, on every shard; returns the sum.
-    pub fn write_all(&self, op: impl Fn() -> Op) -> Result<usize> {
+    /// Run a counting op on every shard; returns the sum.
+    fn count_all(&self, op: impl Fn() -> Op) -> Result<usize> {
         let mut n = 0;
         for s in &self.shards {
-            match s.write(op())? {
-                Reply::Count(c) => n += c,
-                other => unreachable!("count op replied {other:?}"),
-            }
+            n += s.write(op())?.count();
         }
         Ok(n)
+    }
+
+    /// Release every claim `owner` holds, on every shard (a stopping process hands its tasks
+    /// back: they are due at once); returns how many were released.
+    pub fn release(&self, owner: &Arc<str>, now_ms: i64) -> Result<usize> {
+        self.count_all(|| Op::Release {
+            owner: owner.clone(),
+            now_ms,
+        })
+    }
+
+    /// Make parked (`dead`) or failed tasks due now: the one with `message_id`, or every task in
+    /// `state`. Returns how many were requeued.
+    pub fn requeue(
+        &self,
+        message_id: Option<&str>,
+        state: Option<TaskState>,
+        now_ms: i64,
+    ) -> Result<usize> {
+        self.count_all(|| Op::Requeue {
+            message_id: message_id.map(str::to_string),
+            state,
+            now_ms,
+        })
+    }
+
+    /// Delete completed tasks older than `before_ms` on every shard; returns how many.
+    pub fn purge(&self, before_ms: i64) -> Result<usize> {
+        self.count_all(|| Op::Purge { before_ms })
+    }
+
+    /// Return once every write queued before it, on every shard and lane (detached ones too),
+    /// has committed.
+    pub fn barrier(&self) -> Result<()> {
+        self.count_all(|| Op::Barrier).map(|_| ())
     }
 }

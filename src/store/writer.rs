@@ -10,164 +10,13 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use super::{Batch, TaskRow};
+use super::handoff::Handoff;
+use super::op::{Op, Reply, SavedTask};
+use super::Batch;
 use crate::error::{Error, Result};
-use crate::model::{AwardRecord, EventMessage, MessageId, TaskState};
-use crate::relay::Handoff;
 
 /// Capacity of a writer's queue. A full queue blocks callers: backpressure on the write path.
-pub const WRITER_QUEUE: usize = 4096;
-
-/// A task committed with its award, to publish after the commit.
-#[derive(Debug, Clone)]
-pub struct SavedTask {
-    /// Task row id.
-    pub id: i64,
-    /// Database index.
-    pub db: u32,
-    /// Per-shard sequence number.
-    pub seq: u64,
-    /// Message id.
-    pub message_id: MessageId,
-    /// Topic.
-    pub topic: String,
-    /// JSON body.
-    pub message: String,
-    /// Until when the relay's claim on it holds.
-    pub lease_until_ms: i64,
-}
-
-/// A failed publish to record.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    /// Task row id.
-    pub id: i64,
-    /// `fail` or `dead`.
-    pub state: TaskState,
-    /// Counted attempts after this failure.
-    pub attempts: u32,
-    /// When the task is due again.
-    pub next_attempt_at: i64,
-    /// Why it failed.
-    pub error: String,
-}
-
-/// What delivering a message did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivered {
-    /// First receipt: the award record moved to completed.
-    First,
-    /// The message was handled before; nothing changed but the receipt count.
-    Again,
-}
-
-/// A write to run on a shard.
-#[derive(Debug)]
-pub enum Op {
-    /// Insert an award and its task.
-    SaveAward {
-        /// The award.
-        record: AwardRecord,
-        /// Its split table.
-        table: String,
-        /// Topic of the task.
-        topic: Arc<str>,
-        /// Claim owner (this process).
-        owner: Arc<str>,
-        /// Lease expiry of the first publish.
-        lease_until_ms: i64,
-        /// Now.
-        now_ms: i64,
-    },
-    /// Mark tasks completed, those still claimed by `owner`.
-    MarkCompleted {
-        /// Task ids.
-        ids: Vec<i64>,
-        /// The claim owner that published them.
-        owner: Arc<str>,
-        /// Now.
-        now_ms: i64,
-    },
-    /// Record failed publishes.
-    MarkFailed {
-        /// Failures.
-        failures: Vec<Failure>,
-        /// The claim owner that published.
-        owner: Arc<str>,
-        /// Now.
-        now_ms: i64,
-    },
-    /// Claim due tasks.
-    Claim {
-        /// Claim owner.
-        owner: Arc<str>,
-        /// Most tasks to claim.
-        limit: usize,
-        /// Lease expiry.
-        lease_until_ms: i64,
-        /// Now.
-        now_ms: i64,
-    },
-    /// Extend the leases of tasks still claimed by `owner` and not yet sent; replies the ids
-    /// renewed (a task another claim took is left out).
-    Renew {
-        /// Task ids.
-        ids: Vec<i64>,
-        /// The claim owner that must still hold them.
-        owner: Arc<str>,
-        /// New lease expiry.
-        lease_until_ms: i64,
-        /// Now.
-        now_ms: i64,
-    },
-    /// Release every claim of an owner.
-    Release {
-        /// Claim owner.
-        owner: Arc<str>,
-        /// Now.
-        now_ms: i64,
-    },
-    /// Deliver an award message.
-    Deliver {
-        /// The decoded message.
-        msg: EventMessage,
-        /// The award's split table.
-        table: String,
-        /// Now.
-        now_ms: i64,
-    },
-    /// Requeue parked or failed tasks.
-    Requeue {
-        /// One message id.
-        message_id: Option<String>,
-        /// Every task in this state.
-        state: Option<TaskState>,
-        /// Now.
-        now_ms: i64,
-    },
-    /// Nothing: replies once every op queued before it (detached ones too) has committed.
-    Barrier,
-    /// Delete completed tasks older than a time.
-    Purge {
-        /// Cut-off, epoch ms.
-        before_ms: i64,
-    },
-}
-
-/// The result of an [`Op`].
-#[derive(Debug)]
-pub enum Reply {
-    /// From `SaveAward`.
-    Saved(SavedTask),
-    /// Rows changed.
-    Count(usize),
-    /// From `Claim`.
-    Claimed(Vec<TaskRow>),
-    /// From `Deliver`.
-    Delivered(Delivered),
-    /// From `Renew`: the ids renewed.
-    Renewed(Vec<i64>),
-}
+pub(crate) const WRITER_QUEUE: usize = 4096;
 
 struct Job {
     op: Op,
@@ -193,8 +42,7 @@ struct Lane {
 
 /// Handle to a shard's writer threads, one per lane. Dropping it lets the threads finish the
 /// queued work, then joins them.
-pub struct Writer {
-    db: u32,
+pub(crate) struct Writer {
     lanes: Vec<Lane>,
     lane_of: LaneOf,
 }
@@ -225,7 +73,7 @@ impl Writer {
                 handle: Some(handle),
             });
         }
-        Ok(Writer { db, lanes, lane_of })
+        Ok(Writer { lanes, lane_of })
     }
 
     /// The queue of the lane that runs `op`.
@@ -236,7 +84,7 @@ impl Writer {
 
     /// Run one op and wait until its transaction has committed (or failed). A barrier waits
     /// for every lane.
-    pub fn call(&self, op: Op) -> Result<Reply> {
+    pub(crate) fn call(&self, op: Op) -> Result<Reply> {
         if matches!(op, Op::Barrier) && self.lanes.len() > 1 {
             for lane in &self.lanes {
                 let (reply, rx) = bounded(1);
@@ -263,7 +111,7 @@ impl Writer {
     /// Run one op and await its commit without blocking the awaiting thread (an async
     /// executor's): the writer thread does the work and wakes the task. Only when the writer's
     /// queue is full does the hand-over wait, on the blocking pool.
-    pub async fn call_async(&self, op: Op) -> Result<Reply> {
+    pub(crate) async fn call_async(&self, op: Op) -> Result<Reply> {
         let (reply, rx) = async_channel::bounded(1);
         let tx = self.queue(&op)?;
         let job = Job {
@@ -287,7 +135,7 @@ impl Writer {
 
     /// Run several ops: all are queued before any reply is awaited, so they share a group commit
     /// (per lane).
-    pub fn call_many(&self, ops: Vec<Op>) -> Vec<Result<Reply>> {
+    pub(crate) fn call_many(&self, ops: Vec<Op>) -> Vec<Result<Reply>> {
         let waits: Vec<Option<crossbeam_channel::Receiver<Result<Reply>>>> = ops
             .into_iter()
             .map(|op| {
@@ -312,15 +160,10 @@ impl Writer {
 
     /// Queue an op without waiting for it: it commits with the next group. Used where a lost op
     /// is repaired anyway (a task left unmarked is resent after its lease, and deduplicated).
-    pub fn send_detached(&self, op: Op) -> Result<()> {
+    pub(crate) fn send_detached(&self, op: Op) -> Result<()> {
         let tx = self.queue(&op)?;
         tx.send(Job { op, reply: None })
             .map_err(|_| Error::ShuttingDown)
-    }
-
-    /// The database index this writer serves.
-    pub fn db(&self) -> u32 {
-        self.db
     }
 }
 
@@ -363,7 +206,7 @@ fn run(db: u32, mut backend: Box<dyn Batch>, rx: Receiver<Job>, max: usize, hand
             })
             .collect();
         if !committed.is_empty() {
-            crate::crash::hit("after-commit");
+            crate::crash::hit(crate::crash::Point::AfterCommit);
             handoff.offer(committed);
         }
         for (job, result) in batch.into_iter().zip(results) {

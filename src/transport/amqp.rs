@@ -458,7 +458,7 @@ impl Transport for Amqp {
                     },
                 );
             }
-            crate::crash::hit("before-confirm");
+            crate::crash::hit(crate::crash::Point::BeforeConfirm);
             let mut out = Vec::with_capacity(pending.len());
             for p in pending {
                 out.push(match p {
@@ -476,7 +476,7 @@ impl Transport for Amqp {
                     },
                 });
                 if out.len() == 1 {
-                    crate::crash::hit("mid-relay-batch");
+                    crate::crash::hit(crate::crash::Point::MidRelayBatch);
                 }
             }
             out
@@ -520,7 +520,7 @@ impl Transport for Amqp {
                                     let batch = crate::util::drain_batch(&rx, first, CONSUME_BATCH);
                                     let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
                                     let outcomes = handler.handle_batch(&bodies);
-                                    crate::crash::hit("before-ack");
+                                    crate::crash::hit(crate::crash::Point::BeforeAck);
                                     settle_batch(&inner, batch, outcomes);
                                 }
                                 Err(_) => break,

@@ -85,7 +85,7 @@ impl Transport for InProcess {
                     .map(|_| rx)
             })
             .collect();
-        crate::crash::hit("before-confirm");
+        crate::crash::hit(crate::crash::Point::BeforeConfirm);
         // One deadline for the whole batch, not one per message.
         let deadline = std::time::Instant::now() + self.confirm_timeout;
         pending
@@ -101,7 +101,7 @@ impl Transport for InProcess {
                     )),
                 };
                 if i == 0 {
-                    crate::crash::hit("mid-relay-batch");
+                    crate::crash::hit(crate::crash::Point::MidRelayBatch);
                 }
                 r
             })
@@ -136,7 +136,7 @@ impl Transport for InProcess {
                                 let batch = crate::util::drain_batch(&rx, first, CONSUME_BATCH);
                                 let bodies: Vec<&[u8]> = batch.iter().map(|e| e.body.as_bytes()).collect();
                                 let outcomes = handler.handle_batch(&bodies);
-                                crate::crash::hit("before-ack");
+                                crate::crash::hit(crate::crash::Point::BeforeAck);
                                 for (env, outcome) in batch.iter().zip(outcomes) {
                                     let _ = env.reply.send(outcome);
                                 }

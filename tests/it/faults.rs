@@ -370,7 +370,7 @@ fn verify_kills_the_pipeline_at_every_boundary_and_finds_nothing_lost() {
     for boundary in big_market::crash::BOUNDARIES {
         let row = stdout
             .lines()
-            .find(|l| l.contains(boundary))
+            .find(|l| l.contains(boundary.as_str()))
             .unwrap_or_else(|| panic!("no row for {boundary}:\n{stdout}"));
         assert!(
             row.contains("crashed (abort)"),
@@ -440,9 +440,7 @@ fn a_full_shard_refuses_writes_in_one_line_keeps_nothing_half_written_and_recove
     // Free space, as the error says, and writes succeed again in the same running service.
     let purged = service
         .store()
-        .write_all(|| big_market::store::Op::Purge {
-            before_ms: big_market::util::now_ms() + 1,
-        })
+        .purge(big_market::util::now_ms() + 1)
         .unwrap();
     assert_eq!(purged, 300);
     service

@@ -217,11 +217,11 @@ fn a_refused_message_ends_dead_after_the_attempt_limit_and_requeue_brings_it_bac
     faulty.refuse_containing(None);
     let n = service
         .store()
-        .write_all(|| big_market::store::Op::Requeue {
-            message_id: None,
-            state: Some(big_market::model::TaskState::Dead),
-            now_ms: big_market::util::now_ms(),
-        })
+        .requeue(
+            None,
+            Some(big_market::model::TaskState::Dead),
+            big_market::util::now_ms(),
+        )
         .unwrap();
     assert_eq!(n, 1);
     assert_eq!(service.scan_once().unwrap().relayed.completed, 1);

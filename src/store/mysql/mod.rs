@@ -22,7 +22,7 @@ use std::time::Duration;
 use mysql::prelude::Queryable;
 use mysql::{IsolationLevel, Pool, PooledConn, TxOpts};
 
-use super::writer::{Delivered, Op, Reply, SavedTask};
+use super::op::{Delivered, Op, Reply, SavedTask};
 use super::{AwardRow, Batch, Opened, Reads, ShardStatus, TaskRow};
 use crate::config::{MysqlDatabase, Settings};
 use crate::error::{Error, Result};
@@ -700,7 +700,7 @@ fn run_group(
             results[i] = Some(one_op(conn, db, op)?);
         }
     }
-    crate::crash::hit("mid-group-commit");
+    crate::crash::hit(crate::crash::Point::MidGroupCommit);
     conn.query_drop("COMMIT")?;
     Ok(results
         .into_iter()
@@ -927,7 +927,7 @@ fn save_awards(
     // Round trip 2: every row, the task ids, the frame closed (committed, as its own
     // transaction).
     if ctx.frame == sql::Frame::Transaction {
-        crate::crash::hit("mid-group-commit");
+        crate::crash::hit(crate::crash::Point::MidGroupCommit);
     }
     let ids = sql::group_insert(
         tx,
@@ -975,7 +975,7 @@ fn deliver_all(
         if ctx.frame != sql::Frame::Transaction {
             return Ok(None);
         }
-        crate::crash::hit("mid-group-commit");
+        crate::crash::hit(crate::crash::Point::MidGroupCommit);
         let counts = sql::group_marks(tx, ctx.nbe, &marks)?;
         return Ok(Some(
             counts.into_iter().map(|n| Ok(Reply::Count(n))).collect(),
@@ -1011,7 +1011,7 @@ fn deliver_all(
         }
     }
     if ctx.frame == sql::Frame::Transaction {
-        crate::crash::hit("mid-group-commit");
+        crate::crash::hit(crate::crash::Point::MidGroupCommit);
     }
     let counts = sql::group_deliver(
         tx, ctx.nbe, ctx.frame, &firsts, &again, &complete, &marks, now_ms,

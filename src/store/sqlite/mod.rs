@@ -13,7 +13,7 @@ use std::time::Duration;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
-use super::writer::{Delivered, Op, Reply, SavedTask};
+use super::op::{Delivered, Op, Reply, SavedTask};
 use super::{AwardRow, Batch, Opened, Reads, ShardStatus, TaskRow};
 use crate::config::Settings;
 use crate::error::{Error, Result};
@@ -197,7 +197,7 @@ fn run_batch(db: u32, conn: &mut Connection, batch: &[&Op]) -> Vec<Result<Reply>
         }
         results.push(result);
     }
-    crate::crash::hit("mid-group-commit");
+    crate::crash::hit(crate::crash::Point::MidGroupCommit);
     match tx.commit() {
         Ok(()) => results,
         Err(e) => {

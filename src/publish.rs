@@ -1,0 +1,210 @@
+//! Publish-and-settle, which the relay and the scanner share: a batch of tasks that one claim
+//! owner holds is published with one deadline, and each task is settled: `completed` on
+//! confirm, otherwise `fail` with backoff, or `dead` after the attempt limit.
+
+use std::sync::{Arc, Mutex};
+
+use crate::config::Settings;
+use crate::error::Result;
+use crate::metrics::Metrics;
+use crate::model::TaskState;
+use crate::retry::Next;
+use crate::store::{Failure, SavedTask, Store, TaskRow};
+use crate::transport::{Outgoing, Transport};
+use crate::util::{now_ms, Rng};
+
+/// A claimed task to publish.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// Task row id.
+    pub id: i64,
+    /// Message id.
+    pub message_id: String,
+    /// Body.
+    pub body: String,
+    /// Counted attempts so far.
+    pub attempts: u32,
+    /// Until when the claim on it holds.
+    pub lease_until_ms: i64,
+}
+
+impl From<TaskRow> for Pending {
+    fn from(t: TaskRow) -> Self {
+        Pending {
+            id: t.id,
+            message_id: t.message_id,
+            body: t.message,
+            attempts: t.attempts,
+            lease_until_ms: t.next_attempt_at,
+        }
+    }
+}
+
+impl From<SavedTask> for Pending {
+    fn from(t: SavedTask) -> Self {
+        Pending {
+            id: t.id,
+            message_id: t.message_id.as_str().to_string(),
+            body: t.message,
+            attempts: 0,
+            lease_until_ms: t.lease_until_ms,
+        }
+    }
+}
+
+/// How a relayed batch ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Relayed {
+    /// Confirmed and marked completed.
+    pub completed: usize,
+    /// Failed and due again later.
+    pub failed: usize,
+    /// Parked as dead.
+    pub dead: usize,
+    /// Failures because the broker was unreachable.
+    pub unavailable: usize,
+}
+
+impl std::ops::AddAssign for Relayed {
+    fn add_assign(&mut self, o: Relayed) {
+        self.completed += o.completed;
+        self.failed += o.failed;
+        self.dead += o.dead;
+        self.unavailable += o.unavailable;
+    }
+}
+
+/// Whether the caller waits for a batch's task updates to commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// The scanner: `scan_once` returns with every claimed task settled.
+    Wait,
+    /// The relay: marking confirmed tasks completed joins the next group commit (if the
+    /// process dies first, the lease expires and the consumer deduplicates the resend).
+    Detached,
+}
+
+/// Publishes batches of claimed tasks and settles them.
+pub struct Publisher {
+    store: Arc<Store>,
+    transport: Arc<dyn Transport>,
+    settings: Arc<Settings>,
+    metrics: Arc<Metrics>,
+    rng: Mutex<Rng>,
+}
+
+impl Publisher {
+    /// A publisher over a store and a transport.
+    pub fn new(
+        store: Arc<Store>,
+        transport: Arc<dyn Transport>,
+        settings: Arc<Settings>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Publisher {
+            store,
+            transport,
+            settings,
+            metrics,
+            rng: Mutex::new(Rng::new()),
+        }
+    }
+
+    /// Publish tasks of shard `db` that `owner` holds as one batch with one deadline, and
+    /// settle each: completed on confirm, otherwise failed with backoff, or dead after the
+    /// attempt limit. While the transport holds the batch past its deadline, the tasks' leases
+    /// are renewed.
+    pub fn publish(
+        &self,
+        db: u32,
+        tasks: &[Pending],
+        owner: &Arc<str>,
+        settle: Settle,
+    ) -> Result<Relayed> {
+        if tasks.is_empty() {
+            return Ok(Relayed::default());
+        }
+        let batch: Vec<Outgoing> = tasks
+            .iter()
+            .map(|t| Outgoing {
+                message_id: t.message_id.clone(),
+                body: t.body.clone(),
+            })
+            .collect();
+        // While a transport holds a batch past its deadline (a broker blocking publishers), the
+        // leases on its tasks are renewed, so that nobody claims and sends them meanwhile.
+        let shard = self.store.shard(db);
+        let lease_ms = self.settings.stale_after.as_millis() as i64;
+        let hold = || {
+            let now = now_ms();
+            let ids: Vec<i64> = tasks.iter().map(|t| t.id).collect();
+            let n = ids.len();
+            match shard.renew(ids, owner, now + lease_ms, now) {
+                Ok(renewed) => renewed.len() == n,
+                Err(e) => {
+                    log::warn!("renewing the leases of a held publish failed shard={db:02}: {e}");
+                    false
+                }
+            }
+        };
+        let results = self.transport.publish_batch(&batch, &hold);
+        crate::crash::hit(crate::crash::Point::BeforeMark);
+        let now = now_ms();
+        let mut done = Vec::new();
+        let mut failures = Vec::new();
+        let mut out = Relayed::default();
+        for (task, result) in tasks.iter().zip(results) {
+            match result {
+                Ok(()) => done.push(task.id),
+                Err(f) => {
+                    let rand = self.rng.lock().expect("rng lock").next_f64();
+                    let (state, attempts, next_attempt_at) = match self
+                        .settings
+                        .retry
+                        .after_failure(&f, task.attempts, now, rand)
+                    {
+                        Next::RetryAt { at_ms, attempts } => (TaskState::Fail, attempts, at_ms),
+                        Next::Dead { attempts } => (TaskState::Dead, attempts, now),
+                    };
+                    if f.counts() {
+                        log::warn!("publish refused shard={db:02} message_id={} attempt={attempts} reason={:?}", task.message_id, f.reason());
+                    } else {
+                        out.unavailable += 1;
+                        log::debug!(
+                            "publish unavailable shard={db:02} message_id={} reason={:?}",
+                            task.message_id,
+                            f.reason()
+                        );
+                    }
+                    if state == TaskState::Dead {
+                        log::error!("task parked as dead shard={db:02} message_id={} attempts={attempts}: requeue with `big-market tasks requeue --message-id {}`", task.message_id, task.message_id);
+                        out.dead += 1;
+                    } else {
+                        out.failed += 1;
+                    }
+                    failures.push(Failure {
+                        id: task.id,
+                        state,
+                        attempts,
+                        next_attempt_at,
+                        error: f.reason().to_string(),
+                    });
+                }
+            }
+        }
+        out.completed = done.len();
+        Metrics::add(&self.metrics.publish_confirmed, done.len() as u64);
+        Metrics::add(&self.metrics.publish_failed, failures.len() as u64);
+        Metrics::add(&self.metrics.tasks_dead, out.dead as u64);
+        if !done.is_empty() {
+            match settle {
+                Settle::Wait => shard.mark_completed(done, owner, now).map(|_| ())?,
+                Settle::Detached => shard.mark_completed_detached(done, owner, now)?,
+            }
+        }
+        if !failures.is_empty() {
+            shard.mark_failed(failures, owner, now)?;
+        }
+        Ok(out)
+    }
+}
