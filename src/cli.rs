@@ -349,7 +349,7 @@ impl GlobalArgs {
         s.faults = self
             .inject_faults
             .as_deref()
-            .map(crate::transport::fault::FaultPlan::parse)
+            .map(crate::config::FaultPlan::parse)
             .transpose()?;
         s.validate()
     }
@@ -424,7 +424,7 @@ pub fn run(cli: Cli) -> Result<()> {
             records,
             faults,
         } => {
-            crate::transport::fault::FaultPlan::parse(&faults)?;
+            crate::config::FaultPlan::parse(&faults)?;
             if rounds == 0 || records == 0 {
                 return Err(Error::invalid("rounds/records", "must be at least 1"));
             }

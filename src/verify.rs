@@ -24,7 +24,7 @@ pub struct VerifyOptions {
     pub rounds: usize,
     /// Awards written per scenario.
     pub records: usize,
-    /// Transport faults injected into every child (a [`crate::transport::fault::FaultPlan`] spec).
+    /// Transport faults injected into every child (a [`crate::config::FaultPlan`] spec).
     pub faults: String,
 }
 

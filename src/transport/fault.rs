@@ -4,55 +4,11 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
 
 use super::{ConsumerHandle, Handler, Outgoing, PublishFailure, Transport};
-use crate::config::parse_duration;
-use crate::error::{Error, Result};
+use crate::config::FaultPlan;
+use crate::error::Result;
 use crate::util::Rng;
-
-/// Random faults, as `refuse=0.05,drop-every=7,delay=2ms`.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct FaultPlan {
-    /// Probability that a message is refused (counted against its task, like a nack).
-    pub refuse: f64,
-    /// Every N-th publish batch fails as if the connection dropped (0: never).
-    pub drop_every: u64,
-    /// Delay before each batch's confirms come back.
-    pub delay: Duration,
-}
-
-impl FaultPlan {
-    /// Parse a comma-separated spec.
-    pub fn parse(spec: &str) -> Result<FaultPlan> {
-        let bad = |why: &str| Error::invalid("inject-faults", why.to_string());
-        let mut plan = FaultPlan::default();
-        for part in spec.split(',').filter(|p| !p.is_empty()) {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| bad(&format!("{part:?} is not KEY=VALUE")))?;
-            match k {
-                "refuse" => {
-                    plan.refuse = v
-                        .parse()
-                        .ok()
-                        .filter(|p: &f64| (0.0..=1.0).contains(p))
-                        .ok_or_else(|| bad("refuse is a probability from 0 to 1"))?
-                }
-                "drop-every" => {
-                    plan.drop_every = v.parse().map_err(|_| bad("drop-every is a whole number"))?
-                }
-                "delay" => plan.delay = parse_duration(v)?,
-                _ => {
-                    return Err(bad(&format!(
-                        "unknown fault {k:?}: use refuse, drop-every or delay"
-                    )))
-                }
-            }
-        }
-        Ok(plan)
-    }
-}
 
 /// A scriptable, fault-injecting transport around another one.
 pub struct Faulty {
@@ -200,33 +156,5 @@ impl Transport for Faulty {
         threads: usize,
     ) -> Result<Box<dyn ConsumerHandle>> {
         self.inner.start_consumer(handler, threads)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fault_plans_parse_and_bad_ones_are_refused() {
-        let p = FaultPlan::parse("refuse=0.05,drop-every=7,delay=2ms").unwrap();
-        assert_eq!(
-            p,
-            FaultPlan {
-                refuse: 0.05,
-                drop_every: 7,
-                delay: Duration::from_millis(2)
-            }
-        );
-        assert_eq!(FaultPlan::parse("").unwrap(), FaultPlan::default());
-        for bad in [
-            "refuse=2",
-            "refuse",
-            "drop-every=x",
-            "delay=5x",
-            "explode=1",
-        ] {
-            assert!(FaultPlan::parse(bad).is_err(), "{bad}");
-        }
     }
 }

@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use big_market::config::FaultPlan;
 use big_market::model::TaskState;
 use big_market::service::{Parts, Service};
-use big_market::transport::fault::{FaultPlan, Faulty};
+use big_market::transport::fault::Faulty;
 use big_market::transport::memory::InProcess;
 use big_market::transport::Transport;
 use big_market::util::wait_until;
