@@ -1,0 +1,658 @@
+//! The writes of one MySQL database: a lane's group of ops in one transaction, as multi-row
+//! scripts where the group allows and op by op under savepoints where it must; deadlocks
+//! retried.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use mysql::prelude::Queryable;
+use mysql::{Pool, PooledConn};
+
+use super::{lane_of, sql};
+use crate::error::{Error, Result};
+use crate::model::{AwardRecord, EventMessage, MessageId};
+use crate::store::op::{Delivered, Op, Reply, SavedTask};
+use crate::store::Batch;
+
+/// Times a group is run again after the server broke a deadlock by rolling it back.
+const DEADLOCK_RETRIES: usize = 3;
+
+/// The writes of one database, on the writer thread's own connection (taken again from the
+/// pool after the server dropped it).
+pub(super) struct MysqlBatch {
+    pub(super) db: u32,
+    pub(super) shown: String,
+    pub(super) pool: Pool,
+    pub(super) conn: Option<PooledConn>,
+    /// Multi-row inserts get consecutive auto-increment ids (InnoDB lock mode 0 or 1).
+    pub(super) consecutive_ids: bool,
+    /// How long the lane gathers ops before a group smaller than the maximum.
+    pub(super) linger: Duration,
+}
+
+/// Why a group did not commit.
+enum GroupError {
+    /// The server rolled the transaction back to break a deadlock: run it again.
+    Deadlock(mysql::Error),
+    /// Anything else: every op of the group fails with it.
+    Failed(mysql::Error),
+}
+
+impl From<mysql::Error> for GroupError {
+    fn from(e: mysql::Error) -> Self {
+        if server_code(&e) == Some(1213) {
+            GroupError::Deadlock(e)
+        } else {
+            GroupError::Failed(e)
+        }
+    }
+}
+
+fn server_code(e: &mysql::Error) -> Option<u16> {
+    match e {
+        mysql::Error::MySqlError(m) => Some(m.code),
+        _ => None,
+    }
+}
+
+/// Whether the server refused one statement for its data (a duplicate key, a value too long):
+/// the op is at fault, not the connection or the transaction.
+fn refused_for_data(e: &mysql::Error) -> bool {
+    matches!(server_code(e), Some(code) if code != 1213 && code != 1205 && code != 1180 && code != 1181)
+}
+
+impl Batch for MysqlBatch {
+    fn linger(&self) -> Duration {
+        self.linger
+    }
+
+    fn run_batch(&mut self, ops: &[&Op]) -> Vec<Result<Reply>> {
+        let mut last = None;
+        for _ in 0..=DEADLOCK_RETRIES {
+            let mut conn = match self.conn.take() {
+                Some(c) => c,
+                None => match self.pool.get_conn() {
+                    Ok(c) => c,
+                    Err(e) => return self.fail_all(ops, &e),
+                },
+            };
+            let started = std::time::Instant::now();
+            let outcome = run_group(self.db, conn.as_mut(), ops, self.consecutive_ids);
+            log::trace!(
+                "group db={:02} lane={} ops={} ok={} us={}",
+                self.db,
+                ops.first().map_or(0, |o| lane_of(o)),
+                ops.len(),
+                outcome.is_ok(),
+                started.elapsed().as_micros()
+            );
+            let failure = match outcome {
+                Ok(results) => {
+                    self.conn = Some(conn);
+                    return results;
+                }
+                Err(failure) => failure,
+            };
+            // Whatever the failure left open is not kept; a connection that cannot even roll
+            // back, or that failed mid-group, is not used again.
+            let usable = conn.query_drop("ROLLBACK").is_ok();
+            match failure {
+                GroupError::Deadlock(e) if usable => {
+                    log::debug!(
+                        "group on {} rolled back by a deadlock, running it again",
+                        self.shown
+                    );
+                    self.conn = Some(conn);
+                    last = Some(e);
+                }
+                GroupError::Deadlock(e) | GroupError::Failed(e) => {
+                    if usable && !e.is_connectivity_error() {
+                        self.conn = Some(conn);
+                    }
+                    return self.fail_all(ops, &e);
+                }
+            }
+        }
+        let e = last.expect("a deadlock was recorded");
+        self.fail_all(ops, &e)
+    }
+}
+
+impl MysqlBatch {
+    fn fail_all(&self, ops: &[&Op], e: &mysql::Error) -> Vec<Result<Reply>> {
+        ops.iter()
+            .map(|_| {
+                Err(Error::storage(
+                    format!("writing to {} (nothing of this write was kept)", self.shown),
+                    copy_err(e),
+                ))
+            })
+            .collect()
+    }
+}
+
+/// mysql errors are not `Clone`; a failed group is reported to every op of it.
+fn copy_err(e: &mysql::Error) -> mysql::Error {
+    match e {
+        mysql::Error::MySqlError(m) => mysql::Error::MySqlError(m.clone()),
+        other => mysql::Error::IoError(std::io::Error::other(other.to_string())),
+    }
+}
+
+/// What a group's multi-row statements need to know.
+struct GroupCtx {
+    db: u32,
+    /// The session has `NO_BACKSLASH_ESCAPES`.
+    nbe: bool,
+    frame: sql::Frame,
+    /// Multi-row inserts get consecutive auto-increment ids.
+    consecutive_ids: bool,
+}
+
+/// Run one group in one transaction. `Ok` holds one result per op (some may be the op's own
+/// error); `Err` means nothing was committed (the caller rolls the connection back).
+///
+/// A group of one kind (the save lane's, the delivery lane's) is its own transaction: its two
+/// scripts begin and commit it, two round trips in all. Otherwise, or when the server refuses
+/// a multi-row statement for its data, the group runs in an explicit transaction with each
+/// kind under a savepoint, and op by op where it must.
+fn run_group(
+    db: u32,
+    conn: &mut mysql::Conn,
+    ops: &[&Op],
+    consecutive_ids: bool,
+) -> std::result::Result<Vec<Result<Reply>>, GroupError> {
+    let ctx = |frame| GroupCtx {
+        db,
+        nbe: conn.no_backslash_escape(),
+        frame,
+        consecutive_ids,
+    };
+    let (as_tx, in_tx) = (ctx(sql::Frame::Transaction), ctx(sql::Frame::Savepoint));
+    let alone: Option<GroupFn> = if ops.iter().all(|o| matches!(o, Op::SaveAward { .. })) {
+        Some(save_awards)
+    } else if ops
+        .iter()
+        .all(|o| matches!(o, Op::Deliver { .. } | Op::MarkCompleted { .. }))
+    {
+        Some(deliver_all)
+    } else {
+        None
+    };
+    let mut together_ok = true;
+    if let Some(run) = alone {
+        match run(conn, &as_tx, ops) {
+            Ok(Some(replies)) => return Ok(replies),
+            Ok(None) => {}
+            Err(e) => {
+                // The server stopped at the failing statement, before the COMMIT.
+                conn.query_drop("ROLLBACK")?;
+                if !refused_for_data(&e) {
+                    return Err(e.into());
+                }
+                log::debug!(
+                    "multi-row statement refused ({e}); running the group's ops one by one"
+                );
+                together_ok = false;
+            }
+        }
+    }
+    conn.query_drop("START TRANSACTION")?;
+    let mut results: Vec<Option<Result<Reply>>> = ops.iter().map(|_| None).collect();
+    if together_ok {
+        for (kind, run) in [(0, save_awards as GroupFn), (1, deliver_all as GroupFn)] {
+            let idx: Vec<usize> = (0..ops.len())
+                .filter(|i| match ops[*i] {
+                    Op::SaveAward { .. } => kind == 0,
+                    Op::Deliver { .. } => kind == 1,
+                    _ => false,
+                })
+                .collect();
+            if !idx.is_empty() {
+                together(conn, &in_tx, ops, &idx, &mut results, run)?;
+            }
+        }
+    }
+    for (i, op) in ops.iter().enumerate() {
+        if results[i].is_none() {
+            results[i] = Some(one_op(conn, db, op)?);
+        }
+    }
+    crate::crash::hit(crate::crash::Point::MidGroupCommit);
+    conn.query_drop("COMMIT")?;
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every op has a result"))
+        .collect())
+}
+
+/// Run ops of one kind with multi-row statements under the savepoint `together` (which `run`
+/// opens and releases); if the server refuses one for its data, roll back to the savepoint and
+/// leave them to `one_op`.
+fn together(
+    tx: &mut mysql::Conn,
+    ctx: &GroupCtx,
+    ops: &[&Op],
+    idx: &[usize],
+    results: &mut [Option<Result<Reply>>],
+    run: GroupFn,
+) -> std::result::Result<(), GroupError> {
+    let group: Vec<&Op> = idx.iter().map(|i| ops[*i]).collect();
+    match run(tx, ctx, &group) {
+        Ok(Some(replies)) => {
+            for (i, r) in idx.iter().zip(replies) {
+                results[*i] = Some(r);
+            }
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(e) if refused_for_data(&e) => {
+            log::debug!("multi-row statement refused ({e}); running the group's ops one by one");
+            tx.query_drop("ROLLBACK TO SAVEPOINT together")?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+type Sql<T> = sql::Sql<T>;
+
+/// Runs ops of one kind together; `None` leaves them to be run one by one.
+type GroupFn = fn(&mut mysql::Conn, &GroupCtx, &[&Op]) -> Sql<Option<Vec<Result<Reply>>>>;
+
+/// Run one op under its own savepoint; an error the op caused rolls back only the op.
+fn one_op(
+    tx: &mut mysql::Conn,
+    db: u32,
+    op: &Op,
+) -> std::result::Result<Result<Reply>, GroupError> {
+    // One statement is atomic by itself: it needs no savepoint of its own.
+    let single = matches!(
+        op,
+        Op::MarkCompleted { .. }
+            | Op::Release { .. }
+            | Op::Requeue { .. }
+            | Op::Purge { .. }
+            | Op::Barrier
+    );
+    if single {
+        return match apply(tx, db, op) {
+            Ok(reply) => Ok(Ok(reply)),
+            Err(OpError::Op(e)) => Ok(Err(e)),
+            Err(OpError::Server(e)) if refused_for_data(&e) => Ok(Err(Error::storage(
+                format!("writing to shard big_market_{db:02}"),
+                e,
+            ))),
+            Err(OpError::Server(e)) => Err(e.into()),
+        };
+    }
+    tx.query_drop("SAVEPOINT one")?;
+    match apply(tx, db, op) {
+        Ok(reply) => {
+            tx.query_drop("RELEASE SAVEPOINT one")?;
+            Ok(Ok(reply))
+        }
+        Err(OpError::Op(e)) => {
+            tx.query_drop("ROLLBACK TO SAVEPOINT one")?;
+            Ok(Err(e))
+        }
+        Err(OpError::Server(e)) if refused_for_data(&e) => {
+            tx.query_drop("ROLLBACK TO SAVEPOINT one")?;
+            Ok(Err(Error::storage(
+                format!("writing to shard big_market_{db:02}"),
+                e,
+            )))
+        }
+        Err(OpError::Server(e)) => Err(e.into()),
+    }
+}
+
+enum OpError {
+    /// The op's own failure (a duplicate order id, a message naming no award).
+    Op(Error),
+    /// The server's: the op's statement, or the whole group, failed.
+    Server(mysql::Error),
+}
+
+impl From<mysql::Error> for OpError {
+    fn from(e: mysql::Error) -> Self {
+        OpError::Server(e)
+    }
+}
+
+fn is_duplicate(e: &mysql::Error) -> bool {
+    server_code(e) == Some(1062)
+}
+
+/// What saving one award needs.
+pub(crate) struct SaveArgs<'a> {
+    pub(crate) record: &'a AwardRecord,
+    pub(crate) table: &'a str,
+    pub(crate) topic: &'a str,
+    pub(crate) owner: &'a str,
+    pub(crate) lease_until_ms: i64,
+    pub(crate) now_ms: i64,
+}
+
+fn save_args(op: &Op) -> SaveArgs<'_> {
+    match op {
+        Op::SaveAward {
+            record,
+            table,
+            topic,
+            owner,
+            lease_until_ms,
+            now_ms,
+        } => SaveArgs {
+            record,
+            table,
+            topic,
+            owner,
+            lease_until_ms: *lease_until_ms,
+            now_ms: *now_ms,
+        },
+        other => unreachable!("not a save: {other:?}"),
+    }
+}
+
+/// The awards of `args` numbered from `first`: each one's sequence number, message id and
+/// message, the task rows that carry them, and (given the tasks' ids) the replies.
+pub(crate) struct Numbered<'a> {
+    args: &'a [SaveArgs<'a>],
+    db: u32,
+    pub(crate) messages: Vec<(u64, MessageId, String)>,
+}
+
+impl<'a> Numbered<'a> {
+    pub(crate) fn new(db: u32, args: &'a [SaveArgs<'a>], first: u64) -> Self {
+        let messages = args
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let seq = first + i as u64;
+                let body = EventMessage::for_award(a.record, db, seq, a.now_ms).encode();
+                (seq, MessageId::new(db, seq), body)
+            })
+            .collect();
+        Numbered { args, db, messages }
+    }
+
+    pub(crate) fn task_rows(&self) -> Vec<sql::NewTask<'_>> {
+        self.args
+            .iter()
+            .zip(&self.messages)
+            .map(|(a, (seq, id, body))| sql::NewTask {
+                user_id: a.record.user_id.as_str(),
+                topic: a.topic,
+                message_id: id.as_str(),
+                message: body,
+                seq: *seq,
+                owner: a.owner,
+                lease_until_ms: a.lease_until_ms,
+            })
+            .collect()
+    }
+
+    fn saved(self, ids: Vec<i64>) -> Vec<Reply> {
+        let db = self.db;
+        self.args
+            .iter()
+            .zip(self.messages)
+            .zip(ids)
+            .map(|((a, (seq, message_id, message)), id)| {
+                Reply::Saved(SavedTask {
+                    id,
+                    db,
+                    seq,
+                    message_id,
+                    topic: a.topic.to_string(),
+                    message,
+                    lease_until_ms: a.lease_until_ms,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Save every award of the group with one counter update, one insert per split table and one
+/// for the tasks. `None`: the group repeats an order id; the ops run one by one instead.
+fn save_awards(
+    tx: &mut mysql::Conn,
+    ctx: &GroupCtx,
+    ops: &[&Op],
+) -> Sql<Option<Vec<Result<Reply>>>> {
+    let db = ctx.db;
+    let args: Vec<SaveArgs<'_>> = ops.iter().map(|op| save_args(op)).collect();
+    let mut orders = HashSet::new();
+    if !args
+        .iter()
+        .all(|a| orders.insert(a.record.order_id.as_str()))
+    {
+        return Ok(None);
+    }
+    // Round trip 1: the frame and the sequence numbers (the messages carry them).
+    let first = sql::group_take_seqs(tx, ctx.nbe, ctx.frame, args.len() as u64)?;
+    let mut by_table: BTreeMap<&str, Vec<sql::NewAward<'_>>> = BTreeMap::new();
+    for a in &args {
+        by_table
+            .entry(a.table)
+            .or_default()
+            .push(sql::NewAward::of(a.record));
+    }
+    let now_ms = args[0].now_ms;
+    let numbered = Numbered::new(db, &args, first);
+    let rows = numbered.task_rows();
+    // Round trip 2: every row, the task ids, the frame closed (committed, as its own
+    // transaction).
+    if ctx.frame == sql::Frame::Transaction {
+        crate::crash::hit(crate::crash::Point::MidGroupCommit);
+    }
+    let ids = sql::group_insert(
+        tx,
+        ctx.nbe,
+        ctx.frame,
+        ctx.consecutive_ids,
+        &by_table,
+        &rows,
+        now_ms,
+    )?;
+    drop(rows);
+    Ok(Some(numbered.saved(ids).into_iter().map(Ok).collect()))
+}
+
+/// Deliver every message of the group in two round trips: the look-up of their awards and of
+/// the delivery log, then the log's inserts and the awards' updates.
+fn deliver_all(
+    tx: &mut mysql::Conn,
+    ctx: &GroupCtx,
+    ops: &[&Op],
+) -> Sql<Option<Vec<Result<Reply>>>> {
+    let db = ctx.db;
+    // The relay's completions ride along in the same transaction (the delivery lane's groups
+    // hold both).
+    let marks: Vec<sql::Marks<'_>> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::MarkCompleted { ids, owner, now_ms } => Some(sql::Marks {
+                ids,
+                owner: Some(owner),
+                now_ms: *now_ms,
+            }),
+            _ => None,
+        })
+        .collect();
+    let msgs: Vec<(&EventMessage, &str, i64)> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Deliver { msg, table, now_ms } => Some((msg, table.as_str(), *now_ms)),
+            Op::MarkCompleted { .. } => None,
+            other => unreachable!("not a delivery or a completion: {other:?}"),
+        })
+        .collect();
+    if msgs.is_empty() {
+        if ctx.frame != sql::Frame::Transaction {
+            return Ok(None);
+        }
+        crate::crash::hit(crate::crash::Point::MidGroupCommit);
+        let counts = sql::group_marks(tx, ctx.nbe, &marks)?;
+        return Ok(Some(
+            counts.into_iter().map(|n| Ok(Reply::Count(n))).collect(),
+        ));
+    }
+    let mut by_table: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (m, table, _) in &msgs {
+        by_table.entry(table).or_default().push(&m.data.order_id);
+    }
+    let ids: Vec<&str> = msgs.iter().map(|(m, _, _)| m.id.as_str()).collect();
+    let (found, logged) = sql::group_lookup(tx, ctx.nbe, ctx.frame, &by_table, &ids)?;
+    let owners: HashSet<(String, String, String)> = found.into_iter().collect();
+    let mut logged: HashSet<String> = logged.into_iter().collect();
+    let now_ms = msgs[0].2;
+    let mut results = Vec::with_capacity(msgs.len());
+    let mut firsts: Vec<(&str, u64, &str)> = Vec::new();
+    let mut again: Vec<&str> = Vec::new();
+    let mut complete: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (m, table, _) in &msgs {
+        let d = &m.data;
+        let key = (table.to_string(), d.order_id.clone(), d.user_id.clone());
+        if !owners.contains(&key) {
+            results.push(Err(poison(m, table, db)));
+            continue;
+        }
+        if logged.insert(m.id.clone()) {
+            firsts.push((&m.id, m.seq.unwrap_or(0), &d.order_id));
+            complete.entry(table).or_default().push(&d.order_id);
+            results.push(Ok(Reply::Delivered(Delivered::First)));
+        } else {
+            again.push(&m.id);
+            results.push(Ok(Reply::Delivered(Delivered::Again)));
+        }
+    }
+    if ctx.frame == sql::Frame::Transaction {
+        crate::crash::hit(crate::crash::Point::MidGroupCommit);
+    }
+    let counts = sql::group_deliver(
+        tx, ctx.nbe, ctx.frame, &firsts, &again, &complete, &marks, now_ms,
+    )?;
+    // One result per op, in the order of `ops`.
+    let mut delivered = results.into_iter();
+    let mut counted = counts.into_iter();
+    Ok(Some(
+        ops.iter()
+            .map(|op| match op {
+                Op::MarkCompleted { .. } => Ok(Reply::Count(counted.next().unwrap_or(0))),
+                _ => delivered.next().expect("one result per delivery"),
+            })
+            .collect(),
+    ))
+}
+
+fn poison(m: &EventMessage, table: &str, db: u32) -> Error {
+    Error::Poison(format!(
+        "message {} names user {} order {}, which has no award record in big_market_{db:02}.{table}",
+        m.id, m.data.user_id, m.data.order_id
+    ))
+}
+
+/// One op, one statement at a time (the slow path, and every op that is not hot).
+fn apply(tx: &mut mysql::Conn, db: u32, op: &Op) -> std::result::Result<Reply, OpError> {
+    match op {
+        Op::SaveAward { .. } => {
+            let a = save_args(op);
+            if let Err(e) =
+                sql::insert_awards(tx, a.table, &[sql::NewAward::of(a.record)], a.now_ms)
+            {
+                return Err(if is_duplicate(&e) {
+                    OpError::Op(Error::DuplicateOrder {
+                        order_id: a.record.order_id.as_str().to_string(),
+                    })
+                } else {
+                    e.into()
+                });
+            }
+            let seq = sql::take_seqs(tx, 1)?;
+            let one = [a];
+            let numbered = Numbered::new(db, &one, seq);
+            let ids = sql::insert_tasks(tx, &numbered.task_rows(), one[0].now_ms)?;
+            Ok(numbered.saved(ids).pop().expect("one reply"))
+        }
+        Op::MarkCompleted { ids, owner, now_ms } => Ok(Reply::Count(sql::mark_completed(
+            tx,
+            ids,
+            Some(owner),
+            *now_ms,
+        )?)),
+        Op::MarkFailed {
+            failures,
+            owner,
+            now_ms,
+        } => {
+            let mut n = 0;
+            for f in failures {
+                n += sql::mark_failed(
+                    tx,
+                    f.id,
+                    owner,
+                    f.state,
+                    f.attempts,
+                    f.next_attempt_at,
+                    &f.error,
+                    *now_ms,
+                )?;
+            }
+            Ok(Reply::Count(n))
+        }
+        Op::Claim {
+            owner,
+            limit,
+            lease_until_ms,
+            now_ms,
+        } => Ok(Reply::Claimed(sql::claim_due(
+            tx,
+            owner,
+            *now_ms,
+            *lease_until_ms,
+            *limit,
+        )?)),
+        Op::Renew {
+            ids,
+            owner,
+            lease_until_ms,
+            now_ms,
+        } => {
+            let mut renewed = Vec::with_capacity(ids.len());
+            for id in ids {
+                if sql::renew_lease(tx, *id, owner, *lease_until_ms, *now_ms)? == 1 {
+                    renewed.push(*id);
+                }
+            }
+            Ok(Reply::Renewed(renewed))
+        }
+        Op::Release { owner, now_ms } => Ok(Reply::Count(sql::release_claims(tx, owner, *now_ms)?)),
+        Op::Deliver { msg, table, now_ms } => {
+            let d = &msg.data;
+            if !sql::award_exists(tx, table, &d.user_id, &d.order_id)? {
+                return Err(OpError::Op(poison(msg, table, db)));
+            }
+            let first =
+                sql::record_delivery(tx, &msg.id, msg.seq.unwrap_or(0), &d.order_id, *now_ms)?;
+            if !first {
+                return Ok(Reply::Delivered(Delivered::Again));
+            }
+            sql::complete_awards(tx, table, &[&d.order_id], *now_ms)?;
+            Ok(Reply::Delivered(Delivered::First))
+        }
+        Op::Requeue {
+            message_id,
+            state,
+            now_ms,
+        } => Ok(Reply::Count(sql::requeue(
+            tx,
+            message_id.as_deref(),
+            *state,
+            *now_ms,
+        )?)),
+        Op::Barrier => Ok(Reply::Count(0)),
+        Op::Purge { before_ms } => Ok(Reply::Count(sql::purge_completed(tx, *before_ms)?)),
+    }
+}

@@ -1,0 +1,306 @@
+//! The writes of one SQLite shard file: a group of ops in one `BEGIN IMMEDIATE` transaction,
+//! each op under its own savepoint, one commit.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::sql;
+use crate::error::{Error, Result};
+use crate::model::{AwardRecord, EventMessage, MessageId};
+use crate::router::{award_table, route, Layout};
+use crate::store::op::{Delivered, Op, Reply, SavedTask};
+use crate::store::Batch;
+
+/// The writes of one shard file, on the writer thread's connection.
+pub(super) struct SqliteBatch<C> {
+    pub(super) db: u32,
+    pub(super) conn: C,
+}
+
+impl<C> Batch for SqliteBatch<C>
+where
+    C: std::ops::DerefMut<Target = Connection> + Send + 'static,
+{
+    fn run_batch(&mut self, ops: &[&Op]) -> Vec<Result<Reply>> {
+        run_batch(self.db, &mut self.conn, ops)
+    }
+}
+
+fn run_batch(db: u32, conn: &mut Connection, batch: &[&Op]) -> Vec<Result<Reply>> {
+    let ctx = || format!("writing to shard big_market_{db:02}");
+    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            return batch
+                .iter()
+                .map(|_| Err(Error::storage(ctx(), copy_err(&e))))
+                .collect()
+        }
+    };
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        let result = (|| {
+            let sp = tx.savepoint().map_err(|e| Error::storage(ctx(), e))?;
+            let reply = apply(db, &sp, job)?;
+            sp.commit().map_err(|e| Error::storage(ctx(), e))?;
+            Ok(reply)
+        })();
+        // After SQLITE_FULL, an I/O error or running out of memory, SQLite may roll the whole
+        // transaction back by itself. Then nothing of this group is kept: every op, the ones
+        // that had succeeded included, is reported as not written, and the rest are not run
+        // (outside a transaction they would each commit on their own).
+        if let Err(e) = &result {
+            if tx.is_autocommit() {
+                let (full, cause) = match e {
+                    Error::Storage { source, .. } => (source.is_full(), source.to_string()),
+                    other => (false, other.to_string()),
+                };
+                return batch
+                    .iter()
+                    .map(|_| Err(rolled_back(db, full, &cause)))
+                    .collect();
+            }
+        }
+        results.push(result);
+    }
+    crate::crash::hit(crate::crash::Point::MidGroupCommit);
+    match tx.commit() {
+        Ok(()) => results,
+        Err(e) => {
+            let full = is_full(&e);
+            batch
+                .iter()
+                .map(|_| {
+                    Err(if full {
+                        rolled_back(db, true, &e.to_string())
+                    } else {
+                        Error::storage(ctx(), copy_err(&e))
+                    })
+                })
+                .collect()
+        }
+    }
+}
+
+fn is_full(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
+}
+
+/// The error of an op whose group SQLite rolled back by itself.
+fn rolled_back(db: u32, full: bool, cause: &str) -> Error {
+    let context = format!(
+        "writing to shard big_market_{db:02}: SQLite rolled the whole transaction back, so nothing of this write was kept"
+    );
+    Error::Storage {
+        context,
+        source: crate::error::StorageError::from(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(if full {
+                rusqlite::ffi::SQLITE_FULL
+            } else {
+                rusqlite::ffi::SQLITE_ABORT
+            }),
+            Some(cause.to_string()),
+        )),
+    }
+}
+
+/// rusqlite errors are not `Clone`; a failed commit is reported to every op of the batch.
+fn copy_err(e: &rusqlite::Error) -> rusqlite::Error {
+    let code = match e {
+        rusqlite::Error::SqliteFailure(f, _) => f.extended_code,
+        _ => rusqlite::ffi::SQLITE_ERROR,
+    };
+    rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), Some(e.to_string()))
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
+}
+
+/// Insert an award, take the shard's next sequence number, and insert its task, claimed by
+/// `owner` until `lease_until_ms`: the rows of one award, on the caller's savepoint.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn insert_award_and_task(
+    conn: &Connection,
+    db: u32,
+    table: &str,
+    record: &AwardRecord,
+    topic: &str,
+    owner: &str,
+    lease_until_ms: i64,
+    now_ms: i64,
+) -> Result<SavedTask> {
+    let ctx = |what: &str| format!("{what} on shard big_market_{db:02}");
+    sql::insert_award(conn, table, record, now_ms).map_err(|e| {
+        if is_unique_violation(&e) {
+            Error::DuplicateOrder {
+                order_id: record.order_id.as_str().to_string(),
+            }
+        } else {
+            Error::storage(ctx("inserting an award record"), e)
+        }
+    })?;
+    let seq =
+        sql::take_seq(conn).map_err(|e| Error::storage(ctx("taking a task sequence number"), e))?;
+    let message = EventMessage::for_award(record, db, seq, now_ms).encode();
+    let message_id = MessageId::new(db, seq);
+    let id = sql::insert_task(
+        conn,
+        &sql::NewTask {
+            user_id: record.user_id.as_str(),
+            topic,
+            message_id: message_id.as_str(),
+            message: &message,
+            seq,
+            owner,
+            lease_until_ms,
+            now_ms,
+        },
+    )
+    .map_err(|e| Error::storage(ctx("inserting a task"), e))?;
+    Ok(SavedTask {
+        id,
+        db,
+        seq,
+        message_id,
+        topic: topic.to_string(),
+        message,
+        lease_until_ms,
+    })
+}
+
+fn apply(db: u32, conn: &Connection, op: &Op) -> Result<Reply> {
+    let ctx = |what: &str| format!("{what} on shard big_market_{db:02}");
+    match op {
+        Op::SaveAward {
+            record,
+            table,
+            topic,
+            owner,
+            lease_until_ms,
+            now_ms,
+        } => {
+            let saved = insert_award_and_task(
+                conn,
+                db,
+                table,
+                record,
+                topic,
+                owner,
+                *lease_until_ms,
+                *now_ms,
+            )?;
+            Ok(Reply::Saved(saved))
+        }
+        Op::MarkCompleted { ids, owner, now_ms } => {
+            let mut n = 0;
+            for id in ids {
+                n += sql::mark_completed(conn, *id, Some(owner), *now_ms)
+                    .map_err(|e| Error::storage(ctx("marking a task completed"), e))?;
+            }
+            Ok(Reply::Count(n))
+        }
+        Op::MarkFailed {
+            failures,
+            owner,
+            now_ms,
+        } => {
+            let mut n = 0;
+            for f in failures {
+                n += sql::mark_failed(
+                    conn,
+                    f.id,
+                    owner,
+                    f.state,
+                    f.attempts,
+                    f.next_attempt_at,
+                    &f.error,
+                    *now_ms,
+                )
+                .map_err(|e| Error::storage(ctx("marking a task failed"), e))?;
+            }
+            Ok(Reply::Count(n))
+        }
+        Op::Claim {
+            owner,
+            limit,
+            lease_until_ms,
+            now_ms,
+        } => {
+            let rows = sql::claim_due(conn, owner, *now_ms, *lease_until_ms, *limit)
+                .map_err(|e| Error::storage(ctx("claiming due tasks"), e))?;
+            Ok(Reply::Claimed(rows))
+        }
+        Op::Renew {
+            ids,
+            owner,
+            lease_until_ms,
+            now_ms,
+        } => {
+            let mut renewed = Vec::with_capacity(ids.len());
+            for id in ids {
+                if sql::renew_lease(conn, *id, owner, *lease_until_ms, *now_ms)
+                    .map_err(|e| Error::storage(ctx("renewing a lease"), e))?
+                    == 1
+                {
+                    renewed.push(*id);
+                }
+            }
+            Ok(Reply::Renewed(renewed))
+        }
+        Op::Release { owner, now_ms } => {
+            let n = sql::release_claims(conn, owner, *now_ms)
+                .map_err(|e| Error::storage(ctx("releasing claims"), e))?;
+            Ok(Reply::Count(n))
+        }
+        Op::Deliver { msg, table, now_ms } => {
+            let d = &msg.data;
+            let seq = msg.seq.unwrap_or(0);
+            let receipts = sql::record_delivery(conn, &msg.id, seq, &d.order_id, *now_ms)
+                .map_err(|e| Error::storage(ctx("logging a delivery"), e))?;
+            if receipts > 1 {
+                return Ok(Reply::Delivered(Delivered::Again));
+            }
+            let changed = sql::complete_award(conn, table, &d.user_id, &d.order_id, *now_ms)
+                .map_err(|e| Error::storage(ctx("delivering an award"), e))?;
+            if changed == 0
+                && !sql::award_exists(conn, table, &d.user_id, &d.order_id)
+                    .map_err(|e| Error::storage(ctx("looking up an award"), e))?
+            {
+                // The savepoint rolls back the delivery log entry with this error.
+                return Err(Error::Poison(format!(
+                    "message {} names user {} order {}, which has no award record in big_market_{db:02}.{table}",
+                    msg.id, d.user_id, d.order_id
+                )));
+            }
+            Ok(Reply::Delivered(Delivered::First))
+        }
+        Op::Requeue {
+            message_id,
+            state,
+            now_ms,
+        } => {
+            let n = sql::requeue(conn, message_id.as_deref(), *state, *now_ms)
+                .map_err(|e| Error::storage(ctx("requeueing tasks"), e))?;
+            Ok(Reply::Count(n))
+        }
+        Op::Barrier => Ok(Reply::Count(0)),
+        Op::Purge { before_ms } => {
+            let n = sql::purge_completed(conn, *before_ms)
+                .map_err(|e| Error::storage(ctx("purging completed tasks"), e))?;
+            Ok(Reply::Count(n))
+        }
+    }
+}
+
+pub(crate) fn insert_pair(
+    conn: &Connection,
+    db: u32,
+    layout: Layout,
+    r: &AwardRecord,
+    topic: &str,
+    now_ms: i64,
+) -> Result<(i64, String)> {
+    let table = award_table(route(r.user_id.as_str(), layout).table);
+    let saved = insert_award_and_task(conn, db, &table, r, topic, "bench", now_ms, now_ms)?;
+    Ok((saved.id, saved.message))
+}
