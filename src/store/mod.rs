@@ -3,8 +3,9 @@
 //! Each database of the layout is a shard: a SQLite file under the data directory (the
 //! default, `store::sqlite`) or a MySQL/MariaDB database (`--store mysql://…`,
 //! `store::mysql`). A backend gives the store two things per database: its `Reads`, and one
-//! `Batch` per write lane, through which the shard's [`writer::Writer`] threads run every
-//! write. Everything above this module (writer loop, relay, scanner, consumer, CLI) is
+//! `Batch` per write lane, through which the shard's writer threads run every write. Callers
+//! use the typed methods of [`Store`] and [`Shard`]; the ops the writer threads run stay
+//! private to the store. Everything above this module (relay, scanner, consumer, CLI) is
 //! backend-free.
 
 pub mod handoff;
