@@ -33,7 +33,7 @@
 //! - [`http`]: the HTTP interface of `serve` on hyper: server setup and deadlines, routes, the
 //!   award's wire form;
 //! - [`load`]: the `load` workload (many writers, wait for delivery);
-//! - [`bench`]: the side-by-side benchmark behind `big-market bench`;
+//! - [`mod@bench`]: the side-by-side benchmark behind `big-market bench`;
 //! - [`cli`]: the command line; `main.rs` only calls it;
 //! - [`util`]: clock, random source, bounded waiting.
 #![forbid(unsafe_code)]
