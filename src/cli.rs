@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{parse_duration, Settings, StoreTarget};
 use crate::error::{Error, Result};
-use crate::model::{AwardRecord, NewAward, TaskState, UserId};
+use crate::model::{AwardRecord, AwardState, NewAward, TaskState, UserId};
 use crate::router::{route, Layout};
 use crate::service::{transport_for, Parts, Service};
 use crate::store::{ShardStatus, Store};
@@ -657,8 +657,8 @@ fn status(settings: &Settings, json: bool) -> Result<()> {
         println!(
             "{:<14} {:>9} {:>9} | {:>8} {:>8} {:>10} {:>6} | {:>14} {:>9}",
             crate::router::db_name(s.db),
-            s.awards_in("create"),
-            s.awards_in("completed"),
+            s.awards_in(AwardState::Create),
+            s.awards_in(AwardState::Completed),
             s.tasks_in(TaskState::Create),
             s.tasks_in(TaskState::Fail),
             s.tasks_in(TaskState::Completed),

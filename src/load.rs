@@ -155,7 +155,10 @@ pub fn run_checks(opts: &LoadOptions) -> Result<()> {
 
 /// Completed awards in these shard counts.
 fn completed(shards: &[ShardStatus]) -> u64 {
-    shards.iter().map(|s| s.awards_in("completed")).sum()
+    shards
+        .iter()
+        .map(|s| s.awards_in(crate::model::AwardState::Completed))
+        .sum()
 }
 
 /// Write the awards through `service` and wait for their delivery. `progress(saved, delivered,

@@ -11,7 +11,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::counts::Counts;
-use crate::model::TaskState;
+use crate::model::{AwardState, TaskState};
 use crate::router::db_name;
 use crate::store::ShardStatus;
 
@@ -196,9 +196,12 @@ pub fn render(m: &Metrics, counts: &Counts, broker_connected: bool, now_ms: i64)
                 ])
                 .set(s.tasks_in(state) as i64);
         }
-        for state in ["create", "completed"] {
+        for state in [AwardState::Create, AwardState::Completed] {
             awards
-                .get_or_create(&vec![("shard", shard.clone()), ("state", state.into())])
+                .get_or_create(&vec![
+                    ("shard", shard.clone()),
+                    ("state", state.as_str().into()),
+                ])
                 .set(s.awards_in(state) as i64);
         }
         let secs = s

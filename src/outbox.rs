@@ -79,7 +79,7 @@ impl Outbox {
         let started = std::time::Instant::now();
         let saved = self
             .store
-            .save_award_async(
+            .insert_award_async(
                 record,
                 &self.topic,
                 &self.relay_owner,
@@ -114,7 +114,7 @@ impl Outbox {
     /// shard's share in one group commit. One result per award, in order.
     pub fn save_awards(&self, records: Vec<AwardRecord>) -> Vec<Result<Saved>> {
         let started = std::time::Instant::now();
-        let saved = self.store.save_awards(
+        let saved = self.store.insert_awards(
             records,
             &self.topic,
             &self.relay_owner,

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use crate::config::{Settings, StoreTarget};
 use crate::error::{Error, Result};
-use crate::model::{AwardRecord, EventMessage, TaskState};
+use crate::model::{AwardRecord, AwardState, EventMessage, TaskState};
 use crate::router::{award_table, route, Layout};
 // The MySQL backend by another name here, so that `mysql::` in this crate always means the
 // driver, which only `store::mysql` may use (the tidy test).
@@ -176,8 +176,8 @@ impl ShardStatus {
         self.tasks.get(s.as_str()).copied().unwrap_or(0)
     }
     /// Award records in a state.
-    pub fn awards_in(&self, s: &str) -> u64 {
-        self.awards.get(s).copied().unwrap_or(0)
+    pub fn awards_in(&self, s: AwardState) -> u64 {
+        self.awards.get(s.as_str()).copied().unwrap_or(0)
     }
     /// All tasks.
     pub fn task_total(&self) -> u64 {
@@ -386,20 +386,6 @@ impl Store {
         &self.shards[(db - 1) as usize]
     }
 
-    /// Insert an award and its task in one transaction on the user's shard.
-    pub fn save_award(
-        &self,
-        record: AwardRecord,
-        topic: &Arc<str>,
-        owner: &Arc<str>,
-        lease: Duration,
-        now_ms: i64,
-    ) -> Result<SavedTask> {
-        self.save_awards(vec![record], topic, owner, lease, now_ms)
-            .pop()
-            .expect("one result per award")
-    }
-
     /// The write that saves `record`, and the database it routes to.
     fn save_op(
         &self,
@@ -421,8 +407,9 @@ impl Store {
         (r.db, op)
     }
 
-    /// [`Store::save_award`] for an async caller: awaits the commit without blocking its thread.
-    pub async fn save_award_async(
+    /// Insert an award and its task in one transaction on the user's shard, for an async
+    /// caller: awaits the commit without blocking its thread.
+    pub async fn insert_award_async(
         &self,
         record: AwardRecord,
         topic: &Arc<str>,
@@ -436,7 +423,7 @@ impl Store {
 
     /// Insert many awards, each with its task in its own savepoint; each shard's share is queued
     /// at once, so it lands in the same group commit. One result per award, in order.
-    pub fn save_awards(
+    pub fn insert_awards(
         &self,
         records: Vec<AwardRecord>,
         topic: &Arc<str>,

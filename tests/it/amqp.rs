@@ -419,13 +419,15 @@ fn publish_plain(s: &Settings, bodies: &[&[u8]]) {
 fn save_unpublished(s: &Settings, user: &str, order: &str) -> big_market::store::SavedTask {
     let store = big_market::store::Store::open(s, true).unwrap();
     store
-        .save_award(
-            award(user, order),
+        .insert_awards(
+            vec![award(user, order)],
             &Arc::from(s.topic.as_str()),
             &Arc::from("test"),
             Duration::from_secs(600),
             big_market::util::now_ms(),
         )
+        .pop()
+        .unwrap()
         .unwrap()
 }
 

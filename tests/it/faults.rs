@@ -471,7 +471,7 @@ fn the_consumer_holds_back_while_the_store_fails_and_resumes_once_it_writes_agai
         let batch = (0..300)
             .map(|i| award(user, &format!("2{:011}", chunk * 300 + i)))
             .collect();
-        for r in store.save_awards(batch, &topic, &owner, Duration::from_secs(600), 0) {
+        for r in store.insert_awards(batch, &topic, &owner, Duration::from_secs(600), 0) {
             r.unwrap();
         }
     }

@@ -152,10 +152,10 @@ struct GroupCtx {
 /// Run one group in one transaction. `Ok` holds one result per op (some may be the op's own
 /// error); `Err` means nothing was committed (the caller rolls the connection back).
 ///
-/// A group of one kind (the save lane's, the delivery lane's) is its own transaction: its two
-/// scripts begin and commit it, two round trips in all. Otherwise, or when the server refuses
-/// a multi-row statement for its data, the group runs in an explicit transaction with each
-/// kind under a savepoint, and op by op where it must.
+/// Two routes: a group of one kind (the save lane's, the delivery lane's) is its own
+/// transaction, whose two scripts begin and commit it, two round trips in all ([`run_alone`]).
+/// Otherwise, or when the server refuses a multi-row statement for its data, the group runs in
+/// an explicit transaction ([`run_mixed`]).
 fn run_group(
     db: u32,
     conn: &mut mysql::Conn,
@@ -169,8 +169,20 @@ fn run_group(
         consecutive_ids,
     };
     let (as_tx, in_tx) = (ctx(sql::Frame::Transaction), ctx(sql::Frame::Savepoint));
-    let alone: Option<GroupFn> = if ops.iter().all(|o| matches!(o, Op::SaveAward { .. })) {
-        Some(save_awards)
+    let together_ok = match one_kind(ops) {
+        Some(run) => match run_alone(conn, &as_tx, ops, run)? {
+            Alone::Done(replies) => return Ok(replies),
+            Alone::Mixed { together_ok } => together_ok,
+        },
+        None => true,
+    };
+    run_mixed(conn, db, &in_tx, ops, together_ok)
+}
+
+/// The multi-row runner of a group whose ops are all of one kind, if they are.
+fn one_kind(ops: &[&Op]) -> Option<GroupFn> {
+    if ops.iter().all(|o| matches!(o, Op::SaveAward { .. })) {
+        Some(insert_save_group)
     } else if ops
         .iter()
         .all(|o| matches!(o, Op::Deliver { .. } | Op::MarkCompleted { .. }))
@@ -178,29 +190,56 @@ fn run_group(
         Some(deliver_all)
     } else {
         None
-    };
-    let mut together_ok = true;
-    if let Some(run) = alone {
-        match run(conn, &as_tx, ops) {
-            Ok(Some(replies)) => return Ok(replies),
-            Ok(None) => {}
-            Err(e) => {
-                // The server stopped at the failing statement, before the COMMIT.
-                conn.query_drop("ROLLBACK")?;
-                if !refused_for_data(&e) {
-                    return Err(e.into());
-                }
-                log::debug!(
-                    "multi-row statement refused ({e}); running the group's ops one by one"
-                );
-                together_ok = false;
+    }
+}
+
+/// How [`run_alone`] ended.
+enum Alone {
+    /// Committed: one reply per op.
+    Done(Vec<Result<Reply>>),
+    /// Nothing was kept; run the group as a mixed one, with its multi-row statements again
+    /// (`together_ok`) or op by op (the server refused one for its data).
+    Mixed { together_ok: bool },
+}
+
+/// Run a group of one kind as its own transaction, begun and committed by its scripts.
+fn run_alone(
+    conn: &mut mysql::Conn,
+    as_tx: &GroupCtx,
+    ops: &[&Op],
+    run: GroupFn,
+) -> std::result::Result<Alone, GroupError> {
+    match run(conn, as_tx, ops) {
+        Ok(Some(replies)) => Ok(Alone::Done(replies)),
+        Ok(None) => Ok(Alone::Mixed { together_ok: true }),
+        Err(e) => {
+            // The server stopped at the failing statement, before the COMMIT.
+            conn.query_drop("ROLLBACK")?;
+            if !refused_for_data(&e) {
+                return Err(e.into());
             }
+            log::debug!("multi-row statement refused ({e}); running the group's ops one by one");
+            Ok(Alone::Mixed { together_ok: false })
         }
     }
+}
+
+/// Run a group in an explicit transaction: each kind's ops together under a savepoint (when
+/// `together_ok`), and whatever is left op by op, each under its own savepoint; one commit.
+fn run_mixed(
+    conn: &mut mysql::Conn,
+    db: u32,
+    in_tx: &GroupCtx,
+    ops: &[&Op],
+    together_ok: bool,
+) -> std::result::Result<Vec<Result<Reply>>, GroupError> {
     conn.query_drop("START TRANSACTION")?;
     let mut results: Vec<Option<Result<Reply>>> = ops.iter().map(|_| None).collect();
     if together_ok {
-        for (kind, run) in [(0, save_awards as GroupFn), (1, deliver_all as GroupFn)] {
+        for (kind, run) in [
+            (0, insert_save_group as GroupFn),
+            (1, deliver_all as GroupFn),
+        ] {
             let idx: Vec<usize> = (0..ops.len())
                 .filter(|i| match ops[*i] {
                     Op::SaveAward { .. } => kind == 0,
@@ -209,7 +248,7 @@ fn run_group(
                 })
                 .collect();
             if !idx.is_empty() {
-                together(conn, &in_tx, ops, &idx, &mut results, run)?;
+                together(conn, in_tx, ops, &idx, &mut results, run)?;
             }
         }
     }
@@ -416,7 +455,7 @@ impl<'a> Numbered<'a> {
 
 /// Save every award of the group with one counter update, one insert per split table and one
 /// for the tasks. `None`: the group repeats an order id; the ops run one by one instead.
-fn save_awards(
+fn insert_save_group(
     tx: &mut mysql::Conn,
     ctx: &GroupCtx,
     ops: &[&Op],
