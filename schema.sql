@@ -1,4 +1,5 @@
--- big-market shard schema, version 1.
+-- big-market shard schema, version 2 (version 1 files are upgraded when opened: the
+-- compaction watermark and the delivery log's sequence index are added).
 --
 -- One SQLite file per database: data/big_market_01.db, data/big_market_02.db, ...
 -- Tables keep the original MySQL system's names and columns; times are epoch milliseconds.
@@ -9,13 +10,17 @@
 -- Which layout this file belongs to, and the task sequence counter. Exactly one row.
 -- next_seq is bumped in the same transaction that inserts a task, so committed tasks carry
 -- gap-free sequence numbers (a rolled-back write leaves no hole).
+-- compacted_seq is the compaction watermark: every sequence number up to it was committed,
+-- delivered and its task completed, and their task and delivery rows were folded away (a
+-- delivery row received more than once is kept, so redeliveries stay visible).
 CREATE TABLE shard_meta (
-    id          INTEGER PRIMARY KEY CHECK (id = 1),
-    db_idx      INTEGER NOT NULL,          -- 1-based database index of this file
-    db_count    INTEGER NOT NULL,          -- layout the file was created with
-    tb_count    INTEGER NOT NULL,
-    next_seq    INTEGER NOT NULL DEFAULT 1,
-    create_time INTEGER NOT NULL
+    id            INTEGER PRIMARY KEY CHECK (id = 1),
+    db_idx        INTEGER NOT NULL,          -- 1-based database index of this file
+    db_count      INTEGER NOT NULL,          -- layout the file was created with
+    tb_count      INTEGER NOT NULL,
+    next_seq      INTEGER NOT NULL DEFAULT 1,
+    create_time   INTEGER NOT NULL,
+    compacted_seq INTEGER NOT NULL DEFAULT 0
 );
 
 -- The outbox: one row per message to send, written in the same transaction as its award.
@@ -53,6 +58,8 @@ CREATE TABLE delivery (
     receipts     INTEGER NOT NULL DEFAULT 1,
     delivered_at INTEGER NOT NULL
 ) WITHOUT ROWID;
+-- Compaction walks and folds the log by sequence number.
+CREATE INDEX idx_delivery_seq ON delivery (seq);
 
 -- @split-table
 -- Award records of the users routed to this table.

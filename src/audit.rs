@@ -1,7 +1,12 @@
 //! The audit: proof that nothing was lost. SQLite has one writer per file, so a shard's tasks
 //! carry gap-free sequence numbers `1..=last_seq`; the consumer logs each sequence it handles.
-//! Any committed number without a delivery is a message not (yet) delivered; any award without a
-//! task, or task without an award, breaks the write path's atomicity. Pure: it compares facts the
+//! Any committed number without a delivery is a message not (yet) delivered; any undelivered
+//! award without a task, or task without an award, breaks the write path's atomicity.
+//!
+//! Compaction folds the oldest delivered range into a watermark W ("every number up to W was
+//! committed, delivered and completed"): W only ever moves over numbers that were, one by one,
+//! so the audit proves `1..=W` by the watermark and `W+1..=last_seq` row by row. A task still
+//! there at or below W that is not completed breaks that proof. Pure: it compares facts the
 //! store read.
 
 use std::collections::{HashMap, HashSet};
@@ -19,8 +24,12 @@ pub struct Facts {
     pub tasks: Vec<(u64, i64, Option<String>)>,
     /// Order ids of delivered messages.
     pub delivered_orders: Vec<String>,
-    /// Order ids of award records.
-    pub award_orders: Vec<String>,
+    /// Order ids of award records, and whether each was delivered (`completed`).
+    pub award_orders: Vec<(String, bool)>,
+    /// The compaction watermark: every number up to it was delivered (0: nothing compacted).
+    pub watermark: u64,
+    /// Numbers at or below the watermark whose task is there and not completed.
+    pub unsettled_below_watermark: Vec<u64>,
 }
 
 /// The audit of one shard.
@@ -42,8 +51,12 @@ pub struct ShardAudit {
     pub unknown: Vec<u64>,
     /// Tasks whose order id has no award record.
     pub tasks_without_award: u64,
-    /// Award records with no task and no delivery.
+    /// Award records not yet delivered with no task and no delivery.
     pub awards_without_task: u64,
+    /// The compaction watermark: numbers up to it are proven by it, not row by row.
+    pub watermark: u64,
+    /// Numbers at or below the watermark whose task is not completed: the watermark is wrong.
+    pub unsettled_below_watermark: Vec<u64>,
 }
 
 impl ShardAudit {
@@ -62,6 +75,7 @@ impl ShardAudit {
             || !self.unknown.is_empty()
             || self.tasks_without_award > 0
             || self.awards_without_task > 0
+            || !self.unsettled_below_watermark.is_empty()
     }
 }
 
@@ -69,7 +83,7 @@ impl ShardAudit {
 pub fn audit(f: &Facts, now_ms: i64) -> ShardAudit {
     let delivered: HashMap<u64, u32> = f.delivered.iter().copied().collect();
     let created: HashMap<u64, i64> = f.tasks.iter().map(|(s, t, _)| (*s, *t)).collect();
-    let missing = (1..=f.last_seq)
+    let missing = (f.watermark + 1..=f.last_seq)
         .filter(|s| !delivered.contains_key(s))
         .map(|s| (s, created.get(&s).map(|t| now_ms - t)))
         .collect();
@@ -86,7 +100,7 @@ pub fn audit(f: &Facts, now_ms: i64) -> ShardAudit {
         .map(|(s, _)| *s)
         .filter(|s| *s == 0 || *s > f.last_seq)
         .collect();
-    let awards: HashSet<&str> = f.award_orders.iter().map(String::as_str).collect();
+    let awards: HashSet<&str> = f.award_orders.iter().map(|(o, _)| o.as_str()).collect();
     let mut sent: HashSet<&str> = f
         .tasks
         .iter()
@@ -98,10 +112,12 @@ pub fn audit(f: &Facts, now_ms: i64) -> ShardAudit {
         .filter(|(_, _, o)| o.as_deref().is_none_or(|o| !awards.contains(o)))
         .count() as u64;
     sent.extend(f.delivered_orders.iter().map(String::as_str));
+    // A delivered award whose task and delivery row were compacted is proven by the watermark;
+    // one never delivered must still have its task.
     let awards_without_task = f
         .award_orders
         .iter()
-        .filter(|o| !sent.contains(o.as_str()))
+        .filter(|(o, delivered)| !sent.contains(o.as_str()) && !(*delivered && f.watermark > 0))
         .count() as u64;
     ShardAudit {
         db: f.db,
@@ -113,6 +129,8 @@ pub fn audit(f: &Facts, now_ms: i64) -> ShardAudit {
         unknown,
         tasks_without_award,
         awards_without_task,
+        watermark: f.watermark,
+        unsettled_below_watermark: f.unsettled_below_watermark.clone(),
     }
 }
 
@@ -127,7 +145,9 @@ mod tests {
             delivered: vec![(1, 1), (2, 3), (4, 1), (5, 1)],
             tasks: (1..=5).map(|s| (s, 1000, Some(format!("o{s}")))).collect(),
             delivered_orders: vec!["o1".into(), "o2".into(), "o4".into(), "o5".into()],
-            award_orders: (1..=5).map(|s| format!("o{s}")).collect(),
+            award_orders: (1..=5).map(|s| (format!("o{s}"), s != 3)).collect(),
+            watermark: 0,
+            unsettled_below_watermark: Vec::new(),
         }
     }
 
@@ -157,7 +177,7 @@ mod tests {
     fn orphans_and_unknown_numbers_are_violations() {
         let mut f = facts();
         f.delivered = (1..=5).map(|s| (s, 1)).chain([(9, 1)]).collect();
-        f.award_orders.push("lonely".into());
+        f.award_orders.push(("lonely".into(), false));
         f.tasks.push((6, 0, Some("ghost".into())));
         f.last_seq = 6;
         f.delivered.retain(|(s, _)| *s != 6);
@@ -182,5 +202,43 @@ mod tests {
             a.awards_without_task, 1,
             "order o3 has neither task nor delivery"
         );
+    }
+
+    /// Numbers 1..=3 folded into the watermark: their task and delivery rows are gone.
+    fn compacted() -> Facts {
+        let mut f = facts();
+        f.delivered = vec![(2, 3), (4, 1), (5, 1)]; // a redelivered row stays
+        f.tasks.retain(|(s, _, _)| *s > 3);
+        f.delivered_orders = vec!["o2".into(), "o4".into(), "o5".into()];
+        f.award_orders = (1..=5).map(|s| (format!("o{s}"), true)).collect();
+        f.watermark = 3;
+        f
+    }
+
+    #[test]
+    fn a_compacted_range_is_proven_by_the_watermark_and_the_rest_row_by_row() {
+        let a = audit(&compacted(), 0);
+        assert!(a.missing.is_empty() && !a.violated(0), "{a:?}");
+        assert_eq!(a.redelivered, vec![(2, 3)], "redeliveries stay visible");
+        assert_eq!(a.watermark, 3);
+    }
+
+    #[test]
+    fn a_tampered_compacted_shard_fails_the_audit() {
+        // A delivery row removed above the watermark: that number is lost.
+        let mut f = compacted();
+        f.delivered.retain(|(s, _)| *s != 5);
+        assert_eq!(audit(&f, i64::MAX).lost(0), vec![5]);
+        assert!(audit(&f, i64::MAX).violated(0));
+        // The watermark moved past a number that was never delivered (its task is pending).
+        let mut f = compacted();
+        f.watermark = 5;
+        f.tasks = vec![(4, 1000, Some("o4".into()))];
+        f.unsettled_below_watermark = vec![4];
+        assert!(audit(&f, 0).violated(0));
+        // An award never delivered without its task is an orphan, compacted or not.
+        let mut f = compacted();
+        f.award_orders[0].1 = false;
+        assert_eq!(audit(&f, 0).awards_without_task, 1);
     }
 }

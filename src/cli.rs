@@ -20,6 +20,27 @@ fn duration(s: &str) -> std::result::Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
 }
 
+/// `--retention`: how long completed tasks are kept, or never compacted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retention {
+    /// Keep them (and, on SQLite, the delivery log) for ever.
+    Off,
+    /// Compact them once they are this old.
+    Keep(Duration),
+}
+
+/// The SQLite store's retention when `--retention` is not given: a box left alone keeps a week
+/// of completed tasks and its disk use stays flat.
+const DEFAULT_SQLITE_RETENTION: Duration = Duration::from_secs(7 * 86_400);
+
+fn retention(s: &str) -> std::result::Result<Retention, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        Ok(Retention::Off)
+    } else {
+        duration(s).map(Retention::Keep)
+    }
+}
+
 /// A whole number from 1 to `MAX`, for counts, sizes and threads: anything else is refused by
 /// the argument parser (exit 2) before it can exhaust memory or overflow.
 fn count<T: TryFrom<u64>, const MAX: u64>(s: &str) -> std::result::Result<T, String> {
@@ -96,9 +117,11 @@ struct GlobalArgs {
         value_parser = count::<u32, 1_000_000>
     )]
     max_attempts: u32,
-    /// Delete completed tasks older than this during scans (e.g. 7d). Unset: keep them.
-    #[arg(long, env = "BIG_MARKET_RETENTION", value_parser = duration, global = true)]
-    retention: Option<Duration>,
+    /// Compact completed tasks older than this during scans (e.g. 7d), or `off`. SQLite folds
+    /// them and their delivery log into the shard's watermark, so the disk stops growing;
+    /// MySQL deletes completed tasks. Default: 7d on SQLite, off on MySQL.
+    #[arg(long, env = "BIG_MARKET_RETENTION", value_parser = retention, global = true)]
+    retention: Option<Retention>,
     /// Threads of the relay pool that republishes tasks.
     #[arg(
         long,
@@ -342,7 +365,12 @@ impl GlobalArgs {
         s.publish_deadline = self.publish_timeout;
         s.scan_interval = self.scan_interval;
         s.retry.max_attempts = self.max_attempts;
-        s.retention = self.retention;
+        s.retention = match self.retention {
+            Some(Retention::Off) => None,
+            Some(Retention::Keep(d)) => Some(d),
+            None if s.store == StoreTarget::Sqlite => Some(DEFAULT_SQLITE_RETENTION),
+            None => None,
+        };
         s.pool_threads = self.pool_threads;
         s.pool_queue = self.pool_queue;
         s.consumer_threads = self.consumers;
@@ -801,9 +829,10 @@ fn audit(settings: &Settings, older_than: Duration, json: bool) -> Result<()> {
         );
     } else {
         println!(
-            "{:<14} {:>9} {:>13} {:>9} {:>8} {:>11} {:>15} {:>15}",
+            "{:<14} {:>9} {:>9} {:>13} {:>9} {:>8} {:>11} {:>15} {:>15}",
             "shard",
             "committed",
+            "compacted",
             "delivered max",
             "delivered",
             "missing",
@@ -813,9 +842,10 @@ fn audit(settings: &Settings, older_than: Duration, json: bool) -> Result<()> {
         );
         for a in &audits {
             println!(
-                "{:<14} {:>9} {:>13} {:>9} {:>8} {:>11} {:>15} {:>15}",
+                "{:<14} {:>9} {:>9} {:>13} {:>9} {:>8} {:>11} {:>15} {:>15}",
                 crate::router::db_name(a.db),
                 a.committed,
+                a.watermark,
                 a.delivered_max,
                 a.delivered,
                 a.missing.len(),
@@ -823,6 +853,12 @@ fn audit(settings: &Settings, older_than: Duration, json: bool) -> Result<()> {
                 a.tasks_without_award,
                 a.awards_without_task
             );
+            if !a.unsettled_below_watermark.is_empty() {
+                println!(
+                    "  not completed at or below the watermark {}: {:?}",
+                    a.watermark, a.unsettled_below_watermark
+                );
+            }
             for (seq, age) in a.missing.iter().take(20) {
                 let age = age
                     .map(|ms| format!("{:.1}s old", ms as f64 / 1000.0))

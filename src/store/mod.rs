@@ -98,6 +98,9 @@ pub struct Shard {
     writer: writer::Writer,
 }
 
+/// Most purge steps one [`Store::purge`] runs per shard; the next call goes on from there.
+const PURGE_STEPS: usize = 200;
+
 /// A task claimed for publishing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskRow {
@@ -550,9 +553,22 @@ impl Store {
         })
     }
 
-    /// Delete completed tasks older than `before_ms` on every shard; returns how many.
+    /// Settle completed tasks older than `before_ms` on every shard; returns how many. SQLite
+    /// folds them, with their delivery log, into the shard's watermark (the audit's proof
+    /// holds: see [`crate::audit`]), a step at a time so that saves interleave; MySQL deletes
+    /// completed tasks and keeps the delivery log (the Java service may read those tables).
     pub fn purge(&self, before_ms: i64) -> Result<usize> {
-        self.count_all(|| Op::Purge { before_ms })
+        let mut total = 0;
+        for s in &self.shards {
+            for _ in 0..PURGE_STEPS {
+                let n = s.write(Op::Purge { before_ms })?.count();
+                total += n;
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(total)
     }
 
     /// Return once every write queued before it, on every shard and lane (detached ones too),

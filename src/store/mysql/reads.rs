@@ -98,6 +98,9 @@ impl Reads for MysqlReads {
             tasks: sql::task_orders(&mut tx).map_err(&e)?,
             delivered_orders: sql::delivered_orders(&mut tx).map_err(&e)?,
             award_orders: awards,
+            // The MySQL store does not compact (the Java service may read its tables).
+            watermark: 0,
+            unsettled_below_watermark: Vec::new(),
         })
     }
 

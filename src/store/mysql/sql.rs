@@ -696,8 +696,10 @@ pub(crate) fn delivered_orders(q: &mut impl Queryable) -> Sql<Vec<String>> {
 }
 
 /// Order ids of the award records in one split table.
-pub(crate) fn award_orders(q: &mut impl Queryable, table: &str) -> Sql<Vec<String>> {
-    q.query(format!("SELECT order_id FROM {table}"))
+pub(crate) fn award_orders(q: &mut impl Queryable, table: &str) -> Sql<Vec<(String, bool)>> {
+    q.query(format!(
+        "SELECT order_id, award_state = 'completed' FROM {table}"
+    ))
 }
 
 /// A user's award records in their split table, newest first.

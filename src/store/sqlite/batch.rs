@@ -10,6 +10,10 @@ use crate::router::{award_table, route, Layout};
 use crate::store::op::{Delivered, Op, Reply, SavedTask};
 use crate::store::Batch;
 
+/// Most sequence numbers one compaction op folds: its deletes run in the writer's group commit,
+/// so a step is kept short and `Store::purge` runs steps until one folds less.
+pub(crate) const COMPACT_STEP: u64 = 5_000;
+
 /// The writes of one shard file, on the writer thread's connection.
 pub(super) struct SqliteBatch<C> {
     pub(super) db: u32,
@@ -255,6 +259,15 @@ fn apply(db: u32, conn: &Connection, op: &Op) -> Result<Reply> {
         Op::Deliver { msg, table, now_ms } => {
             let d = &msg.data;
             let seq = msg.seq.unwrap_or(0);
+            // At or below the watermark its delivery was proven and its log row folded away:
+            // it is a redelivery, and logging it again would put a row below the watermark.
+            if seq > 0
+                && seq
+                    <= sql::watermark(conn)
+                        .map_err(|e| Error::storage(ctx("reading the watermark"), e))?
+            {
+                return Ok(Reply::Delivered(Delivered::Again));
+            }
             let receipts = sql::record_delivery(conn, &msg.id, seq, &d.order_id, *now_ms)
                 .map_err(|e| Error::storage(ctx("logging a delivery"), e))?;
             if receipts > 1 {
@@ -285,9 +298,9 @@ fn apply(db: u32, conn: &Connection, op: &Op) -> Result<Reply> {
         }
         Op::Barrier => Ok(Reply::Count(0)),
         Op::Purge { before_ms } => {
-            let n = sql::purge_completed(conn, *before_ms)
-                .map_err(|e| Error::storage(ctx("purging completed tasks"), e))?;
-            Ok(Reply::Count(n))
+            let n = sql::compact(conn, *before_ms, COMPACT_STEP)
+                .map_err(|e| Error::storage(ctx("compacting completed tasks"), e))?;
+            Ok(Reply::Count(n as usize))
         }
     }
 }

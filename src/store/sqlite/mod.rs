@@ -142,6 +142,14 @@ fn open_shard(settings: &Settings, db: u32, create: bool) -> Result<Opened> {
                 db_name(db),
                 layout.tb_count()
             );
+        } else if version == 1 {
+            sql::upgrade_from_1(&tx)
+                .map_err(|e| Error::storage(ctx("upgrading the schema of"), e))?;
+            log::info!(
+                "upgraded shard path={} schema_version={}",
+                path.display(),
+                sql::SCHEMA_VERSION
+            );
         } else if version > sql::SCHEMA_VERSION {
             return Err(Error::Config(format!(
                 "{} has schema version {version}, newer than this build's {}: use a newer big-market",
@@ -244,5 +252,88 @@ mod tests {
         assert_eq!(sql::shard_layout(&conn).unwrap(), (1, 2, 4));
         assert_eq!(sql::take_seq(&conn).unwrap(), 1);
         assert_eq!(sql::take_seq(&conn).unwrap(), 2);
+    }
+
+    /// A shard with tasks 1..=6: all completed at time 10 and delivered, except 4 (pending, not
+    /// delivered); 2 was received three times.
+    fn shard_with_a_gap() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("s.db")).unwrap();
+        sql::apply_schema(&conn, 1, 2, 4, 0).unwrap();
+        for seq in 1..=6u64 {
+            sql::take_seq(&conn).unwrap();
+            let state = if seq == 4 { "create" } else { "completed" };
+            conn.execute(
+                "INSERT INTO task (user_id, topic, message_id, message, state, seq, next_attempt_at, create_time, update_time)
+                 VALUES ('u', 't', ?1, '{}', ?2, ?3, 0, 10, 10)",
+                rusqlite::params![format!("m{seq}"), state, seq],
+            )
+            .unwrap();
+            if seq != 4 {
+                let receipts = if seq == 2 { 3 } else { 1 };
+                conn.execute(
+                    "INSERT INTO delivery (message_id, seq, order_id, receipts, delivered_at) VALUES (?1, ?2, 'o', ?3, 10)",
+                    rusqlite::params![format!("m{seq}"), seq, receipts],
+                )
+                .unwrap();
+            }
+        }
+        (dir, conn)
+    }
+
+    fn count(conn: &Connection, sql: &str) -> i64 {
+        conn.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn compaction_folds_up_to_the_first_gap_and_keeps_redeliveries_visible() {
+        let (_dir, conn) = shard_with_a_gap();
+        assert_eq!(
+            sql::compact(&conn, 5, 100).unwrap(),
+            0,
+            "too young: nothing folds"
+        );
+        assert_eq!(
+            sql::compact(&conn, 11, 2).unwrap(),
+            2,
+            "at most `max` a step"
+        );
+        assert_eq!(
+            sql::compact(&conn, 11, 100).unwrap(),
+            1,
+            "stops before the gap at 4"
+        );
+        assert_eq!(sql::watermark(&conn).unwrap(), 3);
+        assert_eq!(count(&conn, "SELECT COUNT(*) FROM task WHERE seq <= 3"), 0);
+        assert_eq!(
+            count(&conn, "SELECT COUNT(*) FROM delivery WHERE seq <= 3"),
+            1,
+            "the row received three times stays"
+        );
+        assert_eq!(sql::compact(&conn, 11, 100).unwrap(), 0, "the gap holds it");
+        assert!(sql::unsettled_below_watermark(&conn).unwrap().is_empty());
+        // Once 4 is delivered and completed, the rest folds.
+        conn.execute_batch(
+            "UPDATE task SET state = 'completed' WHERE seq = 4;
+             INSERT INTO delivery (message_id, seq, order_id, receipts, delivered_at) VALUES ('m4', 4, 'o', 1, 10);",
+        )
+        .unwrap();
+        assert_eq!(sql::compact(&conn, 11, 100).unwrap(), 3);
+        assert_eq!(sql::watermark(&conn).unwrap(), 6);
+        assert_eq!(count(&conn, "SELECT COUNT(*) FROM task"), 0);
+    }
+
+    #[test]
+    fn a_version_1_shard_is_upgraded_with_a_zero_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("s.db")).unwrap();
+        sql::apply_schema(&conn, 1, 2, 4, 0).unwrap();
+        conn.execute_batch(
+            "DROP INDEX idx_delivery_seq; ALTER TABLE shard_meta DROP COLUMN compacted_seq; PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        sql::upgrade_from_1(&conn).unwrap();
+        assert_eq!(sql::schema_version(&conn).unwrap(), sql::SCHEMA_VERSION);
+        assert_eq!(sql::watermark(&conn).unwrap(), 0);
     }
 }

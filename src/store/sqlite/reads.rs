@@ -93,6 +93,8 @@ impl Reads for SqliteReads {
             tasks: sql::task_orders(&tx).map_err(e)?,
             delivered_orders: sql::delivered_orders(&tx).map_err(e)?,
             award_orders: awards,
+            watermark: sql::watermark(&tx).map_err(e)?,
+            unsettled_below_watermark: sql::unsettled_below_watermark(&tx).map_err(e)?,
         })
     }
 

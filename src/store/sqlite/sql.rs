@@ -11,7 +11,7 @@ type Sql<T> = rusqlite::Result<T>;
 /// The schema text, compiled in.
 pub const SCHEMA: &str = include_str!("../../../schema.sql");
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Create every table of a new shard file (inside the caller's transaction).
 pub fn apply_schema(
@@ -30,6 +30,16 @@ pub fn apply_schema(
     )?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     Ok(())
+}
+
+/// Upgrade a version 1 file to version 2 (inside the caller's transaction): the compaction
+/// watermark, and the delivery log's sequence index.
+pub fn upgrade_from_1(conn: &Connection) -> Sql<()> {
+    conn.execute_batch(
+        "ALTER TABLE shard_meta ADD COLUMN compacted_seq INTEGER NOT NULL DEFAULT 0;
+         CREATE INDEX IF NOT EXISTS idx_delivery_seq ON delivery (seq);",
+    )?;
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)
 }
 
 /// The schema version recorded in the file (0 for a new, empty file).
@@ -245,10 +255,75 @@ pub fn requeue(
     .execute(params![message_id, state.map(TaskState::as_str), now_ms])
 }
 
-/// Delete completed tasks last changed before `before_ms`.
-pub fn purge_completed(conn: &Connection, before_ms: i64) -> Sql<usize> {
-    conn.prepare_cached("DELETE FROM task WHERE state = 'completed' AND update_time < ?1")?
-        .execute(params![before_ms])
+/// The compaction watermark: every sequence number up to it was committed and delivered, and
+/// its rows were folded away.
+pub fn watermark(conn: &Connection) -> Sql<u64> {
+    conn.prepare_cached("SELECT compacted_seq FROM shard_meta WHERE id = 1")?
+        .query_row([], |r| r.get(0))
+}
+
+/// Fold at most `max` sequence numbers past the watermark into it: from the watermark on, each
+/// number whose delivery is logged and whose task is completed and last changed before
+/// `before_ms` (or gone); the first one that is not (undelivered, pending, failed, dead, or
+/// too young) stops the fold, so a gap is never folded away. The folded tasks and delivery
+/// rows are deleted, except delivery rows received more than once. Returns how many numbers
+/// were folded.
+pub fn compact(conn: &Connection, before_ms: i64, max: u64) -> Sql<u64> {
+    let from = watermark(conn)?;
+    let to = last_seq(conn)?.min(from.saturating_add(max));
+    if to <= from {
+        return Ok(0);
+    }
+    let mut tasks = std::collections::HashMap::new();
+    {
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, state = 'completed' AND update_time < ?3 FROM task WHERE seq > ?1 AND seq <= ?2",
+        )?;
+        let rows = stmt.query_map(params![from, to, before_ms], |r| {
+            Ok((r.get::<_, u64>(0)?, r.get::<_, bool>(1)?))
+        })?;
+        for row in rows {
+            let (seq, settled) = row?;
+            tasks.insert(seq, settled);
+        }
+    }
+    let mut delivered = std::collections::HashSet::new();
+    {
+        let mut stmt =
+            conn.prepare_cached("SELECT seq FROM delivery WHERE seq > ?1 AND seq <= ?2")?;
+        let rows = stmt.query_map(params![from, to], |r| r.get::<_, u64>(0))?;
+        for row in rows {
+            delivered.insert(row?);
+        }
+    }
+    let mut upto = from;
+    while upto < to
+        && delivered.contains(&(upto + 1))
+        && tasks.get(&(upto + 1)).copied().unwrap_or(true)
+    {
+        upto += 1;
+    }
+    if upto == from {
+        return Ok(0);
+    }
+    conn.prepare_cached("DELETE FROM task WHERE seq > ?1 AND seq <= ?2")?
+        .execute(params![from, upto])?;
+    conn.prepare_cached("DELETE FROM delivery WHERE seq > ?1 AND seq <= ?2 AND receipts = 1")?
+        .execute(params![from, upto])?;
+    conn.prepare_cached("UPDATE shard_meta SET compacted_seq = ?1 WHERE id = 1")?
+        .execute(params![upto])?;
+    Ok(upto - from)
+}
+
+/// Sequence numbers at or below the watermark whose task is still there and not completed:
+/// the watermark claims they were delivered, so each one is a broken proof.
+pub fn unsettled_below_watermark(conn: &Connection) -> Sql<Vec<u64>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq FROM task WHERE seq <= (SELECT compacted_seq FROM shard_meta WHERE id = 1)
+         AND state != 'completed' ORDER BY seq",
+    )?;
+    let rows = stmt.query_map([], |r| r.get(0))?;
+    rows.collect()
 }
 
 /// Log a delivery of `message_id`; returns how many times it has now been received (1 = first).
@@ -363,10 +438,12 @@ pub fn delivered_orders(conn: &Connection) -> Sql<Vec<String>> {
     rows.collect()
 }
 
-/// Order ids of the award records in one split table.
-pub fn award_orders(conn: &Connection, table: &str) -> Sql<Vec<String>> {
-    let mut stmt = conn.prepare_cached(&format!("SELECT order_id FROM {table}"))?;
-    let rows = stmt.query_map([], |r| r.get(0))?;
+/// Order ids of the award records in one split table, and whether each was delivered.
+pub fn award_orders(conn: &Connection, table: &str) -> Sql<Vec<(String, bool)>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT order_id, award_state = 'completed' FROM {table}"
+    ))?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     rows.collect()
 }
 
