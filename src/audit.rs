@@ -5,8 +5,8 @@
 //!
 //! Compaction folds the oldest delivered range into a watermark W ("every number up to W was
 //! committed, delivered and completed"): W only ever moves over numbers that were, one by one,
-//! so the audit proves `1..=W` by the watermark and `W+1..=last_seq` row by row. A task still
-//! there at or below W that is not completed breaks that proof. Pure: it compares facts the
+//! so the audit proves `1..=W` by the watermark and `W+1..=last_seq` row by row. The fold deletes
+//! every task it passes, so a task row still there at or below W breaks that proof. Pure: it compares facts the
 //! store read.
 
 use std::collections::{HashMap, HashSet};
@@ -28,8 +28,8 @@ pub struct Facts {
     pub award_orders: Vec<(String, bool)>,
     /// The compaction watermark: every number up to it was delivered (0: nothing compacted).
     pub watermark: u64,
-    /// Numbers at or below the watermark whose task is there and not completed.
-    pub unsettled_below_watermark: Vec<u64>,
+    /// Numbers at or below the watermark whose task row is still there.
+    pub tasks_below_watermark: Vec<u64>,
 }
 
 /// The audit of one shard.
@@ -55,8 +55,9 @@ pub struct ShardAudit {
     pub awards_without_task: u64,
     /// The compaction watermark: numbers up to it are proven by it, not row by row.
     pub watermark: u64,
-    /// Numbers at or below the watermark whose task is not completed: the watermark is wrong.
-    pub unsettled_below_watermark: Vec<u64>,
+    /// Numbers at or below the watermark whose task row is still there: the watermark was
+    /// moved past rows it never folded.
+    pub tasks_below_watermark: Vec<u64>,
 }
 
 impl ShardAudit {
@@ -75,7 +76,7 @@ impl ShardAudit {
             || !self.unknown.is_empty()
             || self.tasks_without_award > 0
             || self.awards_without_task > 0
-            || !self.unsettled_below_watermark.is_empty()
+            || !self.tasks_below_watermark.is_empty()
     }
 }
 
@@ -130,7 +131,7 @@ pub fn audit(f: &Facts, now_ms: i64) -> ShardAudit {
         tasks_without_award,
         awards_without_task,
         watermark: f.watermark,
-        unsettled_below_watermark: f.unsettled_below_watermark.clone(),
+        tasks_below_watermark: f.tasks_below_watermark.clone(),
     }
 }
 
@@ -147,7 +148,7 @@ mod tests {
             delivered_orders: vec!["o1".into(), "o2".into(), "o4".into(), "o5".into()],
             award_orders: (1..=5).map(|s| (format!("o{s}"), s != 3)).collect(),
             watermark: 0,
-            unsettled_below_watermark: Vec::new(),
+            tasks_below_watermark: Vec::new(),
         }
     }
 
@@ -230,11 +231,11 @@ mod tests {
         f.delivered.retain(|(s, _)| *s != 5);
         assert_eq!(audit(&f, i64::MAX).lost(0), vec![5]);
         assert!(audit(&f, i64::MAX).violated(0));
-        // The watermark moved past a number that was never delivered (its task is pending).
+        // The watermark moved past a number that was never delivered (its task is still there).
         let mut f = compacted();
         f.watermark = 5;
         f.tasks = vec![(4, 1000, Some("o4".into()))];
-        f.unsettled_below_watermark = vec![4];
+        f.tasks_below_watermark = vec![4];
         assert!(audit(&f, 0).violated(0));
         // An award never delivered without its task is an orphan, compacted or not.
         let mut f = compacted();

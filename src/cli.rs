@@ -853,10 +853,10 @@ fn audit(settings: &Settings, older_than: Duration, json: bool) -> Result<()> {
                 a.tasks_without_award,
                 a.awards_without_task
             );
-            if !a.unsettled_below_watermark.is_empty() {
+            if !a.tasks_below_watermark.is_empty() {
                 println!(
-                    "  not completed at or below the watermark {}: {:?}",
-                    a.watermark, a.unsettled_below_watermark
+                    "  task rows at or below the watermark {}, which compaction never left: {:?}",
+                    a.watermark, a.tasks_below_watermark
                 );
             }
             for (seq, age) in a.missing.iter().take(20) {

@@ -100,7 +100,7 @@ impl Reads for MysqlReads {
             award_orders: awards,
             // The MySQL store does not compact (the Java service may read its tables).
             watermark: 0,
-            unsettled_below_watermark: Vec::new(),
+            tasks_below_watermark: Vec::new(),
         })
     }
 

@@ -311,7 +311,7 @@ mod tests {
             "the row received three times stays"
         );
         assert_eq!(sql::compact(&conn, 11, 100).unwrap(), 0, "the gap holds it");
-        assert!(sql::unsettled_below_watermark(&conn).unwrap().is_empty());
+        assert!(sql::tasks_below_watermark(&conn).unwrap().is_empty());
         // Once 4 is delivered and completed, the rest folds.
         conn.execute_batch(
             "UPDATE task SET state = 'completed' WHERE seq = 4;

@@ -94,7 +94,7 @@ impl Reads for SqliteReads {
             delivered_orders: sql::delivered_orders(&tx).map_err(e)?,
             award_orders: awards,
             watermark: sql::watermark(&tx).map_err(e)?,
-            unsettled_below_watermark: sql::unsettled_below_watermark(&tx).map_err(e)?,
+            tasks_below_watermark: sql::tasks_below_watermark(&tx).map_err(e)?,
         })
     }
 

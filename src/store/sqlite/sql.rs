@@ -315,12 +315,12 @@ pub fn compact(conn: &Connection, before_ms: i64, max: u64) -> Sql<u64> {
     Ok(upto - from)
 }
 
-/// Sequence numbers at or below the watermark whose task is still there and not completed:
-/// the watermark claims they were delivered, so each one is a broken proof.
-pub fn unsettled_below_watermark(conn: &Connection) -> Sql<Vec<u64>> {
+/// Sequence numbers at or below the watermark whose task row is still there: the fold deletes
+/// every task it passes, so each one is a watermark moved past rows it never folded.
+pub fn tasks_below_watermark(conn: &Connection) -> Sql<Vec<u64>> {
     let mut stmt = conn.prepare_cached(
         "SELECT seq FROM task WHERE seq <= (SELECT compacted_seq FROM shard_meta WHERE id = 1)
-         AND state != 'completed' ORDER BY seq",
+         ORDER BY seq",
     )?;
     let rows = stmt.query_map([], |r| r.get(0))?;
     rows.collect()
