@@ -503,8 +503,9 @@ fn a_publisher_block_longer_than_the_lease_with_two_serves_delivers_every_award_
     assert!(
         std::process::Command::new("rabbitmqctl")
             .args(["set_vm_memory_high_watermark", "0"])
-            .status()
+            .output()
             .unwrap()
+            .status
             .success(),
         "the memory alarm could not be raised"
     );
