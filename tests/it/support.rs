@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use big_market::config::Settings;
-use big_market::model::{AwardRecord, NewAward};
+use big_market::model::AwardRecord;
 use big_market::outbox::Saved;
 use big_market::service::{Parts, Service};
 use big_market::transport::amqp::Amqp;
@@ -174,17 +174,9 @@ pub fn settings(dir: &Path) -> Settings {
     s
 }
 
+/// The seed's award for `user` with `order`, at a fixed time.
 pub fn award(user: &str, order: &str) -> AwardRecord {
-    AwardRecord::new(NewAward {
-        user_id: user,
-        activity_id: 100301,
-        strategy_id: 100006,
-        order_id: order,
-        award_id: 101,
-        award_title: "OpenAI 增加使用次数",
-        award_time_ms: 1_712_377_010_878,
-    })
-    .unwrap()
+    AwardRecord::sample(user, order, 1_712_377_010_878).unwrap()
 }
 
 /// Consumer on, scanner loop off: tests drive `scan_once` themselves.
