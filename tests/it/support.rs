@@ -111,24 +111,42 @@ impl MysqlServer {
     }
 }
 
-/// The server of the MySQL suites, or `None` (after one line saying so) when `BIG_MARKET_TEST_MYSQL`
-/// is unset. Panics when it is set and the server does not answer.
+/// Parse and reach the server `given` names: the server, or why it cannot be used and what to do.
+fn check_mysql(given: &str) -> Result<MysqlServer, String> {
+    use mysql::prelude::Queryable;
+    let server = MysqlServer::parse(given)?;
+    mysql::Conn::new(server.opts(None))
+        .and_then(|mut c| c.query_drop("SELECT 1"))
+        .map_err(|e| {
+            format!(
+                "{MYSQL_VAR} names {}, which does not answer: {e}. Start it (`service mariadb start`), or unset {MYSQL_VAR} to leave the MySQL suites out",
+                server.shown
+            )
+        })?;
+    Ok(server)
+}
+
+/// Reach the broker `given` names: its URL, or why it cannot be used and what to do.
+fn check_amqp(given: &str) -> Result<String, String> {
+    let mut s = Settings::new(std::path::PathBuf::from("unused"));
+    s.amqp_url = Some(given.to_string());
+    Amqp::connect_once(&s).map_err(|e| {
+        format!(
+            "{AMQP_VAR} names a broker that does not answer: {e}. Start it (`rabbitmq-server -detached`), or unset {AMQP_VAR} to leave the RabbitMQ suites out"
+        )
+    })?;
+    Ok(given.to_string())
+}
+
+/// The server of the MySQL suites, or `None` (after one line saying so) when
+/// `BIG_MARKET_TEST_MYSQL` is unset. Panics when it is set and the server does not answer.
 pub fn mysql_server() -> Option<&'static MysqlServer> {
     static SERVER: OnceLock<Option<Result<MysqlServer, String>>> = OnceLock::new();
     let checked = SERVER.get_or_init(|| {
-        let given = std::env::var(MYSQL_VAR).ok().filter(|v| !v.trim().is_empty())?;
-        Some(MysqlServer::parse(given.trim()).and_then(|server| {
-            use mysql::prelude::Queryable;
-            mysql::Conn::new(server.opts(None))
-                .and_then(|mut c| c.query_drop("SELECT 1"))
-                .map_err(|e| {
-                    format!(
-                        "{MYSQL_VAR}={} names a server that does not answer: {e}. Start it (`service mariadb start`), or unset {MYSQL_VAR} to leave the MySQL suites out",
-                        server.shown
-                    )
-                })
-                .map(|()| server)
-        }))
+        let given = std::env::var(MYSQL_VAR)
+            .ok()
+            .filter(|v| !v.trim().is_empty())?;
+        Some(check_mysql(given.trim()))
     });
     match checked {
         None => {
@@ -145,15 +163,10 @@ pub fn mysql_server() -> Option<&'static MysqlServer> {
 pub fn amqp_url() -> Option<&'static str> {
     static BROKER: OnceLock<Option<Result<String, String>>> = OnceLock::new();
     let checked = BROKER.get_or_init(|| {
-        let given = std::env::var(AMQP_VAR).ok().filter(|v| !v.trim().is_empty())?;
-        let mut s = Settings::new(std::path::PathBuf::from("unused"));
-        s.amqp_url = Some(given.trim().to_string());
-        Some(match Amqp::connect_once(&s) {
-            Ok(()) => Ok(given.trim().to_string()),
-            Err(e) => Err(format!(
-                "{AMQP_VAR} names a broker that does not answer: {e}. Start it (`rabbitmq-server -detached`), or unset {AMQP_VAR} to leave the RabbitMQ suites out"
-            )),
-        })
+        let given = std::env::var(AMQP_VAR)
+            .ok()
+            .filter(|v| !v.trim().is_empty())?;
+        Some(check_amqp(given.trim()))
     });
     match checked {
         None => {
@@ -163,6 +176,29 @@ pub fn amqp_url() -> Option<&'static str> {
         Some(Ok(url)) => Some(url.as_str()),
         Some(Err(why)) => panic!("{why}"),
     }
+}
+
+#[test]
+fn a_named_server_that_does_not_answer_fails_the_suite_with_what_to_do() {
+    // Nothing listens on port 9 of the loopback.
+    let why = check_mysql("mysql://root:hunter2@127.0.0.1:9/big_market_ci")
+        .err()
+        .expect("an unreachable MySQL server is an error");
+    assert!(
+        why.contains("BIG_MARKET_TEST_MYSQL names mysql://root@127.0.0.1:9, which does not answer")
+            && why.contains("unset BIG_MARKET_TEST_MYSQL"),
+        "{why}"
+    );
+    assert!(!why.contains("hunter2"), "{why}");
+    let why = check_mysql("postgres://127.0.0.1/x").err().unwrap();
+    assert!(why.contains("not a mysql:// URL"), "{why}");
+    let why = check_amqp("amqp://guest:guest@127.0.0.1:9/%2f")
+        .expect_err("an unreachable broker is an error");
+    assert!(
+        why.contains("BIG_MARKET_TEST_AMQP names a broker that does not answer")
+            && why.contains("unset BIG_MARKET_TEST_AMQP"),
+        "{why}"
+    );
 }
 
 /// Settings for a test: a temporary data dir, short leases, a small relay pool.
