@@ -30,13 +30,14 @@
 //! per award (their global `Questions` and `Com_commit`; other clients of the servers count too).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{MysqlDatabase, Settings, StoreTarget};
 use crate::consumer::AwardConsumer;
 use crate::error::{Error, Result};
-use crate::model::{AwardRecord, EventMessage, NewAward};
+use crate::load::{callers, Calls, Latencies};
+use crate::model::{AwardRecord, EventMessage};
 use crate::router::route;
 use crate::service::{Parts, Service};
 use crate::store::Store;
@@ -125,15 +126,11 @@ pub struct Figures {
 
 /// Award number `i` of a phase tagged `tag` (order ids are unique per phase).
 fn record(i: usize, tag: char) -> AwardRecord {
-    AwardRecord::new(NewAward {
-        user_id: &format!("user{:04}", i % 1000),
-        activity_id: 100301,
-        strategy_id: 100006,
-        order_id: &format!("{tag}{i:011}"),
-        award_id: 101,
-        award_title: "OpenAI 增加使用次数",
-        award_time_ms: 1_712_377_010_878,
-    })
+    AwardRecord::sample(
+        &format!("user{:04}", i % 1000),
+        &format!("{tag}{i:011}"),
+        1_712_377_010_878,
+    )
     .expect("bench awards are valid")
 }
 
@@ -196,43 +193,14 @@ impl crate::transport::Handler for Counting {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    sorted
-        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
-        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-}
-
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)
 }
 
-/// Run the callers on `threads` threads, each taking the next index until `n`.
-fn on_threads(
-    threads: usize,
-    n: usize,
-    f: impl Fn(usize) -> Result<()> + Send + Sync,
-) -> Result<Duration> {
-    let next = AtomicUsize::new(0);
-    let err = Mutex::new(None);
-    let start = Instant::now();
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    break;
-                }
-                if let Err(e) = f(i) {
-                    err.lock().unwrap().get_or_insert(e);
-                    break;
-                }
-            });
-        }
-    });
-    match err.into_inner().unwrap() {
-        Some(e) => Err(e),
-        None => Ok(start.elapsed()),
-    }
+/// Run the callers on `threads` threads, each taking the next index until `n`: their time and
+/// latencies, or the first failure.
+fn on_threads(threads: usize, n: usize, f: impl Fn(usize) -> Result<()> + Sync) -> Result<Calls> {
+    callers("bench", threads, n as u64, |i| f(i as usize), || Ok(()))?.all_ok()
 }
 
 /// Create the shards of `s`, route `recs` to them, call `ready` just before the clock starts,
@@ -294,6 +262,7 @@ fn publish_batches(
             None => Ok(()),
         }
     })
+    .map(|calls| calls.elapsed)
 }
 
 /// Reset the kernel's peak-RSS mark for this process (Linux: `clear_refs` value 5).
@@ -443,7 +412,8 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
             )));
         }
         direct.mark_one(id, now_ms())
-    })?;
+    })?
+    .elapsed;
     f.naive = rate(naive_n, elapsed);
     if let Some(c) = consumer {
         c.stop();
@@ -568,24 +538,18 @@ impl Scratch {
 /// `save_award` from `threads` callers, one award per call, until the last is delivered: fills
 /// the pipeline's rate, save latencies and peak memory.
 fn pipeline_phase(service: &Service, threads: usize, n: usize, f: &mut Figures) -> Result<()> {
-    let lat = Mutex::new(Vec::with_capacity(n));
     reset_peak_rss();
     let progress = crate::load::progress_bar(n as u64, "pipeline");
     let start = Instant::now();
-    on_threads(threads, n, |i| {
-        let r = record(i, '4');
-        let t0 = Instant::now();
-        service.save_award(r)?;
-        lat.lock().unwrap().push(t0.elapsed());
+    let mut calls = on_threads(threads, n, |i| {
+        service.save_award(record(i, '4'))?;
         progress.inc(1);
         Ok(())
     })?;
     progress.finish_and_clear();
     f.pipeline = rate(n, until_delivered(service, n, start, "pipeline")?);
-    let mut lat = lat.into_inner().unwrap();
-    lat.sort();
-    f.save_p50_ms = percentile(&lat, 0.50);
-    f.save_p99_ms = percentile(&lat, 0.99);
+    f.save_p50_ms = calls.latencies.percentile_ms(0.50);
+    f.save_p99_ms = calls.latencies.percentile_ms(0.99);
     f.pipeline_peak_rss_mb = peak_rss_mb();
     Ok(())
 }
@@ -607,12 +571,13 @@ fn http_phase(s: &Settings, threads: usize, n: usize, f: &mut Figures) -> Result
             .to_string()
     };
     let start = Instant::now();
-    let mut lat =
-        crate::http::client::post_load(server.local_addr(), "/api/v1/awards", threads, n, body)?;
+    let mut lat: Latencies =
+        crate::http::client::post_load(server.local_addr(), "/api/v1/awards", threads, n, body)?
+            .into_iter()
+            .collect();
     let elapsed = until_delivered(&service, n, start, "http")?;
     f.http = Some(rate(n, elapsed));
-    lat.sort();
-    f.http_p99_ms = Some(percentile(&lat, 0.99));
+    f.http_p99_ms = Some(lat.percentile_ms(0.99));
     server.stop();
     Arc::try_unwrap(service)
         .map_err(|_| Error::Config("http bench still holds the service".into()))?

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::model::{AwardRecord, NewAward, TaskState};
+use crate::model::{AwardRecord, TaskState};
 use crate::service::Service;
 use crate::store::ShardStatus;
 use crate::util::{now_ms, wait_until, Rng};
@@ -161,6 +161,145 @@ fn completed(shards: &[ShardStatus]) -> u64 {
         .sum()
 }
 
+/// Latencies in microseconds, 4 bytes each: 40 MB at load's 10,000,000-award limit.
+#[derive(Debug, Default)]
+pub struct Latencies {
+    us: Vec<u32>,
+    sorted: bool,
+}
+
+impl Latencies {
+    /// Add one latency (saturating at 71 minutes).
+    pub fn push(&mut self, d: Duration) {
+        self.us.push(d.as_micros().min(u128::from(u32::MAX)) as u32);
+        self.sorted = false;
+    }
+
+    /// Move `other`'s latencies into these.
+    pub fn append(&mut self, other: &mut Latencies) {
+        self.us.append(&mut other.us);
+        self.sorted = false;
+    }
+
+    /// How many were measured.
+    pub fn len(&self) -> usize {
+        self.us.len()
+    }
+
+    /// Whether none were measured.
+    pub fn is_empty(&self) -> bool {
+        self.us.is_empty()
+    }
+
+    /// The `p` quantile (0.5 the median, 0.99 the 99th percentile) in milliseconds; 0 when
+    /// nothing was measured.
+    pub fn percentile_ms(&mut self, p: f64) -> f64 {
+        if !self.sorted {
+            self.us.sort_unstable();
+            self.sorted = true;
+        }
+        let at = ((self.us.len() as f64 * p) as usize).min(self.us.len().saturating_sub(1));
+        self.us.get(at).map_or(0.0, |us| f64::from(*us) / 1000.0)
+    }
+}
+
+impl FromIterator<Duration> for Latencies {
+    fn from_iter<I: IntoIterator<Item = Duration>>(iter: I) -> Self {
+        let mut l = Latencies::default();
+        for d in iter {
+            l.push(d);
+        }
+        l
+    }
+}
+
+/// What [`callers`] measured.
+#[derive(Debug)]
+pub struct Calls {
+    /// From the start of the first call to the end of the last.
+    pub elapsed: Duration,
+    /// The latency of every call that succeeded.
+    pub latencies: Latencies,
+    /// Calls that failed.
+    pub failed: u64,
+    /// The first failure.
+    pub first_error: Option<Error>,
+}
+
+impl Calls {
+    /// These calls, or the first failure if one failed.
+    pub fn all_ok(self) -> Result<Calls> {
+        match self.first_error {
+            Some(e) => Err(e),
+            None => Ok(self),
+        }
+    }
+}
+
+/// `threads` caller threads (`<name>-<t>`), each taking the next index below `n` and calling
+/// `call` with it, timing each call; a failed call is counted and the callers go on. `watch`
+/// runs on this thread every 200 ms while they do (the load's progress); its error ends the
+/// wait, not the callers.
+pub fn callers(
+    name: &str,
+    threads: usize,
+    n: u64,
+    call: impl Fn(u64) -> Result<()> + Sync,
+    mut watch: impl FnMut() -> Result<()>,
+) -> Result<Calls> {
+    let next = AtomicU64::new(0);
+    let failed = AtomicU64::new(0);
+    let first_error = Mutex::new(None);
+    let latencies = Mutex::new(Latencies::default());
+    let last_end = Mutex::new(None::<Instant>);
+    let started = Instant::now();
+    std::thread::scope(|scope| -> Result<()> {
+        // Each caller holds a sender; the channel disconnects when the last one is done.
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
+        for t in 0..threads {
+            let done = done_tx.clone();
+            let (next, failed, first_error, latencies, last_end, call) =
+                (&next, &failed, &first_error, &latencies, &last_end, &call);
+            crate::util::spawn_scoped(scope, format!("{name}-{t}"), move || {
+                let mut mine = Latencies::default();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let t0 = Instant::now();
+                    match call(i) {
+                        Ok(()) => mine.push(t0.elapsed()),
+                        Err(e) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            first_error.lock().expect("error lock").get_or_insert(e);
+                        }
+                    }
+                }
+                let end = Instant::now();
+                let mut last = last_end.lock().expect("end lock");
+                *last = Some(last.map_or(end, |l| l.max(end)));
+                latencies.lock().expect("latency lock").append(&mut mine);
+                drop(done);
+            })?;
+        }
+        drop(done_tx);
+        while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+            done_rx.recv_timeout(Duration::from_millis(200))
+        {
+            watch()?;
+        }
+        Ok(())
+    })?;
+    let end = last_end.into_inner().expect("end lock").unwrap_or(started);
+    Ok(Calls {
+        elapsed: end.duration_since(started),
+        latencies: latencies.into_inner().expect("latency lock"),
+        failed: failed.into_inner(),
+        first_error: first_error.into_inner().expect("error lock"),
+    })
+}
+
 /// Write the awards through `service` and wait for their delivery. `progress(saved, delivered,
 /// done)` is called every 200 ms while writing and once at the end.
 pub fn run(
@@ -170,80 +309,38 @@ pub fn run(
 ) -> Result<LoadReport> {
     run_checks(opts)?;
     let before = completed(&service.status()?);
-    let (next, saved, retries, failed) = (
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-    );
-    let first_error = Mutex::new(None);
-    // Latencies in microseconds, 4 bytes an award: 40 MB at the 10,000,000-award limit.
-    let latencies: Mutex<Vec<u32>> =
-        Mutex::new(Vec::with_capacity(opts.records.min(1 << 20) as usize));
-    let started = Instant::now();
-    std::thread::scope(|scope| -> Result<()> {
-        let mut writers = Vec::with_capacity(opts.threads);
-        for t in 0..opts.threads {
-            let writer = || {
-                let mut rng = Rng::new();
-                let mut mine = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= opts.records {
-                        break;
-                    }
-                    let user = format!("user{:04}", i % opts.users);
-                    loop {
-                        let record = AwardRecord::new(NewAward {
-                            user_id: &user,
-                            activity_id: 100301,
-                            strategy_id: 100006,
-                            order_id: &rng.digits(12),
-                            award_id: 101,
-                            award_title: "OpenAI 增加使用次数",
-                            award_time_ms: now_ms(),
-                        })
-                        .expect("generated awards are valid");
-                        let t0 = Instant::now();
-                        match service.save_award(record) {
-                            Ok(_) => {
-                                mine.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-                                saved.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(Error::DuplicateOrder { .. }) => {
-                                retries.fetch_add(1, Ordering::Relaxed);
-                                continue;
-                            }
-                            Err(e) => {
-                                failed.fetch_add(1, Ordering::Relaxed);
-                                first_error.lock().expect("error lock").get_or_insert(e);
-                            }
-                        }
-                        break;
-                    }
+    let (saved, retries) = (AtomicU64::new(0), AtomicU64::new(0));
+    let save = |i: u64| -> Result<()> {
+        let user = format!("user{:04}", i % opts.users);
+        let mut rng = Rng::new();
+        loop {
+            let record = AwardRecord::sample(&user, &rng.digits(12), now_ms())
+                .expect("generated awards are valid");
+            match service.save_award(record) {
+                Ok(_) => {
+                    saved.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
                 }
-                latencies.lock().expect("latency lock").extend(mine);
-            };
-            writers.push(crate::util::spawn_scoped(
-                scope,
-                format!("load-{t}"),
-                writer,
-            )?);
+                Err(Error::DuplicateOrder { .. }) => {
+                    retries.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
         }
-        // Progress display pacing while the writers run; their end is what is waited for.
-        while writers.iter().any(|h| !h.is_finished()) {
-            std::thread::sleep(Duration::from_millis(200));
-            progress(
-                saved.load(Ordering::Relaxed),
-                // The counts `/metrics` serves: a count that takes long (large MySQL tables) is
-                // kept and taken again in the background, so that showing progress stays a
-                // small share of the database's time. Start and end are counted exactly.
-                completed(&service.shard_counts()?.shards).saturating_sub(before),
-                false,
-            );
-        }
+    };
+    let show = || -> Result<()> {
+        progress(
+            saved.load(Ordering::Relaxed),
+            // The counts `/metrics` serves: a count that takes long (large MySQL tables) is
+            // kept and taken again in the background, so that showing progress stays a small
+            // share of the database's time. Start and end are counted exactly.
+            completed(&service.shard_counts()?.shards).saturating_sub(before),
+            false,
+        );
         Ok(())
-    })?;
+    };
+    let started = Instant::now();
+    let mut calls = callers("load", opts.threads, opts.records, save, show)?;
     let write_time = started.elapsed();
     let total_saved = saved.load(Ordering::Relaxed);
     let mut delivered = 0;
@@ -257,18 +354,11 @@ pub fn run(
     let total_time = started.elapsed();
     progress(total_saved, delivered, true);
     let statuses = service.status()?;
-    let mut lat = latencies.into_inner().expect("latency lock");
-    lat.sort();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .map(|us| f64::from(*us) / 1000.0)
-            .unwrap_or(0.0)
-    };
     Ok(LoadReport {
         options: opts.clone(),
         saved: total_saved,
         delivered,
-        failed: failed.load(Ordering::Relaxed),
+        failed: calls.failed,
         duplicate_retries: retries.load(Ordering::Relaxed),
         pending_tasks: statuses
             .iter()
@@ -277,8 +367,45 @@ pub fn run(
         dead_tasks: statuses.iter().map(|s| s.tasks_in(TaskState::Dead)).sum(),
         write_time,
         total_time,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        first_error: first_error.into_inner().expect("error lock"),
+        p50_ms: calls.latencies.percentile_ms(0.50),
+        p99_ms: calls.latencies.percentile_ms(0.99),
+        first_error: calls.first_error,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_read_off_the_sorted_latencies() {
+        let mut l: Latencies = (1..=100).rev().map(Duration::from_millis).collect();
+        assert_eq!(l.percentile_ms(0.50), 51.0);
+        assert_eq!(l.percentile_ms(0.99), 100.0);
+        assert_eq!(l.percentile_ms(0.0), 1.0);
+        assert_eq!(Latencies::default().percentile_ms(0.99), 0.0);
+    }
+
+    #[test]
+    fn callers_make_every_call_once_count_failures_and_time_the_rest() {
+        let seen: Vec<AtomicU64> = (0..500).map(|_| AtomicU64::new(0)).collect();
+        let calls = callers(
+            "t",
+            4,
+            500,
+            |i| {
+                seen[i as usize].fetch_add(1, Ordering::Relaxed);
+                if i % 100 == 7 {
+                    Err(Error::invalid("i", "refused"))
+                } else {
+                    Ok(())
+                }
+            },
+            || Ok(()),
+        )
+        .unwrap();
+        assert!(seen.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+        assert_eq!((calls.failed, calls.latencies.len()), (5, 495));
+        assert!(calls.all_ok().is_err(), "the first failure is kept");
+    }
 }

@@ -139,6 +139,20 @@ pub struct NewAward<'a> {
 }
 
 impl AwardRecord {
+    /// The seed's award (activity 100301, strategy 100006, award 101 "OpenAI 增加使用次数") for
+    /// `user_id` and `order_id` at `award_time_ms`: what `load`, `bench` and the tests save.
+    pub fn sample(user_id: &str, order_id: &str, award_time_ms: i64) -> Result<Self> {
+        AwardRecord::new(NewAward {
+            user_id,
+            activity_id: 100301,
+            strategy_id: 100006,
+            order_id,
+            award_id: 101,
+            award_title: "OpenAI 增加使用次数",
+            award_time_ms,
+        })
+    }
+
     /// Validate every field; the first bad field is reported.
     pub fn new(a: NewAward<'_>) -> Result<Self> {
         let user_id = UserId::parse(a.user_id)?;

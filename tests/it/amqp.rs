@@ -1,17 +1,16 @@
-//! Tests against the real RabbitMQ broker. Ignored by default; `.ci/run` runs them with
-//! `cargo test -- --ignored`. They use `AMQP_URL` (default guest@127.0.0.1:5672) and fail,
-//! never skip, when the broker is unreachable. Each test uses a queue of its own and deletes it.
+//! Tests against the real RabbitMQ broker named by `BIG_MARKET_TEST_AMQP` (`.ci/run` sets it):
+//! unset, each test prints one line and returns; set, they fail, never skip, when the broker
+//! is unreachable. Each test uses a queue of its own, deleted when its `TestStore` drops. The
+//! tests that stop the broker also need `rabbitmqctl`, and no two broker tests overlap.
 
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use big_market::config::Settings;
 use big_market::metrics::Metrics;
-use big_market::service::{Parts, Service};
-use big_market::transport::amqp::Amqp;
+use big_market::service::Parts;
 use big_market::transport::{Outgoing, Transport};
-use big_market::util::{wait_until, Rng};
+use big_market::util::wait_until;
 
 use crate::support::*;
 
@@ -22,46 +21,9 @@ fn serial() -> MutexGuard<'static, ()> {
     BROKER.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn amqp_settings(dir: &std::path::Path) -> Settings {
-    let mut s = settings(dir);
-    s.amqp_url = Some(
-        std::env::var("AMQP_URL")
-            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-    );
-    s.topic = format!("send_award_test_{}", Rng::new().digits(10));
-    if let Err(e) = Amqp::connect_once(&s) {
-        panic!("RabbitMQ is required for this test and is unreachable: {e}. Start it with `rabbitmq-server -detached`.");
-    }
-    s
-}
-
-fn start_amqp(s: &Settings, parts: Parts) -> (Service, Arc<Amqp>) {
-    let amqp = Arc::new(Amqp::connect(s.amqp_url.as_ref().unwrap(), s).unwrap());
-    assert!(
-        wait_until(Duration::from_secs(10), || amqp.is_connected()),
-        "not connected"
-    );
-    let transport: Arc<dyn Transport> = amqp.clone();
-    (Service::start(s.clone(), transport, parts).unwrap(), amqp)
-}
-
-const CONSUMER: Parts = Parts {
-    consumer: true,
-    scanner_loop: false,
-};
-const PUBLISH_ONLY: Parts = Parts {
-    consumer: false,
-    scanner_loop: false,
-};
-
-fn all_delivered(s: &Settings, n: i64) -> bool {
-    let (a, d, t, c) = totals(s);
-    a == n && d == n && t == n && c == n
-}
-
 /// Take up to `max` messages off a queue with basic.get, acking each.
-fn drain_queue(s: &Settings, max: usize) -> Vec<(Vec<u8>, Option<u8>, Option<String>)> {
-    let (url, queue) = (s.amqp_url.clone().unwrap(), s.topic.clone());
+fn drain_queue(t: &TestStore, max: usize) -> Vec<(Vec<u8>, Option<u8>, Option<String>)> {
+    let (url, queue) = (t.amqp_url().to_string(), t.settings.topic.clone());
     async_global_executor::block_on(async move {
         let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
             .await
@@ -95,53 +57,45 @@ fn drain_queue(s: &Settings, max: usize) -> Vec<(Vec<u8>, Option<u8>, Option<Str
 }
 
 #[test]
-#[ignore = "needs RabbitMQ; run with --ignored"]
 fn awards_are_published_to_rabbitmq_and_delivered_end_to_end() {
     let _g = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let s = amqp_settings(dir.path());
-    let (service, amqp) = start_amqp(&s, CONSUMER);
+    let Some(t) = TestStore::amqp() else { return };
+    let app = t.start_amqp(CONSUMER);
     for i in 0..200 {
-        service
-            .save_award(award(&format!("amqp{i}"), &format!("8{i:011}")))
-            .unwrap();
+        app.save(&format!("amqp{i}"), &format!("8{i:011}"));
     }
     // The consumer counts a delivery just after committing it: wait for both.
-    let delivered = || Metrics::get(&service.metrics().delivered);
+    let delivered = || Metrics::get(&app.service().metrics().delivered);
     assert!(
-        wait_until(Duration::from_secs(30), || all_delivered(&s, 200)
+        wait_until(Duration::from_secs(30), || app.totals()
+            == Totals::done(200)
             && delivered() == 200),
         "{:?} delivered={}",
-        totals(&s),
+        app.totals(),
         delivered()
     );
-    service.shutdown().unwrap();
-    amqp.delete_queue().unwrap();
+    app.shutdown();
 }
 
 #[test]
-#[ignore = "needs RabbitMQ; run with --ignored"]
 fn a_task_is_completed_only_once_the_broker_holds_a_persistent_copy() {
     let _g = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let s = amqp_settings(dir.path());
-    let (service, amqp) = start_amqp(&s, PUBLISH_ONLY);
+    let Some(t) = TestStore::amqp() else { return };
+    let app = t.start_amqp(PUBLISH_ONLY);
     let mut ids = Vec::new();
     for i in 0..5 {
-        let saved = service
-            .save_award(award("xiaofuge", &format!("9000000000{i:02}")))
-            .unwrap();
+        let saved = app.save("xiaofuge", &format!("9000000000{i:02}"));
         ids.push(saved.message_id.as_str().to_string());
     }
     // save_award returns on the commit; the relay publishes, and the completed mark joins a
     // later group commit once the broker confirmed.
     assert!(
-        wait_until(Duration::from_secs(10), || totals(&s).3 == 5),
+        wait_until(Duration::from_secs(10), || app.totals().completed == 5),
         "all five tasks completed: {:?}",
-        totals(&s)
+        app.totals()
     );
     // Completed means confirmed: the messages are in the queue, persistent, with their ids.
-    let got = drain_queue(&s, 10);
+    let got = drain_queue(&app, 10);
     assert_eq!(got.len(), 5);
     for ((body, mode, id), want) in got.iter().zip(&ids) {
         assert_eq!(*mode, Some(2), "persistent");
@@ -149,42 +103,30 @@ fn a_task_is_completed_only_once_the_broker_holds_a_persistent_copy() {
         let msg = big_market::model::EventMessage::decode(body).unwrap();
         assert_eq!(&msg.id, want);
     }
-    service.shutdown().unwrap();
-    amqp.delete_queue().unwrap();
+    app.shutdown();
 }
 
 #[test]
-#[ignore = "needs RabbitMQ; run with --ignored"]
 fn an_unroutable_message_is_a_failure_not_a_completed_task() {
     let _g = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let s = amqp_settings(dir.path());
-    let (service, amqp) = start_amqp(&s, PUBLISH_ONLY);
-    amqp.delete_queue().unwrap(); // nothing is bound to the routing key now
-    service
-        .save_award(award("xiaofuge", "910000000001"))
-        .unwrap();
-    settle(&service);
+    let Some(t) = TestStore::amqp() else { return };
+    let app = t.start_amqp(PUBLISH_ONLY);
+    app.amqp().delete_queue().unwrap(); // nothing is bound to the routing key now
+    app.save("xiaofuge", "910000000001");
+    app.settle();
     // A returned mandatory message must not count as sent.
-    let c = raw(&s, 1);
-    assert_eq!(count(&c, "SELECT COUNT(*) FROM task WHERE state = 'fail' AND attempts = 1 AND last_error LIKE '%unroutable%'"), 1);
-    service.shutdown().unwrap();
+    assert_eq!(app.count(1, "SELECT COUNT(*) FROM task WHERE state = 'fail' AND attempts = 1 AND last_error LIKE '%unroutable%'"), 1);
+    app.shutdown();
 }
 
 #[test]
-#[ignore = "needs RabbitMQ; run with --ignored"]
 fn a_redelivered_message_is_handled_once_and_poison_is_set_aside() {
     let _g = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let s = amqp_settings(dir.path());
-    let (service, amqp) = start_amqp(&s, CONSUMER);
-    service
-        .save_award(award("xiaofuge", "920000000001"))
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(10), || all_delivered(&s, 1)));
-    let body: String = raw(&s, 1)
-        .query_row("SELECT message FROM task", [], |r| r.get(0))
-        .unwrap();
+    let Some(t) = TestStore::amqp() else { return };
+    let app = t.start_amqp(CONSUMER);
+    app.save("xiaofuge", "920000000001");
+    app.wait_done(1, Duration::from_secs(10));
+    let body = app.text(1, "SELECT message FROM task");
     // The same message twice more, and a poison message between them.
     let again = Outgoing {
         message_id: "01000000001".into(),
@@ -194,24 +136,24 @@ fn a_redelivered_message_is_handled_once_and_poison_is_set_aside() {
         message_id: "00000000000".into(),
         body: "{not json".into(),
     };
-    for r in amqp.publish_batch(&[again.clone(), poison, again], &|| false) {
+    for r in app
+        .amqp()
+        .publish_batch(&[again.clone(), poison, again], &|| false)
+    {
         r.unwrap();
     }
-    let m = service.metrics().clone();
+    let m = app.service().metrics().clone();
     // Counters move just after each commit: wait for all three together.
     assert!(wait_until(Duration::from_secs(10), || Metrics::get(
         &m.redelivered
     ) == 2
         && Metrics::get(&m.poison) == 1
         && Metrics::get(&m.delivered) == 1));
-    assert_eq!(count(&raw(&s, 1), "SELECT receipts FROM delivery"), 3);
+    assert_eq!(app.count(1, "SELECT receipts FROM delivery"), 3);
     // The consumer goes on after the poison message.
-    service
-        .save_award(award("xiaofuge", "920000000002"))
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(10), || all_delivered(&s, 2)));
-    service.shutdown().unwrap();
-    amqp.delete_queue().unwrap();
+    app.save("xiaofuge", "920000000002");
+    app.wait_done(2, Duration::from_secs(10));
+    app.shutdown();
 }
 
 /// Starts the broker app again even if the test fails half-way.
@@ -234,68 +176,55 @@ fn rabbitmqctl(cmd: &str) -> bool {
 /// times; then check that everything was delivered once in effect and nothing is pending.
 fn load_through_outages(n: u64, outages: u64) {
     let _g = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = amqp_settings(dir.path());
-    s.scan_interval = Duration::from_millis(200);
-    s.stale_after = Duration::from_secs(2);
-    let (service, amqp) = start_amqp(&s, Parts::ALL);
-    let service = Arc::new(service);
+    let Some(mut t) = TestStore::amqp() else {
+        return;
+    };
+    t.settings.scan_interval = Duration::from_millis(200);
+    t.settings.stale_after = Duration::from_secs(2);
+    let app = t.start_amqp(Parts::ALL);
     let _restart = RestartOnDrop;
-    let saved = Arc::new(AtomicU64::new(0));
-    let writers: Vec<_> = (0..16)
-        .map(|t| {
-            let (service, saved) = (service.clone(), saved.clone());
-            std::thread::spawn(move || {
+    let saved = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        for t in 0..16 {
+            let (app, saved) = (&app, &saved);
+            scope.spawn(move || {
                 for i in (t..n).step_by(16) {
-                    service
+                    app.service()
                         .save_award(award(&format!("f{}", i % 997), &format!("93{i:010}")))
                         .expect("writes commit while the broker is down");
                     saved.fetch_add(1, SeqCst);
                 }
-            })
-        })
-        .collect();
-    for k in 1..=outages {
-        let at = n * k / (outages + 1);
-        assert!(
-            wait_until(Duration::from_secs(120), || saved.load(SeqCst) >= at),
-            "load stalled before outage {k}"
-        );
-        assert!(rabbitmqctl("stop_app"), "rabbitmqctl stop_app failed");
-        assert!(
-            wait_until(Duration::from_secs(30), || !amqp.is_connected()),
-            "the transport noticed outage {k}"
-        );
-        let during = saved.load(SeqCst);
-        let more = (n / 50).min(n - during);
-        assert!(
-            wait_until(Duration::from_secs(60), || saved.load(SeqCst)
-                >= during + more),
-            "writes go on during outage {k}"
-        );
-        assert!(rabbitmqctl("start_app"), "rabbitmqctl start_app failed");
-        assert!(
-            wait_until(Duration::from_secs(30), || amqp.is_connected()),
-            "reconnected after outage {k}"
-        );
-    }
-    for w in writers {
-        w.join().unwrap();
-    }
-    assert!(
-        wait_until(Duration::from_secs(300), || all_delivered(&s, n as i64)),
-        "not everything delivered: {:?}",
-        totals(&s)
-    );
-    // Exactly once in effect: one delivery log row per task, every award completed once.
-    for db in 1..=2 {
-        let c = raw(&s, db);
-        assert_eq!(
-            count(&c, "SELECT COUNT(*) FROM delivery"),
-            count(&c, "SELECT COUNT(*) FROM task")
-        );
-    }
-    let pending: u64 = service
+            });
+        }
+        for k in 1..=outages {
+            let at = n * k / (outages + 1);
+            assert!(
+                wait_until(Duration::from_secs(120), || saved.load(SeqCst) >= at),
+                "load stalled before outage {k}"
+            );
+            assert!(rabbitmqctl("stop_app"), "rabbitmqctl stop_app failed");
+            assert!(
+                wait_until(Duration::from_secs(30), || !app.amqp().is_connected()),
+                "the transport noticed outage {k}"
+            );
+            let during = saved.load(SeqCst);
+            let more = (n / 50).min(n - during);
+            assert!(
+                wait_until(Duration::from_secs(60), || saved.load(SeqCst)
+                    >= during + more),
+                "writes go on during outage {k}"
+            );
+            assert!(rabbitmqctl("start_app"), "rabbitmqctl start_app failed");
+            assert!(
+                wait_until(Duration::from_secs(30), || app.amqp().is_connected()),
+                "reconnected after outage {k}"
+            );
+        }
+    });
+    // Exactly once in effect: every award completed once, one delivery log row per task.
+    app.wait_done(n as i64, Duration::from_secs(300));
+    let pending: u64 = app
+        .service()
         .status()
         .unwrap()
         .iter()
@@ -305,38 +234,27 @@ fn load_through_outages(n: u64, outages: u64) {
         })
         .sum();
     assert_eq!(pending, 0, "status reports zero pending");
-    let service = Arc::try_unwrap(service).ok().unwrap();
-    service.shutdown().unwrap();
-    amqp.delete_queue().unwrap();
+    app.shutdown();
 }
 
 #[test]
-#[ignore = "needs RabbitMQ and rabbitmqctl; run with --ignored"]
 fn the_broker_stopped_mid_load_loses_nothing_and_delivers_once() {
     load_through_outages(3000, 1);
 }
 
 #[test]
-#[ignore = "needs RabbitMQ and rabbitmqctl; run with --ignored"]
 fn soak_100k_awards_through_three_broker_outages_ends_with_nothing_pending() {
     load_through_outages(100_000, 3);
 }
 
 #[test]
-#[ignore = "needs RabbitMQ and rabbitmqctl; run with --ignored"]
 fn readiness_flips_when_the_broker_is_stopped_and_back() {
     let _g = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let s = amqp_settings(dir.path());
+    let Some(t) = TestStore::amqp() else { return };
     let _restart = RestartOnDrop;
     let server = crate::http::Server::start(
-        dir.path(),
-        &[
-            "--amqp-url",
-            s.amqp_url.as_deref().unwrap(),
-            "--topic",
-            &s.topic,
-        ],
+        t.dir.path(),
+        &["--amqp-url", t.amqp_url(), "--topic", &t.settings.topic],
     );
     assert!(wait_until(Duration::from_secs(10), || server
         .call("GET", "/readyz", "")
@@ -360,9 +278,6 @@ fn readiness_flips_when_the_broker_is_stopped_and_back() {
         "ready again"
     );
     server.stop();
-    let amqp = Amqp::connect(s.amqp_url.as_deref().unwrap(), &s).unwrap();
-    assert!(wait_until(Duration::from_secs(10), || amqp.is_connected()));
-    amqp.delete_queue().unwrap();
 }
 
 /// `rabbitmqctl list_queues`: (ready, unacked) of `queue`.
@@ -388,8 +303,8 @@ fn queue_counts(queue: &str) -> Option<(u64, u64)> {
 }
 
 /// Publish raw bodies to a queue as a plain AMQP client would.
-fn publish_plain(s: &Settings, bodies: &[&[u8]]) {
-    let (url, queue) = (s.amqp_url.clone().unwrap(), s.topic.clone());
+fn publish_plain(t: &TestStore, bodies: &[&[u8]]) {
+    let (url, queue) = (t.amqp_url().to_string(), t.settings.topic.clone());
     let bodies: Vec<Vec<u8>> = bodies.iter().map(|b| b.to_vec()).collect();
     async_global_executor::block_on(async move {
         let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
@@ -416,12 +331,12 @@ fn publish_plain(s: &Settings, bodies: &[&[u8]]) {
 
 /// Save an award with the store alone: nothing publishes its message (its ten-minute lease keeps
 /// the scanner away).
-fn save_unpublished(s: &Settings, user: &str, order: &str) -> big_market::store::SavedTask {
-    let store = big_market::store::Store::open(s, true).unwrap();
+fn save_unpublished(t: &TestStore, user: &str, order: &str) -> big_market::store::SavedTask {
+    let store = big_market::store::Store::open(&t.settings, true).unwrap();
     store
         .insert_awards(
             vec![award(user, order)],
-            &Arc::from(s.topic.as_str()),
+            &Arc::from(t.settings.topic.as_str()),
             &Arc::from("test"),
             Duration::from_secs(600),
             big_market::util::now_ms(),
@@ -432,13 +347,13 @@ fn save_unpublished(s: &Settings, user: &str, order: &str) -> big_market::store:
 }
 
 /// `big-market dlq ARGS` on the test's broker and topic; asserts it succeeds, returns stdout.
-fn dlq(dir: &std::path::Path, s: &Settings, args: &[&str]) -> Vec<u8> {
-    let out = crate::cli::bin(dir)
+fn dlq(t: &TestStore, args: &[&str]) -> Vec<u8> {
+    let out = crate::cli::bin(t.dir.path())
         .args([
             "--amqp-url",
-            s.amqp_url.as_deref().unwrap(),
+            t.amqp_url(),
             "--topic",
-            &s.topic,
+            &t.settings.topic,
             "dlq",
         ])
         .args(args)
@@ -452,8 +367,8 @@ fn dlq(dir: &std::path::Path, s: &Settings, args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
-fn dlq_list(dir: &std::path::Path, s: &Settings) -> Vec<serde_json::Value> {
-    serde_json::from_slice::<serde_json::Value>(&dlq(dir, s, &["list", "--json"]))
+fn dlq_list(t: &TestStore) -> Vec<serde_json::Value> {
+    serde_json::from_slice::<serde_json::Value>(&dlq(t, &["list", "--json"]))
         .unwrap()
         .as_array()
         .unwrap()
@@ -461,49 +376,36 @@ fn dlq_list(dir: &std::path::Path, s: &Settings) -> Vec<serde_json::Value> {
 }
 
 #[test]
-#[ignore = "needs RabbitMQ and rabbitmqctl; run with --ignored"]
 fn unprocessable_messages_go_to_the_dead_letter_queue_with_their_reason_and_replay_delivers_them() {
     let _g = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let s = amqp_settings(dir.path());
+    let Some(t) = TestStore::amqp() else { return };
     // An award whose message a plain client will publish: written by the store alone, so that
     // big-market itself does not publish it (its lease keeps the scanner away meanwhile).
-    let valid = save_unpublished(&s, "dlq-valid", "500000000001");
+    let valid = save_unpublished(&t, "dlq-valid", "500000000001");
     let db = valid.db;
-    let body: String = raw(&s, db)
-        .query_row(
-            "SELECT message FROM task WHERE message_id = ?1",
-            [valid.message_id.as_str()],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let body = t.text(
+        db,
+        &format!(
+            "SELECT message FROM task WHERE message_id = '{}'",
+            valid.message_id.as_str()
+        ),
+    );
 
     let server = crate::http::Server::start(
-        dir.path(),
-        &[
-            "--amqp-url",
-            s.amqp_url.as_deref().unwrap(),
-            "--topic",
-            &s.topic,
-        ],
+        t.dir.path(),
+        &["--amqp-url", t.amqp_url(), "--topic", &t.settings.topic],
     );
     let java = r#"{"data":{"awardId":101,"awardTitle":"OpenAI 增加使用次数","userId":"xiaofuge"},"id":"12345678901","timestamp":1712377010878}"#;
-    publish_plain(&s, &[java.as_bytes(), b"not json at all", body.as_bytes()]);
-    let conn = raw(&s, db);
+    publish_plain(&t, &[java.as_bytes(), b"not json at all", body.as_bytes()]);
     assert!(
-        wait_until(Duration::from_secs(30), || awards(&conn, Some("completed"))
+        wait_until(Duration::from_secs(30), || t.awards(db, Some("completed"))
             == 1),
         "the valid message was delivered"
     );
-    assert!(wait_until(Duration::from_secs(30), || dlq_list(
-        dir.path(),
-        &s
-    )
-    .len()
-        == 2));
+    assert!(wait_until(Duration::from_secs(30), || dlq_list(&t).len() == 2));
     // Two consumers set messages aside concurrently: find each letter by what it is, not by
     // its place in the queue.
-    let letters = dlq_list(dir.path(), &s);
+    let letters = dlq_list(&t);
     let java_letter = letters
         .iter()
         .find(|l| l["message_id"] == "12345678901")
@@ -520,41 +422,31 @@ fn unprocessable_messages_go_to_the_dead_letter_queue_with_their_reason_and_repl
     assert!(letters
         .iter()
         .all(|l| l["dead_lettered_at_ms"].as_i64() > Some(0)));
+    let topic = t.settings.topic.as_str();
     assert!(
-        wait_until(Duration::from_secs(30), || queue_counts(&s.topic)
+        wait_until(Duration::from_secs(30), || queue_counts(topic)
             == Some((0, 0))),
-        "nothing left ready or unacked on {}: {:?}",
-        s.topic,
-        queue_counts(&s.topic)
+        "nothing left ready or unacked on {topic}: {:?}",
+        queue_counts(topic)
     );
 
     // A message for an award that does not exist yet is set aside; once the award exists,
     // replaying it delivers it.
     let later = br#"{"data":{"awardId":101,"awardTitle":"t","orderId":"500000000002","userId":"dlq-later"},"id":"99000000001","timestamp":1712377010878}"#;
-    publish_plain(&s, &[later]);
-    assert!(wait_until(Duration::from_secs(30), || dlq_list(
-        dir.path(),
-        &s
-    )
-    .len()
-        == 3));
-    let b = save_unpublished(&s, "dlq-later", "500000000002");
-    dlq(dir.path(), &s, &["replay", "--message-id", "99000000001"]);
-    let conn_b = raw(&s, b.db);
+    publish_plain(&t, &[later]);
+    assert!(wait_until(Duration::from_secs(30), || dlq_list(&t).len() == 3));
+    let b = save_unpublished(&t, "dlq-later", "500000000002");
+    dlq(&t, &["replay", "--message-id", "99000000001"]);
     assert!(
-        wait_until(Duration::from_secs(30), || awards(
-            &conn_b,
-            Some("completed")
-        ) == awards(&conn_b, None)
-            && awards(&conn_b, None) >= 1),
+        wait_until(Duration::from_secs(30), || t
+            .awards(b.db, Some("completed"))
+            == t.awards(b.db, None)
+            && t.awards(b.db, None) >= 1),
         "the replayed message delivered its award"
     );
-    let left = dlq_list(dir.path(), &s);
+    let left = dlq_list(&t);
     assert_eq!(left.len(), 2, "only the unprocessable two remain: {left:?}");
     server.stop();
-    let amqp = Amqp::connect(s.amqp_url.as_deref().unwrap(), &s).unwrap();
-    assert!(wait_until(Duration::from_secs(10), || amqp.is_connected()));
-    amqp.delete_queue().unwrap();
 }
 
 /// Sets RabbitMQ's memory high watermark back to what it was, whatever the test's outcome.
@@ -585,26 +477,23 @@ impl Drop for RestoreWatermark {
 }
 
 #[test]
-#[ignore = "needs RabbitMQ and rabbitmqctl; run with --ignored"]
 fn a_publisher_block_longer_than_the_lease_with_two_serves_delivers_every_award_published_once() {
     let _g = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let s = amqp_settings(dir.path());
+    let Some(t) = TestStore::amqp() else { return };
     let restore = RestoreWatermark::read();
-    let url = s.amqp_url.clone().unwrap();
     let common = [
         "--amqp-url",
-        url.as_str(),
+        t.amqp_url(),
         "--topic",
-        s.topic.as_str(),
+        t.settings.topic.as_str(),
         "--stale-after",
         "3s",
         "--scan-interval",
         "200ms",
     ];
     let logs = tempfile::tempdir().unwrap();
-    let a = crate::http::Server::start_logged(dir.path(), &common, &logs.path().join("a.log"));
-    let b = crate::http::Server::start_logged(dir.path(), &common, &logs.path().join("b.log"));
+    let a = crate::http::Server::start_logged(t.dir.path(), &common, &logs.path().join("a.log"));
+    let b = crate::http::Server::start_logged(t.dir.path(), &common, &logs.path().join("b.log"));
     for server in [&a, &b] {
         assert!(wait_until(Duration::from_secs(20), || server
             .call("GET", "/readyz", "")
@@ -614,8 +503,9 @@ fn a_publisher_block_longer_than_the_lease_with_two_serves_delivers_every_award_
     assert!(
         std::process::Command::new("rabbitmqctl")
             .args(["set_vm_memory_high_watermark", "0"])
-            .status()
+            .output()
             .unwrap()
+            .status
             .success(),
         "the memory alarm could not be raised"
     );
@@ -634,27 +524,16 @@ fn a_publisher_block_longer_than_the_lease_with_two_serves_delivers_every_award_
     // and the other process would claim and send its tasks again.
     std::thread::sleep(Duration::from_secs(9));
     assert_eq!(
-        totals(&s).1,
+        t.totals().delivered,
         0,
         "nothing can be delivered while publishers are blocked"
     );
     drop(restore);
-    assert!(
-        wait_until(Duration::from_secs(60), || all_delivered(&s, n)),
-        "every award delivered after the alarm cleared: {:?}",
-        totals(&s)
-    );
+    t.wait_done(n, Duration::from_secs(60));
     a.stop();
     b.stop();
-    for db in 1..=s.layout.db_count() {
-        let c = raw(&s, db);
-        let twice: Vec<String> = c
-            .prepare("SELECT message_id FROM delivery WHERE receipts > 1")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .map(|r| r.unwrap())
-            .collect();
+    for db in 1..=t.settings.layout.db_count() {
+        let twice = t.texts(db, "SELECT message_id FROM delivery WHERE receipts > 1");
         if !twice.is_empty() {
             for log in ["a.log", "b.log"] {
                 let text = std::fs::read_to_string(logs.path().join(log)).unwrap_or_default();
@@ -673,7 +552,4 @@ fn a_publisher_block_longer_than_the_lease_with_two_serves_delivers_every_award_
             "shard {db}: messages that reached the consumers more than once: {twice:?}"
         );
     }
-    let amqp = Amqp::connect(&url, &s).unwrap();
-    assert!(wait_until(Duration::from_secs(10), || amqp.is_connected()));
-    amqp.delete_queue().unwrap();
 }

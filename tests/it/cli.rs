@@ -68,7 +68,7 @@ fn the_same_award_twice_is_refused_as_duplicate_with_one_record_and_one_task() {
         text(&second.stderr)
     );
     let s = settings(dir.path());
-    assert_eq!(totals(&s), (1, 1, 1, 1));
+    assert_eq!(totals(&s), Totals::done(1));
     let status = run(dir.path(), &["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(v["pending"], 0);
@@ -96,7 +96,7 @@ fn load_writes_and_delivers_every_award() {
         "progress is shown"
     );
     let s = settings(dir.path());
-    assert_eq!(totals(&s), (500, 500, 500, 500));
+    assert_eq!(totals(&s), Totals::done(500));
 }
 
 #[test]
@@ -253,7 +253,7 @@ fn award_returns_on_commit_publishes_before_it_exits_and_can_wait_for_the_confir
     assert!(first.status.success(), "{}", text(&first.stderr));
     assert_eq!(
         totals(&s),
-        (1, 1, 1, 1),
+        Totals::done(1),
         "published and delivered before exit"
     );
     // --wait confirmed: exits 0 only once the task is completed.
@@ -262,7 +262,7 @@ fn award_returns_on_commit_publishes_before_it_exits_and_can_wait_for_the_confir
     args.extend(["--wait", "confirmed"]);
     let second = run(dir.path(), &args);
     assert!(second.status.success(), "{}", text(&second.stderr));
-    assert_eq!(totals(&s), (2, 2, 2, 2));
+    assert_eq!(totals(&s), Totals::done(2));
     // A broker that never answers: committed, and the wait fails with a clear line.
     args[8] = "000000000044";
     args.extend(["--wait-timeout", "1s"]);
@@ -277,7 +277,7 @@ fn award_returns_on_commit_publishes_before_it_exits_and_can_wait_for_the_confir
         "{}",
         text(&third.stderr)
     );
-    assert_eq!(totals(&s).0, 3, "the award is committed all the same");
+    assert_eq!(totals(&s).awards, 3, "the award is committed all the same");
 }
 
 #[test]

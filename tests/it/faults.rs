@@ -59,7 +59,8 @@ fn sigkill_in_the_middle_of_load_then_serve_delivers_everything_exactly_once(kin
     // Kill it once a few thousand awards are committed.
     let committed = || {
         t.ready()
-            && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.totals().0)).unwrap_or(0)
+            && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.totals().awards))
+                .unwrap_or(0)
                 > 3000
     };
     assert!(
@@ -68,8 +69,7 @@ fn sigkill_in_the_middle_of_load_then_serve_delivers_everything_exactly_once(kin
     );
     load.kill().unwrap();
     load.wait().unwrap();
-    let (awards_at_kill, ..) = t.totals();
-    assert!(awards_at_kill < 200_000, "killed mid-load");
+    assert!(t.totals().awards < 200_000, "killed mid-load");
 
     let mut serve = t
         .bin()
@@ -77,10 +77,7 @@ fn sigkill_in_the_middle_of_load_then_serve_delivers_everything_exactly_once(kin
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let done = wait_until(Duration::from_secs(90), || {
-        let (a, d, t, c) = t.totals();
-        a == d && t == c && a == t
-    });
+    let done = wait_until(Duration::from_secs(90), || t.totals().all_done());
     let status = std::process::Command::new("kill")
         .args(["-TERM", &serve.id().to_string()])
         .status()
@@ -92,17 +89,15 @@ fn sigkill_in_the_middle_of_load_then_serve_delivers_everything_exactly_once(kin
     shard_invariants(&t);
 }
 
-/// A backlog of failed tasks, committed while the transport was down.
-fn backlog(s: &big_market::config::Settings, n: usize) {
-    let (service, faulty) = start(s.clone());
-    faulty.set_down(true);
+/// A backlog of `n` failed tasks on `t`, committed while the transport was down.
+fn backlog(t: TestStore, n: usize) -> TestStore {
+    let app = t.start();
+    app.faulty().set_down(true);
     for i in 0..n {
-        service
-            .save_award(award(&format!("b{}", i % 50), &format!("7{i:011}")))
-            .unwrap();
+        app.save(&format!("b{}", i % 50), &format!("7{i:011}"));
     }
-    settle(&service);
-    service.shutdown().unwrap();
+    app.settle();
+    app.shutdown()
 }
 
 fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
@@ -115,9 +110,7 @@ fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
 }
 
 fn two_serve_processes_on_one_backlog_send_each_message_once(kind: Kind) {
-    let t = TestStore::new(kind);
-    let s = t.settings.clone();
-    backlog(&s, 3000);
+    let t = backlog(TestStore::new(kind), 3000);
     let serve = || {
         t.bin()
             .args(["--scan-interval", "50ms", "serve"])
@@ -126,10 +119,7 @@ fn two_serve_processes_on_one_backlog_send_each_message_once(kind: Kind) {
             .unwrap()
     };
     let (mut a, mut b) = (serve(), serve());
-    let done = wait_until(Duration::from_secs(60), || {
-        let (n, d, t, c) = t.totals();
-        n == 3000 && d == n && c == t
-    });
+    let done = wait_until(Duration::from_secs(60), || t.totals() == Totals::done(3000));
     let (ea, eb) = (sigterm(&mut a), sigterm(&mut b));
     assert!(done, "backlog not delivered: {:?}", t.totals());
     assert!(
@@ -156,11 +146,10 @@ fn two_serve_processes_on_one_backlog_send_each_message_once(kind: Kind) {
 
 #[test]
 fn a_malformed_task_row_ends_dead_without_stopping_the_rest_and_requeue_brings_it_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = settings(dir.path());
-    backlog(&s, 20);
+    let t = backlog(TestStore::new(Kind::Sqlite), 20);
+    let (dir, s) = (&t.dir, &t.settings);
     // A row no consumer can handle, written behind the store's back.
-    raw(&s, 1)
+    raw(s, 1)
         .execute_batch(
             "UPDATE shard_meta SET next_seq = next_seq + 1;
              INSERT INTO task (user_id, topic, message_id, message, state, seq, attempts, next_attempt_at, create_time, update_time)
@@ -172,15 +161,16 @@ fn a_malformed_task_row_ends_dead_without_stopping_the_rest_and_requeue_brings_i
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let c = raw(&s, 1);
+    let c = raw(s, 1);
     let dead = wait_until(Duration::from_secs(30), || {
-        count(&c, "SELECT COUNT(*) FROM task WHERE state = 'dead'") == 1 && totals(&s).1 == 20
+        count(&c, "SELECT COUNT(*) FROM task WHERE state = 'dead'") == 1
+            && t.totals().delivered == 20
     });
     assert!(sigterm(&mut serve).success());
     assert!(
         dead,
         "the malformed task did not end dead, or the others were not delivered: {:?}",
-        totals(&s)
+        t.totals()
     );
     assert_eq!(
         count(
@@ -225,21 +215,18 @@ fn a_malformed_task_row_ends_dead_without_stopping_the_rest_and_requeue_brings_i
 
 #[test]
 fn purge_deletes_only_completed_tasks_past_their_age() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = settings(dir.path());
-    let (service, _) = start(s.clone());
+    let app = TestApp::spawn(Kind::Sqlite);
     for i in 0..10 {
-        service
-            .save_award(award("p", &format!("6{i:011}")))
-            .unwrap();
+        app.save("p", &format!("6{i:011}"));
     }
-    service.shutdown().unwrap();
+    let t = app.shutdown();
+    let (dir, s) = (&t.dir, &t.settings);
     let keep = bin(dir.path())
         .args(["tasks", "purge", "--older-than", "1h"])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&keep.stdout).contains("purged 0"));
-    raw(&s, route_db("p"))
+    raw(s, route_db("p"))
         .execute_batch("UPDATE task SET update_time = update_time - 7200000 WHERE seq <= 4")
         .unwrap();
     let out = bin(dir.path())
@@ -252,7 +239,7 @@ fn purge_deletes_only_completed_tasks_past_their_age() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert_eq!(
-        count(&raw(&s, route_db("p")), "SELECT COUNT(*) FROM task"),
+        count(&raw(s, route_db("p")), "SELECT COUNT(*) FROM task"),
         6
     );
 }
@@ -293,15 +280,11 @@ fn a_data_dir_of_another_layout_is_refused_by_every_command_and_left_untouched()
 }
 
 fn audit_passes_a_clean_data_dir_and_catches_a_lost_delivery_and_a_half_written_award(kind: Kind) {
-    let t = TestStore::new(kind);
-    let s = t.settings.clone();
-    let (service, _) = start(s.clone());
+    let app = TestApp::spawn(kind);
     for i in 0..30 {
-        service
-            .save_award(award(&format!("a{i}"), &format!("5{i:011}")))
-            .unwrap();
+        app.save(&format!("a{i}"), &format!("5{i:011}"));
     }
-    service.shutdown().unwrap();
+    let t = app.shutdown();
     let clean = t.bin().args(["audit"]).output().unwrap();
     assert!(
         clean.status.success(),
@@ -332,13 +315,9 @@ fn audit_passes_a_clean_data_dir_and_catches_a_lost_delivery_and_a_half_written_
     );
 
     // An award with no task and no delivery breaks atomicity, whatever its age.
-    let t2 = TestStore::new(kind);
-    let s2 = t2.settings.clone();
-    let (service, _) = start(s2.clone());
-    service
-        .save_award(award("xiaofuge", "500000000001"))
-        .unwrap();
-    service.shutdown().unwrap();
+    let app = TestApp::spawn(kind);
+    app.save("xiaofuge", "500000000001");
+    let t2 = app.shutdown();
     t2.exec(1, match kind {
         Kind::Sqlite => "INSERT INTO user_award_record_001 (user_id, activity_id, strategy_id, order_id, award_id, award_title, award_time, create_time, update_time) VALUES ('xiaofuge', 1, 1, 'orphan', 1, 't', 0, 0, 0)",
         Kind::Mariadb => "INSERT INTO user_award_record_001 (user_id, activity_id, strategy_id, order_id, award_id, award_title, award_time, create_time, update_time) VALUES ('xiaofuge', 1, 1, 'orphan', 1, 't', now(), now(), now())",
@@ -387,25 +366,22 @@ fn verify_kills_the_pipeline_at_every_boundary_and_finds_nothing_lost() {
 
 #[test]
 fn a_full_shard_refuses_writes_in_one_line_keeps_nothing_half_written_and_recovers() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = settings(dir.path());
     // Completed tasks to free later, on the shard of one user.
-    let (service, _) = start(s.clone());
+    let app = TestApp::spawn(Kind::Sqlite);
     let user = "fills-the-disk";
-    let db = big_market::router::route(user, s.layout).db;
+    let db = big_market::router::route(user, app.settings.layout).db;
     for i in 0..300 {
-        service
-            .save_award(award(user, &format!("1{i:011}")))
-            .unwrap();
+        app.save(user, &format!("1{i:011}"));
     }
-    settle(&service);
-    service.shutdown().unwrap();
-    let pages = count(&raw(&s, db), "PRAGMA page_count");
+    app.settle();
+    let mut t = app.shutdown();
+    let pages = count(&raw(&t.settings, db), "PRAGMA page_count");
 
     // The same shard, capped a little above its size, with the transport held so that only
     // saves write.
-    s.max_shard_pages = Some(pages as u64 + 8);
-    let (service, faulty) = start(s.clone());
+    t.settings.max_shard_pages = Some(pages as u64 + 8);
+    let app = t.start();
+    let (service, faulty) = (app.service(), app.faulty());
     faulty.hold(true);
     let mut saved = 0;
     let err = (0..100_000)
@@ -422,7 +398,7 @@ fn a_full_shard_refuses_writes_in_one_line_keeps_nothing_half_written_and_recove
     let msg = err.to_string();
     assert!(msg.contains("full") && msg.contains("nothing"), "{msg}");
     assert!(!msg.contains('\n'), "one line: {msg}");
-    let c = raw(&s, db);
+    let c = raw(&app.settings, db);
     assert_eq!(
         awards(&c, None),
         count(&c, "SELECT COUNT(*) FROM task"),
@@ -447,8 +423,8 @@ fn a_full_shard_refuses_writes_in_one_line_keeps_nothing_half_written_and_recove
         .save_award(award(user, "400000000001"))
         .expect("a write succeeds once space is freed");
     faulty.hold(false);
-    settle(&service);
-    service.shutdown().unwrap();
+    app.settle();
+    app.shutdown();
     assert_eq!(awards(&c, None), 301 + saved);
     assert_eq!(awards(&c, Some("completed")), 301 + saved, "all delivered");
 }

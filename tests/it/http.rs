@@ -291,7 +291,7 @@ fn the_http_api_creates_refuses_duplicates_and_bad_input_lists_and_reports() {
             "{body}"
         );
     }
-    assert_eq!(totals(&s).0, 1, "bad input wrote nothing");
+    assert_eq!(totals(&s).awards, 1, "bad input wrote nothing");
 
     server.call(
         "POST",
@@ -363,12 +363,12 @@ fn the_http_api_creates_refuses_duplicates_and_bad_input_lists_and_reports() {
     assert_eq!(server.call("GET", "/nope", "").0, 404);
     assert_eq!(server.call("DELETE", "/api/v1/awards", "").0, 405);
     assert!(
-        wait_until(Duration::from_secs(10), || totals(&s) == (3, 3, 3, 3)),
+        wait_until(Duration::from_secs(10), || totals(&s) == Totals::done(3)),
         "{:?}",
         totals(&s)
     );
     server.stop();
-    assert_eq!(totals(&s), (3, 3, 3, 3));
+    assert_eq!(totals(&s), Totals::done(3));
 }
 
 #[test]
@@ -500,7 +500,7 @@ fn smuggled_and_malformed_requests_get_4xx_and_write_nothing() {
             "{what}: got {r:?}"
         );
     }
-    assert_eq!(totals(&s).0, 0, "nothing was written");
+    assert_eq!(totals(&s).awards, 0, "nothing was written");
     // The same body, framed plainly, is taken.
     let ok = send_raw(
         server.addr,
@@ -509,7 +509,7 @@ fn smuggled_and_malformed_requests_get_4xx_and_write_nothing() {
     .unwrap();
     assert_eq!(ok.status, 201, "{}", ok.body);
     server.stop();
-    assert_eq!(totals(&s).0, 1);
+    assert_eq!(totals(&s).awards, 1);
 }
 
 #[test]
@@ -526,7 +526,7 @@ fn one_keep_alive_connection_carries_100_requests_and_100_continue_is_answered()
             .unwrap_or_else(|| panic!("request {i}: the connection was closed"));
         assert_eq!(r.status, 201, "request {i}: {}", r.body);
     }
-    assert_eq!(totals(&s).0, 100);
+    assert_eq!(totals(&s).awards, 100);
 
     // Expect: 100-continue: the server says go before the client sends the body.
     let body = award("keepalive", "500000000001").to_string();
@@ -538,7 +538,7 @@ fn one_keep_alive_connection_carries_100_requests_and_100_continue_is_answered()
     let r = read_response(&mut conn).unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
     server.stop();
-    assert_eq!(totals(&s).0, 101);
+    assert_eq!(totals(&s).awards, 101);
 }
 
 #[test]
@@ -557,7 +557,7 @@ fn the_token_guards_the_api_and_an_exposed_address_needs_one() {
         let (status, _) = server.call_as(token, "GET", "/api/v1/awards?userId=xiaofuge", "");
         assert_eq!(status, 401, "{token:?}");
     }
-    assert_eq!(totals(&s).0, 0, "refused calls wrote nothing");
+    assert_eq!(totals(&s).awards, 0, "refused calls wrote nothing");
     for open in ["/healthz", "/readyz", "/metrics"] {
         assert_eq!(server.call_as(None, "GET", open, "").0, 200, "{open}");
     }
@@ -578,7 +578,7 @@ fn the_token_guards_the_api_and_an_exposed_address_needs_one() {
         .unwrap();
     assert_eq!(read_response(&mut conn).unwrap().status, 201);
     server.stop();
-    assert_eq!(totals(&s).0, 2);
+    assert_eq!(totals(&s).awards, 2);
 
     // Every interface, no token: refused at start, nothing opened.
     let other = tempfile::tempdir().unwrap();
@@ -697,7 +697,11 @@ fn slow_and_idle_clients_do_not_lock_out_health_checks_or_shutdown() {
         assert!(reply.as_ref().is_none_or(|r| r.status >= 400), "{reply:?}");
     }
     drop(idle);
-    assert_eq!(totals(&s).0, 0, "no slow body got through half-written");
+    assert_eq!(
+        totals(&s).awards,
+        0,
+        "no slow body got through half-written"
+    );
 }
 
 #[test]

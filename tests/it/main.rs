@@ -8,3 +8,4 @@ mod mariadb;
 mod pipeline;
 mod relay;
 mod support;
+mod tidy;

@@ -11,9 +11,8 @@ use big_market::Error;
 use crate::support::*;
 
 fn a_saved_award_is_committed_published_and_delivered(kind: Kind) {
-    let t = TestStore::new(kind);
-    let s = t.settings.clone();
-    let (service, faulty) = start(s.clone());
+    let app = TestApp::spawn(kind);
+    let (service, faulty) = (app.service(), app.faulty());
     let saved = service
         .save_award(award("xiaofuge", "100000000001"))
         .unwrap();
@@ -26,7 +25,7 @@ fn a_saved_award_is_committed_published_and_delivered(kind: Kind) {
     assert_eq!(saved.db, 1, "xiaofuge routes to big_market_01");
     assert_eq!(saved.message_id.as_str(), "01000000001");
     assert_eq!(faulty.forwarded(), 1);
-    service.shutdown().unwrap();
+    let t = app.shutdown();
 
     let c = 1;
     assert_eq!(t.count(c, "SELECT COUNT(*) FROM user_award_record_001 WHERE order_id = '100000000001' AND award_state = 'completed'"), 1);
@@ -51,9 +50,8 @@ fn a_saved_award_is_committed_published_and_delivered(kind: Kind) {
 }
 
 fn a_repeated_order_id_is_refused_and_writes_nothing(kind: Kind) {
-    let t = TestStore::new(kind);
-    let s = t.settings.clone();
-    let (service, faulty) = start(s.clone());
+    let app = TestApp::spawn(kind);
+    let (service, faulty) = (app.service(), app.faulty());
     service
         .save_award(award("xiaofuge", "200000000001"))
         .unwrap();
@@ -65,24 +63,22 @@ fn a_repeated_order_id_is_refused_and_writes_nothing(kind: Kind) {
         "{err}"
     );
     assert!(err.to_string().contains("duplicate"));
-    settle(&service);
+    app.settle();
     assert_eq!(faulty.forwarded(), 1, "no second message");
     // The failed attempt left no hole in the sequence: the next task is seq 2.
     let next = service
         .save_award(award("xiaofuge", "200000000002"))
         .unwrap();
     assert_eq!(next.seq, 2);
-    service.shutdown().unwrap();
-    assert_eq!(t.totals(), (2, 2, 2, 2));
+    assert_eq!(app.shutdown().totals(), Totals::done(2));
 }
 
 fn a_failure_between_the_two_inserts_leaves_neither(kind: Kind) {
-    let t = TestStore::new(kind);
-    let s = t.settings.clone();
-    let (service, _) = start(s.clone());
+    let app = TestApp::spawn(kind);
+    let service = app.service();
     // Inject a failure into the task insert, after the award insert of the same transaction.
     let c = 1;
-    t.exec(c, match kind {
+    app.exec(c, match kind {
         Kind::Sqlite => "CREATE TRIGGER inject_fault BEFORE INSERT ON task BEGIN SELECT RAISE(ABORT, 'injected fault'); END;",
         Kind::Mariadb => "CREATE TRIGGER inject_fault BEFORE INSERT ON task FOR EACH ROW SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected fault'",
     });
@@ -92,36 +88,34 @@ fn a_failure_between_the_two_inserts_leaves_neither(kind: Kind) {
     assert!(matches!(err, Error::Storage { .. }), "{err}");
     assert!(err.to_string().contains("injected fault"), "{err}");
     assert_eq!(
-        t.awards(c, None),
+        app.awards(c, None),
         0,
         "the award insert was rolled back with the task insert"
     );
-    assert_eq!(t.count(c, "SELECT COUNT(*) FROM task"), 0);
-    t.exec(c, "DROP TRIGGER inject_fault");
+    assert_eq!(app.count(c, "SELECT COUNT(*) FROM task"), 0);
+    app.exec(c, "DROP TRIGGER inject_fault");
     // No trace: the same order id is accepted now, with sequence 1.
     let saved = service
         .save_award(award("xiaofuge", "300000000001"))
         .unwrap();
     assert_eq!(saved.seq, 1);
-    service.shutdown().unwrap();
-    assert_eq!(t.totals(), (1, 1, 1, 1));
+    assert_eq!(app.shutdown().totals(), Totals::done(1));
 }
 
 fn a_failed_publish_leaves_a_failed_task_that_the_scanner_delivers(kind: Kind) {
-    let t = TestStore::new(kind);
-    let s = t.settings.clone();
-    let (service, faulty) = start(s.clone());
+    let app = TestApp::spawn(kind);
+    let (service, faulty) = (app.service(), app.faulty());
     faulty.set_down(true);
     for i in 0..20 {
         service
             .save_award(award(&format!("u{i}"), &format!("4000000000{i:02}")))
             .unwrap();
     }
-    settle(&service);
-    assert_eq!(t.totals(), (20, 0, 20, 0));
+    app.settle();
+    assert_eq!(app.totals(), Totals::saved(20));
     let failed: i64 = (1..=2)
         .map(|db| {
-            t.count(
+            app.count(
                 db,
                 "SELECT COUNT(*) FROM task WHERE state = 'fail' AND attempts = 0",
             )
@@ -137,24 +131,23 @@ fn a_failed_publish_leaves_a_failed_task_that_the_scanner_delivers(kind: Kind) {
         service.scan_once().unwrap().idle(),
         "completed tasks are never claimed again"
     );
-    service.shutdown().unwrap();
-    assert_eq!(t.totals(), (20, 20, 20, 20));
+    assert_eq!(app.shutdown().totals(), Totals::done(20));
 }
 
 fn caller_runs_engages_when_the_pool_is_full_and_nothing_is_dropped(kind: Kind) {
-    let t = TestStore::new(kind);
-    let mut s = t.settings.clone();
-    s.pool_threads = 1;
-    s.pool_queue = 1;
-    s.publish_chunk = 1;
-    let (service, faulty) = start(s.clone());
+    let mut t = TestStore::new(kind);
+    t.settings.pool_threads = 1;
+    t.settings.pool_queue = 1;
+    t.settings.publish_chunk = 1;
+    let app = t.start();
+    let (service, faulty) = (app.service(), app.faulty());
     faulty.set_down(true);
     for i in 0..200 {
         service
             .save_award(award(&format!("cr{i}"), &format!("5{i:011}")))
             .unwrap();
     }
-    settle(&service);
+    app.settle();
     faulty.set_down(false);
     let report = service.scan_once().unwrap();
     assert_eq!(report.claimed, 200);
@@ -163,18 +156,17 @@ fn caller_runs_engages_when_the_pool_is_full_and_nothing_is_dropped(kind: Kind) 
         report.ran_on_caller > 0,
         "200 one-task jobs on a 1-thread, 1-slot pool must overflow: {report:?}"
     );
-    service.shutdown().unwrap();
-    assert_eq!(t.totals(), (200, 200, 200, 200));
+    assert_eq!(app.shutdown().totals(), Totals::done(200));
 }
 
 fn a_refused_message_ends_dead_after_the_attempt_limit_and_requeue_brings_it_back(kind: Kind) {
-    let t = TestStore::new(kind);
-    let mut s = t.settings.clone();
-    s.retry.max_attempts = 3;
+    let mut t = TestStore::new(kind);
+    t.settings.retry.max_attempts = 3;
     // No backoff delay: a refused task is due again on the next pass.
-    s.retry.base = std::time::Duration::ZERO;
-    s.retry.cap = std::time::Duration::ZERO;
-    let (service, faulty) = start(s.clone());
+    t.settings.retry.base = std::time::Duration::ZERO;
+    t.settings.retry.cap = std::time::Duration::ZERO;
+    let app = t.start();
+    let (service, faulty) = (app.service(), app.faulty());
     faulty.refuse_containing(Some("poison-user"));
     service
         .save_award(award("poison-user", "600000000001"))
@@ -207,7 +199,7 @@ fn a_refused_message_ends_dead_after_the_attempt_limit_and_requeue_brings_it_bac
     let db = route("poison-user", Layout::default()).db;
     let c = db;
     assert_eq!(
-        t.count(
+        app.count(
             c,
             "SELECT COUNT(*) FROM task WHERE state = 'dead' AND attempts = 3"
         ),
@@ -225,19 +217,17 @@ fn a_refused_message_ends_dead_after_the_attempt_limit_and_requeue_brings_it_bac
         .unwrap();
     assert_eq!(n, 1);
     assert_eq!(service.scan_once().unwrap().relayed.completed, 1);
-    service.shutdown().unwrap();
-    assert_eq!(t.totals(), (2, 2, 2, 2));
+    assert_eq!(app.shutdown().totals(), Totals::done(2));
 }
 
 fn a_redelivered_message_changes_nothing_and_concurrent_duplicates_deliver_once(kind: Kind) {
-    let t = TestStore::new(kind);
-    let s = t.settings.clone();
-    let (service, faulty) = start(s.clone());
+    let app = TestApp::spawn(kind);
+    let (service, faulty) = (app.service(), app.faulty());
     faulty.set_down(true); // committed, not yet delivered
     service
         .save_award(award("xiaofuge", "700000000001"))
         .unwrap();
-    let body = t.text(1, "SELECT message FROM task");
+    let body = app.text(1, "SELECT message FROM task");
     let store = service.store().clone();
     // Eight threads deliver the same message at once: exactly one first delivery.
     let handles: Vec<_> = (0..8)
@@ -258,20 +248,19 @@ fn a_redelivered_message_changes_nothing_and_concurrent_duplicates_deliver_once(
     );
     let c = 1;
     assert_eq!(
-        t.count(
+        app.count(
             c,
             "SELECT receipts FROM delivery WHERE message_id = '01000000001'"
         ),
         8
     );
-    assert_eq!(t.awards(c, Some("completed")), 1);
-    service.shutdown().unwrap();
+    assert_eq!(app.awards(c, Some("completed")), 1);
+    app.shutdown();
 }
 
 fn a_poison_message_is_rejected_and_the_consumer_goes_on(kind: Kind) {
     let t = TestStore::new(kind);
-    let s = t.settings.clone();
-    let store = Arc::new(Store::open(&s, true).unwrap());
+    let store = Arc::new(Store::open(&t.settings, true).unwrap());
     let consumer = big_market::consumer::AwardConsumer::new(store.clone(), Default::default());
     assert!(matches!(consumer.handle(b"{not json"), Handled::Reject(_)));
     let unknown = r#"{"data":{"awardId":1,"awardTitle":"t","orderId":"1","userId":"nobody"},"id":"01000000009","seq":9,"shard":1,"timestamp":0}"#;
@@ -326,29 +315,29 @@ fn a_shard_file_that_is_not_sqlite_is_refused_with_a_clear_error() {
 }
 
 fn with_a_retention_the_scanner_purges_old_completed_tasks_only(kind: Kind) {
-    let t = TestStore::new(kind);
-    let mut s = t.settings.clone();
-    s.retention = Some(std::time::Duration::from_secs(3600));
-    let (service, faulty) = start(s.clone());
+    let mut t = TestStore::new(kind);
+    t.settings.retention = Some(std::time::Duration::from_secs(3600));
+    let app = t.start();
+    let (service, faulty) = (app.service(), app.faulty());
     for i in 0..6 {
         service
             .save_award(award("keeper", &format!("41{i:010}")))
             .unwrap();
     }
-    settle(&service);
+    app.settle();
     faulty.set_down(true);
     service.save_award(award("keeper", "420000000000")).unwrap(); // failed, not completed
-    settle(&service);
+    app.settle();
     faulty.set_down(false);
     let db = route("keeper", Layout::default()).db;
     let c = db;
-    assert!(t.count(c, "SELECT COUNT(*) FROM task WHERE state = 'completed'") >= 1);
+    assert!(app.count(c, "SELECT COUNT(*) FROM task WHERE state = 'completed'") >= 1);
     // Age every task past the retention; only completed ones may go.
     assert!(big_market::util::wait_until(
         std::time::Duration::from_secs(5),
-        || t.count(c, "SELECT COUNT(*) FROM task WHERE state = 'completed'") == 6
+        || app.count(c, "SELECT COUNT(*) FROM task WHERE state = 'completed'") == 6
     ));
-    t.exec(
+    app.exec(
         c,
         match kind {
             Kind::Sqlite => "UPDATE task SET update_time = update_time - 7200000",
@@ -361,13 +350,12 @@ fn with_a_retention_the_scanner_purges_old_completed_tasks_only(kind: Kind) {
         report.relayed.completed, 1,
         "the failed task was resent, not purged"
     );
-    service.shutdown().unwrap();
+    app.shutdown();
 }
 
 fn save_awards_commits_a_batch_across_shards_and_a_duplicate_fails_alone(kind: Kind) {
-    let t = TestStore::new(kind);
-    let s = t.settings.clone();
-    let (service, _) = start(s.clone());
+    let app = TestApp::spawn(kind);
+    let service = app.service();
     service
         .save_award(award("user001", "300000000000"))
         .unwrap();
@@ -388,8 +376,7 @@ fn save_awards_commits_a_batch_across_shards_and_a_duplicate_fails_alone(kind: K
         })
         .collect();
     assert_eq!(shape, ["saved", "duplicate", "saved", "duplicate", "saved"]);
-    service.shutdown().unwrap();
-    assert_eq!(t.totals(), (4, 4, 4, 4));
+    assert_eq!(app.shutdown().totals(), Totals::done(4));
 }
 
 crate::on_both_backends!(

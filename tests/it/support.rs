@@ -1,19 +1,204 @@
-//! Shared helpers: settings on a temporary directory, award builders, raw SQLite inspection.
+//! Shared helpers: the servers the server suites run against, a test's shards (`TestStore`), a
+//! service running on them (`TestApp`), named totals, award builders, raw SQLite inspection.
+//!
+//! The MySQL suites run when `BIG_MARKET_TEST_MYSQL` names a MariaDB/MySQL server, the RabbitMQ
+//! suites when `BIG_MARKET_TEST_AMQP` names a broker; when a variable is set and its server is
+//! unreachable they fail. Unset, each of their tests prints one line naming the variable and
+//! returns.
 
+use std::collections::HashMap;
+use std::ops::Deref;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use big_market::config::Settings;
-use big_market::model::{AwardRecord, NewAward};
+use big_market::model::AwardRecord;
+use big_market::outbox::Saved;
 use big_market::service::{Parts, Service};
+use big_market::transport::amqp::Amqp;
 use big_market::transport::fault::Faulty;
 use big_market::transport::memory::InProcess;
 use big_market::transport::Transport;
+use big_market::util::{wait_until, Rng};
 use rusqlite::Connection;
+
+/// Names the MariaDB/MySQL server the MySQL suites run against, e.g.
+/// `mysql://root@127.0.0.1:3306/big_market_ci`.
+pub const MYSQL_VAR: &str = "BIG_MARKET_TEST_MYSQL";
+/// Names the RabbitMQ broker the broker suites run against, e.g.
+/// `amqp://guest:guest@127.0.0.1:5672/%2f`.
+pub const AMQP_VAR: &str = "BIG_MARKET_TEST_AMQP";
 
 pub fn init_logs() {
     let _ = env_logger::builder().is_test(true).try_init();
+}
+
+/// The value of `var` when it names a server; otherwise one line saying what would run the test.
+fn named(var: &str, example: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => Some(v.trim().to_string()),
+        _ => {
+            eprintln!("not run: set {var} (e.g. {var}={example}) to run this test");
+            None
+        }
+    }
+}
+
+/// The MariaDB/MySQL server named by `BIG_MARKET_TEST_MYSQL`, checked once.
+pub struct MysqlServer {
+    /// The server without a database, credentials included: `mysql://root@127.0.0.1:3306`.
+    pub url: String,
+    /// The same without the password, as big-market shows it.
+    pub shown: String,
+    /// `host:port`.
+    pub addr: String,
+    /// What the test databases' names start with: the URL's database, else `bmt`.
+    pub base: String,
+}
+
+impl MysqlServer {
+    fn parse(given: &str) -> Result<MysqlServer, String> {
+        let mut url = url::Url::parse(given).map_err(|e| {
+            format!("{MYSQL_VAR} is not a URL ({e}): use mysql://root@127.0.0.1:3306/big_market_ci")
+        })?;
+        if url.scheme() != "mysql" || url.host_str().is_none() {
+            return Err(format!(
+                "{MYSQL_VAR} is not a mysql:// URL: use mysql://root@127.0.0.1:3306/big_market_ci"
+            ));
+        }
+        let base = match url.path().trim_matches('/') {
+            "" => "bmt".to_string(),
+            name => name.to_string(),
+        };
+        url.set_path("");
+        url.set_query(None);
+        let addr = format!(
+            "{}:{}",
+            url.host_str().unwrap_or_default(),
+            url.port().unwrap_or(3306)
+        );
+        let full = url.as_str().trim_end_matches('/').to_string();
+        let _ = url.set_password(None);
+        let shown = url.as_str().trim_end_matches('/').to_string();
+        Ok(MysqlServer {
+            url: full,
+            shown,
+            addr,
+            base,
+        })
+    }
+
+    /// Connection options for database `db` (none: the server), with a bounded connect.
+    pub fn opts(&self, db: Option<&str>) -> mysql::Opts {
+        let url = match db {
+            Some(db) => format!("{}/{db}", self.url),
+            None => self.url.clone(),
+        };
+        mysql::OptsBuilder::from_opts(mysql::Opts::from_url(&url).expect("a checked URL"))
+            .tcp_connect_timeout(Some(Duration::from_secs(5)))
+            .into()
+    }
+
+    /// A connection to the server, as the URL's user (root on development and CI machines).
+    pub fn conn(&self) -> mysql::Conn {
+        mysql::Conn::new(self.opts(None)).unwrap_or_else(|e| {
+            panic!(
+                "{MYSQL_VAR} names {} and it does not answer: {e}",
+                self.shown
+            )
+        })
+    }
+}
+
+/// Parse and reach the server `given` names: the server, or why it cannot be used and what to do.
+fn check_mysql(given: &str) -> Result<MysqlServer, String> {
+    use mysql::prelude::Queryable;
+    let server = MysqlServer::parse(given)?;
+    mysql::Conn::new(server.opts(None))
+        .and_then(|mut c| c.query_drop("SELECT 1"))
+        .map_err(|e| {
+            format!(
+                "{MYSQL_VAR} names {}, which does not answer: {e}. Start it (`service mariadb start`), or unset {MYSQL_VAR} to leave the MySQL suites out",
+                server.shown
+            )
+        })?;
+    Ok(server)
+}
+
+/// Reach the broker `given` names: its URL, or why it cannot be used and what to do.
+fn check_amqp(given: &str) -> Result<String, String> {
+    let mut s = Settings::new(std::path::PathBuf::from("unused"));
+    s.amqp_url = Some(given.to_string());
+    Amqp::connect_once(&s).map_err(|e| {
+        format!(
+            "{AMQP_VAR} names a broker that does not answer: {e}. Start it (`rabbitmq-server -detached`), or unset {AMQP_VAR} to leave the RabbitMQ suites out"
+        )
+    })?;
+    Ok(given.to_string())
+}
+
+/// The server of the MySQL suites, or `None` (after one line saying so) when
+/// `BIG_MARKET_TEST_MYSQL` is unset. Panics when it is set and the server does not answer.
+pub fn mysql_server() -> Option<&'static MysqlServer> {
+    static SERVER: OnceLock<Option<Result<MysqlServer, String>>> = OnceLock::new();
+    let checked = SERVER.get_or_init(|| {
+        let given = std::env::var(MYSQL_VAR)
+            .ok()
+            .filter(|v| !v.trim().is_empty())?;
+        Some(check_mysql(given.trim()))
+    });
+    match checked {
+        None => {
+            named(MYSQL_VAR, "mysql://root@127.0.0.1:3306/big_market_ci");
+            None
+        }
+        Some(Ok(server)) => Some(server),
+        Some(Err(why)) => panic!("{why}"),
+    }
+}
+
+/// The broker of the RabbitMQ suites, or `None` (after one line saying so) when
+/// `BIG_MARKET_TEST_AMQP` is unset. Panics when it is set and the broker does not answer.
+pub fn amqp_url() -> Option<&'static str> {
+    static BROKER: OnceLock<Option<Result<String, String>>> = OnceLock::new();
+    let checked = BROKER.get_or_init(|| {
+        let given = std::env::var(AMQP_VAR)
+            .ok()
+            .filter(|v| !v.trim().is_empty())?;
+        Some(check_amqp(given.trim()))
+    });
+    match checked {
+        None => {
+            named(AMQP_VAR, "amqp://guest:guest@127.0.0.1:5672/%2f");
+            None
+        }
+        Some(Ok(url)) => Some(url.as_str()),
+        Some(Err(why)) => panic!("{why}"),
+    }
+}
+
+#[test]
+fn a_named_server_that_does_not_answer_fails_the_suite_with_what_to_do() {
+    // Nothing listens on port 9 of the loopback.
+    let why = check_mysql("mysql://root:hunter2@127.0.0.1:9/big_market_ci")
+        .err()
+        .expect("an unreachable MySQL server is an error");
+    assert!(
+        why.contains("BIG_MARKET_TEST_MYSQL names mysql://root@127.0.0.1:9, which does not answer")
+            && why.contains("unset BIG_MARKET_TEST_MYSQL"),
+        "{why}"
+    );
+    assert!(!why.contains("hunter2"), "{why}");
+    let why = check_mysql("postgres://127.0.0.1/x").err().unwrap();
+    assert!(why.contains("not a mysql:// URL"), "{why}");
+    let why = check_amqp("amqp://guest:guest@127.0.0.1:9/%2f")
+        .expect_err("an unreachable broker is an error");
+    assert!(
+        why.contains("BIG_MARKET_TEST_AMQP names a broker that does not answer")
+            && why.contains("unset BIG_MARKET_TEST_AMQP"),
+        "{why}"
+    );
 }
 
 /// Settings for a test: a temporary data dir, short leases, a small relay pool.
@@ -25,36 +210,21 @@ pub fn settings(dir: &Path) -> Settings {
     s
 }
 
+/// The seed's award for `user` with `order`, at a fixed time.
 pub fn award(user: &str, order: &str) -> AwardRecord {
-    AwardRecord::new(NewAward {
-        user_id: user,
-        activity_id: 100301,
-        strategy_id: 100006,
-        order_id: order,
-        award_id: 101,
-        award_title: "OpenAI 增加使用次数",
-        award_time_ms: 1_712_377_010_878,
-    })
-    .unwrap()
+    AwardRecord::sample(user, order, 1_712_377_010_878).unwrap()
 }
 
-/// A service on the in-process transport behind a fault injector; consumer on, scanner loop off.
-pub fn start(settings: Settings) -> (Service, Arc<Faulty>) {
-    let faulty = Arc::new(Faulty::new(Arc::new(InProcess::new(Duration::from_secs(
-        10,
-    )))));
-    let transport: Arc<dyn Transport> = faulty.clone();
-    let service = Service::start(
-        settings,
-        transport,
-        Parts {
-            consumer: true,
-            scanner_loop: false,
-        },
-    )
-    .unwrap();
-    (service, faulty)
-}
+/// Consumer on, scanner loop off: tests drive `scan_once` themselves.
+pub const CONSUMER: Parts = Parts {
+    consumer: true,
+    scanner_loop: false,
+};
+/// Neither consumer nor scanner loop: published messages stay in the queue.
+pub const PUBLISH_ONLY: Parts = Parts {
+    consumer: false,
+    scanner_loop: false,
+};
 
 /// Wait (bounded) until the relays have published what was committed and their writes landed.
 pub fn settle(service: &Service) {
@@ -75,30 +245,79 @@ pub fn count(conn: &Connection, sql: &str) -> i64 {
 
 /// Award rows over every split table of a shard, optionally in one state.
 pub fn awards(conn: &Connection, state: Option<&str>) -> i64 {
-    (0..4)
-        .map(|t| {
-            let filter = state
-                .map(|s| format!(" WHERE award_state = '{s}'"))
-                .unwrap_or_default();
-            count(
-                conn,
-                &format!("SELECT COUNT(*) FROM user_award_record_{t:03}{filter}"),
-            )
-        })
-        .sum()
+    (0..4).map(|t| count(conn, &award_count(t, state))).sum()
 }
 
-/// Totals over both shards: (awards, awards delivered, tasks, tasks completed).
-pub fn totals(settings: &Settings) -> (i64, i64, i64, i64) {
-    let mut t = (0, 0, 0, 0);
-    for db in 1..=settings.layout.db_count() {
-        let c = raw(settings, db);
-        t.0 += awards(&c, None);
-        t.1 += awards(&c, Some("completed"));
-        t.2 += count(&c, "SELECT COUNT(*) FROM task");
-        t.3 += count(&c, "SELECT COUNT(*) FROM task WHERE state = 'completed'");
+fn award_count(table: u32, state: Option<&str>) -> String {
+    let filter = state
+        .map(|s| format!(" WHERE award_state = '{s}'"))
+        .unwrap_or_default();
+    format!("SELECT COUNT(*) FROM user_award_record_{table:03}{filter}")
+}
+
+/// What the shards hold, summed over every shard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Award records.
+    pub awards: i64,
+    /// Award records delivered (`award_state = 'completed'`).
+    pub delivered: i64,
+    /// Outbox tasks.
+    pub tasks: i64,
+    /// Tasks the transport confirmed (`state = 'completed'`).
+    pub completed: i64,
+    /// Rows of the delivery log: messages delivered, each counted once however often it came.
+    pub deliveries: i64,
+}
+
+impl Totals {
+    /// `n` awards committed with their tasks; nothing confirmed or delivered yet.
+    pub fn saved(n: i64) -> Totals {
+        Totals {
+            awards: n,
+            tasks: n,
+            ..Totals::default()
+        }
     }
-    t
+
+    /// `n` awards committed, their tasks confirmed, each delivered once.
+    pub fn done(n: i64) -> Totals {
+        Totals {
+            awards: n,
+            delivered: n,
+            tasks: n,
+            completed: n,
+            deliveries: n,
+        }
+    }
+
+    /// Everything committed is confirmed and delivered once, however much that is.
+    pub fn all_done(&self) -> bool {
+        *self == Totals::done(self.awards)
+    }
+
+    fn over(db_count: u32, count: impl Fn(u32, &str) -> i64, tb_count: u32) -> Totals {
+        let mut t = Totals::default();
+        for db in 1..=db_count {
+            for tb in 0..tb_count {
+                t.awards += count(db, &award_count(tb, None));
+                t.delivered += count(db, &award_count(tb, Some("completed")));
+            }
+            t.tasks += count(db, "SELECT COUNT(*) FROM task");
+            t.completed += count(db, "SELECT COUNT(*) FROM task WHERE state = 'completed'");
+            t.deliveries += count(db, "SELECT COUNT(*) FROM delivery");
+        }
+        t
+    }
+}
+
+/// Totals over the SQLite shards of a data directory.
+pub fn totals(settings: &Settings) -> Totals {
+    Totals::over(
+        settings.layout.db_count(),
+        |db, sql| count(&raw(settings, db), sql),
+        settings.layout.tb_count(),
+    )
 }
 
 /// A transport that records every publish per message id, and how many publishes of the same
@@ -172,19 +391,18 @@ impl Transport for Recording {
     }
 }
 
-/// The MariaDB server of every development and CI machine (root, no password).
-pub const MARIADB: &str = "mysql://root@127.0.0.1:3306";
-
 /// Which backend a test's shards live in.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Kind {
     /// SQLite files in a temporary directory.
     Sqlite,
-    /// Databases with a fresh name prefix on the local MariaDB, dropped when the test ends.
+    /// Databases with a fresh name prefix on the server of `BIG_MARKET_TEST_MYSQL`, dropped when
+    /// the test ends.
     Mariadb,
 }
 
-/// Run each named test, `fn(Kind)`, once per backend: `name::sqlite` and `name::mariadb`.
+/// Run each named test, `fn(Kind)`, once per backend: `name::sqlite` always, `name::mariadb`
+/// when `BIG_MARKET_TEST_MYSQL` names a server.
 #[macro_export]
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
@@ -196,7 +414,9 @@ macro_rules! on_both_backends {
                 }
                 #[test]
                 fn mariadb() {
-                    super::$name($crate::support::Kind::Mariadb)
+                    if $crate::support::mysql_server().is_some() {
+                        super::$name($crate::support::Kind::Mariadb)
+                    }
                 }
             }
         )*
@@ -204,24 +424,34 @@ macro_rules! on_both_backends {
 }
 
 /// A test's shards: a temporary directory (the SQLite files, or the binary's working directory)
-/// and, on MariaDB, databases `<prefix>_01` ... that are dropped on drop. Inspection goes through
-/// plain SQL that both backends understand.
+/// and, on MariaDB, databases `<prefix>_01` ... that are dropped on drop; with a broker, a queue
+/// of its own, deleted on drop. Inspection goes through plain SQL that both backends understand.
 pub struct TestStore {
     pub dir: tempfile::TempDir,
     pub settings: Settings,
     pub kind: Kind,
     prefix: String,
-    pools: std::sync::Mutex<std::collections::HashMap<u32, mysql::Pool>>,
+    server: Option<&'static MysqlServer>,
+    pools: Mutex<HashMap<u32, mysql::Pool>>,
 }
 
 static NEXT_PREFIX: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 impl TestStore {
+    /// Fresh shards of `kind`. MariaDB needs `BIG_MARKET_TEST_MYSQL`: gate such a test with
+    /// [`TestStore::mariadb`] or `on_both_backends!`.
     pub fn new(kind: Kind) -> TestStore {
+        let server = match kind {
+            Kind::Sqlite => None,
+            Kind::Mariadb => Some(mysql_server().unwrap_or_else(|| {
+                panic!("this test needs {MYSQL_VAR}: gate it with TestStore::mariadb() or on_both_backends!")
+            })),
+        };
         let dir = tempfile::tempdir().unwrap();
         let s = settings(dir.path());
         let prefix = format!(
-            "bmt_{}_{}_{}",
+            "{}_{}_{}_{}",
+            server.map_or("bmt", |m| m.base.as_str()),
             std::process::id(),
             NEXT_PREFIX.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
             fastrand::u32(..)
@@ -231,10 +461,26 @@ impl TestStore {
             settings: s,
             kind,
             prefix,
+            server,
             pools: Default::default(),
         };
         t.set_layout(t.settings.layout);
         t
+    }
+
+    /// Fresh MariaDB shards, or `None` when `BIG_MARKET_TEST_MYSQL` is unset (the test returns).
+    pub fn mariadb() -> Option<TestStore> {
+        mysql_server().map(|_| TestStore::new(Kind::Mariadb))
+    }
+
+    /// Fresh SQLite shards and a topic of their own on the broker of `BIG_MARKET_TEST_AMQP`, or
+    /// `None` when it is unset (the test returns).
+    pub fn amqp() -> Option<TestStore> {
+        let url = amqp_url()?;
+        let mut t = TestStore::new(Kind::Sqlite);
+        t.settings.amqp_url = Some(url.to_string());
+        t.settings.topic = format!("send_award_test_{}", Rng::new().digits(10));
+        Some(t)
     }
 
     /// Use another layout (and, on MariaDB, name its databases).
@@ -251,9 +497,22 @@ impl TestStore {
         &self.prefix
     }
 
+    /// The MariaDB server of these shards.
+    pub fn server(&self) -> &'static MysqlServer {
+        self.server.expect("a MariaDB test store")
+    }
+
     /// The `--store` URL (MariaDB only).
     pub fn url(&self) -> String {
-        format!("{MARIADB}/{}", self.prefix)
+        format!("{}/{}", self.server().url, self.prefix)
+    }
+
+    /// The AMQP URL of the broker (broker tests only).
+    pub fn amqp_url(&self) -> &str {
+        self.settings
+            .amqp_url
+            .as_deref()
+            .expect("a broker test store")
     }
 
     /// The binary, pointed at these shards.
@@ -267,13 +526,15 @@ impl TestStore {
 
     /// A connection to database `db` on MariaDB.
     pub fn mysql(&self, db: u32) -> mysql::PooledConn {
+        let server = self.server();
         let mut pools = self.pools.lock().unwrap();
         let pool = pools.entry(db).or_insert_with(|| {
-            let url = format!("{}_{db:02}", self.url());
-            mysql::Pool::new(url.as_str()).expect("MariaDB on 127.0.0.1:3306 (root, no password)")
+            let name = format!("{}_{db:02}", self.prefix);
+            mysql::Pool::new(server.opts(Some(&name)))
+                .unwrap_or_else(|e| panic!("database {name} on {}: {e}", server.shown))
         });
         pool.get_conn()
-            .expect("MariaDB on 127.0.0.1:3306 (root, no password)")
+            .unwrap_or_else(|e| panic!("a connection to {}: {e}", server.shown))
     }
 
     /// Run statements on shard `db`.
@@ -314,31 +575,44 @@ impl TestStore {
         }
     }
 
+    /// The first column of every row of a query on shard `db`, as text.
+    pub fn texts(&self, db: u32, sql: &str) -> Vec<String> {
+        use mysql::prelude::Queryable;
+        match self.kind {
+            Kind::Sqlite => raw(&self.settings, db)
+                .prepare(sql)
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(|r| r.unwrap())
+                .collect(),
+            Kind::Mariadb => self.mysql(db).query(sql).unwrap(),
+        }
+    }
+
     /// Award rows over every split table of a shard, optionally in one state.
     pub fn awards(&self, db: u32, state: Option<&str>) -> i64 {
         (0..self.settings.layout.tb_count())
-            .map(|t| {
-                let filter = state
-                    .map(|s| format!(" WHERE award_state = '{s}'"))
-                    .unwrap_or_default();
-                self.count(
-                    db,
-                    &format!("SELECT COUNT(*) FROM user_award_record_{t:03}{filter}"),
-                )
-            })
+            .map(|t| self.count(db, &award_count(t, state)))
             .sum()
     }
 
-    /// Totals over every shard: (awards, awards delivered, tasks, tasks completed).
-    pub fn totals(&self) -> (i64, i64, i64, i64) {
-        let mut t = (0, 0, 0, 0);
-        for db in 1..=self.settings.layout.db_count() {
-            t.0 += self.awards(db, None);
-            t.1 += self.awards(db, Some("completed"));
-            t.2 += self.count(db, "SELECT COUNT(*) FROM task");
-            t.3 += self.count(db, "SELECT COUNT(*) FROM task WHERE state = 'completed'");
-        }
-        t
+    /// What every shard holds.
+    pub fn totals(&self) -> Totals {
+        Totals::over(
+            self.settings.layout.db_count(),
+            |db, sql| self.count(db, sql),
+            self.settings.layout.tb_count(),
+        )
+    }
+
+    /// Wait (bounded) until `n` awards are committed, confirmed and delivered once each.
+    pub fn wait_done(&self, n: i64, timeout: Duration) {
+        assert!(
+            wait_until(timeout, || self.totals() == Totals::done(n)),
+            "not all {n} awards delivered within {timeout:?}: {:?}",
+            self.totals()
+        );
     }
 
     /// Whether the shards exist yet (the binary may still be creating them).
@@ -352,8 +626,8 @@ impl TestStore {
                 .exists(),
             Kind::Mariadb => {
                 use mysql::prelude::Queryable;
-                let n: Option<i64> = mysql::Conn::new(MARIADB)
-                    .unwrap()
+                let n: Option<i64> = self.server()
+                    .conn()
                     .exec_first(
                         "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = 'shard_meta'",
                         (format!("{}_{last:02}", self.prefix),),
@@ -363,19 +637,57 @@ impl TestStore {
             }
         }
     }
+
+    /// A service on these shards, on the in-process transport behind a fault injector;
+    /// consumer on, scanner loop off.
+    pub fn start(self) -> TestApp {
+        let faulty = Arc::new(Faulty::new(Arc::new(InProcess::new(Duration::from_secs(
+            10,
+        )))));
+        self.start_with(faulty.clone(), CONSUMER)
+            .with_faulty(faulty)
+    }
+
+    /// A service on these shards, on the broker of [`TestStore::amqp`], connected.
+    pub fn start_amqp(self, parts: Parts) -> TestApp {
+        let amqp = Arc::new(Amqp::connect(self.amqp_url(), &self.settings).unwrap());
+        assert!(
+            wait_until(Duration::from_secs(10), || amqp.is_connected()),
+            "not connected to the broker within 10 s"
+        );
+        let mut app = self.start_with(amqp.clone(), parts);
+        app.amqp = Some(amqp);
+        app
+    }
+
+    /// A service on these shards and the given transport.
+    pub fn start_with(self, transport: Arc<dyn Transport>, parts: Parts) -> TestApp {
+        let service = Service::start(self.settings.clone(), transport, parts).unwrap();
+        TestApp {
+            service: Some(service),
+            faulty: None,
+            amqp: None,
+            store: Some(self),
+        }
+    }
 }
 
 impl Drop for TestStore {
     fn drop(&mut self) {
-        use mysql::prelude::Queryable;
-        if self.kind != Kind::Mariadb {
-            return;
+        if let Some(url) = self.settings.amqp_url.clone() {
+            // The test's queue and its dead-letter queue; a broker that is down keeps them.
+            if let Ok(amqp) = Amqp::connect(&url, &self.settings) {
+                if wait_until(Duration::from_secs(10), || amqp.is_connected()) {
+                    let _ = amqp.delete_queue();
+                }
+            }
         }
-        self.pools.lock().unwrap().clear();
-        let Ok(server) = mysql::Pool::new(MARIADB) else {
+        let Some(server) = self.server else {
             return;
         };
-        let Ok(mut conn) = server.get_conn() else {
+        use mysql::prelude::Queryable;
+        self.pools.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let Ok(mut conn) = mysql::Conn::new(server.opts(None)) else {
             return;
         };
         let like = format!("{}\\_%", self.prefix);
@@ -387,6 +699,79 @@ impl Drop for TestStore {
             .unwrap_or_default();
         for name in names {
             let _ = conn.query_drop(format!("DROP DATABASE IF EXISTS `{name}`"));
+        }
+    }
+}
+
+/// A service under test, in the manner of zero2prod's `TestApp`: it owns its shards
+/// ([`TestStore`], which it derefs to for inspection), the service and its transport, and shuts
+/// the service down on drop. [`TestApp::shutdown`] stops it and hands the shards back.
+pub struct TestApp {
+    service: Option<Service>,
+    faulty: Option<Arc<Faulty>>,
+    amqp: Option<Arc<Amqp>>,
+    store: Option<TestStore>,
+}
+
+impl TestApp {
+    /// Fresh shards of `kind` and a service on them, in-process behind a fault injector.
+    pub fn spawn(kind: Kind) -> TestApp {
+        TestStore::new(kind).start()
+    }
+
+    fn with_faulty(mut self, faulty: Arc<Faulty>) -> TestApp {
+        self.faulty = Some(faulty);
+        self
+    }
+
+    pub fn service(&self) -> &Service {
+        self.service.as_ref().expect("running until shutdown")
+    }
+
+    /// The fault injector in front of the in-process transport.
+    pub fn faulty(&self) -> &Faulty {
+        self.faulty
+            .as_deref()
+            .expect("a service started with TestStore::start")
+    }
+
+    /// The RabbitMQ transport.
+    pub fn amqp(&self) -> &Amqp {
+        self.amqp
+            .as_deref()
+            .expect("a service started with TestStore::start_amqp")
+    }
+
+    /// Save an award for `user` with `order`; panics if the save fails.
+    pub fn save(&self, user: &str, order: &str) -> Saved {
+        self.service()
+            .save_award(award(user, order))
+            .unwrap_or_else(|e| panic!("saving {user}/{order}: {e}"))
+    }
+
+    /// Wait (bounded) until the relays have published what was committed and their writes landed.
+    pub fn settle(&self) {
+        settle(self.service());
+    }
+
+    /// Stop the service (it must stop cleanly) and hand the shards back.
+    pub fn shutdown(mut self) -> TestStore {
+        self.service.take().unwrap().shutdown().unwrap();
+        self.store.take().unwrap()
+    }
+}
+
+impl Deref for TestApp {
+    type Target = TestStore;
+    fn deref(&self) -> &TestStore {
+        self.store.as_ref().expect("shards until shutdown")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(service) = self.service.take() {
+            let _ = service.shutdown();
         }
     }
 }
