@@ -118,7 +118,7 @@ pub fn audit(f: &Facts, now_ms: i64) -> ShardAudit {
     let awards_without_task = f
         .award_orders
         .iter()
-        .filter(|(o, delivered)| !sent.contains(o.as_str()) && !(*delivered && f.watermark > 0))
+        .filter(|(o, delivered)| !(sent.contains(o.as_str()) || *delivered && f.watermark > 0))
         .count() as u64;
     ShardAudit {
         db: f.db,
