@@ -203,6 +203,15 @@ enum Command {
         #[arg(long)]
         http: bool,
     },
+    /// Copy every shard file into a directory while `serve` (or anything else) runs: one file
+    /// per shard, named as the shards are, each consistent as of one moment. The copy opens as
+    /// a data directory (`serve --data-dir DIR`, `audit --data-dir DIR`). SQLite store only.
+    Backup {
+        /// Directory for the copies (created if missing; a shard file already there is
+        /// refused, nothing is overwritten).
+        #[arg(long)]
+        to: std::path::PathBuf,
+    },
     /// Prove nothing was lost: per shard, committed vs delivered sequence numbers, gaps,
     /// redeliveries, tasks without awards and awards without tasks.
     Audit {
@@ -447,6 +456,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Tasks(t) => tasks(&settings, t),
         Command::Dlq(d) => dlq(&settings, d),
         Command::Audit { older_than, json } => audit(&settings, older_than, json),
+        Command::Backup { to } => backup(&settings, &to),
         Command::Verify {
             rounds,
             records,
@@ -593,6 +603,17 @@ fn load(settings: Settings, a: LoadArgs) -> Result<()> {
     Ok(())
 }
 
+/// How long `serve` waits for the transport before it tells systemd it is ready anyway.
+const READY_WAIT: Duration = Duration::from_secs(30);
+
+/// Tell the service manager (`NOTIFY_SOCKET`, set by systemd for `Type=notify`) a state
+/// change; without the variable it does nothing.
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        log::warn!("could not notify the service manager: {e}");
+    }
+}
+
 fn serve(settings: Settings, http: Option<crate::http::HttpConfig>) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals =
@@ -615,8 +636,20 @@ fn serve(settings: Settings, http: Option<crate::http::HttpConfig>) -> Result<()
         }
         None => None,
     };
+    // Under systemd (Type=notify): ready once the shards are open and the transport is up, or
+    // after a bounded wait for the broker (it keeps retrying; a start never hangs on it).
+    let connected = crate::util::wait_until(READY_WAIT, || service.transport().is_connected());
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(if connected {
+            "serving"
+        } else {
+            "serving; the broker does not answer yet, retrying"
+        }),
+    ]);
     log::info!("serving; send SIGINT or SIGTERM to stop");
     let first = signals.forever().next();
+    notify(&[sd_notify::NotifyState::Stopping]);
     log::info!("signal {first:?} received: shutting down (send it again to exit at once; committed work is kept)");
     crate::util::spawn("second-signal", move || {
         if signals.forever().next().is_some() {
@@ -808,6 +841,29 @@ fn dlq(settings: &Settings, command: DlqCommand) -> Result<()> {
             println!("purged {n} dead letters older than {older_than:?} from {queue}");
         }
     }
+    Ok(())
+}
+
+fn backup(settings: &Settings, to: &std::path::Path) -> Result<()> {
+    let store = Store::open(settings, false)?;
+    let started = std::time::Instant::now();
+    let copies = store.backup(to, |b| {
+        println!(
+            "copied {} to {} ({} bytes in {:.2}s)",
+            crate::router::db_name(b.db),
+            b.target.display(),
+            b.bytes,
+            b.took.as_secs_f64()
+        );
+        let _ = std::io::stdout().flush();
+    })?;
+    println!(
+        "backup done: {} shards, {} bytes in {:.2}s; restore by pointing --data-dir at {}",
+        copies.len(),
+        copies.iter().map(|b| b.bytes).sum::<u64>(),
+        started.elapsed().as_secs_f64(),
+        to.display()
+    );
     Ok(())
 }
 

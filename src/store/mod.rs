@@ -76,6 +76,11 @@ pub(crate) trait Reads: Send + Sync {
     fn list_tasks(&self, state: Option<TaskState>, limit: usize) -> Result<Vec<TaskRow>>;
     /// A user's award records in their split table, newest first.
     fn awards_of(&self, table: &str, user: &str, limit: usize) -> Result<Vec<AwardRow>>;
+    /// The shard's file, where it is one (SQLite); `None` for a database on a server.
+    fn file(&self) -> Option<&std::path::Path>;
+    /// Write a consistent copy of the shard, as of one read transaction, to `target` (a new
+    /// file), while writers go on.
+    fn copy_into(&self, target: &std::path::Path) -> Result<()>;
 }
 
 /// A database a backend opened and checked: where it is (for people: no credentials), its
@@ -150,6 +155,19 @@ pub struct AwardRow {
     pub award_time: i64,
     /// `create` (not yet delivered) or `completed` (delivered).
     pub award_state: String,
+}
+
+/// One shard copied by [`Store::backup`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackedUp {
+    /// Database index.
+    pub db: u32,
+    /// The copy.
+    pub target: std::path::PathBuf,
+    /// Its size.
+    pub bytes: u64,
+    /// How long the copy took.
+    pub took: Duration,
 }
 
 /// Per-shard counts for `status`.
@@ -510,6 +528,69 @@ impl Store {
     /// counts nothing, so it costs the same on a shard of any size).
     pub fn ping(&self) -> Result<()> {
         self.shards.iter().try_for_each(Shard::ping)
+    }
+
+    /// Copy every shard, consistent as of one read transaction each, into `dir` under the
+    /// shard's own file name, while the service goes on writing: a copy is written to
+    /// `<name>.partial`, synced, then renamed, so a file under a shard's name is always whole.
+    /// Refuses a `dir` that already holds one of the names (nothing is overwritten), and a
+    /// store whose shards are not files (MySQL: use the server's own backup). `progress` hears
+    /// of each copy as it is made.
+    pub fn backup(
+        &self,
+        dir: &std::path::Path,
+        mut progress: impl FnMut(&BackedUp),
+    ) -> Result<Vec<BackedUp>> {
+        let io = |path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        let mut plan = Vec::new();
+        for shard in &self.shards {
+            let file = shard.reads.file().ok_or_else(|| {
+                Error::Config(
+                    "backup copies SQLite shard files; back a MySQL store up with the server's own tools (e.g. mysqldump --single-transaction)".into(),
+                )
+            })?;
+            let name = file.file_name().expect("a shard file has a name");
+            let target = dir.join(name);
+            if target.exists() {
+                return Err(Error::Config(format!(
+                    "{} already exists: back up into an empty directory (nothing was written)",
+                    target.display()
+                )));
+            }
+            plan.push((shard, target));
+        }
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut done = Vec::new();
+        for (shard, target) in plan {
+            let started = std::time::Instant::now();
+            let mut partial = target.clone().into_os_string();
+            partial.push(".partial");
+            let partial = std::path::PathBuf::from(partial);
+            if partial.exists() {
+                std::fs::remove_file(&partial).map_err(io(&partial))?;
+            }
+            shard.reads.copy_into(&partial)?;
+            std::fs::File::open(&partial)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&partial))?;
+            std::fs::rename(&partial, &target).map_err(io(&target))?;
+            let bytes = std::fs::metadata(&target).map_err(io(&target))?.len();
+            let b = BackedUp {
+                db: shard.db,
+                target,
+                bytes,
+                took: started.elapsed(),
+            };
+            progress(&b);
+            done.push(b);
+        }
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
+        Ok(done)
     }
 
     /// Per-shard counts.

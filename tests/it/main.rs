@@ -2,6 +2,7 @@
 
 mod amqp;
 mod cli;
+mod edge;
 mod faults;
 mod http;
 mod mariadb;

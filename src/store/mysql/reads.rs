@@ -112,4 +112,15 @@ impl Reads for MysqlReads {
         sql::awards_of_user(&mut self.conn()?, table, user, limit)
             .map_err(self.err("listing a user's awards"))
     }
+
+    fn file(&self) -> Option<&std::path::Path> {
+        None
+    }
+
+    fn copy_into(&self, _target: &std::path::Path) -> Result<()> {
+        Err(Error::Config(format!(
+            "{} is a database on a server: back it up with the server's own tools",
+            self.shown
+        )))
+    }
 }

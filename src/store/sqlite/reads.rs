@@ -107,4 +107,19 @@ impl Reads for SqliteReads {
         sql::awards_of_user(&*self.conn()?, table, user, limit)
             .map_err(|e| Error::storage(self.ctx("listing a user's awards"), e))
     }
+
+    fn file(&self) -> Option<&std::path::Path> {
+        Some(&self.path)
+    }
+
+    fn copy_into(&self, target: &std::path::Path) -> Result<()> {
+        // VACUUM INTO reads the shard in one read transaction (WAL: writers go on) and writes
+        // a compact, consistent copy; unlike the online backup API it never restarts when the
+        // shard is written meanwhile.
+        let target = target
+            .to_str()
+            .ok_or_else(|| Error::Config(format!("{} is not a UTF-8 path", target.display())))?;
+        sql::vacuum_into(&*self.conn()?, target)
+            .map_err(|e| Error::storage(self.ctx(&format!("copying to {target}")), e))
+    }
 }

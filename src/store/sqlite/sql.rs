@@ -255,6 +255,11 @@ pub fn requeue(
     .execute(params![message_id, state.map(TaskState::as_str), now_ms])
 }
 
+/// Write a consistent, compacted copy of the database to a new file at `target`.
+pub fn vacuum_into(conn: &Connection, target: &str) -> Sql<()> {
+    conn.execute("VACUUM INTO ?1", params![target]).map(|_| ())
+}
+
 /// The compaction watermark: every sequence number up to it was committed and delivered, and
 /// its rows were folded away.
 pub fn watermark(conn: &Connection) -> Sql<u64> {
