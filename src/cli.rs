@@ -567,10 +567,7 @@ fn award(settings: Settings, a: AwardArgs) -> Result<()> {
 }
 
 fn pending_tasks(statuses: &[ShardStatus]) -> u64 {
-    statuses
-        .iter()
-        .map(|s| s.tasks_in(TaskState::Create) + s.tasks_in(TaskState::Fail))
-        .sum()
+    statuses.iter().map(ShardStatus::pending).sum()
 }
 
 fn load(settings: Settings, a: LoadArgs) -> Result<()> {

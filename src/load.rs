@@ -360,10 +360,7 @@ pub fn run(
         delivered,
         failed: calls.failed,
         duplicate_retries: retries.load(Ordering::Relaxed),
-        pending_tasks: statuses
-            .iter()
-            .map(|s| s.tasks_in(TaskState::Create) + s.tasks_in(TaskState::Fail))
-            .sum(),
+        pending_tasks: statuses.iter().map(ShardStatus::pending).sum(),
         dead_tasks: statuses.iter().map(|s| s.tasks_in(TaskState::Dead)).sum(),
         write_time,
         total_time,

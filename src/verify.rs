@@ -119,7 +119,7 @@ fn audits(settings: &Settings) -> Result<(Vec<ShardAudit>, u64, u64)> {
     let statuses = store.status()?;
     let pending = statuses
         .iter()
-        .map(|s| s.tasks_in(TaskState::Create) + s.tasks_in(TaskState::Fail))
+        .map(crate::store::ShardStatus::pending)
         .sum();
     let dead = statuses.iter().map(|s| s.tasks_in(TaskState::Dead)).sum();
     Ok((out, pending, dead))

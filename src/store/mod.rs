@@ -200,6 +200,10 @@ impl ShardStatus {
     pub fn awards_in(&self, s: AwardState) -> u64 {
         self.awards.get(s.as_str()).copied().unwrap_or(0)
     }
+    /// Tasks still to be sent: `create` (new or in flight) and `fail` (due again).
+    pub fn pending(&self) -> u64 {
+        self.tasks_in(TaskState::Create) + self.tasks_in(TaskState::Fail)
+    }
     /// All tasks.
     pub fn task_total(&self) -> u64 {
         self.tasks.values().sum()
