@@ -113,18 +113,39 @@ pub fn audit(f: &Facts, now_ms: i64) -> ShardAudit {
         .filter(|(_, _, o)| o.as_deref().is_none_or(|o| !awards.contains(o)))
         .count() as u64;
     sent.extend(f.delivered_orders.iter().map(String::as_str));
-    // A delivered award whose task and delivery row were compacted is proven by the watermark;
-    // one never delivered must still have its task.
-    let awards_without_task = f
+    // An award with neither task nor delivery row is an orphan, unless it was delivered and its
+    // rows were folded into the watermark: each folded number had exactly one award, so at most
+    // W minus the delivery rows kept at or below W (those are in `sent`) can be excused.
+    let kept_below = f
+        .delivered
+        .iter()
+        .filter(|(s, _)| *s <= f.watermark)
+        .count() as u64;
+    let folded = f.watermark.saturating_sub(kept_below);
+    let (never_delivered, delivered_unproven) = f
         .award_orders
         .iter()
-        .filter(|(o, delivered)| !(sent.contains(o.as_str()) || *delivered && f.watermark > 0))
-        .count() as u64;
+        .filter(|(o, _)| !sent.contains(o.as_str()))
+        .fold((0u64, 0u64), |(n, d), (_, delivered)| {
+            if *delivered {
+                (n, d + 1)
+            } else {
+                (n + 1, d)
+            }
+        });
+    let awards_without_task = never_delivered + delivered_unproven.saturating_sub(folded);
+    let above: Vec<u64> = f
+        .delivered
+        .iter()
+        .map(|(s, _)| *s)
+        .filter(|s| *s > f.watermark)
+        .collect();
     ShardAudit {
         db: f.db,
         committed: f.last_seq,
-        delivered_max: f.delivered.last().map(|(s, _)| *s).unwrap_or(0),
-        delivered: delivered.len() as u64,
+        // Numbers up to the watermark were delivered, by its proof.
+        delivered_max: above.last().copied().unwrap_or(0).max(f.watermark),
+        delivered: f.watermark + above.len() as u64,
         missing,
         redelivered,
         unknown,
@@ -222,6 +243,11 @@ mod tests {
         assert!(a.missing.is_empty() && !a.violated(0), "{a:?}");
         assert_eq!(a.redelivered, vec![(2, 3)], "redeliveries stay visible");
         assert_eq!(a.watermark, 3);
+        assert_eq!(
+            (a.delivered, a.delivered_max),
+            (5, 5),
+            "1..=3 by the watermark"
+        );
     }
 
     #[test]
@@ -241,5 +267,10 @@ mod tests {
         let mut f = compacted();
         f.award_orders[0].1 = false;
         assert_eq!(audit(&f, 0).awards_without_task, 1);
+        // Delivered awards beyond what the watermark folded are orphans too.
+        let mut f = compacted();
+        f.award_orders.push(("forged".into(), true));
+        assert_eq!(audit(&f, 0).awards_without_task, 1);
+        assert!(audit(&f, 0).violated(0));
     }
 }

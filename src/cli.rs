@@ -118,7 +118,7 @@ struct GlobalArgs {
     )]
     max_attempts: u32,
     /// Compact completed tasks older than this during scans (e.g. 7d), or `off`. SQLite folds
-    /// them and their delivery log into the shard's watermark, so the disk stops growing;
+    /// them and their delivery log into the shard's watermark, so the logs stop growing;
     /// MySQL deletes completed tasks. Default: 7d on SQLite, off on MySQL.
     #[arg(long, env = "BIG_MARKET_RETENTION", value_parser = retention, global = true)]
     retention: Option<Retention>,
@@ -207,8 +207,8 @@ enum Command {
     /// per shard, named as the shards are, each consistent as of one moment. The copy opens as
     /// a data directory (`serve --data-dir DIR`, `audit --data-dir DIR`). SQLite store only.
     Backup {
-        /// Directory for the copies (created if missing; a shard file already there is
-        /// refused, nothing is overwritten).
+        /// Directory for the copies: new or empty (anything else is refused; nothing is
+        /// overwritten). It appears whole at the end, every shard in it, or not at all.
         #[arg(long)]
         to: std::path::PathBuf,
     },
@@ -687,6 +687,7 @@ fn status(settings: &Settings, json: bool) -> Result<()> {
                     "delivered_messages": s.delivered_messages,
                     "redeliveries": s.receipts - s.delivered_messages,
                     "last_seq": s.last_seq,
+                    "compacted": s.compacted,
                 })
             })
             .collect();
@@ -696,7 +697,7 @@ fn status(settings: &Settings, json: bool) -> Result<()> {
     }
     println!("broker: {broker}");
     println!(
-        "{:<14} {:>9} {:>9} | {:>8} {:>8} {:>10} {:>6} | {:>14} {:>9}",
+        "{:<14} {:>9} {:>9} | {:>8} {:>8} {:>10} {:>6} | {:>14} {:>9} {:>9}",
         "shard",
         "award:new",
         "delivered",
@@ -705,7 +706,8 @@ fn status(settings: &Settings, json: bool) -> Result<()> {
         "completed",
         "dead",
         "oldest pending",
-        "last seq"
+        "last seq",
+        "compacted"
     );
     for s in &statuses {
         let oldest = s
@@ -713,7 +715,7 @@ fn status(settings: &Settings, json: bool) -> Result<()> {
             .map(|t| format!("{:.1}s", (now - t) as f64 / 1000.0))
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<14} {:>9} {:>9} | {:>8} {:>8} {:>10} {:>6} | {:>14} {:>9}",
+            "{:<14} {:>9} {:>9} | {:>8} {:>8} {:>10} {:>6} | {:>14} {:>9} {:>9}",
             crate::router::db_name(s.db),
             s.awards_in(AwardState::Create),
             s.awards_in(AwardState::Completed),
@@ -722,7 +724,8 @@ fn status(settings: &Settings, json: bool) -> Result<()> {
             s.tasks_in(TaskState::Completed),
             s.tasks_in(TaskState::Dead),
             oldest,
-            s.last_seq
+            s.last_seq,
+            s.compacted
         );
     }
     println!("pending tasks: {}", pending_tasks(&statuses));
@@ -846,7 +849,7 @@ fn backup(settings: &Settings, to: &std::path::Path) -> Result<()> {
     let started = std::time::Instant::now();
     let copies = store.backup(to, |b| {
         println!(
-            "copied {} to {} ({} bytes in {:.2}s)",
+            "copied {} for {} ({} bytes in {:.2}s)",
             crate::router::db_name(b.db),
             b.target.display(),
             b.bytes,

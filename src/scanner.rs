@@ -16,6 +16,9 @@ use crate::store::Store;
 use crate::transport::Transport;
 use crate::util::now_ms;
 
+/// Longest a pass spends compacting settled tasks (`--retention`) after its claims.
+const COMPACT_BUDGET: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// What one pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ScanReport {
@@ -76,10 +79,6 @@ impl Scanner {
     pub fn scan_once(&self) -> Result<ScanReport> {
         let mut report = ScanReport::default();
         Metrics::add(&self.metrics.scans, 1);
-        if let Some(keep) = self.settings.retention {
-            let before_ms = now_ms() - keep.as_millis() as i64;
-            report.purged = self.store.purge(before_ms)?;
-        }
         if !self.transport.is_connected() {
             report.skipped_disconnected = true;
             return Ok(report);
@@ -147,6 +146,15 @@ impl Scanner {
         }
         if let Some(e) = first_err {
             return Err(e);
+        }
+        // Compaction after the claims, for a bounded time, and never at their expense: a failed
+        // step (a full disk, a busy shard) is logged and the next pass tries again.
+        if let Some(keep) = self.settings.retention {
+            let before_ms = now_ms() - keep.as_millis() as i64;
+            match self.store.purge_within(before_ms, Some(COMPACT_BUDGET)) {
+                Ok(n) => report.purged = n,
+                Err(e) => log::warn!("compacting completed tasks failed, retried next scan: {e}"),
+            }
         }
         Metrics::add(&self.metrics.relayed, report.claimed as u64);
         Metrics::add(&self.metrics.ran_on_caller, report.ran_on_caller as u64);

@@ -103,9 +103,6 @@ pub struct Shard {
     writer: writer::Writer,
 }
 
-/// Most purge steps one [`Store::purge`] runs per shard; the next call goes on from there.
-const PURGE_STEPS: usize = 200;
-
 /// A task claimed for publishing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskRow {
@@ -162,7 +159,7 @@ pub struct AwardRow {
 pub struct BackedUp {
     /// Database index.
     pub db: u32,
-    /// The copy.
+    /// Where the copy is once the backup is done.
     pub target: std::path::PathBuf,
     /// Its size.
     pub bytes: u64,
@@ -189,6 +186,8 @@ pub struct ShardStatus {
     pub receipts: u64,
     /// Highest task sequence number handed out.
     pub last_seq: u64,
+    /// The compaction watermark: every number up to it was delivered and folded (SQLite).
+    pub compacted: u64,
 }
 
 impl ShardStatus {
@@ -535,11 +534,11 @@ impl Store {
     }
 
     /// Copy every shard, consistent as of one read transaction each, into `dir` under the
-    /// shard's own file name, while the service goes on writing: a copy is written to
-    /// `<name>.partial`, synced, then renamed, so a file under a shard's name is always whole.
-    /// Refuses a `dir` that already holds one of the names (nothing is overwritten), and a
-    /// store whose shards are not files (MySQL: use the server's own backup). `progress` hears
-    /// of each copy as it is made.
+    /// shard's own file name, while the service goes on writing. The copies are written into
+    /// `<dir>.partial`, synced, and the directory renamed to `dir` at the end, so `dir` holds
+    /// either every shard or nothing (a copy cut short leaves only `<dir>.partial`). Refuses a
+    /// `dir` that exists and is not empty (nothing is overwritten), and a store whose shards are
+    /// not files (MySQL: use the server's own backup). `progress` hears of each copy.
     pub fn backup(
         &self,
         dir: &std::path::Path,
@@ -549,51 +548,65 @@ impl Store {
             let path = path.to_path_buf();
             move |source| Error::Io { path, source }
         };
-        let mut plan = Vec::new();
+        let mut names = Vec::new();
         for shard in &self.shards {
             let file = shard.reads.file().ok_or_else(|| {
                 Error::Config(
                     "backup copies SQLite shard files; back a MySQL store up with the server's own tools (e.g. mysqldump --single-transaction)".into(),
                 )
             })?;
-            let name = file.file_name().expect("a shard file has a name");
-            let target = dir.join(name);
-            if target.exists() {
+            names.push(
+                file.file_name()
+                    .expect("a shard file has a name")
+                    .to_owned(),
+            );
+        }
+        if dir.exists() {
+            let empty = std::fs::read_dir(dir).map_err(io(dir))?.next().is_none();
+            if !empty {
                 return Err(Error::Config(format!(
-                    "{} already exists: back up into an empty directory (nothing was written)",
-                    target.display()
+                    "{} exists and is not empty: back up into a new directory (nothing was written)",
+                    dir.display()
                 )));
             }
-            plan.push((shard, target));
         }
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut partial = dir.as_os_str().to_owned();
+        partial.push(".partial");
+        let partial = std::path::PathBuf::from(partial);
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
+        }
+        std::fs::create_dir_all(&partial).map_err(io(&partial))?;
         let mut done = Vec::new();
-        for (shard, target) in plan {
+        for (shard, name) in self.shards.iter().zip(names) {
             let started = std::time::Instant::now();
-            let mut partial = target.clone().into_os_string();
-            partial.push(".partial");
-            let partial = std::path::PathBuf::from(partial);
-            if partial.exists() {
-                std::fs::remove_file(&partial).map_err(io(&partial))?;
-            }
-            shard.reads.copy_into(&partial)?;
-            std::fs::File::open(&partial)
+            let copy = partial.join(&name);
+            shard.reads.copy_into(&copy)?;
+            std::fs::File::open(&copy)
                 .and_then(|f| f.sync_all())
-                .map_err(io(&partial))?;
-            std::fs::rename(&partial, &target).map_err(io(&target))?;
-            let bytes = std::fs::metadata(&target).map_err(io(&target))?.len();
+                .map_err(io(&copy))?;
+            let bytes = std::fs::metadata(&copy).map_err(io(&copy))?.len();
             let b = BackedUp {
                 db: shard.db,
-                target,
+                target: dir.join(&name),
                 bytes,
                 took: started.elapsed(),
             };
             progress(&b);
             done.push(b);
         }
-        std::fs::File::open(dir)
+        std::fs::File::open(&partial)
             .and_then(|d| d.sync_all())
-            .map_err(io(dir))?;
+            .map_err(io(&partial))?;
+        if dir.exists() {
+            std::fs::remove_dir(dir).map_err(io(dir))?;
+        }
+        std::fs::rename(&partial, dir).map_err(io(dir))?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(io(parent))?;
+        }
         Ok(done)
     }
 
@@ -642,10 +655,21 @@ impl Store {
     /// folds them, with their delivery log, into the shard's watermark (the audit's proof
     /// holds: see [`crate::audit`]), a step at a time so that saves interleave; MySQL deletes
     /// completed tasks and keeps the delivery log (the Java service may read those tables).
+    /// Runs until nothing is left to settle (`tasks purge`).
     pub fn purge(&self, before_ms: i64) -> Result<usize> {
+        self.purge_within(before_ms, None)
+    }
+
+    /// [`Store::purge`] for at most about `budget` (a step is not cut short): the scanner's,
+    /// so that a large backlog of settled tasks never holds its claims back for long.
+    pub fn purge_within(&self, before_ms: i64, budget: Option<Duration>) -> Result<usize> {
+        let started = std::time::Instant::now();
         let mut total = 0;
         for s in &self.shards {
-            for _ in 0..PURGE_STEPS {
+            loop {
+                if budget.is_some_and(|b| started.elapsed() >= b) {
+                    return Ok(total);
+                }
                 let n = s.write(Op::Purge { before_ms })?.count();
                 total += n;
                 if n == 0 {

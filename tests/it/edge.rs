@@ -209,9 +209,28 @@ fn a_backup_taken_during_load_passes_the_audit_and_serve_delivers_what_it_held_p
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Read-only, and 0 while a shard is still being created (no file, or no tables yet).
+    let committed = || -> i64 {
+        shard_files(&data)
+            .iter()
+            .map(|p| {
+                Connection::open_with_flags(p, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                    .and_then(|c| {
+                        (0..4).try_fold(0i64, |n, t| {
+                            c.query_row(
+                                &format!("SELECT COUNT(*) FROM user_award_record_{t:03}"),
+                                [],
+                                |r| r.get::<_, i64>(0),
+                            )
+                            .map(|k| n + k)
+                        })
+                    })
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
     assert!(
-        wait_until(Duration::from_secs(60), || t.ready()
-            && awards_in(&data) >= 2_000),
+        wait_until(Duration::from_secs(60), || committed() >= 2_000),
         "the load did not start"
     );
     let before = awards_in(&data);
@@ -263,6 +282,36 @@ fn a_backup_taken_during_load_passes_the_audit_and_serve_delivers_what_it_held_p
     );
 }
 
+/// A child process killed on drop, so that a failing assertion never leaves it running.
+struct Running(Option<Child>);
+
+impl Running {
+    /// Wait (bounded) for it to exit.
+    fn wait(mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut child = self.0.take().unwrap();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!("the process did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20)); // polling pace
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 #[test]
 fn serve_tells_the_service_manager_when_it_is_ready_and_when_it_stops() {
     let t = TestStore::new(Kind::Sqlite);
@@ -272,27 +321,83 @@ fn serve_tells_the_service_manager_when_it_is_ready_and_when_it_stops() {
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     let started = Instant::now();
-    let serve = t
-        .bin()
-        .arg("serve")
-        .env("NOTIFY_SOCKET", &socket_path)
-        .spawn()
-        .unwrap();
+    let serve = Running(Some(
+        t.bin()
+            .arg("serve")
+            .env("NOTIFY_SOCKET", &socket_path)
+            .spawn()
+            .unwrap(),
+    ));
     let mut buf = [0u8; 512];
     let n = socket.recv(&mut buf).expect("no notification within 30 s");
     let ready = String::from_utf8_lossy(&buf[..n]).to_string();
     assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
     assert!(ready.contains("STATUS=serving"), "{ready:?}");
-    assert!(t.ready(), "READY=1 before the shards were open");
+    // Ready means open: the shards take a write from another process at once.
+    let out = run(t.bin().args([
+        "award",
+        "--user-id",
+        "u1",
+        "--activity-id",
+        "1",
+        "--strategy-id",
+        "1",
+        "--order-id",
+        "720000000001",
+        "--award-id",
+        "1",
+        "--award-title",
+        "t",
+    ]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     println!("READY=1 after {:?}", started.elapsed());
-    let sent = Command::new("kill")
-        .args(["-TERM", &serve.id().to_string()])
+    let pid = serve.0.as_ref().unwrap().id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
         .status()
-        .unwrap();
-    assert!(sent.success());
+        .unwrap()
+        .success());
     let n = socket.recv(&mut buf).expect("no STOPPING=1 within 30 s");
     let stopping = String::from_utf8_lossy(&buf[..n]).to_string();
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
-    let mut serve = serve;
-    assert!(serve.wait().unwrap().success());
+    assert!(serve.wait(Duration::from_secs(30)).success());
+}
+
+#[test]
+fn a_data_dir_missing_one_shard_file_is_refused_and_nothing_is_created() {
+    let t = TestStore::new(Kind::Sqlite);
+    ok(run(t.bin().arg("init")));
+    let second = t.settings.data_dir.join("big_market_02.db");
+    std::fs::remove_file(&second).unwrap();
+    for args in [&["serve"][..], &["init"], &["status"]] {
+        let out = run(t.bin().args(args));
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("big_market_02.db") && err.contains("missing"),
+            "{err}"
+        );
+        assert!(!second.exists(), "{args:?} created the missing shard");
+    }
+}
+
+#[test]
+fn a_backup_appears_whole_or_not_at_all_and_never_overwrites() {
+    let t = TestStore::new(Kind::Sqlite);
+    load(&t, 200);
+    let copy = t.dir.path().join("copy");
+    ok(run(t.bin().args([
+        "backup",
+        "--to",
+        copy.to_str().unwrap(),
+    ])));
+    assert!(shard_files(&copy).iter().all(|p| p.exists()));
+    assert!(!t.dir.path().join("copy.partial").exists());
+    let again = run(t.bin().args(["backup", "--to", copy.to_str().unwrap()]));
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
 }

@@ -73,6 +73,8 @@ impl Reads for MysqlReads {
             delivered_messages,
             receipts,
             last_seq,
+            // The MySQL store does not compact.
+            compacted: 0,
         })
     }
 

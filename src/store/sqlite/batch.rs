@@ -11,7 +11,7 @@ use crate::store::op::{Delivered, Op, Reply, SavedTask};
 use crate::store::Batch;
 
 /// Most sequence numbers one compaction op folds: its deletes run in the writer's group commit,
-/// so a step is kept short and `Store::purge` runs steps until one folds less.
+/// so a step is kept short and `Store::purge` runs steps until one folds nothing.
 pub(crate) const COMPACT_STEP: u64 = 5_000;
 
 /// The writes of one shard file, on the writer thread's connection.
@@ -260,13 +260,30 @@ fn apply(db: u32, conn: &Connection, op: &Op) -> Result<Reply> {
             let d = &msg.data;
             let seq = msg.seq.unwrap_or(0);
             // At or below the watermark its delivery was proven and its log row folded away:
-            // it is a redelivery, and logging it again would put a row below the watermark.
+            // a redelivery, and logging it again would put a row below the watermark. Only if it
+            // is ours (the id this shard gave that number) and its award was delivered; anything
+            // else is not a message this shard sent.
             if seq > 0
                 && seq
                     <= sql::watermark(conn)
                         .map_err(|e| Error::storage(ctx("reading the watermark"), e))?
             {
-                return Ok(Reply::Delivered(Delivered::Again));
+                let ours = msg.id == MessageId::new(db, seq).as_str();
+                if ours
+                    && sql::award_delivered(conn, table, &d.user_id, &d.order_id)
+                        .map_err(|e| Error::storage(ctx("looking up an award"), e))?
+                {
+                    return Ok(Reply::Delivered(Delivered::Again));
+                }
+                return Err(Error::Poison(format!(
+                    "message {} names seq {seq} of big_market_{db:02}, which is compacted as delivered, but {}",
+                    msg.id,
+                    if ours {
+                        format!("order {} has no delivered award in {table}", d.order_id)
+                    } else {
+                        format!("the shard gave that number the id {}", MessageId::new(db, seq).as_str())
+                    }
+                )));
             }
             let receipts = sql::record_delivery(conn, &msg.id, seq, &d.order_id, *now_ms)
                 .map_err(|e| Error::storage(ctx("logging a delivery"), e))?;
@@ -298,10 +315,28 @@ fn apply(db: u32, conn: &Connection, op: &Op) -> Result<Reply> {
         }
         Op::Barrier => Ok(Reply::Count(0)),
         Op::Purge { before_ms } => {
-            let n = sql::compact(conn, *before_ms, COMPACT_STEP)
-                .map_err(|e| Error::storage(ctx("compacting completed tasks"), e))?;
+            let e = |e| Error::storage(ctx("compacting completed tasks"), e);
+            let n = sql::compact(conn, *before_ms, COMPACT_STEP).map_err(e)?;
+            if n == 0 {
+                if let Some((seq, why)) = sql::compaction_held(conn, *before_ms).map_err(e)? {
+                    warn_held(db, seq, &why);
+                }
+            }
             Ok(Reply::Count(n as usize))
         }
+    }
+}
+
+/// Say once per shard and number that compaction is held back by a number older than the
+/// retention: until an operator acts on it, the shard's logs grow again.
+fn warn_held(db: u32, seq: u64, why: &str) {
+    static WARNED: std::sync::Mutex<std::collections::BTreeMap<u32, u64>> =
+        std::sync::Mutex::new(std::collections::BTreeMap::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+    if warned.insert(db, seq) != Some(seq) {
+        log::warn!(
+            "compaction held shard=big_market_{db:02} seq={seq}: {why}; the logs after it are kept until it is delivered (`big-market tasks requeue`, `big-market audit`)"
+        );
     }
 }
 

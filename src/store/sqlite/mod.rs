@@ -47,6 +47,30 @@ pub(crate) fn open_all(settings: &Settings, create: bool) -> Result<Vec<Opened>>
         )));
     }
     check_no_foreign_shards(dir, layout)?;
+    // Some shards there and others missing is a data directory that lost files (a copy cut
+    // short, a file moved away): creating the missing ones empty would silently drop every
+    // award they held.
+    let (present, missing): (Vec<u32>, Vec<u32>) =
+        (1..=layout.db_count()).partition(|db| shard_path(settings, *db).exists());
+    if !present.is_empty() && !missing.is_empty() {
+        // What is wrong with the files that are there is said first (another layout, not a
+        // shard at all), as any command would find it.
+        for db in &present {
+            drop(open_shard(settings, *db, false)?);
+        }
+        let names = |dbs: &[u32]| {
+            dbs.iter()
+                .map(|db| format!("{}.db", db_name(*db)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(Error::Config(format!(
+            "{} holds {} but not {}: a shard file is missing; put it back (from the backup it was copied with), nothing was created",
+            dir.display(),
+            names(&present),
+            names(&missing)
+        )));
+    }
     (1..=layout.db_count())
         .map(|db| open_shard(settings, db, create))
         .collect()
@@ -112,7 +136,26 @@ fn open_shard(settings: &Settings, db: u32, create: bool) -> Result<Opened> {
     let mut conn =
         Connection::open_with_flags(&path, flags).map_err(|e| Error::storage(ctx("opening"), e))?;
     configure(&conn, settings.busy_timeout).map_err(|e| Error::storage(ctx("opening"), e))?;
-    {
+    // The file's layout must be this run's; checked before anything is written to it.
+    let check_layout = |conn: &Connection| -> Result<()> {
+        let (file_db, dbs, tbs) =
+            sql::shard_layout(conn).map_err(|e| Error::storage(ctx("reading the layout of"), e))?;
+        if (file_db, dbs, tbs) != (db, layout.db_count(), layout.tb_count()) {
+            return Err(Error::Config(format!(
+                "{} was created as database {file_db:02} of a {dbs} x {tbs} layout, but this run uses {} x {}: pass --db-count {dbs} --tb-count {tbs}, or another --data-dir",
+                path.display(),
+                layout.db_count(),
+                layout.tb_count()
+            )));
+        }
+        Ok(())
+    };
+    // A shard of this version is checked with plain reads; only one to create or upgrade takes
+    // the write lock (a writer busy with back-to-back group commits can hold it for long).
+    let current = sql::schema_version(&conn)
+        .map_err(|e| Error::storage(ctx("reading the schema version of"), e))?
+        == sql::SCHEMA_VERSION;
+    if !current {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| Error::storage(ctx("locking"), e))?;
@@ -143,6 +186,7 @@ fn open_shard(settings: &Settings, db: u32, create: bool) -> Result<Opened> {
                 layout.tb_count()
             );
         } else if version == 1 {
+            check_layout(&tx)?;
             sql::upgrade_from_1(&tx)
                 .map_err(|e| Error::storage(ctx("upgrading the schema of"), e))?;
             log::info!(
@@ -157,19 +201,10 @@ fn open_shard(settings: &Settings, db: u32, create: bool) -> Result<Opened> {
                 sql::SCHEMA_VERSION
             )));
         }
-        let (file_db, dbs, tbs) =
-            sql::shard_layout(&tx).map_err(|e| Error::storage(ctx("reading the layout of"), e))?;
-        if (file_db, dbs, tbs) != (db, layout.db_count(), layout.tb_count()) {
-            return Err(Error::Config(format!(
-                "{} was created as database {file_db:02} of a {dbs} x {tbs} layout, but this run uses {} x {}: pass --db-count {dbs} --tb-count {tbs}, or another --data-dir",
-                path.display(),
-                layout.db_count(),
-                layout.tb_count()
-            )));
-        }
         tx.commit()
             .map_err(|e| Error::storage(ctx("initialising"), e))?;
     }
+    check_layout(&conn)?;
     drop(conn);
     let busy = settings.busy_timeout;
     let manager = SqliteConnectionManager::file(&path)
@@ -324,16 +359,34 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_shard_is_upgraded_with_a_zero_watermark() {
+    fn a_version_1_shard_is_upgraded_with_a_zero_watermark_and_compacts() {
+        // A file made by the version 1 schema, with a delivered, completed task.
         let dir = tempfile::tempdir().unwrap();
         let conn = Connection::open(dir.path().join("s.db")).unwrap();
-        sql::apply_schema(&conn, 1, 2, 4, 0).unwrap();
+        let v1 = include_str!("../../../tests/fixtures/schema_v1.sql");
+        for script in crate::store::schema_scripts(v1, 4) {
+            conn.execute_batch(&script).unwrap();
+        }
         conn.execute_batch(
-            "DROP INDEX idx_delivery_seq; ALTER TABLE shard_meta DROP COLUMN compacted_seq; PRAGMA user_version = 1;",
+            "INSERT INTO shard_meta (id, db_idx, db_count, tb_count, next_seq, create_time) VALUES (1, 1, 2, 4, 2, 0);
+             INSERT INTO task (user_id, topic, message_id, message, state, seq, next_attempt_at, create_time, update_time)
+               VALUES ('u', 't', 'm1', '{}', 'completed', 1, 0, 10, 10);
+             INSERT INTO delivery (message_id, seq, order_id, receipts, delivered_at) VALUES ('m1', 1, 'o', 1, 10);
+             PRAGMA user_version = 1;",
         )
         .unwrap();
         sql::upgrade_from_1(&conn).unwrap();
         assert_eq!(sql::schema_version(&conn).unwrap(), sql::SCHEMA_VERSION);
         assert_eq!(sql::watermark(&conn).unwrap(), 0);
+        assert_eq!(sql::compact(&conn, 11, 100).unwrap(), 1);
+        assert_eq!(sql::watermark(&conn).unwrap(), 1);
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'idx_delivery_seq'"
+            ),
+            1,
+            "the first compaction built the index"
+        );
     }
 }

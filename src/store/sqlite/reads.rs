@@ -66,6 +66,7 @@ impl Reads for SqliteReads {
         let (delivered_messages, receipts) =
             sql::delivery_totals(&conn).map_err(e("counting deliveries"))?;
         let last_seq = sql::last_seq(&conn).map_err(e("reading the task sequence"))?;
+        let compacted = sql::watermark(&conn).map_err(e("reading the watermark"))?;
         Ok(ShardStatus {
             db,
             location: self.path.display().to_string(),
@@ -75,6 +76,7 @@ impl Reads for SqliteReads {
             delivered_messages,
             receipts,
             last_seq,
+            compacted,
         })
     }
 

@@ -33,11 +33,13 @@ pub fn apply_schema(
 }
 
 /// Upgrade a version 1 file to version 2 (inside the caller's transaction): the compaction
-/// watermark, and the delivery log's sequence index.
+/// watermark, at once (adding a column with a default rewrites nothing). The delivery log's
+/// sequence index, which takes a while on a large log, is built by the first compaction step,
+/// once the service runs, rather than while the shard opens (a start has a deadline under
+/// systemd). There is no way back: an older big-market refuses the file.
 pub fn upgrade_from_1(conn: &Connection) -> Sql<()> {
     conn.execute_batch(
-        "ALTER TABLE shard_meta ADD COLUMN compacted_seq INTEGER NOT NULL DEFAULT 0;
-         CREATE INDEX IF NOT EXISTS idx_delivery_seq ON delivery (seq);",
+        "ALTER TABLE shard_meta ADD COLUMN compacted_seq INTEGER NOT NULL DEFAULT 0;",
     )?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
 }
@@ -274,6 +276,8 @@ pub fn watermark(conn: &Connection) -> Sql<u64> {
 /// rows are deleted, except delivery rows received more than once. Returns how many numbers
 /// were folded.
 pub fn compact(conn: &Connection, before_ms: i64, max: u64) -> Sql<u64> {
+    // A shard upgraded from version 1 gets the index here, once (see `upgrade_from_1`).
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS idx_delivery_seq ON delivery (seq);")?;
     let from = watermark(conn)?;
     let to = last_seq(conn)?.min(from.saturating_add(max));
     if to <= from {
@@ -320,6 +324,40 @@ pub fn compact(conn: &Connection, before_ms: i64, max: u64) -> Sql<u64> {
     Ok(upto - from)
 }
 
+/// The number that holds the fold back, if it is older than `before_ms` (a young one is only
+/// lag): the first past the watermark, and what it lacks.
+pub fn compaction_held(conn: &Connection, before_ms: i64) -> Sql<Option<(u64, String)>> {
+    let next = watermark(conn)? + 1;
+    if next > last_seq(conn)? {
+        return Ok(None);
+    }
+    let task: Option<(String, i64)> = conn
+        .prepare_cached("SELECT state, create_time FROM task WHERE seq = ?1")?
+        .query_row(params![next], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let delivered = conn
+        .prepare_cached("SELECT 1 FROM delivery WHERE seq = ?1")?
+        .query_row(params![next], |_| Ok(()))
+        .optional()?
+        .is_some();
+    Ok(match task {
+        Some((_, created)) if created >= before_ms => None,
+        Some((state, _)) if !delivered => {
+            Some((next, format!("its task is {state} and was never delivered")))
+        }
+        Some((state, _)) if state != "completed" => {
+            Some((next, format!("it was delivered but its task is {state}")))
+        }
+        Some(_) => None,
+        None if !delivered => Some((
+            next,
+            "its task row is gone and it was never delivered: a loss, see `big-market audit`"
+                .into(),
+        )),
+        None => None,
+    })
+}
+
 /// Sequence numbers at or below the watermark whose task row is still there: the fold deletes
 /// every task it passes, so each one is a watermark moved past rows it never folded.
 pub fn tasks_below_watermark(conn: &Connection) -> Sql<Vec<u64>> {
@@ -362,6 +400,18 @@ pub fn complete_award(
     );
     conn.prepare_cached(&sql)?
         .execute(params![order_id, user_id, now_ms])
+}
+
+/// Whether an award record exists and was delivered (`completed`).
+pub fn award_delivered(conn: &Connection, table: &str, user_id: &str, order_id: &str) -> Sql<bool> {
+    let sql = format!(
+        "SELECT 1 FROM {table} WHERE order_id = ?1 AND user_id = ?2 AND award_state = 'completed'"
+    );
+    Ok(conn
+        .prepare_cached(&sql)?
+        .query_row(params![order_id, user_id], |_| Ok(()))
+        .optional()?
+        .is_some())
 }
 
 /// Whether an award record exists.
