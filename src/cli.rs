@@ -369,7 +369,12 @@ impl GlobalArgs {
             s.store = StoreTarget::parse(spec, self.db_count)?;
         }
         s.topic = self.topic.clone();
-        s.amqp_url = self.amqp_url.clone().filter(|u| !u.is_empty());
+        s.amqp_url = self
+            .amqp_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+            .map(crate::config::AmqpUrl::parse)
+            .transpose()?;
         s.stale_after = self.stale_after;
         s.publish_deadline = self.publish_timeout;
         s.scan_interval = self.scan_interval;

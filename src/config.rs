@@ -19,8 +19,9 @@ pub struct Settings {
     pub layout: Layout,
     /// Topic (and queue) of award messages. Default `send_award`.
     pub topic: String,
-    /// AMQP URL of the broker; `None` runs on the in-process transport.
-    pub amqp_url: Option<String>,
+    /// The broker's AMQP URL (never shown with its password); `None` runs on the in-process
+    /// transport.
+    pub amqp_url: Option<AmqpUrl>,
     /// A task not completed this long after its last claim is due again (the lease). Default 60 s.
     pub stale_after: Duration,
     /// Time between scanner ticks. Default 5 s.
@@ -185,13 +186,6 @@ impl Settings {
                 )));
             }
         }
-        if let Some(url) = &self.amqp_url {
-            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-                return Err(Error::Config(format!(
-                    "AMQP URL {url:?} must start with amqp:// or amqps://"
-                )));
-            }
-        }
         Ok(self)
     }
 }
@@ -237,6 +231,79 @@ impl FaultPlan {
             }
         }
         Ok(plan)
+    }
+}
+
+/// A broker's AMQP URL, parsed once. Its `Debug` and `Display` show it without the password
+/// (`amqp://user@host:port/vhost`); the whole URL is only handed to the AMQP client and to a
+/// child process's environment.
+#[derive(Clone, PartialEq)]
+pub struct AmqpUrl {
+    url: String,
+    shown: String,
+}
+
+impl AmqpUrl {
+    /// Parse `--amqp-url` as a URL (the AMQP transport reads its AMQP parts). Errors never
+    /// repeat the URL: it may hold a password.
+    pub fn parse(url: &str) -> Result<AmqpUrl> {
+        let parsed = url::Url::parse(url)
+            .map_err(|e| Error::Config(AmqpUrl::refusal(&format!("is not a valid URL ({e})"))))?;
+        if !matches!(parsed.scheme(), "amqp" | "amqps") || parsed.cannot_be_a_base() {
+            return Err(Error::Config(AmqpUrl::refusal(
+                "does not start with amqp:// or amqps://",
+            )));
+        }
+        let host = parsed.host_str().unwrap_or("");
+        if host.is_empty() {
+            return Err(Error::Config(AmqpUrl::refusal("names no host")));
+        }
+        let port = parsed.port().unwrap_or(if parsed.scheme() == "amqps" {
+            5671
+        } else {
+            5672
+        });
+        let user = parsed.username();
+        let shown = format!(
+            "{}://{user}{}{host}:{port}{}",
+            parsed.scheme(),
+            if user.is_empty() { "" } else { "@" },
+            parsed.path()
+        );
+        Ok(AmqpUrl {
+            url: url.to_string(),
+            shown,
+        })
+    }
+
+    /// Why an AMQP URL is refused, in a message that does not repeat it.
+    pub fn refusal(why: &str) -> String {
+        format!(
+            "the AMQP URL {why}: give amqp://user:password@host:5672/%2f (the URL is not repeated here: it may hold a password)"
+        )
+    }
+
+    /// The URL as given, password included: only ever handed to the AMQP client and a child
+    /// process's environment.
+    pub fn secret_url(&self) -> &str {
+        &self.url
+    }
+
+    /// The URL without its password.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+}
+
+impl std::fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl std::fmt::Display for AmqpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
     }
 }
 
@@ -478,6 +545,35 @@ mod tests {
     }
 
     #[test]
+    fn an_amqp_url_is_never_shown_with_its_password_not_even_when_it_does_not_parse() {
+        let url = AmqpUrl::parse("amqp://guest:s3cret@127.0.0.1:5672/%2f").unwrap();
+        assert_eq!(url.shown(), "amqp://guest@127.0.0.1:5672/%2f");
+        assert_eq!(url.secret_url(), "amqp://guest:s3cret@127.0.0.1:5672/%2f");
+        assert_eq!(AmqpUrl::parse("amqp://h").unwrap().shown(), "amqp://h:5672");
+        let mut s = Settings::new("data");
+        s.amqp_url = Some(url.clone());
+        s.store = StoreTarget::parse("mysql://u:s3cret@h/db", 2).unwrap();
+        let debug = format!("{s:?} {url}");
+        assert!(
+            !debug.contains("s3cret") && debug.contains("guest@127.0.0.1"),
+            "{debug}"
+        );
+        for bad in [
+            "http://guest:s3cret@127.0.0.1/",
+            "amqq//guest:s3cret@127.0.0.1/",
+            "amqp:guest:s3cret@127.0.0.1",
+            "amqp://guest:s3cret@127.0.0.1:99999/%2f",
+            "amqp://guest:s3cret@/%2f",
+        ] {
+            let e = AmqpUrl::parse(bad).unwrap_err().to_string();
+            assert!(
+                !e.contains("s3cret") && e.contains("AMQP URL"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn defaults_validate_and_bad_values_are_refused() {
         assert!(Settings::new("data").validate().is_ok());
         let mut s = Settings::new("data");
@@ -490,9 +586,6 @@ mod tests {
         let mut s = Settings::new("data");
         s.topic = "bad topic".into();
         assert!(s.validate().is_err());
-        let mut s = Settings::new("data");
-        s.amqp_url = Some("http://x".into());
-        assert!(s.validate().unwrap_err().to_string().contains("amqp://"));
         let mut s = Settings::new("data");
         s.publish_deadline = Some(Duration::from_secs(30));
         let e = s.validate().unwrap_err().to_string();

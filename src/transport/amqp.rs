@@ -13,7 +13,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -24,14 +24,18 @@ use lapin::options::{
     BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
 use super::{ConsumerHandle, Handled, Handler, Outgoing, PublishFailure, Transport, CONSUME_BATCH};
-use crate::config::Settings;
+use crate::config::{AmqpUrl, Settings};
 use crate::error::{Error, Result};
 
-/// Longest wait for a connection attempt.
+/// Longest wait for a connection attempt: the TCP connect, the AMQP handshake, the channel and
+/// the topology. An attempt past it is abandoned, and its socket shut down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a connection's orderly close; past it its socket is shut down.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the supervisor checks a healthy connection.
 const HEALTH_TICK: Duration = Duration::from_millis(200);
 /// Longest wait for a publisher confirm or an ack; past it the connection is presumed dead.
@@ -40,10 +44,33 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(15);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// One connect attempt's socket. lapin runs each connection on an I/O thread of its own that
+/// only a closed socket ends, so an attempt abandoned at its deadline (a peer that accepts and
+/// never speaks), and a link being closed, shut the socket down: the thread ends, and a
+/// handshake that would complete late completes on a dead socket. lapin's I/O thread holds the
+/// attempt (through the connect function it was given) until it ends, which tells the
+/// supervisor whether an earlier attempt is still alive.
+#[derive(Default)]
+struct Attempt {
+    /// A second handle on the connection's socket, and whether the attempt was abandoned.
+    socket: Mutex<(Option<std::net::TcpStream>, bool)>,
+}
+
+impl Attempt {
+    fn abandon(&self) {
+        let mut socket = self.socket.lock().unwrap_or_else(|p| p.into_inner());
+        socket.1 = true;
+        if let Some(s) = socket.0.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 #[derive(Clone)]
 struct Link {
     conn: Arc<Connection>,
     channel: Channel,
+    attempt: Weak<Attempt>,
 }
 
 impl Link {
@@ -51,10 +78,16 @@ impl Link {
         self.conn.status().connected() && self.channel.status().connected()
     }
 
+    /// Close the connection (bounded), then shut its socket down whatever the broker did.
     fn close(&self) {
         let conn = self.conn.clone();
-        let _ =
-            async_global_executor::block_on(async move { conn.close(200, "closing".into()).await });
+        let _ = async_global_executor::block_on(bounded_wait(
+            async move { conn.close(200, "closing".into()).await },
+            CLOSE_TIMEOUT,
+        ));
+        if let Some(attempt) = self.attempt.upgrade() {
+            attempt.abandon();
+        }
     }
 }
 
@@ -64,28 +97,25 @@ struct ConsumeState {
 }
 
 struct Inner {
-    url: String,
-    shown_url: String,
+    url: AmqpUrl,
+    uri: AMQPUri,
     queue: String,
     prefetch: u16,
     publish_timeout: Duration,
     publish: RwLock<Option<Link>>,
     consume: Mutex<Option<ConsumeState>>,
     publish_up: AtomicBool,
+    /// One heal at a time (the supervisor, and `start_consumer` once).
+    healing: Mutex<()>,
+    /// The last connect attempt of each link: a new one starts only once it has ended.
+    publish_attempt: Mutex<Weak<Attempt>>,
+    consume_attempt: Mutex<Weak<Attempt>>,
 }
 
 /// The RabbitMQ transport.
 pub struct Amqp {
     inner: Arc<Inner>,
     supervisor: Option<(Sender<()>, JoinHandle<()>)>,
-}
-
-/// The URL without its password, for logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}{}", &url[..s + 3], &url[at + 1..]),
-        _ => url.to_string(),
-    }
 }
 
 /// Await `f` for at most `limit`; `None` if it did not finish. lapin leaves the promises of a
@@ -105,37 +135,83 @@ async fn bounded_wait<F: Future>(f: F, limit: Duration) -> Option<F::Output> {
     .await
 }
 
-/// Run a connect future on its own thread so that a hung attempt is bounded.
-fn with_timeout<T: Send + 'static>(
-    what: &str,
-    f: impl Future<Output = lapin::Result<T>> + Send + 'static,
-) -> Result<T> {
-    let (tx, rx) = bounded(1);
-    crate::util::spawn("amqp-connect", move || {
-        let _ = tx.send(async_global_executor::block_on(f));
-    })?;
-    match rx.recv_timeout(CONNECT_TIMEOUT) {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(Error::Broker(format!("{what}: {e}"))),
-        Err(_) => Err(Error::Broker(format!(
-            "{what}: no answer within {CONNECT_TIMEOUT:?}"
-        ))),
-    }
+/// The AMQP parts of a URL. amq-protocol's own errors may quote the URL, password included:
+/// the refusal says only what to check.
+fn amqp_uri(url: &AmqpUrl) -> Result<AMQPUri> {
+    url.secret_url().parse::<AMQPUri>().map_err(|_| {
+        Error::Config(AmqpUrl::refusal(
+            "is not a valid AMQP URL (check the escapes of its user, password and vhost, and its query parameters)",
+        ))
+    })
 }
 
-async fn open_link(
-    url: String,
-    queue: String,
+/// What a link is for.
+struct LinkSpec<'a> {
+    uri: &'a AMQPUri,
+    /// The URL without its password.
+    shown: &'a str,
+    queue: &'a str,
     name: &'static str,
     confirm: bool,
     prefetch: Option<u16>,
-) -> lapin::Result<Link> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    let conn = Connection::connect(&url, props).await?;
+    /// Consume the queue into this channel.
+    consume: Option<Sender<Delivery>>,
+}
+
+/// Open a link on the calling thread within [`CONNECT_TIMEOUT`]. `attempt` learns the socket;
+/// an attempt that fails or misses the deadline is abandoned (its socket shut down).
+fn connect_link(what: &str, spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> Result<Link> {
+    let shown = spec.shown.to_string();
+    let opened = async_global_executor::block_on(bounded_wait(
+        open_link(spec, attempt.clone()),
+        CONNECT_TIMEOUT,
+    ));
+    match opened {
+        Some(Ok(link)) => Ok(link),
+        Some(Err(e)) => {
+            attempt.abandon();
+            Err(Error::Broker(format!("{what} {shown}: {e}")))
+        }
+        None => {
+            attempt.abandon();
+            Err(Error::Broker(format!(
+                "{what} {shown}: no answer within {CONNECT_TIMEOUT:?} (is it a RabbitMQ server?)"
+            )))
+        }
+    }
+}
+
+async fn open_link(spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> lapin::Result<Link> {
+    let props = ConnectionProperties::default().with_connection_name(spec.name.into());
+    let runtime = lapin::runtime::default_runtime()?;
+    let weak = Arc::downgrade(&attempt);
+    let conn = Connection::connector(
+        spec.uri.clone(),
+        runtime,
+        async move |uri, runtime| {
+            let stream = lapin::tcp::AMQPUriTcpExt::connect_with_config_async(
+                &uri,
+                lapin::tcp::TLSConfig::default(),
+                &runtime,
+            )
+            .await?;
+            let mut socket = attempt.socket.lock().unwrap_or_else(|p| p.into_inner());
+            if socket.1 {
+                return Err(std::io::Error::other("the connect attempt was abandoned").into());
+            }
+            if let lapin::tcp::AsyncTcpStream::Plain(s) = &stream {
+                socket.0 = Some(s.get_ref().try_clone()?);
+            }
+            drop(socket);
+            Ok(stream)
+        },
+        props,
+    )
+    .await?;
     let channel = conn.create_channel().await?;
     // The topic's queue and its dead-letter queue: plain durable queues without arguments, so
     // declaring them agrees with a queue that already exists.
-    for q in [queue.clone(), dead_letter_queue(&queue)] {
+    for q in [spec.queue.to_string(), dead_letter_queue(spec.queue)] {
         channel
             .queue_declare(
                 q.as_str().into(),
@@ -147,70 +223,88 @@ async fn open_link(
             )
             .await?;
     }
-    if confirm {
+    if spec.confirm {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
     }
-    if let Some(p) = prefetch {
+    if let Some(p) = spec.prefetch {
         channel.basic_qos(p, BasicQosOptions::default()).await?;
+    }
+    if let Some(deliveries) = spec.consume {
+        let consumer = channel
+            .basic_consume(
+                spec.queue.into(),
+                "big-market".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        consumer.set_delegate(move |d: DeliveryResult| {
+            let tx = deliveries.clone();
+            async move {
+                match d {
+                    Ok(Some(delivery)) => {
+                        // Prefetch bounds what is in flight, and the channel holds more than that.
+                        let _ = tx.send(delivery);
+                    }
+                    Ok(None) => log::debug!("amqp consumer cancelled"),
+                    Err(e) => log::warn!("amqp consumer error, reconnecting: {e}"),
+                }
+            }
+        });
     }
     Ok(Link {
         conn: Arc::new(conn),
         channel,
+        attempt: weak,
     })
 }
 
 impl Inner {
+    /// Connect one link, unless its previous attempt is still alive (at most one attempt in
+    /// flight per link: an abandoned one ends once lapin's thread sees its socket shut).
+    fn connect(&self, last: &Mutex<Weak<Attempt>>, what: &str, spec: LinkSpec<'_>) -> Result<Link> {
+        let mut last = last.lock().expect("attempt lock");
+        if last.strong_count() > 0 {
+            return Err(Error::Broker(format!(
+                "{what} {}: the previous attempt is still closing",
+                self.url
+            )));
+        }
+        let attempt = Arc::new(Attempt::default());
+        *last = Arc::downgrade(&attempt);
+        connect_link(what, spec, attempt)
+    }
+
     fn connect_publisher(&self) -> Result<Link> {
-        with_timeout(
-            &format!("connecting to {}", self.shown_url),
-            open_link(
-                self.url.clone(),
-                self.queue.clone(),
-                "big-market-publish",
-                true,
-                None,
-            ),
+        self.connect(
+            &self.publish_attempt,
+            "connecting to",
+            LinkSpec {
+                uri: &self.uri,
+                shown: self.url.shown(),
+                queue: &self.queue,
+                name: "big-market-publish",
+                confirm: true,
+                prefetch: None,
+                consume: None,
+            },
         )
     }
 
     fn connect_consumer(&self, deliveries: Sender<Delivery>) -> Result<Link> {
-        let (url, queue, prefetch) = (self.url.clone(), self.queue.clone(), self.prefetch);
-        with_timeout(
-            &format!("connecting the consumer to {}", self.shown_url),
-            async move {
-                let link = open_link(
-                    url,
-                    queue.clone(),
-                    "big-market-consume",
-                    false,
-                    Some(prefetch),
-                )
-                .await?;
-                let consumer = link
-                    .channel
-                    .basic_consume(
-                        queue.as_str().into(),
-                        "big-market".into(),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await?;
-                consumer.set_delegate(move |d: DeliveryResult| {
-                    let tx = deliveries.clone();
-                    async move {
-                        match d {
-                            Ok(Some(delivery)) => {
-                                // Prefetch bounds what is in flight, and the channel holds more than that.
-                                let _ = tx.send(delivery);
-                            }
-                            Ok(None) => log::debug!("amqp consumer cancelled"),
-                            Err(e) => log::warn!("amqp consumer error, reconnecting: {e}"),
-                        }
-                    }
-                });
-                Ok(link)
+        self.connect(
+            &self.consume_attempt,
+            "connecting the consumer to",
+            LinkSpec {
+                uri: &self.uri,
+                shown: self.url.shown(),
+                queue: &self.queue,
+                name: "big-market-consume",
+                confirm: false,
+                prefetch: Some(self.prefetch),
+                consume: Some(deliveries),
             },
         )
     }
@@ -229,48 +323,49 @@ impl Inner {
 
     /// One supervisor step: reconnect what is down. Returns whether everything is up.
     fn heal(&self) -> bool {
+        let _healing = self.healing.lock().unwrap_or_else(|p| p.into_inner());
         let mut ok = true;
         if !self.publish_healthy() {
+            // A link that is down is closed before another is opened: its thread and socket
+            // go with it.
+            let old = self.publish.write().expect("publish lock").take();
+            if let Some(old) = old {
+                old.close();
+            }
             match self.connect_publisher() {
                 Ok(link) => {
-                    if let Some(old) = self.publish.write().expect("publish lock").replace(link) {
-                        old.close();
-                    }
+                    *self.publish.write().expect("publish lock") = Some(link);
                 }
                 Err(e) => {
                     ok = false;
                     if self.publish_up.load(Ordering::SeqCst) {
-                        log::warn!("broker connection lost url={}: {e}; writes still commit, tasks wait for the reconnect", self.shown_url);
+                        log::warn!("broker connection lost url={}: {e}; writes still commit, tasks wait for the reconnect", self.url);
+                    } else {
+                        log::debug!("broker still unreachable: {e}");
                     }
                 }
             }
             let up = self.publish_healthy();
             if up && !self.publish_up.load(Ordering::SeqCst) {
-                log::info!(
-                    "broker connected url={} queue={}",
-                    self.shown_url,
-                    self.queue
-                );
+                log::info!("broker connected url={} queue={}", self.url, self.queue);
             }
             self.publish_up.store(up, Ordering::SeqCst);
         }
         let mut consume = self.consume.lock().expect("consume lock");
         if let Some(state) = consume.as_mut() {
             if !state.link.as_ref().is_some_and(Link::healthy) {
+                let lost = state.link.take();
+                if let Some(old) = &lost {
+                    old.close();
+                }
                 match self.connect_consumer(state.deliveries.clone()) {
                     Ok(link) => {
-                        log::info!(
-                            "consumer connected url={} queue={}",
-                            self.shown_url,
-                            self.queue
-                        );
-                        if let Some(old) = state.link.replace(link) {
-                            old.close();
-                        }
+                        log::info!("consumer connected url={} queue={}", self.url, self.queue);
+                        state.link = Some(link);
                     }
                     Err(e) => {
                         ok = false;
-                        if state.link.take().is_some() {
+                        if lost.is_some() {
                             log::warn!("consumer connection lost: {e}; unacked messages return to the queue");
                         }
                     }
@@ -284,22 +379,25 @@ impl Inner {
 impl Amqp {
     /// Connect (or keep trying in the background) and declare the topology. A broker that is
     /// down at start is not an error: writes commit and the backlog is sent once it is up.
-    pub fn connect(url: &str, settings: &Settings) -> Result<Self> {
+    pub fn connect(url: &AmqpUrl, settings: &Settings) -> Result<Self> {
         let inner = Arc::new(Inner {
-            url: url.to_string(),
-            shown_url: redact(url),
+            url: url.clone(),
+            uri: amqp_uri(url)?,
             queue: settings.topic.clone(),
             prefetch: settings.prefetch,
             publish_timeout: settings.publish_timeout(),
             publish: RwLock::new(None),
             consume: Mutex::new(None),
             publish_up: AtomicBool::new(false),
+            healing: Mutex::new(()),
+            publish_attempt: Mutex::new(Weak::new()),
+            consume_attempt: Mutex::new(Weak::new()),
         });
         inner.heal();
         if !inner.publish_healthy() {
             log::warn!(
                 "broker unreachable url={}: starting disconnected, retrying in the background",
-                inner.shown_url
+                inner.url
             );
         }
         let (stop_tx, stop_rx) = bounded::<()>(0);
@@ -315,17 +413,20 @@ impl Amqp {
     pub fn connect_once(settings: &Settings) -> Result<()> {
         let url = settings
             .amqp_url
-            .clone()
+            .as_ref()
             .ok_or_else(|| Error::Config("no AMQP URL given".into()))?;
-        let link = with_timeout(
-            &format!("connecting to {}", redact(&url)),
-            open_link(
-                url,
-                settings.topic.clone(),
-                "big-market-status",
-                false,
-                None,
-            ),
+        let link = connect_link(
+            "connecting to",
+            LinkSpec {
+                uri: &amqp_uri(url)?,
+                shown: url.shown(),
+                queue: &settings.topic,
+                name: "big-market-status",
+                confirm: false,
+                prefetch: None,
+                consume: None,
+            },
+            Arc::default(),
         )?;
         link.close();
         Ok(())
@@ -391,7 +492,7 @@ impl Transport for Amqp {
     fn describe(&self) -> String {
         format!(
             "amqp {} queue={} ({})",
-            self.inner.shown_url,
+            self.inner.url,
             self.inner.queue,
             if self.is_connected() {
                 "connected"
@@ -784,14 +885,22 @@ pub fn walk_dead_letters(
     limit: usize,
     mut decide: impl FnMut(&DeadLetter) -> DeadLetterAction + Send + 'static,
 ) -> Result<Vec<(DeadLetter, DeadLetterAction)>> {
-    let url = settings.amqp_url.clone().ok_or_else(|| {
+    let url = settings.amqp_url.as_ref().ok_or_else(|| {
         Error::Config("the dead-letter queue lives on RabbitMQ: pass --amqp-url (AMQP_URL); in-process, a refused message ends as a dead task (`big-market tasks list --state dead`)".into())
     })?;
     let queue = settings.topic.clone();
-    let shown = redact(&url);
-    let link = with_timeout(
-        &format!("connecting to {shown}"),
-        open_link(url, queue.clone(), "big-market-dlq", true, None),
+    let link = connect_link(
+        "connecting to",
+        LinkSpec {
+            uri: &amqp_uri(url)?,
+            shown: url.shown(),
+            queue: &queue,
+            name: "big-market-dlq",
+            confirm: true,
+            prefetch: None,
+            consume: None,
+        },
+        Arc::default(),
     )?;
     let dlq = dead_letter_queue(&queue);
     let channel = link.channel.clone();
@@ -877,19 +986,5 @@ impl ConsumerHandle for AmqpConsumer {
         if let Some(link) = state.and_then(|s| s.link) {
             link.close();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn passwords_are_not_logged() {
-        assert_eq!(
-            redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
-            "amqp://127.0.0.1:5672/%2f"
-        );
-        assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
     }
 }

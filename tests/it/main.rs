@@ -1,6 +1,7 @@
 //! Integration tests: the library against temporary data directories, and the real binary.
 
 mod amqp;
+mod bounded;
 mod cli;
 mod edge;
 mod faults;
