@@ -602,7 +602,11 @@ impl Transport for Amqp {
             deliveries: tx,
             link: None,
         });
-        self.inner.heal();
+        // With the broker reachable, consume at once; otherwise the supervisor connects the
+        // consumer with the publisher, and starting does not wait for a broker that is down.
+        if self.inner.publish_healthy() {
+            self.inner.heal();
+        }
         let (stop_tx, stop_rx) = bounded::<()>(0);
         let mut handles = Vec::with_capacity(threads);
         for i in 0..threads {

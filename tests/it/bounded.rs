@@ -121,3 +121,57 @@ fn verify_hands_the_amqp_url_to_its_children_through_the_environment_not_their_c
         "the child got the URL through its environment"
     );
 }
+
+#[test]
+fn a_broker_that_accepts_and_never_speaks_costs_no_thread_or_socket_per_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    // A peer that accepts every connection, holds it open and never says a word.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = held.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            h.lock().unwrap().push(s);
+        }
+    });
+    let accepted = || held.lock().unwrap().len();
+    assert!(bin(dir.path()).arg("init").status().unwrap().success());
+    let mut serve = bin(dir.path())
+        .env(
+            "AMQP_URL",
+            format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        )
+        .arg("serve")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = serve.id();
+    // Started (its scanner thread runs), and retrying both links.
+    assert!(
+        wait_until(Duration::from_secs(60), || thread_names(pid)
+            .contains(&"scanner".to_string())
+            && accepted() >= 2),
+        "serve did not start within 60 s"
+    );
+    let (first, at) = (threads_and_fds(pid), accepted());
+    // Sample the process over 30 s of retries.
+    let start = std::time::Instant::now();
+    let mut most = first;
+    while start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = threads_and_fds(pid);
+        most = (most.0.max(now.0), most.1.max(now.1));
+    }
+    let attempts = accepted() - at;
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert!(attempts >= 2, "only {attempts} connect attempts in 30 s");
+    // At most one attempt in flight per link (publisher and consumer): whatever the number
+    // of attempts, the process holds no more threads or sockets than while the first was open.
+    assert!(
+        most.0 <= first.0 + 2 && most.1 <= first.1 + 2,
+        "{attempts} connect attempts grew the process from {first:?} to {most:?} (threads, fds)"
+    );
+}

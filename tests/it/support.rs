@@ -821,3 +821,15 @@ pub fn threads_and_fds(pid: u32) -> (usize, usize) {
         .count();
     (threads, fds)
 }
+
+/// The names of a process's threads (`/proc/<pid>/task/*/comm`).
+pub fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|n| n.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
