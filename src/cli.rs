@@ -814,15 +814,28 @@ fn dlq(settings: &Settings, command: DlqCommand) -> Result<()> {
             }
         }
         DlqCommand::Replay { message_id, all } => {
+            // One copy per message id: a dead letter whose confirm came late (a broker under
+            // an alarm) may have been set aside twice; the copies after the first are removed.
+            let mut replayed = std::collections::HashSet::new();
             let seen = walk_dead_letters(settings, usize::MAX, move |l| {
-                if all || l.message_id.is_some() && l.message_id == message_id {
-                    A::Replay
-                } else {
+                if !(all || l.message_id.is_some() && l.message_id == message_id) {
                     A::Keep
+                } else if l
+                    .message_id
+                    .as_ref()
+                    .is_some_and(|id| !replayed.insert(id.clone()))
+                {
+                    A::Drop
+                } else {
+                    A::Replay
                 }
             })?;
             let n = seen.iter().filter(|(_, a)| *a == A::Replay).count();
-            println!("replayed {n} messages from {queue} to {}", settings.topic);
+            let copies = seen.iter().filter(|(_, a)| *a == A::Drop).count();
+            println!(
+                "replayed {n} messages from {queue} to {} ({copies} duplicate copies removed)",
+                settings.topic
+            );
             if n == 0 && !all {
                 return Err(Error::invalid(
                     "message_id",

@@ -208,11 +208,27 @@ async fn open_link(spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> lapin::Result<L
         props,
     )
     .await?;
-    let channel = conn.create_channel().await?;
-    // The topic's queue and its dead-letter queue: plain durable queues without arguments, so
-    // declaring them agrees with a queue that already exists.
+    // The topic's queue and its dead-letter queue: declared, durable and without arguments,
+    // when they do not exist; a queue that exists is taken as it is (its arguments, such as a
+    // length limit on the dead-letter queue, are the operator's, and declaring it again with
+    // others would fail). A passive declare of a missing queue closes its channel, so each
+    // probe has a channel of its own.
     for q in [spec.queue.to_string(), dead_letter_queue(spec.queue)] {
-        channel
+        let probe = conn.create_channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        if probe
+            .queue_declare(q.as_str().into(), passive, FieldTable::default())
+            .await
+            .is_ok()
+        {
+            let _ = probe.close(200, "probed".into()).await;
+            continue;
+        }
+        let declare = conn.create_channel().await?;
+        declare
             .queue_declare(
                 q.as_str().into(),
                 QueueDeclareOptions {
@@ -222,7 +238,9 @@ async fn open_link(spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> lapin::Result<L
                 FieldTable::default(),
             )
             .await?;
+        let _ = declare.close(200, "declared".into()).await;
     }
+    let channel = conn.create_channel().await?;
     if spec.confirm {
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -617,7 +635,9 @@ impl Transport for Amqp {
                 self.inner.clone(),
             );
             handles.push(
-                crate::util::spawn(format!("amqp-consumer-{i}"), move || loop {
+                crate::util::spawn(format!("amqp-consumer-{i}"), move || {
+                    let mut health = crate::consumer::StoreHealth::default();
+                    loop {
                         select! {
                             recv(stop_rx) -> _ => break,
                             recv(rx) -> d => match d {
@@ -626,11 +646,12 @@ impl Transport for Amqp {
                                     let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
                                     let outcomes = handler.handle_batch(&bodies);
                                     crate::crash::hit(crate::crash::Point::BeforeAck);
-                                    settle_batch(&inner, batch, outcomes);
+                                    settle_batch(&inner, batch, outcomes, &mut health, &stop_rx);
                                 }
                                 Err(_) => break,
                             },
                         }
+                    }
                     })?,
             );
         }
@@ -642,13 +663,85 @@ impl Transport for Amqp {
     }
 }
 
-/// Settle a handled batch: every ack, dead-letter or requeue is sent at once and awaited
-/// together, rather than one round trip after another.
-fn settle_batch(inner: &Arc<Inner>, batch: Vec<Delivery>, outcomes: Vec<Handled>) {
+/// Settle a handled batch: the dead letters are published first, all at once, then every
+/// ack or requeue is sent at once and awaited together, rather than one round trip after
+/// another. When a dead-letter publish fails (a full or refusing dead-letter queue, a
+/// publisher that is down or blocked), its message goes back to the queue only after a
+/// backoff, as after a storage failure: the consumer thread waits (taking nothing new) unless
+/// `stop` ends the wait, so a message that cannot be set aside is not redelivered in a loop.
+fn settle_batch(
+    inner: &Arc<Inner>,
+    batch: Vec<Delivery>,
+    outcomes: Vec<Handled>,
+    health: &mut crate::consumer::StoreHealth,
+    stop: &Receiver<()>,
+) {
+    let queue = dead_letter_queue(&inner.queue);
+    let set_aside: Vec<_> = batch
+        .iter()
+        .zip(&outcomes)
+        .filter_map(|(d, outcome)| match outcome {
+            Handled::Reject(reason) => {
+                let (inner, reason) = (inner.clone(), reason.clone());
+                let (properties, data) = (d.properties.clone(), d.data.clone());
+                Some(async_global_executor::spawn(async move {
+                    dead_letter(&inner, &properties, &data, &reason).await
+                }))
+            }
+            _ => None,
+        })
+        .collect();
+    let mut results = async_global_executor::block_on(async move {
+        let mut out = Vec::with_capacity(set_aside.len());
+        for s in set_aside {
+            out.push(s.await);
+        }
+        out
+    })
+    .into_iter();
+    let mut failure = None;
+    let outcomes: Vec<Handled> = outcomes
+        .into_iter()
+        .map(|outcome| match outcome {
+            Handled::Reject(reason) => match results.next() {
+                Some(Ok(())) => {
+                    log::warn!(
+                        "message set aside in {queue} reason={reason:?}: see `big-market dlq list`"
+                    );
+                    Handled::Ack
+                }
+                Some(Err(e)) => {
+                    failure = Some(e.clone());
+                    Handled::Retry(e)
+                }
+                None => Handled::Retry("not set aside".into()),
+            },
+            other => other,
+        })
+        .collect();
+    match failure {
+        Some(cause) => {
+            let (wait, started) = health.failed();
+            if started {
+                log::warn!("could not set a message aside in {queue} ({cause}); it goes back to the queue after a backoff of up to {:?}, until a dead letter goes through", crate::consumer::BACKOFF_MAX);
+            } else {
+                log::debug!("dead-lettering still failing, waiting {wait:?}: {cause}");
+            }
+            // The backoff itself, cut short by a stop.
+            let _ = stop.recv_timeout(wait);
+        }
+        None => {
+            if outcomes.iter().any(|o| matches!(o, Handled::Ack)) {
+                if let Some(n) = health.succeeded() {
+                    log::info!("dead letters go through again after {n} failed batches");
+                }
+            }
+        }
+    }
     let settles: Vec<_> = batch
         .into_iter()
         .zip(outcomes)
-        .map(|(d, outcome)| async_global_executor::spawn(settle(inner.clone(), d, outcome)))
+        .map(|(d, outcome)| async_global_executor::spawn(settle(d, outcome)))
         .collect();
     async_global_executor::block_on(async move {
         for s in settles {
@@ -657,32 +750,15 @@ fn settle_batch(inner: &Arc<Inner>, batch: Vec<Delivery>, outcomes: Vec<Handled>
     });
 }
 
-async fn settle(inner: Arc<Inner>, d: Delivery, outcome: Handled) {
+/// Ack or requeue one delivery (a dead letter was published before, confirmed: RabbitMQ would
+/// delete a rejected message).
+async fn settle(d: Delivery, outcome: Handled) {
     // A delivery whose channel is gone cannot be settled; the broker requeues it by itself,
     // and delivery is idempotent.
     if !d.acker.usable() {
         log::debug!("amqp delivery from a closed channel left unsettled ({outcome:?}); the broker redelivers it");
         return;
     }
-    // A message that can never be handled goes to the dead-letter queue first, confirmed, and
-    // only then is acked: RabbitMQ would delete a rejected one. If that publish fails, it goes
-    // back to the queue.
-    let outcome = match outcome {
-        Handled::Reject(reason) => match dead_letter(&inner, &d, &reason).await {
-            Ok(()) => {
-                log::warn!(
-                    "message set aside in {} reason={reason:?}: see `big-market dlq list`",
-                    dead_letter_queue(&inner.queue)
-                );
-                Handled::Ack
-            }
-            Err(e) => {
-                log::warn!("could not set a message aside ({e}); it goes back to the queue");
-                Handled::Retry(e)
-            }
-        },
-        other => other,
-    };
     let settled = bounded_wait(
         async {
             match &outcome {
@@ -782,11 +858,19 @@ fn message_id_of(props: &BasicProperties, body: &[u8]) -> Option<String> {
 
 /// Publish a copy of `d` to the dead-letter queue, persistent, with headers saying why, when,
 /// from where and which message; `Ok` once the broker confirmed it.
-async fn dead_letter(inner: &Inner, d: &Delivery, reason: &str) -> std::result::Result<(), String> {
+async fn dead_letter(
+    inner: &Inner,
+    properties: &BasicProperties,
+    data: &[u8],
+    reason: &str,
+) -> std::result::Result<(), String> {
     let link = inner
         .publish_link()
         .filter(Link::healthy)
         .ok_or("the publisher is not connected")?;
+    if link.conn.status().blocked() {
+        return Err("the broker is blocking publishers (a memory or disk alarm)".into());
+    }
     let mut headers = FieldTable::default();
     headers.insert(H_REASON.into(), AMQPValue::LongString(reason.into()));
     headers.insert(H_AT.into(), AMQPValue::LongLongInt(crate::util::now_ms()));
@@ -794,7 +878,7 @@ async fn dead_letter(inner: &Inner, d: &Delivery, reason: &str) -> std::result::
         H_QUEUE.into(),
         AMQPValue::LongString(inner.queue.as_str().into()),
     );
-    let id = message_id_of(&d.properties, &d.data);
+    let id = message_id_of(properties, data);
     if let Some(id) = &id {
         headers.insert(H_ID.into(), AMQPValue::LongString(id.as_str().into()));
     }
@@ -804,39 +888,50 @@ async fn dead_letter(inner: &Inner, d: &Delivery, reason: &str) -> std::result::
     if let Some(id) = id {
         props = props.with_message_id(id.into());
     }
-    if let Some(ct) = d.properties.content_type() {
+    if let Some(ct) = properties.content_type() {
         props = props.with_content_type(ct.clone());
     }
+    // One deadline for handing it over and its confirm, like a publish batch: a consumer
+    // thread never waits on the broker without a bound.
     publish_confirmed(
         &link.channel,
         &dead_letter_queue(&inner.queue),
-        &d.data,
+        data,
         props,
+        inner.publish_timeout,
     )
     .await
 }
 
-/// Publish to the default exchange with `mandatory` and wait (bounded) for a plain ack.
+/// Publish to the default exchange with `mandatory` and wait for a plain ack, handing it over
+/// and the confirm together within `limit`.
 async fn publish_confirmed(
     channel: &Channel,
     queue: &str,
     body: &[u8],
     props: BasicProperties,
+    limit: Duration,
 ) -> std::result::Result<(), String> {
     let opts = BasicPublishOptions {
         mandatory: true,
         ..Default::default()
     };
-    let confirm = channel
-        .basic_publish("".into(), queue.into(), opts, body, props)
-        .await
-        .map_err(|e| format!("publishing to {queue}: {e}"))?;
-    match bounded_wait(confirm, RPC_TIMEOUT).await {
+    let published = bounded_wait(
+        async {
+            channel
+                .basic_publish("".into(), queue.into(), opts, body, props)
+                .await?
+                .await
+        },
+        limit,
+    )
+    .await;
+    match published {
         Some(Ok(Confirmation::Ack(None))) => Ok(()),
         Some(Ok(other)) => Err(format!("publishing to {queue}: not confirmed ({other:?})")),
         Some(Err(e)) => Err(format!("publishing to {queue}: {e}")),
         None => Err(format!(
-            "publishing to {queue}: no confirm within {RPC_TIMEOUT:?}"
+            "publishing to {queue}: not confirmed within {limit:?}"
         )),
     }
 }
@@ -953,7 +1048,7 @@ pub fn walk_dead_letters(
                     if let Some(id) = &letter.message_id {
                         props = props.with_message_id(id.as_str().into());
                     }
-                    publish_confirmed(&channel, &queue, &d.data, props).await?;
+                    publish_confirmed(&channel, &queue, &d.data, props, RPC_TIMEOUT).await?;
                     d.ack(BasicAckOptions::default())
                         .await
                         .map_err(|e| format!("removing a replayed message from {dlq}: {e}"))?;
