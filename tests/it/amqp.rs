@@ -661,3 +661,56 @@ fn a_dead_letter_queue_that_refuses_publishes_slows_the_consumer_to_a_backoff_an
         "serve did not stop within 5 s of SIGTERM ({exit:?} after {took:?})"
     );
 }
+
+#[test]
+fn a_wrong_amqp_password_is_refused_without_showing_it_in_any_output_or_log_line() {
+    let Some(t) = TestStore::amqp() else { return };
+    let wrong = "wr0ngpw4242";
+    let parsed = url::Url::parse(t.amqp_url()).unwrap();
+    let mut url = parsed.clone();
+    url.set_password(Some(wrong)).unwrap();
+    let url = url.to_string();
+    let run = |args: &[&str]| {
+        let out = t
+            .bin()
+            .env("AMQP_URL", &url)
+            .env("RUST_LOG", "debug")
+            .args(["--topic", &t.settings.topic])
+            .args(args)
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let award = run(&[
+        "award",
+        "--user-id",
+        "u1",
+        "--activity-id",
+        "1",
+        "--strategy-id",
+        "1",
+        "--order-id",
+        "000000000001",
+        "--award-id",
+        "1",
+        "--award-title",
+        "t",
+        "--wait",
+        "confirmed",
+        "--wait-timeout",
+        "2s",
+    ]);
+    assert!(award.contains("not confirmed"), "{award}");
+    let status = run(&["status"]);
+    assert!(status.contains("ACCESS_REFUSED"), "{status}");
+    for text in [award, status] {
+        assert!(!text.contains(wrong), "{text}");
+        if let Some(real) = parsed.password().filter(|p| p.len() > 3) {
+            assert!(!text.contains(&format!(":{real}@")), "{text}");
+        }
+    }
+}
