@@ -41,6 +41,10 @@ fn retention(s: &str) -> std::result::Result<Retention, String> {
     }
 }
 
+fn queue_type(s: &str) -> std::result::Result<crate::config::QueueType, String> {
+    crate::config::QueueType::parse(s).map_err(|e| e.to_string())
+}
+
 /// A whole number from 1 to `MAX`, for counts, sizes and threads: anything else is refused by
 /// the argument parser (exit 2) before it can exhaust memory or overflow.
 fn count<T: TryFrom<u64>, const MAX: u64>(s: &str) -> std::result::Result<T, String> {
@@ -87,9 +91,32 @@ struct GlobalArgs {
     /// Number of split award tables per database.
     #[arg(long, env = "BIG_MARKET_TB_COUNT", default_value_t = 4, global = true, value_parser = count::<u32, 1024>)]
     tb_count: u32,
-    /// RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f. Unset: the in-process transport.
+    /// RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f, or a cluster's nodes separated
+    /// by commas (the first that answers is used; on a lost connection, the next). Unset: the
+    /// in-process transport.
     #[arg(long, env = "AMQP_URL", hide_env_values = true, global = true)]
     amqp_url: Option<String>,
+    /// How the queue and `<topic>.dlq` are declared on RabbitMQ: `classic` (the original's) or
+    /// `quorum` (replicated over a cluster, with a delivery limit and broker-side
+    /// dead-lettering). A queue that exists with other arguments is refused at start.
+    #[arg(
+        long,
+        env = "BIG_MARKET_QUEUE_TYPE",
+        default_value = "classic",
+        value_parser = queue_type,
+        global = true
+    )]
+    queue_type: crate::config::QueueType,
+    /// On a quorum queue: deliveries of one message after which the broker dead-letters it
+    /// to `<topic>.dlq` (1 to 1,000).
+    #[arg(
+        long,
+        env = "BIG_MARKET_DELIVERY_LIMIT",
+        default_value_t = 20,
+        value_parser = count::<u32, 1_000>,
+        global = true
+    )]
+    delivery_limit: u32,
     /// Topic of award messages (also the queue name on RabbitMQ).
     #[arg(
         long,
@@ -375,6 +402,8 @@ impl GlobalArgs {
             .filter(|u| !u.trim().is_empty())
             .map(crate::config::AmqpUrl::parse)
             .transpose()?;
+        s.queue_type = self.queue_type;
+        s.delivery_limit = self.delivery_limit;
         s.stale_after = self.stale_after;
         s.publish_deadline = self.publish_timeout;
         s.scan_interval = self.scan_interval;
@@ -675,7 +704,11 @@ fn status(settings: &Settings, json: bool) -> Result<()> {
     let broker = match &settings.amqp_url {
         None => "in-process (no broker configured)".to_string(),
         Some(_) => match crate::transport::amqp::Amqp::connect_once(settings) {
-            Ok(()) => "connected".to_string(),
+            Ok(node) => format!(
+                "connected to {node}, queue {} ({})",
+                settings.topic,
+                settings.queue_type.as_str()
+            ),
             Err(e) => format!("unreachable: {e}"),
         },
     };

@@ -22,6 +22,11 @@ pub struct Settings {
     /// The broker's AMQP URL (never shown with its password); `None` runs on the in-process
     /// transport.
     pub amqp_url: Option<AmqpUrl>,
+    /// How the queues are declared on RabbitMQ. Default classic.
+    pub queue_type: QueueType,
+    /// On a quorum queue, deliveries of one message after which the broker dead-letters it to
+    /// `<topic>.dlq`. Default 20 (RabbitMQ 4's).
+    pub delivery_limit: u32,
     /// A task not completed this long after its last claim is due again (the lease). Default 60 s.
     pub stale_after: Duration,
     /// Time between scanner ticks. Default 5 s.
@@ -72,6 +77,8 @@ impl Settings {
             layout: Layout::default(),
             topic: "send_award".into(),
             amqp_url: None,
+            queue_type: QueueType::Classic,
+            delivery_limit: 20,
             stale_after: Duration::from_secs(60),
             scan_interval: Duration::from_secs(5),
             scan_batch: 500,
@@ -234,29 +241,98 @@ impl FaultPlan {
     }
 }
 
-/// A broker's AMQP URL, parsed once. Its `Debug` and `Display` show it without the password
-/// (`amqp://user@host:port/vhost`); the whole URL is only handed to the AMQP client and to a
-/// child process's environment.
+/// `--amqp-url`, parsed once: one RabbitMQ node, or a comma-separated list of a cluster's nodes
+/// (tried in order; on a lost connection the transport moves to the next). Its `Debug` and
+/// `Display` show it without passwords (`amqp://user@host:port/vhost`); the whole URL is only
+/// handed to the AMQP client and to a child process's environment.
 #[derive(Clone, PartialEq)]
 pub struct AmqpUrl {
+    nodes: Vec<AmqpNode>,
+    /// The nodes' URLs as given, comma-separated, passwords included.
+    spec: String,
+}
+
+/// One node of `--amqp-url`.
+#[derive(Clone, PartialEq)]
+pub struct AmqpNode {
     url: String,
     shown: String,
 }
 
+impl AmqpNode {
+    /// The URL as given, password included: only ever handed to the AMQP client.
+    pub fn secret_url(&self) -> &str {
+        &self.url
+    }
+
+    /// The URL without its password.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+}
+
 impl AmqpUrl {
-    /// Parse `--amqp-url` as a URL (the AMQP transport reads its AMQP parts). Errors never
-    /// repeat the URL: it may hold a password.
-    pub fn parse(url: &str) -> Result<AmqpUrl> {
-        let parsed = url::Url::parse(url)
-            .map_err(|e| Error::Config(AmqpUrl::refusal(&format!("is not a valid URL ({e})"))))?;
+    /// Parse `--amqp-url`: one URL, or several separated by commas (a cluster's nodes). The
+    /// AMQP transport reads their AMQP parts. Errors never repeat a URL: it may hold a password.
+    pub fn parse(spec: &str) -> Result<AmqpUrl> {
+        let urls: Vec<&str> = spec.split(',').map(str::trim).collect();
+        let mut nodes = Vec::with_capacity(urls.len());
+        for (i, url) in urls.iter().enumerate() {
+            let node = AmqpNode::parse(url).map_err(|why| {
+                Error::Config(AmqpUrl::refusal(&if urls.len() == 1 {
+                    why
+                } else {
+                    format!("(node {} of {}) {why}", i + 1, urls.len())
+                }))
+            })?;
+            nodes.push(node);
+        }
+        let spec = nodes
+            .iter()
+            .map(AmqpNode::secret_url)
+            .collect::<Vec<_>>()
+            .join(",");
+        Ok(AmqpUrl { nodes, spec })
+    }
+
+    /// The nodes, in the order given.
+    pub fn nodes(&self) -> &[AmqpNode] {
+        &self.nodes
+    }
+
+    /// Why an AMQP URL is refused, in a message that does not repeat it.
+    pub fn refusal(why: &str) -> String {
+        format!(
+            "the AMQP URL {why}: give amqp://user:password@host:5672/%2f, or a cluster's nodes separated by commas (the URL is not repeated here: it may hold a password)"
+        )
+    }
+
+    /// The URLs as given, passwords included, comma-separated: only ever handed to a child
+    /// process's environment.
+    pub fn secret_url(&self) -> &str {
+        &self.spec
+    }
+
+    /// The URLs without their passwords, comma-separated.
+    pub fn shown(&self) -> String {
+        self.nodes
+            .iter()
+            .map(AmqpNode::shown)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl AmqpNode {
+    /// One node's URL; the error says why it is refused, without repeating it.
+    fn parse(url: &str) -> std::result::Result<AmqpNode, String> {
+        let parsed = url::Url::parse(url).map_err(|e| format!("is not a valid URL ({e})"))?;
         if !matches!(parsed.scheme(), "amqp" | "amqps") || parsed.cannot_be_a_base() {
-            return Err(Error::Config(AmqpUrl::refusal(
-                "does not start with amqp:// or amqps://",
-            )));
+            return Err("does not start with amqp:// or amqps://".into());
         }
         let host = parsed.host_str().unwrap_or("");
         if host.is_empty() {
-            return Err(Error::Config(AmqpUrl::refusal("names no host")));
+            return Err("names no host".into());
         }
         let port = parsed.port().unwrap_or(if parsed.scheme() == "amqps" {
             5671
@@ -270,40 +346,61 @@ impl AmqpUrl {
             if user.is_empty() { "" } else { "@" },
             parsed.path()
         );
-        Ok(AmqpUrl {
+        Ok(AmqpNode {
             url: url.to_string(),
             shown,
         })
     }
+}
 
-    /// Why an AMQP URL is refused, in a message that does not repeat it.
-    pub fn refusal(why: &str) -> String {
-        format!(
-            "the AMQP URL {why}: give amqp://user:password@host:5672/%2f (the URL is not repeated here: it may hold a password)"
-        )
-    }
-
-    /// The URL as given, password included: only ever handed to the AMQP client and a child
-    /// process's environment.
-    pub fn secret_url(&self) -> &str {
-        &self.url
-    }
-
-    /// The URL without its password.
-    pub fn shown(&self) -> &str {
-        &self.shown
+impl std::fmt::Debug for AmqpNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
     }
 }
 
 impl std::fmt::Debug for AmqpUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.shown)
+        f.write_str(&self.shown())
     }
 }
 
 impl std::fmt::Display for AmqpUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.shown)
+        f.write_str(&self.shown())
+    }
+}
+
+/// `--queue-type`: how the topic's queue and its dead-letter queue are declared on RabbitMQ.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum QueueType {
+    /// A durable classic queue without arguments: the original's queue.
+    #[default]
+    Classic,
+    /// A quorum queue (Raft-replicated over the cluster's nodes; a confirm means a majority
+    /// wrote the message) with a delivery limit and broker-side dead-lettering.
+    Quorum,
+}
+
+impl QueueType {
+    /// Parse `classic` or `quorum`.
+    pub fn parse(s: &str) -> Result<QueueType> {
+        match s.trim() {
+            "classic" => Ok(QueueType::Classic),
+            "quorum" => Ok(QueueType::Quorum),
+            other => Err(Error::invalid(
+                "queue-type",
+                format!("{other:?} is not classic or quorum"),
+            )),
+        }
+    }
+
+    /// Its name, as `x-queue-type` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
     }
 }
 

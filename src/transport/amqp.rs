@@ -28,7 +28,7 @@ use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
 use super::{ConsumerHandle, Handled, Handler, Outgoing, PublishFailure, Transport, CONSUME_BATCH};
-use crate::config::{AmqpUrl, Settings};
+use crate::config::{AmqpUrl, QueueType, Settings};
 use crate::error::{Error, Result};
 
 /// Longest wait for a connection attempt: the TCP connect, the AMQP handshake, the channel and
@@ -71,11 +71,18 @@ struct Link {
     conn: Arc<Connection>,
     channel: Channel,
     attempt: Weak<Attempt>,
+    /// The node it is connected to (its URL without the password).
+    node: String,
+    /// Set when the server cancelled the link's consumer (a node lost, a leader moved, a
+    /// consumer timeout): the link is then replaced, so the consumer subscribes again.
+    cancelled: Arc<AtomicBool>,
 }
 
 impl Link {
     fn healthy(&self) -> bool {
-        self.conn.status().connected() && self.channel.status().connected()
+        self.conn.status().connected()
+            && self.channel.status().connected()
+            && !self.cancelled.load(Ordering::SeqCst)
     }
 
     /// Close the connection (bounded), then shut its socket down whatever the broker did.
@@ -98,7 +105,11 @@ struct ConsumeState {
 
 struct Inner {
     url: AmqpUrl,
-    uri: AMQPUri,
+    /// Every node of `--amqp-url`, in order: its AMQP parts and its URL without the password.
+    nodes: Vec<(AMQPUri, String)>,
+    /// The node to try first: the last one a link connected to.
+    preferred: std::sync::atomic::AtomicUsize,
+    topology: Topology,
     queue: String,
     prefetch: u16,
     publish_timeout: Duration,
@@ -107,9 +118,73 @@ struct Inner {
     publish_up: AtomicBool,
     /// One heal at a time (the supervisor, and `start_consumer` once).
     healing: Mutex<()>,
-    /// The last connect attempt of each link: a new one starts only once it has ended.
-    publish_attempt: Mutex<Weak<Attempt>>,
-    consume_attempt: Mutex<Weak<Attempt>>,
+    /// The last connect attempt of each link to each node: a new one starts only once it has
+    /// ended.
+    publish_attempt: Vec<Mutex<Weak<Attempt>>>,
+    consume_attempt: Vec<Mutex<Weak<Attempt>>>,
+    /// Set when a node refused the queues' declaration (406: a queue exists with other
+    /// arguments): a configuration error, not an outage.
+    refused: Mutex<Option<String>>,
+}
+
+/// The queues a link declares: the topic's and its dead-letter queue, with the arguments of
+/// `--queue-type`.
+#[derive(Debug, Clone, PartialEq)]
+struct Topology {
+    queue: String,
+    queue_type: QueueType,
+    delivery_limit: u32,
+}
+
+impl Topology {
+    fn of(settings: &Settings) -> Topology {
+        Topology {
+            queue: settings.topic.clone(),
+            queue_type: settings.queue_type,
+            delivery_limit: settings.delivery_limit,
+        }
+    }
+
+    /// The queues to declare, dead-letter queue first (the target of the broker's
+    /// dead-lettering exists before the queue that sends to it), each with its arguments.
+    /// Classic: plain durable queues without arguments, the original's. Quorum: both quorum
+    /// queues; the topic's has the delivery limit, and past it the broker dead-letters the
+    /// message to `<topic>.dlq` (at-least-once, which needs `reject-publish` overflow).
+    fn queues(&self) -> [(String, FieldTable); 2] {
+        let dlq = dead_letter_queue(&self.queue);
+        let text = |v: &str| AMQPValue::LongString(v.into());
+        match self.queue_type {
+            QueueType::Classic => [
+                (dlq, FieldTable::default()),
+                (self.queue.clone(), FieldTable::default()),
+            ],
+            QueueType::Quorum => {
+                let mut d = FieldTable::default();
+                d.insert("x-queue-type".into(), text("quorum"));
+                let mut q = FieldTable::default();
+                q.insert("x-queue-type".into(), text("quorum"));
+                q.insert(
+                    "x-delivery-limit".into(),
+                    AMQPValue::LongInt(self.delivery_limit.min(i32::MAX as u32) as i32),
+                );
+                q.insert("x-dead-letter-exchange".into(), text(""));
+                q.insert("x-dead-letter-routing-key".into(), text(&dlq));
+                q.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+                q.insert("x-overflow".into(), text("reject-publish"));
+                [(dlq, d), (self.queue.clone(), q)]
+            }
+        }
+    }
+}
+
+/// Whether the broker refused a declaration because the queue exists with other arguments.
+fn precondition_failed(e: &lapin::Error) -> Option<String> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) if p.get_id() == 406 => {
+            Some(p.get_message().to_string())
+        }
+        _ => None,
+    }
 }
 
 /// The RabbitMQ transport.
@@ -137,8 +212,8 @@ async fn bounded_wait<F: Future>(f: F, limit: Duration) -> Option<F::Output> {
 
 /// The AMQP parts of a URL. amq-protocol's own errors may quote the URL, password included:
 /// the refusal says only what to check.
-fn amqp_uri(url: &AmqpUrl) -> Result<AMQPUri> {
-    url.secret_url().parse::<AMQPUri>().map_err(|_| {
+fn amqp_uri(url: &str) -> Result<AMQPUri> {
+    url.parse::<AMQPUri>().map_err(|_| {
         Error::Config(AmqpUrl::refusal(
             "is not a valid AMQP URL (check the escapes of its user, password and vhost, and its query parameters)",
         ))
@@ -150,7 +225,7 @@ struct LinkSpec<'a> {
     uri: &'a AMQPUri,
     /// The URL without its password.
     shown: &'a str,
-    queue: &'a str,
+    topology: &'a Topology,
     name: &'static str,
     confirm: bool,
     prefetch: Option<u16>,
@@ -162,6 +237,7 @@ struct LinkSpec<'a> {
 /// an attempt that fails or misses the deadline is abandoned (its socket shut down).
 fn connect_link(what: &str, spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> Result<Link> {
     let shown = spec.shown.to_string();
+    let topology = spec.topology.clone();
     let opened = async_global_executor::block_on(bounded_wait(
         open_link(spec, attempt.clone()),
         CONNECT_TIMEOUT,
@@ -170,7 +246,13 @@ fn connect_link(what: &str, spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> Result
         Some(Ok(link)) => Ok(link),
         Some(Err(e)) => {
             attempt.abandon();
-            Err(Error::Broker(format!("{what} {shown}: {e}")))
+            match precondition_failed(&e) {
+                Some(why) => Err(Error::Config(format!(
+                    "{shown} refused to declare the queues as --queue-type {} declares them ({why}): a queue of that name exists with other arguments; nothing was changed. Pass the --queue-type it was declared with, or delete the queue first",
+                    topology.queue_type.as_str()
+                ))),
+                None => Err(Error::Broker(format!("{what} {shown}: {e}"))),
+            }
         }
         None => {
             attempt.abandon();
@@ -182,6 +264,7 @@ fn connect_link(what: &str, spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> Result
 }
 
 async fn open_link(spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> lapin::Result<Link> {
+    let cancelled = Arc::new(AtomicBool::new(false));
     let props = ConnectionProperties::default().with_connection_name(spec.name.into());
     let runtime = lapin::runtime::default_runtime()?;
     let weak = Arc::downgrade(&attempt);
@@ -208,24 +291,27 @@ async fn open_link(spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> lapin::Result<L
         props,
     )
     .await?;
-    // The topic's queue and its dead-letter queue: declared, durable and without arguments,
-    // when they do not exist; a queue that exists is taken as it is (its arguments, such as a
-    // length limit on the dead-letter queue, are the operator's, and declaring it again with
-    // others would fail). A passive declare of a missing queue closes its channel, so each
-    // probe has a channel of its own.
-    for q in [spec.queue.to_string(), dead_letter_queue(spec.queue)] {
-        let probe = conn.create_channel().await?;
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        if probe
-            .queue_declare(q.as_str().into(), passive, FieldTable::default())
-            .await
-            .is_ok()
-        {
-            let _ = probe.close(200, "probed".into()).await;
-            continue;
+    // The topic's queue and its dead-letter queue. Classic (the original's): declared, durable
+    // and without arguments, when they do not exist; a queue that exists is taken as it is (its
+    // arguments, such as a length limit on the dead-letter queue, are the operator's). Quorum:
+    // always declared with --queue-type's arguments, so that one declared otherwise is refused
+    // by the broker (406: the argument that differs is named) and nothing is changed. A passive
+    // declare of a missing queue closes its channel, so each probe has a channel of its own.
+    for (q, arguments) in spec.topology.queues() {
+        if spec.topology.queue_type == QueueType::Classic {
+            let probe = conn.create_channel().await?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            if probe
+                .queue_declare(q.as_str().into(), passive, FieldTable::default())
+                .await
+                .is_ok()
+            {
+                let _ = probe.close(200, "probed".into()).await;
+                continue;
+            }
         }
         let declare = conn.create_channel().await?;
         declare
@@ -235,7 +321,7 @@ async fn open_link(spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> lapin::Result<L
                     durable: true,
                     ..Default::default()
                 },
-                FieldTable::default(),
+                arguments,
             )
             .await?;
         let _ = declare.close(200, "declared".into()).await;
@@ -252,21 +338,28 @@ async fn open_link(spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> lapin::Result<L
     if let Some(deliveries) = spec.consume {
         let consumer = channel
             .basic_consume(
-                spec.queue.into(),
+                spec.topology.queue.as_str().into(),
                 "big-market".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
+        let flag = cancelled.clone();
         consumer.set_delegate(move |d: DeliveryResult| {
             let tx = deliveries.clone();
+            let flag = flag.clone();
             async move {
                 match d {
                     Ok(Some(delivery)) => {
                         // Prefetch bounds what is in flight, and the channel holds more than that.
                         let _ = tx.send(delivery);
                     }
-                    Ok(None) => log::debug!("amqp consumer cancelled"),
+                    Ok(None) => {
+                        // The server cancelled the consumer: the supervisor replaces the link,
+                        // which subscribes again.
+                        log::warn!("amqp consumer cancelled by the server; subscribing again");
+                        flag.store(true, Ordering::SeqCst);
+                    }
                     Err(e) => log::warn!("amqp consumer error, reconnecting: {e}"),
                 }
             }
@@ -276,55 +369,114 @@ async fn open_link(spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> lapin::Result<L
         conn: Arc::new(conn),
         channel,
         attempt: weak,
+        node: spec.shown.to_string(),
+        cancelled,
     })
 }
 
 impl Inner {
-    /// Connect one link, unless its previous attempt is still alive (at most one attempt in
-    /// flight per link: an abandoned one ends once lapin's thread sees its socket shut).
-    fn connect(&self, last: &Mutex<Weak<Attempt>>, what: &str, spec: LinkSpec<'_>) -> Result<Link> {
-        let mut last = last.lock().expect("attempt lock");
-        if last.strong_count() > 0 {
-            return Err(Error::Broker(format!(
-                "{what} {}: the previous attempt is still closing",
-                self.url
-            )));
+    fn new(url: &AmqpUrl, settings: &Settings) -> Result<Inner> {
+        let nodes = url
+            .nodes()
+            .iter()
+            .map(|n| Ok((amqp_uri(n.secret_url())?, n.shown().to_string())))
+            .collect::<Result<Vec<_>>>()?;
+        let attempts = || nodes.iter().map(|_| Mutex::new(Weak::new())).collect();
+        Ok(Inner {
+            url: url.clone(),
+            preferred: Default::default(),
+            topology: Topology::of(settings),
+            queue: settings.topic.clone(),
+            prefetch: settings.prefetch,
+            publish_timeout: settings.publish_timeout(),
+            publish: RwLock::new(None),
+            consume: Mutex::new(None),
+            publish_up: AtomicBool::new(false),
+            healing: Mutex::new(()),
+            publish_attempt: attempts(),
+            consume_attempt: attempts(),
+            refused: Mutex::new(None),
+            nodes,
+        })
+    }
+
+    /// Connect one link to the first node that answers, from the preferred one on, skipping a
+    /// node whose previous attempt for this link is still alive (at most one attempt in flight
+    /// per link and node: an abandoned one ends once lapin's thread sees its socket shut). A
+    /// node that refuses the queues' arguments ends the search: that is a configuration error.
+    fn connect<'s>(
+        &'s self,
+        attempts: &[Mutex<Weak<Attempt>>],
+        what: &str,
+        spec: impl Fn(&'s AMQPUri, &'s str) -> LinkSpec<'s>,
+    ) -> Result<Link> {
+        let n = self.nodes.len();
+        let first = self.preferred.load(Ordering::SeqCst) % n;
+        let mut failures = Vec::new();
+        for k in 0..n {
+            let i = (first + k) % n;
+            let (uri, shown) = &self.nodes[i];
+            let mut last = attempts[i].lock().expect("attempt lock");
+            if last.strong_count() > 0 {
+                failures.push(format!("{shown}: the previous attempt is still closing"));
+                continue;
+            }
+            let attempt = Arc::new(Attempt::default());
+            *last = Arc::downgrade(&attempt);
+            drop(last);
+            match connect_link(what, spec(uri, shown), attempt) {
+                Ok(link) => {
+                    self.preferred.store(i, Ordering::SeqCst);
+                    return Ok(link);
+                }
+                Err(Error::Config(why)) => {
+                    *self.refused.lock().expect("refused lock") = Some(why.clone());
+                    return Err(Error::Config(why));
+                }
+                Err(e) => failures.push(e.to_string()),
+            }
         }
-        let attempt = Arc::new(Attempt::default());
-        *last = Arc::downgrade(&attempt);
-        connect_link(what, spec, attempt)
+        Err(Error::Broker(failures.join("; ")))
     }
 
     fn connect_publisher(&self) -> Result<Link> {
-        self.connect(
-            &self.publish_attempt,
-            "connecting to",
+        self.connect(&self.publish_attempt, "connecting to", |uri, shown| {
             LinkSpec {
-                uri: &self.uri,
-                shown: self.url.shown(),
-                queue: &self.queue,
+                uri,
+                shown,
+                topology: &self.topology,
                 name: "big-market-publish",
                 confirm: true,
                 prefetch: None,
                 consume: None,
-            },
-        )
+            }
+        })
     }
 
     fn connect_consumer(&self, deliveries: Sender<Delivery>) -> Result<Link> {
         self.connect(
             &self.consume_attempt,
             "connecting the consumer to",
-            LinkSpec {
-                uri: &self.uri,
-                shown: self.url.shown(),
-                queue: &self.queue,
+            |uri, shown| LinkSpec {
+                uri,
+                shown,
+                topology: &self.topology,
                 name: "big-market-consume",
                 confirm: false,
                 prefetch: Some(self.prefetch),
-                consume: Some(deliveries),
+                consume: Some(deliveries.clone()),
             },
         )
+    }
+
+    /// The node the publishing link is connected to, if it is.
+    fn publish_node(&self) -> Option<String> {
+        self.publish
+            .read()
+            .expect("publish lock")
+            .as_ref()
+            .filter(|l| l.healthy())
+            .map(|l| l.node.clone())
     }
 
     fn publish_link(&self) -> Option<Link> {
@@ -398,20 +550,11 @@ impl Amqp {
     /// Connect (or keep trying in the background) and declare the topology. A broker that is
     /// down at start is not an error: writes commit and the backlog is sent once it is up.
     pub fn connect(url: &AmqpUrl, settings: &Settings) -> Result<Self> {
-        let inner = Arc::new(Inner {
-            url: url.clone(),
-            uri: amqp_uri(url)?,
-            queue: settings.topic.clone(),
-            prefetch: settings.prefetch,
-            publish_timeout: settings.publish_timeout(),
-            publish: RwLock::new(None),
-            consume: Mutex::new(None),
-            publish_up: AtomicBool::new(false),
-            healing: Mutex::new(()),
-            publish_attempt: Mutex::new(Weak::new()),
-            consume_attempt: Mutex::new(Weak::new()),
-        });
+        let inner = Arc::new(Inner::new(url, settings)?);
         inner.heal();
+        if let Some(why) = inner.refused.lock().expect("refused lock").take() {
+            return Err(Error::Config(why));
+        }
         if !inner.publish_healthy() {
             log::warn!(
                 "broker unreachable url={}: starting disconnected, retrying in the background",
@@ -427,27 +570,27 @@ impl Amqp {
         })
     }
 
-    /// Connect once and close: is the broker reachable with these settings?
-    pub fn connect_once(settings: &Settings) -> Result<()> {
+    /// Connect once to the first node that answers and close: is the broker reachable with
+    /// these settings, and does it take the queues as declared? Returns the node.
+    pub fn connect_once(settings: &Settings) -> Result<String> {
         let url = settings
             .amqp_url
             .as_ref()
             .ok_or_else(|| Error::Config("no AMQP URL given".into()))?;
-        let link = connect_link(
-            "connecting to",
+        let inner = Inner::new(url, settings)?;
+        let link = inner.connect(&inner.publish_attempt, "connecting to", |uri, shown| {
             LinkSpec {
-                uri: &amqp_uri(url)?,
-                shown: url.shown(),
-                queue: &settings.topic,
+                uri,
+                shown,
+                topology: &inner.topology,
                 name: "big-market-status",
                 confirm: false,
                 prefetch: None,
                 consume: None,
-            },
-            Arc::default(),
-        )?;
+            }
+        })?;
         link.close();
-        Ok(())
+        Ok(link.node)
     }
 
     /// Delete this transport's queue and its dead-letter queue (tests use queues of their own
@@ -507,17 +650,25 @@ impl Transport for Amqp {
         "amqp"
     }
 
+    fn broker(&self) -> Option<super::BrokerInfo> {
+        Some(super::BrokerInfo {
+            node: self.inner.publish_node(),
+            queue_type: self.inner.topology.queue_type.as_str(),
+        })
+    }
+
     fn describe(&self) -> String {
-        format!(
-            "amqp {} queue={} ({})",
-            self.inner.url,
-            self.inner.queue,
-            if self.is_connected() {
-                "connected"
-            } else {
-                "disconnected"
-            }
-        )
+        let queue_type = self.inner.topology.queue_type.as_str();
+        match self.inner.publish_node() {
+            Some(node) => format!(
+                "amqp node={node} queue={} type={queue_type} (connected; nodes: {})",
+                self.inner.queue, self.inner.url
+            ),
+            None => format!(
+                "amqp {} queue={} type={queue_type} (disconnected)",
+                self.inner.url, self.inner.queue
+            ),
+        }
     }
 
     fn publish_batch(
@@ -988,19 +1139,18 @@ pub fn walk_dead_letters(
         Error::Config("the dead-letter queue lives on RabbitMQ: pass --amqp-url (AMQP_URL); in-process, a refused message ends as a dead task (`big-market tasks list --state dead`)".into())
     })?;
     let queue = settings.topic.clone();
-    let link = connect_link(
-        "connecting to",
+    let inner = Inner::new(url, settings)?;
+    let link = inner.connect(&inner.publish_attempt, "connecting to", |uri, shown| {
         LinkSpec {
-            uri: &amqp_uri(url)?,
-            shown: url.shown(),
-            queue: &queue,
+            uri,
+            shown,
+            topology: &inner.topology,
             name: "big-market-dlq",
             confirm: true,
             prefetch: None,
             consume: None,
-        },
-        Arc::default(),
-    )?;
+        }
+    })?;
     let dlq = dead_letter_queue(&queue);
     let channel = link.channel.clone();
     let walked = async_global_executor::block_on(async move {
