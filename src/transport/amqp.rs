@@ -785,8 +785,9 @@ impl Transport for Amqp {
                 handler.clone(),
                 self.inner.clone(),
             );
-            handles.push(
-                crate::util::spawn(format!("amqp-consumer-{i}"), move || {
+            handles.push(crate::util::spawn(
+                format!("amqp-consumer-{i}"),
+                move || {
                     let mut health = crate::consumer::StoreHealth::default();
                     loop {
                         select! {
@@ -794,8 +795,7 @@ impl Transport for Amqp {
                             recv(rx) -> d => match d {
                                 Ok(first) => {
                                     let batch = crate::util::drain_batch(&rx, first, CONSUME_BATCH);
-                                    let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
-                                    let outcomes = handler.handle_batch(&bodies);
+                                    let outcomes = handle_holding(&*handler, &batch, &stop_rx);
                                     crate::crash::hit(crate::crash::Point::BeforeAck);
                                     settle_batch(&inner, batch, outcomes, &mut health, &stop_rx);
                                 }
@@ -803,14 +803,38 @@ impl Transport for Amqp {
                             },
                         }
                     }
-                    })?,
-            );
+                },
+            )?);
         }
         Ok(Box::new(AmqpConsumer {
             inner: self.inner.clone(),
             stop: stop_tx,
             handles,
         }))
+    }
+}
+
+/// Handle a batch; while the store fails (outcomes `Retry`), hold the failed deliveries
+/// unacknowledged and handle them again (the handler backs off between tries), rather than
+/// requeueing them: on a quorum queue every requeue counts against the delivery limit, and an
+/// outage of our own store must not have the broker dead-letter good messages. The broker sends
+/// no more than the prefetch meanwhile. Holding ends when the batch goes through, the consumer
+/// stops (then they are requeued, once), or their channel is gone (the broker requeued them).
+fn handle_holding(handler: &dyn Handler, batch: &[Delivery], stop: &Receiver<()>) -> Vec<Handled> {
+    let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
+    let mut outcomes = handler.handle_batch(&bodies);
+    loop {
+        let failed: Vec<usize> = (0..batch.len())
+            .filter(|i| matches!(outcomes[*i], Handled::Retry(_)))
+            .collect();
+        let stopping = !matches!(stop.try_recv(), Err(crossbeam_channel::TryRecvError::Empty));
+        if failed.is_empty() || stopping || failed.iter().any(|i| !batch[*i].acker.usable()) {
+            return outcomes;
+        }
+        let again: Vec<&[u8]> = failed.iter().map(|i| bodies[*i]).collect();
+        for (i, o) in failed.into_iter().zip(handler.handle_batch(&again)) {
+            outcomes[i] = o;
+        }
     }
 }
 
@@ -1184,7 +1208,13 @@ pub fn walk_dead_letters(
             let letter = DeadLetter {
                 message_id: header_str(&headers, H_ID)
                     .or_else(|| message_id_of(&d.properties, &d.data)),
-                reason: header_str(&headers, H_REASON).unwrap_or_default(),
+                reason: header_str(&headers, H_REASON)
+                    .or_else(|| {
+                        // Dead-lettered by the broker itself (a quorum queue's delivery limit).
+                        header_str(&headers, "x-first-death-reason")
+                            .map(|r| format!("dead-lettered by the broker: {r}"))
+                    })
+                    .unwrap_or_default(),
                 dead_lettered_at_ms: header_int(&headers, H_AT).unwrap_or(0),
                 body: String::from_utf8_lossy(&d.data).to_string(),
             };

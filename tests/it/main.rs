@@ -3,6 +3,7 @@
 mod amqp;
 mod bounded;
 mod cli;
+mod cluster;
 mod edge;
 mod faults;
 mod http;
