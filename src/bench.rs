@@ -328,10 +328,10 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
     println!("sqlite_e2e_limit {:>7.0} awards/s", f.sqlite_e2e_limit);
 
     // 2. Broker ceiling.
-    if base.amqp_url.is_some() {
+    if let Some(url) = &base.amqp_url {
         say("broker_limit: persistent publishes, pipelined confirms");
         let s = fresh(base, &tmp, "broker_limit");
-        let t = Amqp::connect(s.amqp_url.as_deref().unwrap_or_default(), &s)?;
+        let t = Amqp::connect(url, &s)?;
         f.transport = t.describe();
         let body = EventMessage::for_award(&records(1, '2')[0], 1, 1, now_ms()).encode();
         let chunk = 200;
@@ -347,7 +347,7 @@ pub fn run(base: &Settings, opts: &BenchOptions) -> Result<Figures> {
 
         say("broker_e2e_limit: the same publishes while a consumer with manual acks drains the queue");
         let s = fresh(base, &tmp, "broker_e2e_limit");
-        let t = Amqp::connect(s.amqp_url.as_deref().unwrap_or_default(), &s)?;
+        let t = Amqp::connect(url, &s)?;
         if !crate::util::wait_until(Duration::from_secs(10), || t.is_connected()) {
             return Err(Error::Broker("the bench needs a reachable broker".into()));
         }

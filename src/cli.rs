@@ -41,6 +41,10 @@ fn retention(s: &str) -> std::result::Result<Retention, String> {
     }
 }
 
+fn queue_type(s: &str) -> std::result::Result<crate::config::QueueType, String> {
+    crate::config::QueueType::parse(s).map_err(|e| e.to_string())
+}
+
 /// A whole number from 1 to `MAX`, for counts, sizes and threads: anything else is refused by
 /// the argument parser (exit 2) before it can exhaust memory or overflow.
 fn count<T: TryFrom<u64>, const MAX: u64>(s: &str) -> std::result::Result<T, String> {
@@ -87,9 +91,32 @@ struct GlobalArgs {
     /// Number of split award tables per database.
     #[arg(long, env = "BIG_MARKET_TB_COUNT", default_value_t = 4, global = true, value_parser = count::<u32, 1024>)]
     tb_count: u32,
-    /// RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f. Unset: the in-process transport.
+    /// RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f, or a cluster's nodes separated
+    /// by commas (the first that answers is used; on a lost connection, the next). Unset: the
+    /// in-process transport.
     #[arg(long, env = "AMQP_URL", hide_env_values = true, global = true)]
     amqp_url: Option<String>,
+    /// How the queue and `<topic>.dlq` are declared on RabbitMQ: `classic` (the original's) or
+    /// `quorum` (replicated over a cluster, with a delivery limit and broker-side
+    /// dead-lettering). A queue that exists with other arguments is refused at start.
+    #[arg(
+        long,
+        env = "BIG_MARKET_QUEUE_TYPE",
+        default_value = "classic",
+        value_parser = queue_type,
+        global = true
+    )]
+    queue_type: crate::config::QueueType,
+    /// On a quorum queue: deliveries of one message after which the broker dead-letters it
+    /// to `<topic>.dlq` (1 to 1,000).
+    #[arg(
+        long,
+        env = "BIG_MARKET_DELIVERY_LIMIT",
+        default_value_t = 20,
+        value_parser = count::<u32, 1_000>,
+        global = true
+    )]
+    delivery_limit: u32,
     /// Topic of award messages (also the queue name on RabbitMQ).
     #[arg(
         long,
@@ -369,7 +396,14 @@ impl GlobalArgs {
             s.store = StoreTarget::parse(spec, self.db_count)?;
         }
         s.topic = self.topic.clone();
-        s.amqp_url = self.amqp_url.clone().filter(|u| !u.is_empty());
+        s.amqp_url = self
+            .amqp_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+            .map(crate::config::AmqpUrl::parse)
+            .transpose()?;
+        s.queue_type = self.queue_type;
+        s.delivery_limit = self.delivery_limit;
         s.stale_after = self.stale_after;
         s.publish_deadline = self.publish_timeout;
         s.scan_interval = self.scan_interval;
@@ -670,7 +704,11 @@ fn status(settings: &Settings, json: bool) -> Result<()> {
     let broker = match &settings.amqp_url {
         None => "in-process (no broker configured)".to_string(),
         Some(_) => match crate::transport::amqp::Amqp::connect_once(settings) {
-            Ok(()) => "connected".to_string(),
+            Ok(node) => format!(
+                "connected to {node}, queue {} ({})",
+                settings.topic,
+                settings.queue_type.as_str()
+            ),
             Err(e) => format!("unreachable: {e}"),
         },
     };
@@ -812,15 +850,28 @@ fn dlq(settings: &Settings, command: DlqCommand) -> Result<()> {
             }
         }
         DlqCommand::Replay { message_id, all } => {
+            // One copy per message id: a dead letter whose confirm came late (a broker under
+            // an alarm) may have been set aside twice; the copies after the first are removed.
+            let mut replayed = std::collections::HashSet::new();
             let seen = walk_dead_letters(settings, usize::MAX, move |l| {
-                if all || l.message_id.is_some() && l.message_id == message_id {
-                    A::Replay
-                } else {
+                if !(all || l.message_id.is_some() && l.message_id == message_id) {
                     A::Keep
+                } else if l
+                    .message_id
+                    .as_ref()
+                    .is_some_and(|id| !replayed.insert(id.clone()))
+                {
+                    A::Drop
+                } else {
+                    A::Replay
                 }
             })?;
             let n = seen.iter().filter(|(_, a)| *a == A::Replay).count();
-            println!("replayed {n} messages from {queue} to {}", settings.topic);
+            let copies = seen.iter().filter(|(_, a)| *a == A::Drop).count();
+            println!(
+                "replayed {n} messages from {queue} to {} ({copies} duplicate copies removed)",
+                settings.topic
+            );
             if n == 0 && !all {
                 return Err(Error::invalid(
                     "message_id",

@@ -19,8 +19,14 @@ pub struct Settings {
     pub layout: Layout,
     /// Topic (and queue) of award messages. Default `send_award`.
     pub topic: String,
-    /// AMQP URL of the broker; `None` runs on the in-process transport.
-    pub amqp_url: Option<String>,
+    /// The broker's AMQP URL (never shown with its password); `None` runs on the in-process
+    /// transport.
+    pub amqp_url: Option<AmqpUrl>,
+    /// How the queues are declared on RabbitMQ. Default classic.
+    pub queue_type: QueueType,
+    /// On a quorum queue, deliveries of one message after which the broker dead-letters it to
+    /// `<topic>.dlq`. Default 20 (RabbitMQ 4's).
+    pub delivery_limit: u32,
     /// A task not completed this long after its last claim is due again (the lease). Default 60 s.
     pub stale_after: Duration,
     /// Time between scanner ticks. Default 5 s.
@@ -71,6 +77,8 @@ impl Settings {
             layout: Layout::default(),
             topic: "send_award".into(),
             amqp_url: None,
+            queue_type: QueueType::Classic,
+            delivery_limit: 20,
             stale_after: Duration::from_secs(60),
             scan_interval: Duration::from_secs(5),
             scan_batch: 500,
@@ -185,13 +193,6 @@ impl Settings {
                 )));
             }
         }
-        if let Some(url) = &self.amqp_url {
-            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-                return Err(Error::Config(format!(
-                    "AMQP URL {url:?} must start with amqp:// or amqps://"
-                )));
-            }
-        }
         Ok(self)
     }
 }
@@ -237,6 +238,169 @@ impl FaultPlan {
             }
         }
         Ok(plan)
+    }
+}
+
+/// `--amqp-url`, parsed once: one RabbitMQ node, or a comma-separated list of a cluster's nodes
+/// (tried in order; on a lost connection the transport moves to the next). Its `Debug` and
+/// `Display` show it without passwords (`amqp://user@host:port/vhost`); the whole URL is only
+/// handed to the AMQP client and to a child process's environment.
+#[derive(Clone, PartialEq)]
+pub struct AmqpUrl {
+    nodes: Vec<AmqpNode>,
+    /// The nodes' URLs as given, comma-separated, passwords included.
+    spec: String,
+}
+
+/// One node of `--amqp-url`.
+#[derive(Clone, PartialEq)]
+pub struct AmqpNode {
+    url: String,
+    shown: String,
+}
+
+impl AmqpNode {
+    /// The URL as given, password included: only ever handed to the AMQP client.
+    pub fn secret_url(&self) -> &str {
+        &self.url
+    }
+
+    /// The URL without its password.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+}
+
+impl AmqpUrl {
+    /// Parse `--amqp-url`: one URL, or several separated by commas (a cluster's nodes). The
+    /// AMQP transport reads their AMQP parts. Errors never repeat a URL: it may hold a password.
+    pub fn parse(spec: &str) -> Result<AmqpUrl> {
+        let urls: Vec<&str> = spec.split(',').map(str::trim).collect();
+        let mut nodes = Vec::with_capacity(urls.len());
+        for (i, url) in urls.iter().enumerate() {
+            let node = AmqpNode::parse(url).map_err(|why| {
+                Error::Config(AmqpUrl::refusal(&if urls.len() == 1 {
+                    why
+                } else {
+                    format!("(node {} of {}) {why}", i + 1, urls.len())
+                }))
+            })?;
+            nodes.push(node);
+        }
+        let spec = nodes
+            .iter()
+            .map(AmqpNode::secret_url)
+            .collect::<Vec<_>>()
+            .join(",");
+        Ok(AmqpUrl { nodes, spec })
+    }
+
+    /// The nodes, in the order given.
+    pub fn nodes(&self) -> &[AmqpNode] {
+        &self.nodes
+    }
+
+    /// Why an AMQP URL is refused, in a message that does not repeat it.
+    pub fn refusal(why: &str) -> String {
+        format!(
+            "the AMQP URL {why}: give amqp://user:password@host:5672/%2f, or a cluster's nodes separated by commas (the URL is not repeated here: it may hold a password)"
+        )
+    }
+
+    /// The URLs as given, passwords included, comma-separated: only ever handed to a child
+    /// process's environment.
+    pub fn secret_url(&self) -> &str {
+        &self.spec
+    }
+
+    /// The URLs without their passwords, comma-separated.
+    pub fn shown(&self) -> String {
+        self.nodes
+            .iter()
+            .map(AmqpNode::shown)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl AmqpNode {
+    /// One node's URL; the error says why it is refused, without repeating it.
+    fn parse(url: &str) -> std::result::Result<AmqpNode, String> {
+        let parsed = url::Url::parse(url).map_err(|e| format!("is not a valid URL ({e})"))?;
+        if !matches!(parsed.scheme(), "amqp" | "amqps") || parsed.cannot_be_a_base() {
+            return Err("does not start with amqp:// or amqps://".into());
+        }
+        let host = parsed.host_str().unwrap_or("");
+        if host.is_empty() {
+            return Err("names no host".into());
+        }
+        let port = parsed.port().unwrap_or(if parsed.scheme() == "amqps" {
+            5671
+        } else {
+            5672
+        });
+        let user = parsed.username();
+        let shown = format!(
+            "{}://{user}{}{host}:{port}{}",
+            parsed.scheme(),
+            if user.is_empty() { "" } else { "@" },
+            parsed.path()
+        );
+        Ok(AmqpNode {
+            url: url.to_string(),
+            shown,
+        })
+    }
+}
+
+impl std::fmt::Debug for AmqpNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl std::fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown())
+    }
+}
+
+impl std::fmt::Display for AmqpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown())
+    }
+}
+
+/// `--queue-type`: how the topic's queue and its dead-letter queue are declared on RabbitMQ.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum QueueType {
+    /// A durable classic queue without arguments: the original's queue.
+    #[default]
+    Classic,
+    /// A quorum queue (Raft-replicated over the cluster's nodes; a confirm means a majority
+    /// wrote the message) with a delivery limit and broker-side dead-lettering.
+    Quorum,
+}
+
+impl QueueType {
+    /// Parse `classic` or `quorum`.
+    pub fn parse(s: &str) -> Result<QueueType> {
+        match s.trim() {
+            "classic" => Ok(QueueType::Classic),
+            "quorum" => Ok(QueueType::Quorum),
+            other => Err(Error::invalid(
+                "queue-type",
+                format!("{other:?} is not classic or quorum"),
+            )),
+        }
+    }
+
+    /// Its name, as `x-queue-type` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
     }
 }
 
@@ -478,6 +642,35 @@ mod tests {
     }
 
     #[test]
+    fn an_amqp_url_is_never_shown_with_its_password_not_even_when_it_does_not_parse() {
+        let url = AmqpUrl::parse("amqp://guest:s3cret@127.0.0.1:5672/%2f").unwrap();
+        assert_eq!(url.shown(), "amqp://guest@127.0.0.1:5672/%2f");
+        assert_eq!(url.secret_url(), "amqp://guest:s3cret@127.0.0.1:5672/%2f");
+        assert_eq!(AmqpUrl::parse("amqp://h").unwrap().shown(), "amqp://h:5672");
+        let mut s = Settings::new("data");
+        s.amqp_url = Some(url.clone());
+        s.store = StoreTarget::parse("mysql://u:s3cret@h/db", 2).unwrap();
+        let debug = format!("{s:?} {url}");
+        assert!(
+            !debug.contains("s3cret") && debug.contains("guest@127.0.0.1"),
+            "{debug}"
+        );
+        for bad in [
+            "http://guest:s3cret@127.0.0.1/",
+            "amqq//guest:s3cret@127.0.0.1/",
+            "amqp:guest:s3cret@127.0.0.1",
+            "amqp://guest:s3cret@127.0.0.1:99999/%2f",
+            "amqp://guest:s3cret@/%2f",
+        ] {
+            let e = AmqpUrl::parse(bad).unwrap_err().to_string();
+            assert!(
+                !e.contains("s3cret") && e.contains("AMQP URL"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn defaults_validate_and_bad_values_are_refused() {
         assert!(Settings::new("data").validate().is_ok());
         let mut s = Settings::new("data");
@@ -490,9 +683,6 @@ mod tests {
         let mut s = Settings::new("data");
         s.topic = "bad topic".into();
         assert!(s.validate().is_err());
-        let mut s = Settings::new("data");
-        s.amqp_url = Some("http://x".into());
-        assert!(s.validate().unwrap_err().to_string().contains("amqp://"));
         let mut s = Settings::new("data");
         s.publish_deadline = Some(Duration::from_secs(30));
         let e = s.validate().unwrap_err().to_string();

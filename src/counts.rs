@@ -10,7 +10,8 @@
 //! whatever the size of the tables. Once older, a count that took at most [`SYNC_LIMIT`] is
 //! simply taken again before the scrape answers; a longer one is taken on a thread of its own
 //! while scrapes keep getting the previous counts, whose age `/metrics` shows
-//! (`big_market_shard_counts_age_seconds`).
+//! (`big_market_shard_counts_age_seconds`). One count runs at a time: a scrape that finds one
+//! in flight waits for it, and the scrapes that waited serve the one count taken after them.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -69,24 +70,46 @@ struct Held {
     behind: bool,
 }
 
+/// How the shards are counted ([`Store::status`]).
+type CountFn = Box<dyn Fn() -> Result<Vec<ShardStatus>> + Send + Sync>;
+
 /// The kept counts of a store.
 pub struct CountCache {
-    store: Arc<Store>,
+    counter: CountFn,
     held: Mutex<Held>,
+    /// Held while a count runs: one count at a time, however many scrapes want one.
+    flight: Mutex<()>,
 }
 
 impl CountCache {
     /// Nothing counted yet: the first call counts.
     pub fn new(store: Arc<Store>) -> Arc<Self> {
+        CountCache::counting(Box::new(move || store.status()))
+    }
+
+    fn counting(counter: CountFn) -> Arc<Self> {
         Arc::new(CountCache {
-            store,
+            counter,
             held: Mutex::new(Held::default()),
+            flight: Mutex::new(()),
         })
+    }
+
+    /// Counts taken after `asked`: a count that started once the caller asked (while it waited
+    /// for the count in flight) is served as it is; otherwise this count runs, alone.
+    fn count_since(&self, asked: Instant) -> Result<Counts> {
+        let _flight = self.flight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(last) = &self.held.lock().expect("count cache lock").last {
+            if last.taken >= asked {
+                return Ok(last.clone());
+            }
+        }
+        self.count()
     }
 
     fn count(&self) -> Result<Counts> {
         let taken = Instant::now();
-        let shards = self.store.status()?;
+        let shards = (self.counter)()?;
         let counts = Counts {
             shards: Arc::new(shards),
             taken,
@@ -104,13 +127,13 @@ impl CountCache {
             let mut held = self.held.lock().expect("count cache lock");
             let Some(last) = held.last.clone() else {
                 drop(held);
-                return self.count();
+                return self.count_since(Instant::now());
             };
             match next(last.taken.elapsed(), last.took) {
                 Next::Serve => return Ok(last),
                 Next::CountNow => {
                     drop(held);
-                    return self.count();
+                    return self.count_since(Instant::now());
                 }
                 Next::CountBehind => (last, !std::mem::replace(&mut held.behind, true)),
             }
@@ -118,7 +141,7 @@ impl CountCache {
         if start_behind {
             let me = self.clone();
             let spawned = crate::util::spawn("shard-counts", move || {
-                if let Err(e) = me.count() {
+                if let Err(e) = me.count_since(Instant::now()) {
                     log::warn!(
                         "counting the shards for /metrics failed, serving older counts: {e}"
                     );
@@ -186,6 +209,41 @@ mod tests {
         let again = cache.get().unwrap();
         assert!(again.taken > old.taken, "counted again");
         assert!(!cache.held.lock().unwrap().behind);
+    }
+
+    #[test]
+    fn concurrent_scrapes_never_run_more_than_one_count_at_a_time() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let (running, most, counts) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (r, m, c) = (running.clone(), most.clone(), counts.clone());
+        // A count of a few milliseconds: quick, so every scrape wants a new one.
+        let cache = CountCache::counting(Box::new(move || {
+            let now = r.fetch_add(1, SeqCst) + 1;
+            m.fetch_max(now, SeqCst);
+            c.fetch_add(1, SeqCst);
+            std::thread::sleep(2 * MS); // the count's own duration
+            r.fetch_sub(1, SeqCst);
+            Ok(Vec::new())
+        }));
+        std::thread::scope(|s| {
+            for _ in 0..16 {
+                let cache = cache.clone();
+                s.spawn(move || {
+                    for _ in 0..20 {
+                        cache.get().unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(most.load(SeqCst), 1, "counts ran at once");
+        assert!(
+            counts.load(SeqCst) < 16 * 20,
+            "scrapes that waited for a count served it instead of counting again"
+        );
     }
 
     #[test]

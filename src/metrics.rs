@@ -144,7 +144,13 @@ type Labels = Vec<(&'static str, String)>;
 /// `big_market_awards{shard,state}`, `big_market_oldest_pending_task_age_seconds{shard}`,
 /// `big_market_shard_counts_age_seconds` (how old the shard counts are: see [`crate::counts`]),
 /// `big_market_broker_connected`, `big_market_save_latency_seconds` (histogram).
-pub fn render(m: &Metrics, counts: &Counts, broker_connected: bool, now_ms: i64) -> String {
+pub fn render(
+    m: &Metrics,
+    counts: &Counts,
+    broker_connected: bool,
+    broker: Option<&crate::transport::BrokerInfo>,
+    now_ms: i64,
+) -> String {
     let statuses: &[ShardStatus] = &counts.shards;
     let mut r = Registry::with_prefix("big_market");
     let counters: [(&str, &str, &AtomicU64); 11] = [
@@ -227,6 +233,19 @@ pub fn render(m: &Metrics, counts: &Counts, broker_connected: bool, now_ms: i64)
         "Whether publishing can succeed",
         ConstGauge::new(i64::from(broker_connected)),
     );
+    if let Some(b) = broker {
+        let info = Family::<Labels, Gauge>::default();
+        info.get_or_create(&vec![
+            ("node", b.node.clone().unwrap_or_default()),
+            ("queue_type", b.queue_type.to_string()),
+        ])
+        .set(1);
+        r.register(
+            "broker_info",
+            "The broker node publishing is connected to (empty while disconnected) and the queue type",
+            info,
+        );
+    }
     r.register(
         "save_latency_seconds",
         "save_award latency",
@@ -259,7 +278,15 @@ mod tests {
             taken: std::time::Instant::now(),
             took: Duration::ZERO,
         };
-        let text = render(&m, &counts, true, 3000);
+        let broker = crate::transport::BrokerInfo {
+            node: Some("amqp://guest@127.0.0.1:5701/%2f".into()),
+            queue_type: "quorum",
+        };
+        let text = render(&m, &counts, true, Some(&broker), 3000);
+        assert!(
+            text.contains(r#"big_market_broker_info{node="amqp://guest@127.0.0.1:5701/%2f",queue_type="quorum"} 1"#),
+            "{text}"
+        );
         for line in [
             "big_market_awards_saved_total 3",
             "big_market_tasks{shard=\"big_market_01\",state=\"completed\"} 3",

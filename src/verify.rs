@@ -212,12 +212,13 @@ fn scenario(
             .args(["--inject-faults", &opts.faults])
             .args(["--topic", &settings.topic])
             .env("RUST_LOG", "error")
-            .env_remove("AMQP_URL")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        if let Some(url) = &settings.amqp_url {
-            cmd.args(["--amqp-url", url]);
-        }
+        // Credentials go through the environment, never a command line (`ps` shows those).
+        match &settings.amqp_url {
+            Some(url) => cmd.env("AMQP_URL", url.secret_url()),
+            None => cmd.env_remove("AMQP_URL"),
+        };
     };
     let records = opts.records.to_string();
     let mut load = Command::new(exe);

@@ -146,10 +146,13 @@ pub fn check_bind(addrs: &[SocketAddr], has_token: bool, insecure: bool) -> Resu
     )))
 }
 
-/// When a connection last did something, to enforce the head and idle deadlines.
+/// When a connection last did something, to enforce the head and idle deadlines, and where
+/// its bytes have got to.
 #[derive(Debug)]
 struct Activity {
     state: Mutex<Phase>,
+    /// Every byte the connection receives, scanned in order: heads, and the bodies between them.
+    wire: Mutex<Wire>,
     /// Wakes the watcher when the connection is evicted.
     evict_wake: Event,
     /// Set when a newer connection took this one's place.
@@ -161,60 +164,156 @@ enum Phase {
     /// No request in hand since this instant.
     Idle(Instant),
     /// The first byte of a request head arrived at this instant.
-    Head(Instant, HeadScan),
+    Head(Instant),
     /// A request is being answered (its body deadline is the handler's).
     Busy,
 }
 
+/// Where a connection's bytes have got to. Every request head is scanned, the pipelined ones
+/// too: after a head, a `Content-Length` body is stepped over, and the bytes after it are the
+/// next head. A body whose end the scan does not follow (chunked, or a length it cannot read,
+/// which hyper refuses anyway) ends the scan, and its response closes the connection, so no
+/// request after it is read unscanned.
+#[derive(Debug, Clone, Copy)]
+enum Wire {
+    /// In a head (or before one).
+    Head(HeadScan),
+    /// In a body with this many bytes still to come.
+    Body(u64),
+    /// Past a body the scan does not follow: the connection closes after this response.
+    Unfollowed,
+    /// A head was spoiled: hyper refuses it with 400 and closes the connection.
+    Spoiled,
+}
+
+impl Default for Wire {
+    fn default() -> Self {
+        Wire::Head(HeadScan::default())
+    }
+}
+
+impl Wire {
+    /// Scan the next bytes the connection received.
+    fn feed(&mut self, buf: &mut [u8]) {
+        let mut at = 0;
+        while at < buf.len() {
+            match self {
+                Wire::Head(scan) => {
+                    at += scan.scan(&mut buf[at..]);
+                    if scan.spoiled {
+                        *self = Wire::Spoiled;
+                    } else if scan.done {
+                        *self = match (scan.chunked || scan.length_bad, scan.length) {
+                            (true, _) => Wire::Unfollowed,
+                            (false, Some(n)) if n > 0 => Wire::Body(n),
+                            (false, _) => Wire::default(),
+                        };
+                    }
+                }
+                Wire::Body(left) => {
+                    let step = (*left).min((buf.len() - at) as u64);
+                    at += step as usize;
+                    *left -= step;
+                    if *left == 0 {
+                        *self = Wire::default();
+                    }
+                }
+                Wire::Unfollowed | Wire::Spoiled => return,
+            }
+        }
+    }
+}
+
 /// Where a head's bytes have got to: the last four bytes, the start of the current line, how
-/// many framing lines (`Content-Length`, `Transfer-Encoding`) were seen, and whether the blank
-/// line that ends the head has been seen.
+/// many framing lines (`Content-Length`, `Transfer-Encoding`) were seen, the length the
+/// `Content-Length` line gives, and whether the blank line that ends the head has been seen.
 #[derive(Debug, Clone, Copy, Default)]
 struct HeadScan {
     last4: u32,
     line: [u8; 18],
     line_len: usize,
     framing: u8,
+    /// Something other than empty lines (which may precede a request line) arrived.
+    started: bool,
+    /// In the value of a `Content-Length` line.
+    in_length: bool,
+    length: Option<u64>,
+    length_bad: bool,
+    chunked: bool,
     done: bool,
+    spoiled: bool,
 }
 
 impl HeadScan {
-    /// Scan the next bytes of a head up to its blank line, and spoil (with a NUL, which hyper's
-    /// parser refuses with 400) what hyper would take but a proxy in front may read otherwise:
-    /// a bare LF as a line end (RFC 9112 lets a server accept it), and more than one framing
-    /// line (hyper merges identical `Content-Length`s and lets `Transfer-Encoding` override
-    /// `Content-Length`). This only ever refuses a request that would have been accepted; it
-    /// never changes how one is framed.
-    fn scan(&mut self, buf: &mut [u8]) {
+    /// Scan the next bytes of a head up to its blank line; returns how many bytes were the
+    /// head's. Spoils (with a NUL, which hyper's parser refuses with 400) what hyper would
+    /// take but a proxy in front may read otherwise: a bare LF as a line end (RFC 9112 lets a
+    /// server accept it), and more than one framing line (hyper merges identical
+    /// `Content-Length`s and lets `Transfer-Encoding` override `Content-Length`). This only
+    /// ever refuses a request that would have been accepted; it never changes how one is
+    /// framed.
+    fn scan(&mut self, buf: &mut [u8]) -> usize {
         const FRAMING: [&[u8]; 2] = [b"content-length:", b"transfer-encoding:"];
-        for b in buf.iter_mut() {
-            if self.done {
-                return;
+        for (i, b) in buf.iter_mut().enumerate() {
+            if self.done || self.spoiled {
+                return i;
+            }
+            if !self.started {
+                // Empty lines before a request line are skipped, by hyper too.
+                if *b == b'\r' || *b == b'\n' {
+                    continue;
+                }
+                self.started = true;
             }
             let prev = (self.last4 & 0xff) as u8;
             if *b == b'\n' && prev != b'\r' {
                 *b = 0;
-                self.done = true;
-                return;
+                self.spoiled = true;
+                return i + 1;
             }
             if prev == b'\n' {
                 self.line_len = 0;
             }
+            if *b == b'\r' || *b == b'\n' {
+                self.in_length = false;
+            } else if self.in_length {
+                match (*b, self.length) {
+                    (b' ' | b'\t', _) => {}
+                    (b'0'..=b'9', Some(n)) => {
+                        self.length = n
+                            .checked_mul(10)
+                            .and_then(|n| n.checked_add(u64::from(*b - b'0')));
+                        self.length_bad |= self.length.is_none();
+                    }
+                    _ => self.length_bad = true,
+                }
+            }
             if self.line_len < self.line.len() {
                 self.line[self.line_len] = b.to_ascii_lowercase();
                 self.line_len += 1;
-                if FRAMING.contains(&&self.line[..self.line_len]) {
+                let line = &self.line[..self.line_len];
+                if FRAMING.contains(&line) {
                     self.framing += 1;
                     if self.framing > 1 {
                         *b = 0;
-                        self.done = true;
-                        return;
+                        self.spoiled = true;
+                        return i + 1;
+                    }
+                    if line == FRAMING[0] {
+                        self.in_length = true;
+                        self.length = Some(0);
+                    } else {
+                        self.chunked = true;
                     }
                 }
             }
             self.last4 = (self.last4 << 8) | u32::from(*b);
             self.done = self.last4 == u32::from_be_bytes(*b"\r\n\r\n");
+            if self.done {
+                return i + 1;
+            }
         }
+        buf.len()
     }
 }
 
@@ -222,6 +321,7 @@ impl Activity {
     fn new() -> Activity {
         Activity {
             state: Mutex::new(Phase::Idle(Instant::now())),
+            wire: Mutex::new(Wire::default()),
             evict_wake: Event::new(),
             evicted: AtomicBool::new(false),
         }
@@ -229,18 +329,23 @@ impl Activity {
     fn set(&self, p: Phase) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = p;
     }
-    /// Bytes arrived: outside a request they start (or continue) a head.
+    /// Bytes arrived: they are scanned, and outside a request they start a head.
     fn read_some(&self, buf: &mut [u8]) {
+        self.wire
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .feed(buf);
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        match &mut *s {
-            Phase::Idle(_) => {
-                let mut scan = HeadScan::default();
-                scan.scan(buf);
-                *s = Phase::Head(Instant::now(), scan);
-            }
-            Phase::Head(_, scan) => scan.scan(buf),
-            Phase::Busy => {}
+        if let Phase::Idle(_) = *s {
+            *s = Phase::Head(Instant::now());
         }
+    }
+    /// Whether the scan stopped following this connection's bytes: its response must close it.
+    fn unfollowed(&self) -> bool {
+        matches!(
+            *self.wire.lock().unwrap_or_else(|e| e.into_inner()),
+            Wire::Unfollowed
+        )
     }
     /// Since when this connection has been without a request in hand, if it is (and not yet
     /// evicted).
@@ -249,7 +354,7 @@ impl Activity {
             return None;
         }
         match *self.state.lock().unwrap_or_else(|e| e.into_inner()) {
-            Phase::Idle(t) | Phase::Head(t, _) => Some(t),
+            Phase::Idle(t) | Phase::Head(t) => Some(t),
             Phase::Busy => None,
         }
     }
@@ -260,7 +365,7 @@ impl Activity {
     fn deadline(&self, l: &HttpLimits) -> Option<Instant> {
         match *self.state.lock().unwrap_or_else(|e| e.into_inner()) {
             Phase::Idle(t) => Some(t + l.idle_timeout),
-            Phase::Head(t, _) => Some(t + l.head_timeout),
+            Phase::Head(t) => Some(t + l.head_timeout),
             Phase::Busy => None,
         }
     }
@@ -602,8 +707,15 @@ async fn serve_connection(
     let service = hyper::service::service_fn(move |req| {
         let busy = Busy::new(&handler_activity);
         let ctx = ctx.clone();
+        let activity = handler_activity.clone();
         async move {
-            let response = routes::handle(req, ctx).await;
+            let mut response = routes::handle(req, ctx).await;
+            if activity.unfollowed() {
+                response.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
             drop(busy);
             Ok::<_, std::convert::Infallible>(response)
         }
@@ -722,11 +834,11 @@ mod tests {
     }
 
     fn scanned(chunks: &[&[u8]]) -> Vec<u8> {
-        let mut scan = HeadScan::default();
+        let mut wire = Wire::default();
         let mut out = Vec::new();
         for c in chunks {
             let mut c = c.to_vec();
-            scan.scan(&mut c);
+            wire.feed(&mut c);
             out.extend(c);
         }
         out
@@ -734,7 +846,7 @@ mod tests {
 
     #[test]
     fn a_bare_lf_in_a_head_is_spoiled_and_the_body_left_alone() {
-        let ok: &[u8] = b"POST / HTTP/1.1\r\nHost: a\r\n\r\n{\n\"a\": 1\n}";
+        let ok: &[u8] = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n{\n\"a\": 1\n}";
         assert_eq!(scanned(&[ok]), ok, "LFs in the body are the body's");
         assert_eq!(
             scanned(&[b"POST / HTTP/1.1\r", b"\nHost: a\r\n\r", b"\n\n"]),
@@ -771,5 +883,34 @@ mod tests {
             body_with_length,
             "the body is not scanned"
         );
+    }
+
+    #[test]
+    fn every_pipelined_head_is_scanned_and_the_bodies_between_them_stepped_over() {
+        let two =
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\na\nbGET / HTTP/1.1\nHost: a\r\n\r\n";
+        assert_eq!(
+            scanned(&[two]),
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\na\nbGET / HTTP/1.1\0Host: a\r\n\r\n"
+                .to_vec(),
+            "the second head, after a body with a bare LF in it"
+        );
+        assert_eq!(
+            scanned(&[
+                b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHo",
+                b"st: a\r\n\r\n\r\nGET /c HTTP/1.1\r\nHost: a\n\n"
+            ]),
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n\r\nGET /c HTTP/1.1\r\nHost: a\0\n".to_vec(),
+            "three heads over two reads, an empty line between two of them"
+        );
+        let mut wire = Wire::default();
+        wire.feed(&mut b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n".to_vec());
+        assert!(
+            matches!(wire, Wire::Unfollowed),
+            "a chunked body is not followed: its response closes the connection"
+        );
+        let mut wire = Wire::default();
+        wire.feed(&mut b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n".to_vec());
+        assert!(matches!(wire, Wire::Unfollowed), "an unreadable length");
     }
 }

@@ -366,6 +366,7 @@ fn metrics(service: &Service) -> Response<Body> {
                 service.metrics(),
                 &counts,
                 service.transport().is_connected(),
+                service.transport().broker().as_ref(),
                 now_ms(),
             );
             let mut r = Response::new(Full::new(Bytes::from(text)));

@@ -13,7 +13,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -24,14 +24,18 @@ use lapin::options::{
     BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
 use super::{ConsumerHandle, Handled, Handler, Outgoing, PublishFailure, Transport, CONSUME_BATCH};
-use crate::config::Settings;
+use crate::config::{AmqpUrl, QueueType, Settings};
 use crate::error::{Error, Result};
 
-/// Longest wait for a connection attempt.
+/// Longest wait for a connection attempt: the TCP connect, the AMQP handshake, the channel and
+/// the topology. An attempt past it is abandoned, and its socket shut down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a connection's orderly close; past it its socket is shut down.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the supervisor checks a healthy connection.
 const HEALTH_TICK: Duration = Duration::from_millis(200);
 /// Longest wait for a publisher confirm or an ack; past it the connection is presumed dead.
@@ -40,21 +44,57 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(15);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// One connect attempt's socket. lapin runs each connection on an I/O thread of its own that
+/// only a closed socket ends, so an attempt abandoned at its deadline (a peer that accepts and
+/// never speaks), and a link being closed, shut the socket down: the thread ends, and a
+/// handshake that would complete late completes on a dead socket. lapin's I/O thread holds the
+/// attempt (through the connect function it was given) until it ends, which tells the
+/// supervisor whether an earlier attempt is still alive.
+#[derive(Default)]
+struct Attempt {
+    /// A second handle on the connection's socket, and whether the attempt was abandoned.
+    socket: Mutex<(Option<std::net::TcpStream>, bool)>,
+}
+
+impl Attempt {
+    fn abandon(&self) {
+        let mut socket = self.socket.lock().unwrap_or_else(|p| p.into_inner());
+        socket.1 = true;
+        if let Some(s) = socket.0.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 #[derive(Clone)]
 struct Link {
     conn: Arc<Connection>,
     channel: Channel,
+    attempt: Weak<Attempt>,
+    /// The node it is connected to (its URL without the password).
+    node: String,
+    /// Set when the server cancelled the link's consumer (a node lost, a leader moved, a
+    /// consumer timeout): the link is then replaced, so the consumer subscribes again.
+    cancelled: Arc<AtomicBool>,
 }
 
 impl Link {
     fn healthy(&self) -> bool {
-        self.conn.status().connected() && self.channel.status().connected()
+        self.conn.status().connected()
+            && self.channel.status().connected()
+            && !self.cancelled.load(Ordering::SeqCst)
     }
 
+    /// Close the connection (bounded), then shut its socket down whatever the broker did.
     fn close(&self) {
         let conn = self.conn.clone();
-        let _ =
-            async_global_executor::block_on(async move { conn.close(200, "closing".into()).await });
+        let _ = async_global_executor::block_on(bounded_wait(
+            async move { conn.close(200, "closing".into()).await },
+            CLOSE_TIMEOUT,
+        ));
+        if let Some(attempt) = self.attempt.upgrade() {
+            attempt.abandon();
+        }
     }
 }
 
@@ -64,28 +104,93 @@ struct ConsumeState {
 }
 
 struct Inner {
-    url: String,
-    shown_url: String,
+    url: AmqpUrl,
+    /// Every node of `--amqp-url`, in order: its AMQP parts and its URL without the password.
+    nodes: Vec<(AMQPUri, String)>,
+    /// The node to try first: the last one a link connected to.
+    preferred: std::sync::atomic::AtomicUsize,
+    topology: Topology,
     queue: String,
     prefetch: u16,
     publish_timeout: Duration,
     publish: RwLock<Option<Link>>,
     consume: Mutex<Option<ConsumeState>>,
     publish_up: AtomicBool,
+    /// One heal at a time (the supervisor, and `start_consumer` once).
+    healing: Mutex<()>,
+    /// The last connect attempt of each link to each node: a new one starts only once it has
+    /// ended.
+    publish_attempt: Vec<Mutex<Weak<Attempt>>>,
+    consume_attempt: Vec<Mutex<Weak<Attempt>>>,
+    /// Set when a node refused the queues' declaration (406: a queue exists with other
+    /// arguments): a configuration error, not an outage.
+    refused: Mutex<Option<String>>,
+}
+
+/// The queues a link declares: the topic's and its dead-letter queue, with the arguments of
+/// `--queue-type`.
+#[derive(Debug, Clone, PartialEq)]
+struct Topology {
+    queue: String,
+    queue_type: QueueType,
+    delivery_limit: u32,
+}
+
+impl Topology {
+    fn of(settings: &Settings) -> Topology {
+        Topology {
+            queue: settings.topic.clone(),
+            queue_type: settings.queue_type,
+            delivery_limit: settings.delivery_limit,
+        }
+    }
+
+    /// The queues to declare, dead-letter queue first (the target of the broker's
+    /// dead-lettering exists before the queue that sends to it), each with its arguments.
+    /// Classic: plain durable queues without arguments, the original's. Quorum: both quorum
+    /// queues; the topic's has the delivery limit, and past it the broker dead-letters the
+    /// message to `<topic>.dlq` (at-least-once, which needs `reject-publish` overflow).
+    fn queues(&self) -> [(String, FieldTable); 2] {
+        let dlq = dead_letter_queue(&self.queue);
+        let text = |v: &str| AMQPValue::LongString(v.into());
+        match self.queue_type {
+            QueueType::Classic => [
+                (dlq, FieldTable::default()),
+                (self.queue.clone(), FieldTable::default()),
+            ],
+            QueueType::Quorum => {
+                let mut d = FieldTable::default();
+                d.insert("x-queue-type".into(), text("quorum"));
+                let mut q = FieldTable::default();
+                q.insert("x-queue-type".into(), text("quorum"));
+                q.insert(
+                    "x-delivery-limit".into(),
+                    AMQPValue::LongInt(self.delivery_limit.min(i32::MAX as u32) as i32),
+                );
+                q.insert("x-dead-letter-exchange".into(), text(""));
+                q.insert("x-dead-letter-routing-key".into(), text(&dlq));
+                q.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+                q.insert("x-overflow".into(), text("reject-publish"));
+                [(dlq, d), (self.queue.clone(), q)]
+            }
+        }
+    }
+}
+
+/// Whether the broker refused a declaration because the queue exists with other arguments.
+fn precondition_failed(e: &lapin::Error) -> Option<String> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) if p.get_id() == 406 => {
+            Some(p.get_message().to_string())
+        }
+        _ => None,
+    }
 }
 
 /// The RabbitMQ transport.
 pub struct Amqp {
     inner: Arc<Inner>,
     supervisor: Option<(Sender<()>, JoinHandle<()>)>,
-}
-
-/// The URL without its password, for logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}{}", &url[..s + 3], &url[at + 1..]),
-        _ => url.to_string(),
-    }
 }
 
 /// Await `f` for at most `limit`; `None` if it did not finish. lapin leaves the promises of a
@@ -105,114 +210,273 @@ async fn bounded_wait<F: Future>(f: F, limit: Duration) -> Option<F::Output> {
     .await
 }
 
-/// Run a connect future on its own thread so that a hung attempt is bounded.
-fn with_timeout<T: Send + 'static>(
-    what: &str,
-    f: impl Future<Output = lapin::Result<T>> + Send + 'static,
-) -> Result<T> {
-    let (tx, rx) = bounded(1);
-    crate::util::spawn("amqp-connect", move || {
-        let _ = tx.send(async_global_executor::block_on(f));
-    })?;
-    match rx.recv_timeout(CONNECT_TIMEOUT) {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(Error::Broker(format!("{what}: {e}"))),
-        Err(_) => Err(Error::Broker(format!(
-            "{what}: no answer within {CONNECT_TIMEOUT:?}"
-        ))),
-    }
+/// The AMQP parts of a URL. amq-protocol's own errors may quote the URL, password included:
+/// the refusal says only what to check.
+fn amqp_uri(url: &str) -> Result<AMQPUri> {
+    url.parse::<AMQPUri>().map_err(|_| {
+        Error::Config(AmqpUrl::refusal(
+            "is not a valid AMQP URL (check the escapes of its user, password and vhost, and its query parameters)",
+        ))
+    })
 }
 
-async fn open_link(
-    url: String,
-    queue: String,
+/// What a link is for.
+struct LinkSpec<'a> {
+    uri: &'a AMQPUri,
+    /// The URL without its password.
+    shown: &'a str,
+    topology: &'a Topology,
     name: &'static str,
     confirm: bool,
     prefetch: Option<u16>,
-) -> lapin::Result<Link> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    let conn = Connection::connect(&url, props).await?;
-    let channel = conn.create_channel().await?;
-    // The topic's queue and its dead-letter queue: plain durable queues without arguments, so
-    // declaring them agrees with a queue that already exists.
-    for q in [queue.clone(), dead_letter_queue(&queue)] {
-        channel
+    /// Consume the queue into this channel.
+    consume: Option<Sender<Delivery>>,
+}
+
+/// Open a link on the calling thread within [`CONNECT_TIMEOUT`]. `attempt` learns the socket;
+/// an attempt that fails or misses the deadline is abandoned (its socket shut down).
+fn connect_link(what: &str, spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> Result<Link> {
+    let shown = spec.shown.to_string();
+    let topology = spec.topology.clone();
+    let opened = async_global_executor::block_on(bounded_wait(
+        open_link(spec, attempt.clone()),
+        CONNECT_TIMEOUT,
+    ));
+    match opened {
+        Some(Ok(link)) => Ok(link),
+        Some(Err(e)) => {
+            attempt.abandon();
+            match precondition_failed(&e) {
+                Some(why) => Err(Error::Config(format!(
+                    "{shown} refused to declare the queues as --queue-type {} declares them ({why}): a queue of that name exists with other arguments; nothing was changed. Pass the --queue-type it was declared with, or delete the queue first",
+                    topology.queue_type.as_str()
+                ))),
+                None => Err(Error::Broker(format!("{what} {shown}: {e}"))),
+            }
+        }
+        None => {
+            attempt.abandon();
+            Err(Error::Broker(format!(
+                "{what} {shown}: no answer within {CONNECT_TIMEOUT:?} (is it a RabbitMQ server?)"
+            )))
+        }
+    }
+}
+
+async fn open_link(spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> lapin::Result<Link> {
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let props = ConnectionProperties::default().with_connection_name(spec.name.into());
+    let runtime = lapin::runtime::default_runtime()?;
+    let weak = Arc::downgrade(&attempt);
+    let conn = Connection::connector(
+        spec.uri.clone(),
+        runtime,
+        async move |uri, runtime| {
+            let stream = lapin::tcp::AMQPUriTcpExt::connect_with_config_async(
+                &uri,
+                lapin::tcp::TLSConfig::default(),
+                &runtime,
+            )
+            .await?;
+            let mut socket = attempt.socket.lock().unwrap_or_else(|p| p.into_inner());
+            if socket.1 {
+                return Err(std::io::Error::other("the connect attempt was abandoned").into());
+            }
+            if let lapin::tcp::AsyncTcpStream::Plain(s) = &stream {
+                socket.0 = Some(s.get_ref().try_clone()?);
+            }
+            drop(socket);
+            Ok(stream)
+        },
+        props,
+    )
+    .await?;
+    // The topic's queue and its dead-letter queue. Classic (the original's): declared, durable
+    // and without arguments, when they do not exist; a queue that exists is taken as it is (its
+    // arguments, such as a length limit on the dead-letter queue, are the operator's). Quorum:
+    // always declared with --queue-type's arguments, so that one declared otherwise is refused
+    // by the broker (406: the argument that differs is named) and nothing is changed. A passive
+    // declare of a missing queue closes its channel, so each probe has a channel of its own.
+    for (q, arguments) in spec.topology.queues() {
+        if spec.topology.queue_type == QueueType::Classic {
+            let probe = conn.create_channel().await?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            if probe
+                .queue_declare(q.as_str().into(), passive, FieldTable::default())
+                .await
+                .is_ok()
+            {
+                let _ = probe.close(200, "probed".into()).await;
+                continue;
+            }
+        }
+        let declare = conn.create_channel().await?;
+        declare
             .queue_declare(
                 q.as_str().into(),
                 QueueDeclareOptions {
                     durable: true,
                     ..Default::default()
                 },
-                FieldTable::default(),
+                arguments,
             )
             .await?;
+        let _ = declare.close(200, "declared".into()).await;
     }
-    if confirm {
+    let channel = conn.create_channel().await?;
+    if spec.confirm {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
     }
-    if let Some(p) = prefetch {
+    if let Some(p) = spec.prefetch {
         channel.basic_qos(p, BasicQosOptions::default()).await?;
+    }
+    if let Some(deliveries) = spec.consume {
+        let consumer = channel
+            .basic_consume(
+                spec.topology.queue.as_str().into(),
+                "big-market".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let flag = cancelled.clone();
+        consumer.set_delegate(move |d: DeliveryResult| {
+            let tx = deliveries.clone();
+            let flag = flag.clone();
+            async move {
+                match d {
+                    Ok(Some(delivery)) => {
+                        // Prefetch bounds what is in flight, and the channel holds more than that.
+                        let _ = tx.send(delivery);
+                    }
+                    Ok(None) => {
+                        // The server cancelled the consumer: the supervisor replaces the link,
+                        // which subscribes again.
+                        log::warn!("amqp consumer cancelled by the server; subscribing again");
+                        flag.store(true, Ordering::SeqCst);
+                    }
+                    Err(e) => log::warn!("amqp consumer error, reconnecting: {e}"),
+                }
+            }
+        });
     }
     Ok(Link {
         conn: Arc::new(conn),
         channel,
+        attempt: weak,
+        node: spec.shown.to_string(),
+        cancelled,
     })
 }
 
 impl Inner {
+    fn new(url: &AmqpUrl, settings: &Settings) -> Result<Inner> {
+        let nodes = url
+            .nodes()
+            .iter()
+            .map(|n| Ok((amqp_uri(n.secret_url())?, n.shown().to_string())))
+            .collect::<Result<Vec<_>>>()?;
+        let attempts = || nodes.iter().map(|_| Mutex::new(Weak::new())).collect();
+        Ok(Inner {
+            url: url.clone(),
+            preferred: Default::default(),
+            topology: Topology::of(settings),
+            queue: settings.topic.clone(),
+            prefetch: settings.prefetch,
+            publish_timeout: settings.publish_timeout(),
+            publish: RwLock::new(None),
+            consume: Mutex::new(None),
+            publish_up: AtomicBool::new(false),
+            healing: Mutex::new(()),
+            publish_attempt: attempts(),
+            consume_attempt: attempts(),
+            refused: Mutex::new(None),
+            nodes,
+        })
+    }
+
+    /// Connect one link to the first node that answers, from the preferred one on, skipping a
+    /// node whose previous attempt for this link is still alive (at most one attempt in flight
+    /// per link and node: an abandoned one ends once lapin's thread sees its socket shut). A
+    /// node that refuses the queues' arguments ends the search: that is a configuration error.
+    fn connect<'s>(
+        &'s self,
+        attempts: &[Mutex<Weak<Attempt>>],
+        what: &str,
+        spec: impl Fn(&'s AMQPUri, &'s str) -> LinkSpec<'s>,
+    ) -> Result<Link> {
+        let n = self.nodes.len();
+        let first = self.preferred.load(Ordering::SeqCst) % n;
+        let mut failures = Vec::new();
+        for k in 0..n {
+            let i = (first + k) % n;
+            let (uri, shown) = &self.nodes[i];
+            let mut last = attempts[i].lock().expect("attempt lock");
+            if last.strong_count() > 0 {
+                failures.push(format!("{shown}: the previous attempt is still closing"));
+                continue;
+            }
+            let attempt = Arc::new(Attempt::default());
+            *last = Arc::downgrade(&attempt);
+            drop(last);
+            match connect_link(what, spec(uri, shown), attempt) {
+                Ok(link) => {
+                    self.preferred.store(i, Ordering::SeqCst);
+                    return Ok(link);
+                }
+                Err(Error::Config(why)) => {
+                    *self.refused.lock().expect("refused lock") = Some(why.clone());
+                    return Err(Error::Config(why));
+                }
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        Err(Error::Broker(failures.join("; ")))
+    }
+
     fn connect_publisher(&self) -> Result<Link> {
-        with_timeout(
-            &format!("connecting to {}", self.shown_url),
-            open_link(
-                self.url.clone(),
-                self.queue.clone(),
-                "big-market-publish",
-                true,
-                None,
-            ),
-        )
+        self.connect(&self.publish_attempt, "connecting to", |uri, shown| {
+            LinkSpec {
+                uri,
+                shown,
+                topology: &self.topology,
+                name: "big-market-publish",
+                confirm: true,
+                prefetch: None,
+                consume: None,
+            }
+        })
     }
 
     fn connect_consumer(&self, deliveries: Sender<Delivery>) -> Result<Link> {
-        let (url, queue, prefetch) = (self.url.clone(), self.queue.clone(), self.prefetch);
-        with_timeout(
-            &format!("connecting the consumer to {}", self.shown_url),
-            async move {
-                let link = open_link(
-                    url,
-                    queue.clone(),
-                    "big-market-consume",
-                    false,
-                    Some(prefetch),
-                )
-                .await?;
-                let consumer = link
-                    .channel
-                    .basic_consume(
-                        queue.as_str().into(),
-                        "big-market".into(),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await?;
-                consumer.set_delegate(move |d: DeliveryResult| {
-                    let tx = deliveries.clone();
-                    async move {
-                        match d {
-                            Ok(Some(delivery)) => {
-                                // Prefetch bounds what is in flight, and the channel holds more than that.
-                                let _ = tx.send(delivery);
-                            }
-                            Ok(None) => log::debug!("amqp consumer cancelled"),
-                            Err(e) => log::warn!("amqp consumer error, reconnecting: {e}"),
-                        }
-                    }
-                });
-                Ok(link)
+        self.connect(
+            &self.consume_attempt,
+            "connecting the consumer to",
+            |uri, shown| LinkSpec {
+                uri,
+                shown,
+                topology: &self.topology,
+                name: "big-market-consume",
+                confirm: false,
+                prefetch: Some(self.prefetch),
+                consume: Some(deliveries.clone()),
             },
         )
+    }
+
+    /// The node the publishing link is connected to, if it is.
+    fn publish_node(&self) -> Option<String> {
+        self.publish
+            .read()
+            .expect("publish lock")
+            .as_ref()
+            .filter(|l| l.healthy())
+            .map(|l| l.node.clone())
     }
 
     fn publish_link(&self) -> Option<Link> {
@@ -229,48 +493,49 @@ impl Inner {
 
     /// One supervisor step: reconnect what is down. Returns whether everything is up.
     fn heal(&self) -> bool {
+        let _healing = self.healing.lock().unwrap_or_else(|p| p.into_inner());
         let mut ok = true;
         if !self.publish_healthy() {
+            // A link that is down is closed before another is opened: its thread and socket
+            // go with it.
+            let old = self.publish.write().expect("publish lock").take();
+            if let Some(old) = old {
+                old.close();
+            }
             match self.connect_publisher() {
                 Ok(link) => {
-                    if let Some(old) = self.publish.write().expect("publish lock").replace(link) {
-                        old.close();
-                    }
+                    *self.publish.write().expect("publish lock") = Some(link);
                 }
                 Err(e) => {
                     ok = false;
                     if self.publish_up.load(Ordering::SeqCst) {
-                        log::warn!("broker connection lost url={}: {e}; writes still commit, tasks wait for the reconnect", self.shown_url);
+                        log::warn!("broker connection lost url={}: {e}; writes still commit, tasks wait for the reconnect", self.url);
+                    } else {
+                        log::debug!("broker still unreachable: {e}");
                     }
                 }
             }
             let up = self.publish_healthy();
             if up && !self.publish_up.load(Ordering::SeqCst) {
-                log::info!(
-                    "broker connected url={} queue={}",
-                    self.shown_url,
-                    self.queue
-                );
+                log::info!("broker connected url={} queue={}", self.url, self.queue);
             }
             self.publish_up.store(up, Ordering::SeqCst);
         }
         let mut consume = self.consume.lock().expect("consume lock");
         if let Some(state) = consume.as_mut() {
             if !state.link.as_ref().is_some_and(Link::healthy) {
+                let lost = state.link.take();
+                if let Some(old) = &lost {
+                    old.close();
+                }
                 match self.connect_consumer(state.deliveries.clone()) {
                     Ok(link) => {
-                        log::info!(
-                            "consumer connected url={} queue={}",
-                            self.shown_url,
-                            self.queue
-                        );
-                        if let Some(old) = state.link.replace(link) {
-                            old.close();
-                        }
+                        log::info!("consumer connected url={} queue={}", self.url, self.queue);
+                        state.link = Some(link);
                     }
                     Err(e) => {
                         ok = false;
-                        if state.link.take().is_some() {
+                        if lost.is_some() {
                             log::warn!("consumer connection lost: {e}; unacked messages return to the queue");
                         }
                     }
@@ -284,22 +549,16 @@ impl Inner {
 impl Amqp {
     /// Connect (or keep trying in the background) and declare the topology. A broker that is
     /// down at start is not an error: writes commit and the backlog is sent once it is up.
-    pub fn connect(url: &str, settings: &Settings) -> Result<Self> {
-        let inner = Arc::new(Inner {
-            url: url.to_string(),
-            shown_url: redact(url),
-            queue: settings.topic.clone(),
-            prefetch: settings.prefetch,
-            publish_timeout: settings.publish_timeout(),
-            publish: RwLock::new(None),
-            consume: Mutex::new(None),
-            publish_up: AtomicBool::new(false),
-        });
+    pub fn connect(url: &AmqpUrl, settings: &Settings) -> Result<Self> {
+        let inner = Arc::new(Inner::new(url, settings)?);
         inner.heal();
+        if let Some(why) = inner.refused.lock().expect("refused lock").take() {
+            return Err(Error::Config(why));
+        }
         if !inner.publish_healthy() {
             log::warn!(
                 "broker unreachable url={}: starting disconnected, retrying in the background",
-                inner.shown_url
+                inner.url
             );
         }
         let (stop_tx, stop_rx) = bounded::<()>(0);
@@ -311,24 +570,27 @@ impl Amqp {
         })
     }
 
-    /// Connect once and close: is the broker reachable with these settings?
-    pub fn connect_once(settings: &Settings) -> Result<()> {
+    /// Connect once to the first node that answers and close: is the broker reachable with
+    /// these settings, and does it take the queues as declared? Returns the node.
+    pub fn connect_once(settings: &Settings) -> Result<String> {
         let url = settings
             .amqp_url
-            .clone()
+            .as_ref()
             .ok_or_else(|| Error::Config("no AMQP URL given".into()))?;
-        let link = with_timeout(
-            &format!("connecting to {}", redact(&url)),
-            open_link(
-                url,
-                settings.topic.clone(),
-                "big-market-status",
-                false,
-                None,
-            ),
-        )?;
+        let inner = Inner::new(url, settings)?;
+        let link = inner.connect(&inner.publish_attempt, "connecting to", |uri, shown| {
+            LinkSpec {
+                uri,
+                shown,
+                topology: &inner.topology,
+                name: "big-market-status",
+                confirm: false,
+                prefetch: None,
+                consume: None,
+            }
+        })?;
         link.close();
-        Ok(())
+        Ok(link.node)
     }
 
     /// Delete this transport's queue and its dead-letter queue (tests use queues of their own
@@ -388,17 +650,25 @@ impl Transport for Amqp {
         "amqp"
     }
 
+    fn broker(&self) -> Option<super::BrokerInfo> {
+        Some(super::BrokerInfo {
+            node: self.inner.publish_node(),
+            queue_type: self.inner.topology.queue_type.as_str(),
+        })
+    }
+
     fn describe(&self) -> String {
-        format!(
-            "amqp {} queue={} ({})",
-            self.inner.shown_url,
-            self.inner.queue,
-            if self.is_connected() {
-                "connected"
-            } else {
-                "disconnected"
-            }
-        )
+        let queue_type = self.inner.topology.queue_type.as_str();
+        match self.inner.publish_node() {
+            Some(node) => format!(
+                "amqp node={node} queue={} type={queue_type} (connected; nodes: {})",
+                self.inner.queue, self.inner.url
+            ),
+            None => format!(
+                "amqp {} queue={} type={queue_type} (disconnected)",
+                self.inner.url, self.inner.queue
+            ),
+        }
     }
 
     fn publish_batch(
@@ -501,7 +771,11 @@ impl Transport for Amqp {
             deliveries: tx,
             link: None,
         });
-        self.inner.heal();
+        // With the broker reachable, consume at once; otherwise the supervisor connects the
+        // consumer with the publisher, and starting does not wait for a broker that is down.
+        if self.inner.publish_healthy() {
+            self.inner.heal();
+        }
         let (stop_tx, stop_rx) = bounded::<()>(0);
         let mut handles = Vec::with_capacity(threads);
         for i in 0..threads {
@@ -511,23 +785,26 @@ impl Transport for Amqp {
                 handler.clone(),
                 self.inner.clone(),
             );
-            handles.push(
-                crate::util::spawn(format!("amqp-consumer-{i}"), move || loop {
+            handles.push(crate::util::spawn(
+                format!("amqp-consumer-{i}"),
+                move || {
+                    let mut health = crate::consumer::StoreHealth::default();
+                    loop {
                         select! {
                             recv(stop_rx) -> _ => break,
                             recv(rx) -> d => match d {
                                 Ok(first) => {
                                     let batch = crate::util::drain_batch(&rx, first, CONSUME_BATCH);
-                                    let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
-                                    let outcomes = handler.handle_batch(&bodies);
+                                    let outcomes = handle_holding(&*handler, &batch, &stop_rx);
                                     crate::crash::hit(crate::crash::Point::BeforeAck);
-                                    settle_batch(&inner, batch, outcomes);
+                                    settle_batch(&inner, batch, outcomes, &mut health, &stop_rx);
                                 }
                                 Err(_) => break,
                             },
                         }
-                    })?,
-            );
+                    }
+                },
+            )?);
         }
         Ok(Box::new(AmqpConsumer {
             inner: self.inner.clone(),
@@ -537,13 +814,109 @@ impl Transport for Amqp {
     }
 }
 
-/// Settle a handled batch: every ack, dead-letter or requeue is sent at once and awaited
-/// together, rather than one round trip after another.
-fn settle_batch(inner: &Arc<Inner>, batch: Vec<Delivery>, outcomes: Vec<Handled>) {
+/// Handle a batch; while the store fails (outcomes `Retry`), hold the failed deliveries
+/// unacknowledged and handle them again (the handler backs off between tries), rather than
+/// requeueing them: on a quorum queue every requeue counts against the delivery limit, and an
+/// outage of our own store must not have the broker dead-letter good messages. The broker sends
+/// no more than the prefetch meanwhile. Holding ends when the batch goes through, the consumer
+/// stops (then they are requeued, once), or their channel is gone (the broker requeued them).
+fn handle_holding(handler: &dyn Handler, batch: &[Delivery], stop: &Receiver<()>) -> Vec<Handled> {
+    let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
+    let mut outcomes = handler.handle_batch(&bodies);
+    loop {
+        let failed: Vec<usize> = (0..batch.len())
+            .filter(|i| matches!(outcomes[*i], Handled::Retry(_)))
+            .collect();
+        let stopping = !matches!(stop.try_recv(), Err(crossbeam_channel::TryRecvError::Empty));
+        if failed.is_empty() || stopping || failed.iter().any(|i| !batch[*i].acker.usable()) {
+            return outcomes;
+        }
+        let again: Vec<&[u8]> = failed.iter().map(|i| bodies[*i]).collect();
+        for (i, o) in failed.into_iter().zip(handler.handle_batch(&again)) {
+            outcomes[i] = o;
+        }
+    }
+}
+
+/// Settle a handled batch: the dead letters are published first, all at once, then every
+/// ack or requeue is sent at once and awaited together, rather than one round trip after
+/// another. When a dead-letter publish fails (a full or refusing dead-letter queue, a
+/// publisher that is down or blocked), its message goes back to the queue only after a
+/// backoff, as after a storage failure: the consumer thread waits (taking nothing new) unless
+/// `stop` ends the wait, so a message that cannot be set aside is not redelivered in a loop.
+fn settle_batch(
+    inner: &Arc<Inner>,
+    batch: Vec<Delivery>,
+    outcomes: Vec<Handled>,
+    health: &mut crate::consumer::StoreHealth,
+    stop: &Receiver<()>,
+) {
+    let queue = dead_letter_queue(&inner.queue);
+    let set_aside: Vec<_> = batch
+        .iter()
+        .zip(&outcomes)
+        .filter_map(|(d, outcome)| match outcome {
+            Handled::Reject(reason) => {
+                let (inner, reason) = (inner.clone(), reason.clone());
+                let (properties, data) = (d.properties.clone(), d.data.clone());
+                Some(async_global_executor::spawn(async move {
+                    dead_letter(&inner, &properties, &data, &reason).await
+                }))
+            }
+            _ => None,
+        })
+        .collect();
+    let mut results = async_global_executor::block_on(async move {
+        let mut out = Vec::with_capacity(set_aside.len());
+        for s in set_aside {
+            out.push(s.await);
+        }
+        out
+    })
+    .into_iter();
+    let mut failure = None;
+    let outcomes: Vec<Handled> = outcomes
+        .into_iter()
+        .map(|outcome| match outcome {
+            Handled::Reject(reason) => match results.next() {
+                Some(Ok(())) => {
+                    log::warn!(
+                        "message set aside in {queue} reason={reason:?}: see `big-market dlq list`"
+                    );
+                    Handled::Ack
+                }
+                Some(Err(e)) => {
+                    failure = Some(e.clone());
+                    Handled::Retry(e)
+                }
+                None => Handled::Retry("not set aside".into()),
+            },
+            other => other,
+        })
+        .collect();
+    match failure {
+        Some(cause) => {
+            let (wait, started) = health.failed();
+            if started {
+                log::warn!("could not set a message aside in {queue} ({cause}); it goes back to the queue after a backoff of up to {:?}, until a dead letter goes through", crate::consumer::BACKOFF_MAX);
+            } else {
+                log::debug!("dead-lettering still failing, waiting {wait:?}: {cause}");
+            }
+            // The backoff itself, cut short by a stop.
+            let _ = stop.recv_timeout(wait);
+        }
+        None => {
+            if outcomes.iter().any(|o| matches!(o, Handled::Ack)) {
+                if let Some(n) = health.succeeded() {
+                    log::info!("dead letters go through again after {n} failed batches");
+                }
+            }
+        }
+    }
     let settles: Vec<_> = batch
         .into_iter()
         .zip(outcomes)
-        .map(|(d, outcome)| async_global_executor::spawn(settle(inner.clone(), d, outcome)))
+        .map(|(d, outcome)| async_global_executor::spawn(settle(d, outcome)))
         .collect();
     async_global_executor::block_on(async move {
         for s in settles {
@@ -552,32 +925,15 @@ fn settle_batch(inner: &Arc<Inner>, batch: Vec<Delivery>, outcomes: Vec<Handled>
     });
 }
 
-async fn settle(inner: Arc<Inner>, d: Delivery, outcome: Handled) {
+/// Ack or requeue one delivery (a dead letter was published before, confirmed: RabbitMQ would
+/// delete a rejected message).
+async fn settle(d: Delivery, outcome: Handled) {
     // A delivery whose channel is gone cannot be settled; the broker requeues it by itself,
     // and delivery is idempotent.
     if !d.acker.usable() {
         log::debug!("amqp delivery from a closed channel left unsettled ({outcome:?}); the broker redelivers it");
         return;
     }
-    // A message that can never be handled goes to the dead-letter queue first, confirmed, and
-    // only then is acked: RabbitMQ would delete a rejected one. If that publish fails, it goes
-    // back to the queue.
-    let outcome = match outcome {
-        Handled::Reject(reason) => match dead_letter(&inner, &d, &reason).await {
-            Ok(()) => {
-                log::warn!(
-                    "message set aside in {} reason={reason:?}: see `big-market dlq list`",
-                    dead_letter_queue(&inner.queue)
-                );
-                Handled::Ack
-            }
-            Err(e) => {
-                log::warn!("could not set a message aside ({e}); it goes back to the queue");
-                Handled::Retry(e)
-            }
-        },
-        other => other,
-    };
     let settled = bounded_wait(
         async {
             match &outcome {
@@ -677,11 +1033,19 @@ fn message_id_of(props: &BasicProperties, body: &[u8]) -> Option<String> {
 
 /// Publish a copy of `d` to the dead-letter queue, persistent, with headers saying why, when,
 /// from where and which message; `Ok` once the broker confirmed it.
-async fn dead_letter(inner: &Inner, d: &Delivery, reason: &str) -> std::result::Result<(), String> {
+async fn dead_letter(
+    inner: &Inner,
+    properties: &BasicProperties,
+    data: &[u8],
+    reason: &str,
+) -> std::result::Result<(), String> {
     let link = inner
         .publish_link()
         .filter(Link::healthy)
         .ok_or("the publisher is not connected")?;
+    if link.conn.status().blocked() {
+        return Err("the broker is blocking publishers (a memory or disk alarm)".into());
+    }
     let mut headers = FieldTable::default();
     headers.insert(H_REASON.into(), AMQPValue::LongString(reason.into()));
     headers.insert(H_AT.into(), AMQPValue::LongLongInt(crate::util::now_ms()));
@@ -689,7 +1053,7 @@ async fn dead_letter(inner: &Inner, d: &Delivery, reason: &str) -> std::result::
         H_QUEUE.into(),
         AMQPValue::LongString(inner.queue.as_str().into()),
     );
-    let id = message_id_of(&d.properties, &d.data);
+    let id = message_id_of(properties, data);
     if let Some(id) = &id {
         headers.insert(H_ID.into(), AMQPValue::LongString(id.as_str().into()));
     }
@@ -699,39 +1063,50 @@ async fn dead_letter(inner: &Inner, d: &Delivery, reason: &str) -> std::result::
     if let Some(id) = id {
         props = props.with_message_id(id.into());
     }
-    if let Some(ct) = d.properties.content_type() {
+    if let Some(ct) = properties.content_type() {
         props = props.with_content_type(ct.clone());
     }
+    // One deadline for handing it over and its confirm, like a publish batch: a consumer
+    // thread never waits on the broker without a bound.
     publish_confirmed(
         &link.channel,
         &dead_letter_queue(&inner.queue),
-        &d.data,
+        data,
         props,
+        inner.publish_timeout,
     )
     .await
 }
 
-/// Publish to the default exchange with `mandatory` and wait (bounded) for a plain ack.
+/// Publish to the default exchange with `mandatory` and wait for a plain ack, handing it over
+/// and the confirm together within `limit`.
 async fn publish_confirmed(
     channel: &Channel,
     queue: &str,
     body: &[u8],
     props: BasicProperties,
+    limit: Duration,
 ) -> std::result::Result<(), String> {
     let opts = BasicPublishOptions {
         mandatory: true,
         ..Default::default()
     };
-    let confirm = channel
-        .basic_publish("".into(), queue.into(), opts, body, props)
-        .await
-        .map_err(|e| format!("publishing to {queue}: {e}"))?;
-    match bounded_wait(confirm, RPC_TIMEOUT).await {
+    let published = bounded_wait(
+        async {
+            channel
+                .basic_publish("".into(), queue.into(), opts, body, props)
+                .await?
+                .await
+        },
+        limit,
+    )
+    .await;
+    match published {
         Some(Ok(Confirmation::Ack(None))) => Ok(()),
         Some(Ok(other)) => Err(format!("publishing to {queue}: not confirmed ({other:?})")),
         Some(Err(e)) => Err(format!("publishing to {queue}: {e}")),
         None => Err(format!(
-            "publishing to {queue}: no confirm within {RPC_TIMEOUT:?}"
+            "publishing to {queue}: not confirmed within {limit:?}"
         )),
     }
 }
@@ -784,15 +1159,22 @@ pub fn walk_dead_letters(
     limit: usize,
     mut decide: impl FnMut(&DeadLetter) -> DeadLetterAction + Send + 'static,
 ) -> Result<Vec<(DeadLetter, DeadLetterAction)>> {
-    let url = settings.amqp_url.clone().ok_or_else(|| {
+    let url = settings.amqp_url.as_ref().ok_or_else(|| {
         Error::Config("the dead-letter queue lives on RabbitMQ: pass --amqp-url (AMQP_URL); in-process, a refused message ends as a dead task (`big-market tasks list --state dead`)".into())
     })?;
     let queue = settings.topic.clone();
-    let shown = redact(&url);
-    let link = with_timeout(
-        &format!("connecting to {shown}"),
-        open_link(url, queue.clone(), "big-market-dlq", true, None),
-    )?;
+    let inner = Inner::new(url, settings)?;
+    let link = inner.connect(&inner.publish_attempt, "connecting to", |uri, shown| {
+        LinkSpec {
+            uri,
+            shown,
+            topology: &inner.topology,
+            name: "big-market-dlq",
+            confirm: true,
+            prefetch: None,
+            consume: None,
+        }
+    })?;
     let dlq = dead_letter_queue(&queue);
     let channel = link.channel.clone();
     let walked = async_global_executor::block_on(async move {
@@ -826,7 +1208,13 @@ pub fn walk_dead_letters(
             let letter = DeadLetter {
                 message_id: header_str(&headers, H_ID)
                     .or_else(|| message_id_of(&d.properties, &d.data)),
-                reason: header_str(&headers, H_REASON).unwrap_or_default(),
+                reason: header_str(&headers, H_REASON)
+                    .or_else(|| {
+                        // Dead-lettered by the broker itself (a quorum queue's delivery limit).
+                        header_str(&headers, "x-first-death-reason")
+                            .map(|r| format!("dead-lettered by the broker: {r}"))
+                    })
+                    .unwrap_or_default(),
                 dead_lettered_at_ms: header_int(&headers, H_AT).unwrap_or(0),
                 body: String::from_utf8_lossy(&d.data).to_string(),
             };
@@ -840,7 +1228,7 @@ pub fn walk_dead_letters(
                     if let Some(id) = &letter.message_id {
                         props = props.with_message_id(id.as_str().into());
                     }
-                    publish_confirmed(&channel, &queue, &d.data, props).await?;
+                    publish_confirmed(&channel, &queue, &d.data, props, RPC_TIMEOUT).await?;
                     d.ack(BasicAckOptions::default())
                         .await
                         .map_err(|e| format!("removing a replayed message from {dlq}: {e}"))?;
@@ -877,19 +1265,5 @@ impl ConsumerHandle for AmqpConsumer {
         if let Some(link) = state.and_then(|s| s.link) {
             link.close();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn passwords_are_not_logged() {
-        assert_eq!(
-            redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
-            "amqp://127.0.0.1:5672/%2f"
-        );
-        assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
     }
 }

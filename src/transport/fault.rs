@@ -150,6 +150,10 @@ impl Transport for Faulty {
         !self.down.load(Ordering::SeqCst) && self.inner.is_connected()
     }
 
+    fn broker(&self) -> Option<super::BrokerInfo> {
+        self.inner.broker()
+    }
+
     fn start_consumer(
         &self,
         handler: Arc<dyn Handler>,

@@ -52,6 +52,15 @@ pub trait ConsumerHandle: Send + Sync {
     fn stop(self: Box<Self>);
 }
 
+/// Which broker a transport is connected to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerInfo {
+    /// The node (URL without credentials), `None` while disconnected.
+    pub node: Option<String>,
+    /// `classic` or `quorum`.
+    pub queue_type: &'static str,
+}
+
 /// A message transport with publisher confirms.
 pub trait Transport: Send + Sync {
     /// A short description for logs and `status` (`in-process`, `amqp 127.0.0.1:5672`).
@@ -79,6 +88,12 @@ pub trait Transport: Send + Sync {
 
     /// Whether publishing can currently succeed (false while the broker is unreachable).
     fn is_connected(&self) -> bool;
+
+    /// The broker node publishing is connected to (its URL without credentials) and the
+    /// queue type, for `/metrics`; `None` for a transport without a broker.
+    fn broker(&self) -> Option<BrokerInfo> {
+        None
+    }
 
     /// Start consuming the topic's queue with `threads` handler threads.
     fn start_consumer(

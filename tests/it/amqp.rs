@@ -433,10 +433,16 @@ fn unprocessable_messages_go_to_the_dead_letter_queue_with_their_reason_and_repl
     // A message for an award that does not exist yet is set aside; once the award exists,
     // replaying it delivers it.
     let later = br#"{"data":{"awardId":101,"awardTitle":"t","orderId":"500000000002","userId":"dlq-later"},"id":"99000000001","timestamp":1712377010878}"#;
-    publish_plain(&t, &[later]);
-    assert!(wait_until(Duration::from_secs(30), || dlq_list(&t).len() == 3));
+    // Twice, as a dead letter whose confirm came late is set aside twice: replay sends one.
+    publish_plain(&t, &[later, later]);
+    assert!(wait_until(Duration::from_secs(30), || dlq_list(&t).len() == 4));
     let b = save_unpublished(&t, "dlq-later", "500000000002");
-    dlq(&t, &["replay", "--message-id", "99000000001"]);
+    let replayed = dlq(&t, &["replay", "--message-id", "99000000001"]);
+    let replayed = String::from_utf8_lossy(&replayed);
+    assert!(
+        replayed.contains("replayed 1 messages") && replayed.contains("1 duplicate copies removed"),
+        "{replayed}"
+    );
     assert!(
         wait_until(Duration::from_secs(30), || t
             .awards(b.db, Some("completed"))
@@ -551,5 +557,160 @@ fn a_publisher_block_longer_than_the_lease_with_two_serves_delivers_every_award_
             twice.is_empty(),
             "shard {db}: messages that reached the consumers more than once: {twice:?}"
         );
+    }
+}
+
+/// A child process killed when the test ends, whatever happened.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[test]
+fn a_dead_letter_queue_that_refuses_publishes_slows_the_consumer_to_a_backoff_and_sigterm_stops_it()
+{
+    let _g = serial();
+    let Some(t) = TestStore::amqp() else { return };
+    let dir = t.dir.path();
+    let url = t.amqp_url().to_string();
+    // The topic's queue, one unprocessable message in it, and a dead-letter queue that refuses
+    // every publish.
+    let (u, queue) = (url.clone(), t.settings.topic.clone());
+    async_global_executor::block_on(async move {
+        use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+        use lapin::types::{AMQPValue, FieldTable};
+        let conn = lapin::Connection::connect(&u, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.queue_declare(queue.as_str().into(), durable, FieldTable::default())
+            .await
+            .unwrap();
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongInt(0));
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        ch.queue_declare(format!("{queue}.dlq").as_str().into(), durable, args)
+            .await
+            .unwrap();
+        ch.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            b"not an award message",
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+        let _ = conn.close(200, "done".into()).await;
+    });
+    let log = dir.join("serve.log");
+    assert!(crate::cli::bin(dir).arg("init").status().unwrap().success());
+    let mut serve = KillOnDrop(
+        crate::cli::bin(dir)
+            .env("AMQP_URL", &url)
+            .env("RUST_LOG", "error")
+            .args(["--topic", &t.settings.topic, "serve"])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let serve = &mut serve.0;
+    let handled = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("unprocessable message refused")
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || handled() >= 1),
+        "the consumer never got the message"
+    );
+    let first = handled();
+    // Count how often the message comes back over ten seconds.
+    std::thread::sleep(Duration::from_secs(10));
+    let redelivered = handled() - first;
+    let stop = std::time::Instant::now();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status();
+    let mut exit = None;
+    wait_until(Duration::from_secs(30), || {
+        exit = serve.try_wait().unwrap();
+        exit.is_some()
+    });
+    let took = stop.elapsed();
+    assert!(
+        (1..=20).contains(&redelivered),
+        "the refused dead letter came back {redelivered} times in 10 s: a backoff brings it back a handful of times"
+    );
+    assert!(
+        exit.is_some_and(|e| e.success()) && took < Duration::from_secs(5),
+        "serve did not stop within 5 s of SIGTERM ({exit:?} after {took:?})"
+    );
+}
+
+#[test]
+fn a_wrong_amqp_password_is_refused_without_showing_it_in_any_output_or_log_line() {
+    let Some(t) = TestStore::amqp() else { return };
+    let wrong = "wr0ngpw4242";
+    let parsed = url::Url::parse(t.amqp_url()).unwrap();
+    let mut url = parsed.clone();
+    url.set_password(Some(wrong)).unwrap();
+    let url = url.to_string();
+    let run = |args: &[&str]| {
+        let out = t
+            .bin()
+            .env("AMQP_URL", &url)
+            .env("RUST_LOG", "debug")
+            .args(["--topic", &t.settings.topic])
+            .args(args)
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let award = run(&[
+        "award",
+        "--user-id",
+        "u1",
+        "--activity-id",
+        "1",
+        "--strategy-id",
+        "1",
+        "--order-id",
+        "000000000001",
+        "--award-id",
+        "1",
+        "--award-title",
+        "t",
+        "--wait",
+        "confirmed",
+        "--wait-timeout",
+        "2s",
+    ]);
+    assert!(award.contains("not confirmed"), "{award}");
+    let status = run(&["status"]);
+    assert!(status.contains("ACCESS_REFUSED"), "{status}");
+    for text in [award, status] {
+        assert!(!text.contains(wrong), "{text}");
+        if let Some(real) = parsed.password().filter(|p| p.len() > 3) {
+            assert!(!text.contains(&format!(":{real}@")), "{text}");
+        }
     }
 }

@@ -751,3 +751,66 @@ fn when_every_connection_is_busy_a_new_one_gets_503() {
     )));
     server.stop();
 }
+
+/// Every response on `s` until the server closes it: (status, body) each.
+fn read_all_responses(s: &mut TcpStream) -> Vec<(u16, String)> {
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < buf.len() {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        let Ok(httparse::Status::Complete(head_len)) = resp.parse(&buf[at..]) else {
+            break;
+        };
+        let len: usize = resp
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+            .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
+            .unwrap_or(0);
+        let body = &buf[at + head_len..(at + head_len + len).min(buf.len())];
+        out.push((
+            resp.code.unwrap(),
+            String::from_utf8_lossy(body).to_string(),
+        ));
+        at += head_len + len;
+    }
+    out
+}
+
+#[test]
+fn a_pipelined_request_with_a_bare_lf_gets_400_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    let server = Server::start(dir.path(), &[]);
+    let first = award("pipe1", "310000000001").to_string();
+    let second = award("pipe2", "310000000002").to_string();
+    let bare_lf = post_head("X-A: a\n", second.len()).replace("\r\nX-A: a\n", "\nX-A: a\n");
+    for (what, raw) in [
+        (
+            "after a POST, in the same write",
+            format!(
+                "{}{first}{}{second}",
+                post_head("Connection: keep-alive\r\n", first.len()),
+                bare_lf
+            ),
+        ),
+        (
+            "after a GET, in the same write",
+            format!("GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n{bare_lf}{second}"),
+        ),
+    ] {
+        let mut c = connect(server.addr);
+        c.write_all(raw.as_bytes()).unwrap();
+        let statuses: Vec<u16> = read_all_responses(&mut c).iter().map(|r| r.0).collect();
+        assert_eq!(statuses.len(), 2, "{what}: {statuses:?}");
+        assert!(
+            matches!(statuses[0], 200 | 201) && statuses[1] == 400,
+            "{what}: {statuses:?}"
+        );
+    }
+    assert_eq!(totals(&s).awards, 1, "only the first award was written");
+    server.stop();
+}

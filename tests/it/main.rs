@@ -1,7 +1,9 @@
 //! Integration tests: the library against temporary data directories, and the real binary.
 
 mod amqp;
+mod bounded;
 mod cli;
+mod cluster;
 mod edge;
 mod faults;
 mod http;

@@ -446,6 +446,19 @@ fn credentials_never_reach_a_log_or_an_error() {
         !text.contains("wrongpw1234") && !text.contains(&secret),
         "{text}"
     );
+    // verify's children get the URL through their environment, never their command line.
+    let (line, env) = crate::bounded::first_child_of(t.bin().env("BIG_MARKET_STORE", &url).args([
+        "verify",
+        "--rounds",
+        "1",
+        "--records",
+        "20",
+    ]));
+    assert!(!line.contains(&secret), "{line}");
+    assert!(
+        env.contains(&secret),
+        "the child got the URL through its environment"
+    );
 }
 
 #[test]

@@ -129,7 +129,7 @@ fn check_mysql(given: &str) -> Result<MysqlServer, String> {
 /// Reach the broker `given` names: its URL, or why it cannot be used and what to do.
 fn check_amqp(given: &str) -> Result<String, String> {
     let mut s = Settings::new(std::path::PathBuf::from("unused"));
-    s.amqp_url = Some(given.to_string());
+    s.amqp_url = Some(big_market::config::AmqpUrl::parse(given).map_err(|e| e.to_string())?);
     Amqp::connect_once(&s).map_err(|e| {
         format!(
             "{AMQP_VAR} names a broker that does not answer: {e}. Start it (`rabbitmq-server -detached`), or unset {AMQP_VAR} to leave the RabbitMQ suites out"
@@ -478,7 +478,7 @@ impl TestStore {
     pub fn amqp() -> Option<TestStore> {
         let url = amqp_url()?;
         let mut t = TestStore::new(Kind::Sqlite);
-        t.settings.amqp_url = Some(url.to_string());
+        t.settings.amqp_url = Some(big_market::config::AmqpUrl::parse(url).unwrap());
         t.settings.topic = format!("send_award_test_{}", Rng::new().digits(10));
         Some(t)
     }
@@ -507,12 +507,13 @@ impl TestStore {
         format!("{}/{}", self.server().url, self.prefix)
     }
 
-    /// The AMQP URL of the broker (broker tests only).
+    /// The AMQP URL of the broker, password included (broker tests only).
     pub fn amqp_url(&self) -> &str {
         self.settings
             .amqp_url
-            .as_deref()
+            .as_ref()
             .expect("a broker test store")
+            .secret_url()
     }
 
     /// The binary, pointed at these shards.
@@ -650,7 +651,12 @@ impl TestStore {
 
     /// A service on these shards, on the broker of [`TestStore::amqp`], connected.
     pub fn start_amqp(self, parts: Parts) -> TestApp {
-        let amqp = Arc::new(Amqp::connect(self.amqp_url(), &self.settings).unwrap());
+        let url = self
+            .settings
+            .amqp_url
+            .as_ref()
+            .expect("a broker test store");
+        let amqp = Arc::new(Amqp::connect(url, &self.settings).unwrap());
         assert!(
             wait_until(Duration::from_secs(10), || amqp.is_connected()),
             "not connected to the broker within 10 s"
@@ -774,4 +780,56 @@ impl Drop for TestApp {
             let _ = service.shutdown();
         }
     }
+}
+
+/// The ids of the live processes whose parent is `parent` (from `/proc/<pid>/stat`).
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`: comm may hold spaces, so read after its last ')'.
+        let after = &stat[stat.rfind(')').unwrap_or(0) + 1..];
+        if after.split_whitespace().nth(1) == Some(&parent.to_string()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A process's command line, its arguments joined by spaces.
+pub fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// A process's thread count (`Threads:` of `/proc/<pid>/status`) and open file descriptors.
+pub fn threads_and_fds(pid: u32) -> (usize, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    (threads, fds)
+}
+
+/// The names of a process's threads (`/proc/<pid>/task/*/comm`).
+pub fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|n| n.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
 }
