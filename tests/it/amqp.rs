@@ -17,7 +17,7 @@ use crate::support::*;
 /// The broker fault test stops the whole broker app: broker tests never overlap.
 static BROKER: Mutex<()> = Mutex::new(());
 
-fn serial() -> MutexGuard<'static, ()> {
+pub(crate) fn serial() -> MutexGuard<'static, ()> {
     BROKER.lock().unwrap_or_else(|p| p.into_inner())
 }
 

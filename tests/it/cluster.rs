@@ -2,7 +2,8 @@
 //! broker `BIG_MARKET_TEST_AMQP` names (a quorum queue works on one node); the failover test on
 //! the three-node cluster `BIG_MARKET_TEST_CLUSTER` names (comma-separated AMQP URLs of nodes
 //! bm1..bm3@localhost, as `.ci/cluster start` prints them). Each fails, never skips, when its
-//! variable is set and the broker does not answer, and deletes its queues.
+//! variable is set and the broker does not answer, and deletes its queues. They take the broker
+//! tests' lock: another broker test may stop the broker.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -95,6 +96,7 @@ impl Handler for Flaky {
 
 #[test]
 fn a_store_outage_longer_than_the_delivery_limit_has_nothing_dead_lettered() {
+    let _g = crate::amqp::serial();
     let Some(url) = named(AMQP_VAR) else { return };
     let dir = tempfile::tempdir().unwrap();
     let s = quorum_settings(dir.path(), &url, 2);
@@ -147,6 +149,7 @@ fn run(c: &mut std::process::Command) -> std::process::Output {
 
 #[test]
 fn a_consumer_that_crashes_past_the_delivery_limit_has_the_message_dead_lettered_by_the_broker() {
+    let _g = crate::amqp::serial();
     let Some(url) = named(AMQP_VAR) else { return };
     let dir = tempfile::tempdir().unwrap();
     let s = quorum_settings(dir.path(), &url, 2);
@@ -211,6 +214,7 @@ fn a_consumer_that_crashes_past_the_delivery_limit_has_the_message_dead_lettered
 
 #[test]
 fn a_queue_declared_classic_is_refused_with_quorum_and_left_unchanged() {
+    let _g = crate::amqp::serial();
     let Some(url) = named(AMQP_VAR) else { return };
     let dir = tempfile::tempdir().unwrap();
     // Connecting declares both queues classic.
@@ -284,6 +288,7 @@ impl Drop for Restart {
 
 #[test]
 fn load_through_a_node_stop_on_a_quorum_queue_delivers_every_award_once() {
+    let _g = crate::amqp::serial();
     let Some(urls) = named(CLUSTER_VAR) else {
         return;
     };
