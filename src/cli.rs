@@ -213,9 +213,11 @@ enum Command {
         to: std::path::PathBuf,
     },
     /// Prove nothing was lost: per shard, committed vs delivered sequence numbers, gaps,
-    /// redeliveries, tasks without awards and awards without tasks.
+    /// redeliveries, tasks without awards and awards without tasks; the original's rows (tasks
+    /// without a sequence number, awards none of ours name) apart, by state.
     Audit {
-        /// Only count an undelivered task as lost once it is this old.
+        /// Only count an undelivered task (or an original task not completed) as lost once it
+        /// is this old.
         #[arg(long, default_value = "60s", value_parser = duration)]
         older_than: Duration,
         /// Print JSON instead of a table.
@@ -884,8 +886,19 @@ fn audit(settings: &Settings, older_than: Duration, json: bool) -> Result<()> {
             serde_json::to_string(&audits).expect("audits serialize")
         );
     } else {
+        // The original's rows per state, as `completed=3 create=1` (`-`: none).
+        let by_state = |m: &std::collections::BTreeMap<String, u64>| {
+            if m.is_empty() {
+                "-".to_string()
+            } else {
+                m.iter()
+                    .map(|(s, n)| format!("{s}={n}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }
+        };
         println!(
-            "{:<14} {:>9} {:>9} {:>13} {:>9} {:>8} {:>11} {:>15} {:>15}",
+            "{:<14} {:>9} {:>9} {:>13} {:>9} {:>8} {:>11} {:>15} {:>15} | {:<22} {:<22}",
             "shard",
             "committed",
             "compacted",
@@ -894,11 +907,13 @@ fn audit(settings: &Settings, older_than: Duration, json: bool) -> Result<()> {
             "missing",
             "redelivered",
             "task w/o award",
-            "award w/o task"
+            "award w/o task",
+            "original tasks",
+            "original awards"
         );
         for a in &audits {
             println!(
-                "{:<14} {:>9} {:>9} {:>13} {:>9} {:>8} {:>11} {:>15} {:>15}",
+                "{:<14} {:>9} {:>9} {:>13} {:>9} {:>8} {:>11} {:>15} {:>15} | {:<22} {:<22}",
                 crate::router::db_name(a.db),
                 a.committed,
                 a.watermark,
@@ -907,12 +922,20 @@ fn audit(settings: &Settings, older_than: Duration, json: bool) -> Result<()> {
                 a.missing.len(),
                 a.redelivered.len(),
                 a.tasks_without_award,
-                a.awards_without_task
+                a.awards_without_task,
+                by_state(&a.original_tasks),
+                by_state(&a.original_awards)
             );
             if !a.tasks_below_watermark.is_empty() {
                 println!(
                     "  task rows at or below the watermark {}, which compaction never left: {:?}",
                     a.watermark, a.tasks_below_watermark
+                );
+            }
+            let stuck = a.originals_stuck(min_age);
+            if stuck > 0 {
+                println!(
+                    "  {stuck} of the original's tasks older than {older_than:?} never completed"
                 );
             }
             for (seq, age) in a.missing.iter().take(20) {
@@ -935,7 +958,7 @@ fn audit(settings: &Settings, older_than: Duration, json: bool) -> Result<()> {
         Ok(())
     } else {
         Err(Error::Violation(format!(
-            "audit failed on {}: committed tasks older than {older_than:?} were never delivered, or awards and tasks do not match",
+            "audit failed on {}: committed tasks (or the original's tasks) older than {older_than:?} were never delivered, or awards and tasks do not match",
             broken.join(", ")
         )))
     }

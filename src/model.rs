@@ -272,8 +272,10 @@ pub struct SendAward {
     pub award_id: i32,
     /// Award title.
     pub award_title: String,
-    /// Order id, so the consumer can find the record (not in the original; Java ignores it).
-    pub order_id: String,
+    /// Order id, so the consumer can find the record. The original's message has none (its
+    /// consumer only logs the message); later versions of the original add it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<String>,
     /// User id.
     pub user_id: String,
 }
@@ -303,7 +305,7 @@ impl EventMessage {
             data: SendAward {
                 award_id: record.award_id,
                 award_title: record.award_title.clone(),
-                order_id: record.order_id.as_str().to_string(),
+                order_id: Some(record.order_id.as_str().to_string()),
                 user_id: record.user_id.as_str().to_string(),
             },
             id: MessageId::new(db, seq).as_str().to_string(),
@@ -318,14 +320,23 @@ impl EventMessage {
         serde_json::to_string(self).expect("an EventMessage always serializes")
     }
 
-    /// Decode and validate a message body.
+    /// Decode and validate a message body: ours, or the original's (no `orderId`, an id of
+    /// 11 random digits), which [`EventMessage::order_id`] tells apart.
     pub fn decode(body: &[u8]) -> Result<Self> {
         let msg: EventMessage = serde_json::from_slice(body)
             .map_err(|e| Error::Poison(format!("not a send_award message: {e}")))?;
         UserId::parse(&msg.data.user_id).map_err(|e| Error::Poison(e.to_string()))?;
-        OrderId::parse(&msg.data.order_id).map_err(|e| Error::Poison(e.to_string()))?;
+        if let Some(order) = &msg.data.order_id {
+            OrderId::parse(order).map_err(|e| Error::Poison(e.to_string()))?;
+        }
         MessageId::parse(&msg.id).map_err(|e| Error::Poison(e.to_string()))?;
         Ok(msg)
+    }
+
+    /// The order id the message names: `None` for the original's form, which names no award
+    /// (the original's consumer only logs it); such a message is recorded, not delivered.
+    pub fn order_id(&self) -> Option<&str> {
+        self.data.order_id.as_deref()
     }
 }
 
@@ -359,12 +370,22 @@ mod tests {
     fn decode_reads_what_encode_writes_and_the_originals_form() {
         let m = EventMessage::for_award(&award(), 2, 7, 5);
         assert_eq!(EventMessage::decode(m.encode().as_bytes()).unwrap(), m);
-        // The original's message has no orderId: it cannot be delivered, and says so.
-        let original = r#"{"data":{"awardId":101,"awardTitle":"t","userId":"xiaofuge"},"id":"74920280321","timestamp":1712377010878}"#;
-        assert!(matches!(
-            EventMessage::decode(original.as_bytes()),
-            Err(Error::Poison(_))
-        ));
+        assert_eq!(m.order_id(), Some("123456789012"));
+        // The seed's message has no orderId: it decodes, naming no award.
+        let original = r#"{"data":{"awardId":101,"awardTitle":"OpenAI 增加使用次数","userId":"xiaofuge"},"id":"74920280321","timestamp":1712377010878}"#;
+        let o = EventMessage::decode(original.as_bytes()).unwrap();
+        assert_eq!(
+            (o.order_id(), o.id.as_str(), o.seq, o.shard),
+            (None, "74920280321", None, None)
+        );
+        assert_eq!(o.data.user_id, "xiaofuge");
+        assert_eq!(o.encode(), original, "and encodes back byte for byte");
+        // A later version's message names its award.
+        let later = r#"{"data":{"awardId":101,"awardTitle":"t","orderId":"880000000001","userId":"xiaofuge"},"id":"74920280322","timestamp":1712377010878}"#;
+        assert_eq!(
+            EventMessage::decode(later.as_bytes()).unwrap().order_id(),
+            Some("880000000001")
+        );
     }
 
     #[test]

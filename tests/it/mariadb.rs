@@ -112,7 +112,7 @@ fn the_originals_rows_are_relayed_and_delivered_and_ours_are_found_by_its_scan()
         ("user001", "send_award", saved.message_id.as_str())
     );
     let decoded = big_market::model::EventMessage::decode(body.as_bytes()).unwrap();
-    assert_eq!(decoded.data.order_id, "880000000002");
+    assert_eq!(decoded.order_id(), Some("880000000002"));
     // The original's completion statement works on our row too.
     app.mysql(saved.db)
         .exec_drop(
@@ -742,4 +742,182 @@ fn bench_on_mariadb_prints_the_ceiling_the_pipeline_and_their_server_work_and_cl
         )
         .unwrap();
     assert!(left.is_empty(), "scratch databases left behind: {left:?}");
+}
+
+/// The seed's `SendAwardMessage`, exactly: no `orderId`.
+const SEED_MESSAGE: &str = r#"{"data":{"awardId":101,"awardTitle":"OpenAI 增加使用次数","userId":"xiaofuge"},"id":"74920280321","timestamp":1712377010878}"#;
+
+/// The original's award and task, written as its mapper writes them, in one transaction.
+fn java_saves(t: &TestStore, order: &str, message_id: &str, message: &str) {
+    let user = "xiaofuge";
+    let r = route(user, Layout::default());
+    let mut c = t.mysql(r.db);
+    let mut tx = c.start_transaction(mysql::TxOpts::default()).unwrap();
+    tx.exec_drop(
+        JAVA_INSERT_AWARD.replace("user_award_record", &award_table(r.table)),
+        (
+            user,
+            100301i64,
+            100006i64,
+            order,
+            101,
+            "OpenAI 增加使用次数",
+            "2024-04-06 12:16:50",
+            "create",
+        ),
+    )
+    .unwrap();
+    tx.exec_drop(
+        JAVA_INSERT_TASK,
+        (user, "send_award", message_id, message, "create"),
+    )
+    .unwrap();
+    tx.commit().unwrap();
+}
+
+#[test]
+fn the_seeds_own_message_is_recorded_and_acknowledged_its_task_completed_and_audit_shows_it_apart()
+{
+    let Some(t) = TestStore::mariadb() else {
+        return;
+    };
+    let init = t.bin().arg("init").output().unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let db = route("xiaofuge", Layout::default()).db;
+    // The seed's form, and a later version's that names its award.
+    java_saves(&t, "880000000001", "74920280321", SEED_MESSAGE);
+    let later = r#"{"data":{"awardId":101,"awardTitle":"OpenAI 增加使用次数","orderId":"880000000002","userId":"xiaofuge"},"id":"74920280322","timestamp":1712377010878}"#;
+    java_saves(&t, "880000000002", "74920280322", later);
+
+    let url = t.url();
+    let server = crate::http::Server::start_with(
+        t.dir.path(),
+        &["--store", &url, "--scan-interval", "200ms"],
+        &[],
+    );
+    let completed = "SELECT COUNT(*) FROM task WHERE state = 'completed'";
+    assert!(
+        wait_until(Duration::from_secs(30), || t.count(db, completed) == 2),
+        "both tasks completed: {:?}",
+        t.mysql(db)
+            .query::<(String, String, Option<String>), _>(
+                "SELECT message_id, state, last_error FROM task"
+            )
+            .unwrap()
+    );
+    let (_, metrics) = server.call("GET", "/metrics", "");
+    let metrics = metrics.as_str().unwrap().to_string();
+    assert!(
+        metrics.contains("big_market_original_messages_total 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("big_market_poison_total 0\n"), "{metrics}");
+    server.stop();
+
+    // Recorded under its message id, acknowledged once, never refused or parked.
+    assert_eq!(
+        t.count(
+            db,
+            "SELECT receipts FROM delivery WHERE message_id = '74920280321' AND order_id = ''"
+        ),
+        1
+    );
+    assert_eq!(
+        t.count(
+            db,
+            "SELECT COUNT(*) FROM task WHERE state IN ('dead', 'fail') OR attempts > 0"
+        ),
+        0
+    );
+    // The later version's award was delivered exactly as ours; the seed's cannot be named.
+    let table = award_table(route("xiaofuge", Layout::default()).table);
+    assert_eq!(
+        t.text(
+            db,
+            &format!("SELECT award_state FROM {table} WHERE order_id = '880000000002'")
+        ),
+        "completed"
+    );
+    assert_eq!(
+        t.text(
+            db,
+            &format!("SELECT award_state FROM {table} WHERE order_id = '880000000001'")
+        ),
+        "create"
+    );
+
+    // The audit passes and shows the original's rows in their own columns.
+    let audit = t
+        .bin()
+        .args(["audit", "--older-than", "0s"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&audit.stdout);
+    assert!(
+        audit.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&audit.stderr)
+    );
+    let row = text
+        .lines()
+        .find(|l| l.starts_with(&big_market::router::db_name(db)))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        row.contains("completed=2") && row.contains("completed=1 create=1"),
+        "{text}"
+    );
+    let json = t.bin().args(["audit", "--json"]).output().unwrap();
+    let audits: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let a = &audits[(db - 1) as usize];
+    assert_eq!(
+        a["original_tasks"],
+        serde_json::json!({"completed": 2}),
+        "{a}"
+    );
+    assert_eq!(
+        (
+            a["tasks_without_award"].as_u64(),
+            a["awards_without_task"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{a}"
+    );
+
+    // An original task left unsent fails the audit once it is older than --older-than.
+    t.mysql(db)
+        .exec_drop(
+            JAVA_INSERT_TASK,
+            (
+                "xiaofuge",
+                "send_award",
+                "74920280323",
+                SEED_MESSAGE.replace("74920280321", "74920280323"),
+                "fail",
+            ),
+        )
+        .unwrap();
+    let audit = t
+        .bin()
+        .args(["audit", "--older-than", "0s"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        audit.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&audit.stdout)
+    );
+    let audit = t
+        .bin()
+        .args(["audit", "--older-than", "1h"])
+        .output()
+        .unwrap();
+    assert!(
+        audit.status.success(),
+        "younger than the limit: not yet a failure"
+    );
 }

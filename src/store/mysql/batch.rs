@@ -540,7 +540,9 @@ fn deliver_all(
     }
     let mut by_table: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for (m, table, _) in &msgs {
-        by_table.entry(table).or_default().push(&m.data.order_id);
+        if let Some(order) = m.order_id() {
+            by_table.entry(table).or_default().push(order);
+        }
     }
     let ids: Vec<&str> = msgs.iter().map(|(m, _, _)| m.id.as_str()).collect();
     let (found, logged) = sql::group_lookup(tx, ctx.nbe, ctx.frame, &by_table, &ids)?;
@@ -553,15 +555,24 @@ fn deliver_all(
     let mut complete: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for (m, table, _) in &msgs {
         let d = &m.data;
-        let key = (table.to_string(), d.order_id.clone(), d.user_id.clone());
-        if !owners.contains(&key) {
-            results.push(Err(poison(m, table, db)));
-            continue;
+        let order = m.order_id();
+        if let Some(order) = order {
+            let key = (table.to_string(), order.to_string(), d.user_id.clone());
+            if !owners.contains(&key) {
+                results.push(Err(poison(m, table, db)));
+                continue;
+            }
         }
         if logged.insert(m.id.clone()) {
-            firsts.push((&m.id, m.seq.unwrap_or(0), &d.order_id));
-            complete.entry(table).or_default().push(&d.order_id);
-            results.push(Ok(Reply::Delivered(Delivered::First)));
+            firsts.push((&m.id, m.seq.unwrap_or(0), order.unwrap_or("")));
+            match order {
+                Some(order) => {
+                    complete.entry(table).or_default().push(order);
+                    results.push(Ok(Reply::Delivered(Delivered::First)));
+                }
+                // The original's form names no award: logged, nothing to deliver.
+                None => results.push(Ok(Reply::Delivered(Delivered::Recorded))),
+            }
         } else {
             again.push(&m.id);
             results.push(Ok(Reply::Delivered(Delivered::Again)));
@@ -589,7 +600,9 @@ fn deliver_all(
 fn poison(m: &EventMessage, table: &str, db: u32) -> Error {
     Error::Poison(format!(
         "message {} names user {} order {}, which has no award record in big_market_{db:02}.{table}",
-        m.id, m.data.user_id, m.data.order_id
+        m.id,
+        m.data.user_id,
+        m.order_id().unwrap_or("-")
     ))
 }
 
@@ -670,16 +683,27 @@ fn apply(tx: &mut mysql::Conn, db: u32, op: &Op) -> std::result::Result<Reply, O
         Op::Release { owner, now_ms } => Ok(Reply::Count(sql::release_claims(tx, owner, *now_ms)?)),
         Op::Deliver { msg, table, now_ms } => {
             let d = &msg.data;
-            if !sql::award_exists(tx, table, &d.user_id, &d.order_id)? {
-                return Err(OpError::Op(poison(msg, table, db)));
+            let order = msg.order_id();
+            if let Some(order) = order {
+                if !sql::award_exists(tx, table, &d.user_id, order)? {
+                    return Err(OpError::Op(poison(msg, table, db)));
+                }
             }
-            let first =
-                sql::record_delivery(tx, &msg.id, msg.seq.unwrap_or(0), &d.order_id, *now_ms)?;
-            if !first {
-                return Ok(Reply::Delivered(Delivered::Again));
+            let first = sql::record_delivery(
+                tx,
+                &msg.id,
+                msg.seq.unwrap_or(0),
+                order.unwrap_or(""),
+                *now_ms,
+            )?;
+            match (first, order) {
+                (false, _) => Ok(Reply::Delivered(Delivered::Again)),
+                (true, None) => Ok(Reply::Delivered(Delivered::Recorded)),
+                (true, Some(order)) => {
+                    sql::complete_awards(tx, table, &[order], *now_ms)?;
+                    Ok(Reply::Delivered(Delivered::First))
+                }
             }
-            sql::complete_awards(tx, table, &[&d.order_id], *now_ms)?;
-            Ok(Reply::Delivered(Delivered::First))
         }
         Op::Requeue {
             message_id,

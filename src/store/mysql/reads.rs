@@ -99,7 +99,7 @@ impl Reads for MysqlReads {
             delivered: sql::delivered_seqs(&mut tx).map_err(&e)?,
             tasks: sql::task_orders(&mut tx).map_err(&e)?,
             delivered_orders: sql::delivered_orders(&mut tx).map_err(&e)?,
-            award_orders: awards,
+            awards,
             // The MySQL store does not compact (the Java service may read its tables).
             watermark: 0,
             tasks_below_watermark: Vec::new(),

@@ -270,7 +270,7 @@ fn apply(db: u32, conn: &Connection, op: &Op) -> Result<Reply> {
             {
                 let ours = msg.id == MessageId::new(db, seq).as_str();
                 if ours
-                    && sql::award_delivered(conn, table, &d.user_id, &d.order_id)
+                    && sql::award_delivered(conn, table, &d.user_id, msg.order_id().unwrap_or(""))
                         .map_err(|e| Error::storage(ctx("looking up an award"), e))?
                 {
                     return Ok(Reply::Delivered(Delivered::Again));
@@ -279,27 +279,34 @@ fn apply(db: u32, conn: &Connection, op: &Op) -> Result<Reply> {
                     "message {} names seq {seq} of big_market_{db:02}, which is compacted as delivered, but {}",
                     msg.id,
                     if ours {
-                        format!("order {} has no delivered award in {table}", d.order_id)
+                        format!(
+                            "order {} has no delivered award in {table}",
+                            msg.order_id().unwrap_or("-")
+                        )
                     } else {
                         format!("the shard gave that number the id {}", MessageId::new(db, seq).as_str())
                     }
                 )));
             }
-            let receipts = sql::record_delivery(conn, &msg.id, seq, &d.order_id, *now_ms)
+            let order = msg.order_id();
+            let receipts = sql::record_delivery(conn, &msg.id, seq, order.unwrap_or(""), *now_ms)
                 .map_err(|e| Error::storage(ctx("logging a delivery"), e))?;
             if receipts > 1 {
                 return Ok(Reply::Delivered(Delivered::Again));
             }
-            let changed = sql::complete_award(conn, table, &d.user_id, &d.order_id, *now_ms)
+            let Some(order) = order else {
+                return Ok(Reply::Delivered(Delivered::Recorded));
+            };
+            let changed = sql::complete_award(conn, table, &d.user_id, order, *now_ms)
                 .map_err(|e| Error::storage(ctx("delivering an award"), e))?;
             if changed == 0
-                && !sql::award_exists(conn, table, &d.user_id, &d.order_id)
+                && !sql::award_exists(conn, table, &d.user_id, order)
                     .map_err(|e| Error::storage(ctx("looking up an award"), e))?
             {
                 // The savepoint rolls back the delivery log entry with this error.
                 return Err(Error::Poison(format!(
-                    "message {} names user {} order {}, which has no award record in big_market_{db:02}.{table}",
-                    msg.id, d.user_id, d.order_id
+                    "message {} names user {} order {order}, which has no award record in big_market_{db:02}.{table}",
+                    msg.id, d.user_id
                 )));
             }
             Ok(Reply::Delivered(Delivered::First))
