@@ -921,3 +921,115 @@ fn the_seeds_own_message_is_recorded_and_acknowledged_its_task_completed_and_aud
         "younger than the limit: not yet a failure"
     );
 }
+
+/// `big-market award` of `order` for xiaofuge on `store`.
+fn award_cmd(t: &TestStore, store: &str, order: &str) -> std::process::Output {
+    t.bin()
+        .env("BIG_MARKET_STORE", store)
+        .args([
+            "award",
+            "--user-id",
+            "xiaofuge",
+            "--activity-id",
+            "100301",
+            "--strategy-id",
+            "100006",
+            "--order-id",
+            order,
+            "--award-id",
+            "101",
+            "--award-title",
+            "OpenAI 增加使用次数",
+        ])
+        .output()
+        .unwrap()
+}
+
+/// Award records of `order` (xiaofuge's split table).
+fn awards_of_order(t: &TestStore, order: &str) -> i64 {
+    let r = route("xiaofuge", Layout::default());
+    t.count(
+        r.db,
+        &format!(
+            "SELECT COUNT(*) FROM {} WHERE order_id = '{order}'",
+            award_table(r.table)
+        ),
+    )
+}
+
+#[test]
+fn a_connection_cut_just_after_the_commit_is_sent_is_outcome_unknown_and_the_retry_is_a_duplicate()
+{
+    let Some(t) = TestStore::mariadb() else {
+        return;
+    };
+    let init = t.bin().arg("init").output().unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let proxy = Proxy::to(&t.server().addr);
+    let via = proxy.url(t.server(), t.prefix());
+
+    // `award`: the server commits, the answer never comes back.
+    proxy.cut_after("COMMIT");
+    let out = award_cmd(&t, &via, "770000000001");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "cuts={} {err}", proxy.cuts());
+    assert_eq!(proxy.cuts(), 1);
+    let line = err.lines().last().unwrap();
+    assert!(
+        line.contains("outcome unknown")
+            && line.contains("may or may not have been saved")
+            && line.contains("retry with the same orderId"),
+        "{err}"
+    );
+    assert_eq!(
+        awards_of_order(&t, "770000000001"),
+        1,
+        "the commit happened"
+    );
+    let retry = award_cmd(&t, &via, "770000000001");
+    assert_eq!(
+        retry.status.code(),
+        Some(3),
+        "the retry says duplicate: {}",
+        String::from_utf8_lossy(&retry.stderr)
+    );
+    assert_eq!(awards_of_order(&t, "770000000001"), 1, "exactly one award");
+
+    // HTTP: 503 with the same advice, then 409 on the retry; the award is delivered.
+    let server = crate::http::Server::start_with(
+        t.dir.path(),
+        &[
+            "--store",
+            &via,
+            "--stale-after",
+            "3s",
+            "--scan-interval",
+            "200ms",
+        ],
+        &[],
+    );
+    proxy.cut_after("INSERT INTO task");
+    let body = r#"{"userId":"xiaofuge","activityId":100301,"strategyId":100006,"orderId":"770000000002","awardId":101,"awardTitle":"t","awardTime":1712377010878}"#;
+    let (code, v) = server.call("POST", "/api/v1/awards", body);
+    assert_eq!(code, 503, "{v}");
+    assert!(
+        v.to_string().contains("outcome unknown")
+            && v.to_string().contains("retry with the same orderId"),
+        "{v}"
+    );
+    let (code, v) = server.call("POST", "/api/v1/awards", body);
+    assert_eq!(code, 409, "{v}");
+    assert_eq!(awards_of_order(&t, "770000000002"), 1);
+    let db = route("xiaofuge", Layout::default()).db;
+    assert!(
+        wait_until(Duration::from_secs(30), || t.awards(db, Some("completed"))
+            == 2),
+        "both committed awards delivered: {:?}",
+        t.totals()
+    );
+    server.stop();
+}

@@ -2,6 +2,7 @@
 //! scripts where the group allows and op by op under savepoints where it must; deadlocks
 //! retried.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
@@ -36,6 +37,9 @@ enum GroupError {
     Deadlock(mysql::Error),
     /// Anything else: every op of the group fails with it.
     Failed(mysql::Error),
+    /// The connection failed during the round trip that carried the `COMMIT`: the group may or
+    /// may not have been committed.
+    Unknown(mysql::Error),
 }
 
 impl From<mysql::Error> for GroupError {
@@ -111,6 +115,22 @@ impl Batch for MysqlBatch {
                     }
                     return self.fail_all(ops, &e);
                 }
+                GroupError::Unknown(e) => {
+                    log::warn!(
+                        "the connection to {} was lost after a commit was sent: {} writes may or may not have been kept ({e})",
+                        self.shown,
+                        ops.len()
+                    );
+                    return ops
+                        .iter()
+                        .map(|_| {
+                            Err(Error::OutcomeUnknown {
+                                context: format!("writing to {}", self.shown),
+                                source: copy_err(&e).into(),
+                            })
+                        })
+                        .collect();
+                }
             }
         }
         let e = last.expect("a deadlock was recorded");
@@ -140,13 +160,16 @@ fn copy_err(e: &mysql::Error) -> mysql::Error {
 }
 
 /// What a group's multi-row statements need to know.
-struct GroupCtx {
+struct GroupCtx<'a> {
     db: u32,
     /// The session has `NO_BACKSLASH_ESCAPES`.
     nbe: bool,
     frame: sql::Frame,
     /// Multi-row inserts get consecutive auto-increment ids.
     consecutive_ids: bool,
+    /// Set just before the round trip that carries the group's `COMMIT` is sent: a connection
+    /// lost from then on leaves the outcome unknown.
+    commit_sent: &'a Cell<bool>,
 }
 
 /// Run one group in one transaction. `Ok` holds one result per op (some may be the op's own
@@ -156,17 +179,37 @@ struct GroupCtx {
 /// transaction, whose two scripts begin and commit it, two round trips in all ([`run_alone`]).
 /// Otherwise, or when the server refuses a multi-row statement for its data, the group runs in
 /// an explicit transaction ([`run_mixed`]).
+///
+/// A connection lost (no answer from the server, rather than its refusal) once the round trip
+/// carrying the `COMMIT` was sent is [`GroupError::Unknown`]: the server may have committed.
 fn run_group(
     db: u32,
     conn: &mut mysql::Conn,
     ops: &[&Op],
     consecutive_ids: bool,
 ) -> std::result::Result<Vec<Result<Reply>>, GroupError> {
+    let commit_sent = Cell::new(false);
+    match run_group_with(db, conn, ops, consecutive_ids, &commit_sent) {
+        Err(GroupError::Failed(e)) if commit_sent.get() && server_code(&e).is_none() => {
+            Err(GroupError::Unknown(e))
+        }
+        other => other,
+    }
+}
+
+fn run_group_with(
+    db: u32,
+    conn: &mut mysql::Conn,
+    ops: &[&Op],
+    consecutive_ids: bool,
+    commit_sent: &Cell<bool>,
+) -> std::result::Result<Vec<Result<Reply>>, GroupError> {
     let ctx = |frame| GroupCtx {
         db,
         nbe: conn.no_backslash_escape(),
         frame,
         consecutive_ids,
+        commit_sent,
     };
     let (as_tx, in_tx) = (ctx(sql::Frame::Transaction), ctx(sql::Frame::Savepoint));
     let together_ok = match one_kind(ops) {
@@ -212,8 +255,9 @@ fn run_alone(
     match run(conn, as_tx, ops) {
         Ok(Some(replies)) => Ok(Alone::Done(replies)),
         Ok(None) => Ok(Alone::Mixed { together_ok: true }),
-        Err(e) => {
-            // The server stopped at the failing statement, before the COMMIT.
+        Err(e) if server_code(&e).is_some() => {
+            // The server refused a statement and stopped there, before the COMMIT.
+            as_tx.commit_sent.set(false);
             conn.query_drop("ROLLBACK")?;
             if !refused_for_data(&e) {
                 return Err(e.into());
@@ -221,6 +265,7 @@ fn run_alone(
             log::debug!("multi-row statement refused ({e}); running the group's ops one by one");
             Ok(Alone::Mixed { together_ok: false })
         }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -258,6 +303,7 @@ fn run_mixed(
         }
     }
     crate::crash::hit(crate::crash::Point::MidGroupCommit);
+    in_tx.commit_sent.set(true);
     conn.query_drop("COMMIT")?;
     Ok(results
         .into_iter()
@@ -485,6 +531,7 @@ fn insert_save_group(
     // transaction).
     if ctx.frame == sql::Frame::Transaction {
         crate::crash::hit(crate::crash::Point::MidGroupCommit);
+        ctx.commit_sent.set(true);
     }
     let ids = sql::group_insert(
         tx,
@@ -533,6 +580,7 @@ fn deliver_all(
             return Ok(None);
         }
         crate::crash::hit(crate::crash::Point::MidGroupCommit);
+        ctx.commit_sent.set(true);
         let counts = sql::group_marks(tx, ctx.nbe, &marks)?;
         return Ok(Some(
             counts.into_iter().map(|n| Ok(Reply::Count(n))).collect(),
@@ -580,6 +628,7 @@ fn deliver_all(
     }
     if ctx.frame == sql::Frame::Transaction {
         crate::crash::hit(crate::crash::Point::MidGroupCommit);
+        ctx.commit_sent.set(true);
     }
     let counts = sql::group_deliver(
         tx, ctx.nbe, ctx.frame, &firsts, &again, &complete, &marks, now_ms,
