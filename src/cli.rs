@@ -105,6 +105,11 @@ struct GlobalArgs {
     /// again. Unset: a third of --stale-after, at most 15s.
     #[arg(long, env = "BIG_MARKET_PUBLISH_TIMEOUT", value_parser = duration, global = true)]
     publish_timeout: Option<Duration>,
+    /// MySQL store: the deadline of every round trip to the server (each connection's read and
+    /// write timeouts; TCP keepalive and TCP_USER_TIMEOUT follow it) and of every call into a
+    /// shard's write lane. A server that stops answering costs one clear error after it.
+    #[arg(long, env = "BIG_MARKET_MYSQL_TIMEOUT", default_value = "30s", value_parser = duration, global = true)]
+    mysql_timeout: Duration,
     /// Time between compensation scans.
     #[arg(long, env = "BIG_MARKET_SCAN_INTERVAL", default_value = "5s", value_parser = duration, global = true)]
     scan_interval: Duration,
@@ -375,6 +380,7 @@ impl GlobalArgs {
         s.stale_after = self.stale_after;
         s.publish_deadline = self.publish_timeout;
         s.scan_interval = self.scan_interval;
+        s.mysql_timeout = self.mysql_timeout;
         s.retry.max_attempts = self.max_attempts;
         s.retention = match self.retention {
             Some(Retention::Off) => None,

@@ -41,6 +41,10 @@ pub struct Settings {
     pub retry: RetryPolicy,
     /// How long a writer waits on another process's write lock. Default 5 s.
     pub busy_timeout: Duration,
+    /// MySQL store: the deadline of every round trip to the server (read and write timeouts
+    /// of each connection) and of every call into a shard's write lane. Default 30 s, at least
+    /// 2 s.
+    pub mysql_timeout: Duration,
     /// Most operations one shard writer commits together. Default 256.
     pub group_commit_max: usize,
     /// Completed tasks older than this are deleted by the scanner; `None` keeps them.
@@ -63,6 +67,18 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// MySQL store: how long a statement waits for a row lock another process holds: the busy
+    /// timeout, at most half of `mysql_timeout` (so a lock wait is never taken for a server
+    /// that does not answer), whole seconds, at least one.
+    pub fn mysql_lock_wait(&self) -> Duration {
+        let secs = self
+            .busy_timeout
+            .min(self.mysql_timeout / 2)
+            .as_secs()
+            .clamp(1, 3600);
+        Duration::from_secs(secs)
+    }
+
     /// Defaults for a data directory.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Settings {
@@ -81,6 +97,7 @@ impl Settings {
             prefetch: 512,
             retry: RetryPolicy::default(),
             busy_timeout: Duration::from_secs(5),
+            mysql_timeout: Duration::from_secs(30),
             group_commit_max: 256,
             retention: None,
             handoff_capacity: 8192,
@@ -126,6 +143,12 @@ impl Settings {
         positive("relay batch", self.relay_batch)?;
         if self.prefetch == 0 {
             return Err(Error::Config("prefetch must be at least 1".into()));
+        }
+        if self.mysql_timeout < Duration::from_secs(2) {
+            return Err(Error::Config(format!(
+                "mysql timeout {:?} is too short: use at least 2s (a row lock wait takes up to half of it)",
+                self.mysql_timeout
+            )));
         }
         if self.retry.max_attempts == 0 {
             return Err(Error::Config("max attempts must be at least 1".into()));

@@ -92,6 +92,8 @@ pub(crate) struct Opened {
     pub(crate) lanes: Vec<Box<dyn Batch>>,
     /// Which lane runs an op.
     pub(crate) lane_of: writer::LaneOf,
+    /// How long a caller waits for its write (`None`: until it is done).
+    pub(crate) call_deadline: Option<Duration>,
 }
 
 /// One database: its reads and its writer.
@@ -376,8 +378,10 @@ impl Store {
             let handoff = Arc::new(Handoff::new(settings.handoff_capacity));
             let writer = writer::Writer::spawn(
                 db,
+                &o.location,
                 o.lanes,
                 o.lane_of,
+                o.call_deadline,
                 settings.group_commit_max,
                 handoff.clone(),
             )?;

@@ -924,8 +924,14 @@ fn the_seeds_own_message_is_recorded_and_acknowledged_its_task_completed_and_aud
 
 /// `big-market award` of `order` for xiaofuge on `store`.
 fn award_cmd(t: &TestStore, store: &str, order: &str) -> std::process::Output {
+    award_cmd_with(t, store, order, "30s")
+}
+
+/// [`award_cmd`] with `--mysql-timeout`.
+fn award_cmd_with(t: &TestStore, store: &str, order: &str, timeout: &str) -> std::process::Output {
     t.bin()
         .env("BIG_MARKET_STORE", store)
+        .env("BIG_MARKET_MYSQL_TIMEOUT", timeout)
         .args([
             "award",
             "--user-id",
@@ -1032,4 +1038,99 @@ fn a_connection_cut_just_after_the_commit_is_sent_is_outcome_unknown_and_the_ret
         t.totals()
     );
     server.stop();
+}
+
+#[test]
+fn a_server_that_stops_answering_costs_a_clear_error_within_the_deadline_and_nothing_committed_is_lost(
+) {
+    let Some(t) = TestStore::mariadb() else {
+        return;
+    };
+    let init = t.bin().arg("init").output().unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let proxy = Proxy::to(&t.server().addr);
+    let via = proxy.url(t.server(), t.prefix());
+    let timeout = Duration::from_secs(2);
+    let server = crate::http::Server::start_with(
+        t.dir.path(),
+        &[
+            "--store",
+            &via,
+            "--mysql-timeout",
+            "2s",
+            "--stale-after",
+            "3s",
+            "--scan-interval",
+            "200ms",
+        ],
+        &[],
+    );
+    let body = |order: &str| {
+        format!(
+            r#"{{"userId":"xiaofuge","activityId":100301,"strategyId":100006,"orderId":"{order}","awardId":101,"awardTitle":"t","awardTime":1712377010878}}"#
+        )
+    };
+    let (code, v) = server.call("POST", "/api/v1/awards", &body("660000000001"));
+    assert_eq!(code, 201, "{v}");
+
+    // Half-open: the proxy keeps every connection and forwards nothing.
+    proxy.pause();
+    let t0 = std::time::Instant::now();
+    let out = award_cmd_with(&t, &via, "660000000002", "2s");
+    let took = t0.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.lines().count() == 1
+            && err.contains("check that the MySQL server of --store is running and reachable"),
+        "{err}"
+    );
+    assert!(took < timeout * 4, "award failed after {took:?}: {err}");
+
+    let t0 = std::time::Instant::now();
+    let (code, v) = server.call("POST", "/api/v1/awards", &body("660000000003"));
+    let took = t0.elapsed();
+    assert!(code == 500 || code == 503, "{code} {v}");
+    assert!(took < timeout * 3, "the save answered after {took:?}");
+    let (code, _) = server.call("GET", "/healthz", "");
+    assert_eq!(code, 200, "healthz answers while the database does not");
+
+    // Forwarding again: saves succeed once the lanes have reconnected, and every award that
+    // was committed (the one of the unknown outcome too, if it was) is delivered.
+    proxy.resume();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let (code, _) = server.call("POST", "/api/v1/awards", &body("660000000004"));
+            code == 201 || code == 409
+        }),
+        "saves succeed again"
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let n = t.totals();
+            n.all_done() && n.awards >= 2
+        }),
+        "every committed award delivered: {:?}",
+        t.totals()
+    );
+    assert_eq!(
+        awards_of_order(&t, "660000000002"),
+        0,
+        "award wrote nothing"
+    );
+    server.stop();
+    let audit = t
+        .bin()
+        .args(["audit", "--older-than", "0s"])
+        .output()
+        .unwrap();
+    assert!(
+        audit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&audit.stdout)
+    );
 }

@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use mysql::prelude::Queryable;
-use mysql::{Pool, PooledConn};
 
 use super::{lane_of, sql};
 use crate::error::{Error, Result};
@@ -18,13 +17,16 @@ use crate::store::Batch;
 /// Times a group is run again after the server broke a deadlock by rolling it back.
 const DEADLOCK_RETRIES: usize = 3;
 
-/// The writes of one database, on the writer thread's own connection (taken again from the
-/// pool after the server dropped it).
+/// The writes of one database, on the writer thread's own connection (opened again after the
+/// server dropped it).
 pub(super) struct MysqlBatch {
     pub(super) db: u32,
     pub(super) shown: String,
-    pub(super) pool: Pool,
-    pub(super) conn: Option<PooledConn>,
+    /// How the lane connects, and connects again after its connection was lost. A lane owns
+    /// its connection (not the pool's: a pooled connection given back is reset, one more
+    /// round trip to a server that may not answer).
+    pub(super) opts: mysql::Opts,
+    pub(super) conn: Option<mysql::Conn>,
     /// Multi-row inserts get consecutive auto-increment ids (InnoDB lock mode 0 or 1).
     pub(super) consecutive_ids: bool,
     /// How long the lane gathers ops before a group smaller than the maximum.
@@ -75,13 +77,16 @@ impl Batch for MysqlBatch {
         for _ in 0..=DEADLOCK_RETRIES {
             let mut conn = match self.conn.take() {
                 Some(c) => c,
-                None => match self.pool.get_conn() {
-                    Ok(c) => c,
+                None => match mysql::Conn::new(self.opts.clone()) {
+                    Ok(c) => {
+                        log::info!("reconnected lane to {}", self.shown);
+                        c
+                    }
                     Err(e) => return self.fail_all(ops, &e),
                 },
             };
             let started = std::time::Instant::now();
-            let outcome = run_group(self.db, conn.as_mut(), ops, self.consecutive_ids);
+            let outcome = run_group(self.db, &mut conn, ops, self.consecutive_ids);
             log::trace!(
                 "group db={:02} lane={} ops={} ok={} us={}",
                 self.db,
@@ -98,8 +103,14 @@ impl Batch for MysqlBatch {
                 Err(failure) => failure,
             };
             // Whatever the failure left open is not kept; a connection that cannot even roll
-            // back, or that failed mid-group, is not used again.
-            let usable = conn.query_drop("ROLLBACK").is_ok();
+            // back, or that failed mid-group, is not used again (a lost one is not asked to
+            // roll back: that would be one more wait on a server that does not answer).
+            let lost = match &failure {
+                GroupError::Deadlock(e) | GroupError::Failed(e) | GroupError::Unknown(e) => {
+                    e.is_connectivity_error()
+                }
+            };
+            let usable = !lost && conn.query_drop("ROLLBACK").is_ok();
             match failure {
                 GroupError::Deadlock(e) if usable => {
                     log::debug!(

@@ -14,12 +14,14 @@ use crate::store::{AwardRow, Reads, ShardStatus, TaskRow};
 pub(super) struct MysqlReads {
     pub(super) shown: String,
     pub(super) pool: Pool,
+    /// How long a read waits for a pooled connection (`--mysql-timeout`).
+    pub(super) timeout: std::time::Duration,
 }
 
 impl MysqlReads {
     fn conn(&self) -> Result<PooledConn> {
         self.pool
-            .get_conn()
+            .try_get_conn(self.timeout)
             .map_err(|e| Error::storage(format!("connecting to {}", self.shown), e))
     }
 
