@@ -88,7 +88,8 @@ impl Service {
         parts: Parts,
     ) -> Result<Service> {
         let settings = Arc::new(settings.validate()?);
-        let store = Arc::new(Store::open(&settings, true)?);
+        // Only `init` creates or alters a MySQL database; SQLite files are made on first use.
+        let store = Arc::new(Store::open_to_run(&settings)?);
         let metrics = Arc::new(Metrics::default());
         let owner: Arc<str> = format!(
             "{}-{:06x}",

@@ -1134,3 +1134,164 @@ fn a_server_that_stops_answering_costs_a_clear_error_within_the_deadline_and_not
         String::from_utf8_lossy(&audit.stdout)
     );
 }
+
+/// Run a command to its end, at most `limit` (killed past it, and the test fails).
+fn bounded(mut cmd: std::process::Command, limit: Duration) -> std::process::Output {
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &id.to_string()])
+                .status();
+            panic!("the command did not end within {limit:?}: {cmd:?}");
+        }
+    }
+}
+
+/// Every command but `init`, as a user would first try it.
+fn commands_but_init() -> Vec<Vec<&'static str>> {
+    vec![
+        vec!["serve"],
+        vec!["load", "--records", "1"],
+        vec![
+            "award",
+            "--user-id",
+            "xiaofuge",
+            "--activity-id",
+            "1",
+            "--strategy-id",
+            "1",
+            "--order-id",
+            "1",
+            "--award-id",
+            "1",
+            "--award-title",
+            "t",
+        ],
+        vec!["status"],
+        vec!["audit"],
+    ]
+}
+
+/// The databases of the test's prefix that exist.
+fn databases_of(t: &TestStore) -> Vec<String> {
+    t.server()
+        .conn()
+        .exec(
+            "SELECT CAST(schema_name AS CHAR) FROM information_schema.schemata WHERE schema_name LIKE ?",
+            (format!("{}\\_%", t.prefix()),),
+        )
+        .unwrap()
+}
+
+#[test]
+fn only_init_creates_a_database_every_other_command_refuses_in_one_line_naming_init() {
+    let Some(t) = TestStore::mariadb() else {
+        return;
+    };
+    for args in commands_but_init() {
+        let out = bounded(
+            {
+                let mut c = t.bin();
+                c.args(&args);
+                c
+            },
+            Duration::from_secs(60),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.contains("does not exist") && last.contains("run `big-market init`"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            databases_of(&t).is_empty(),
+            "{args:?} created {:?}",
+            databases_of(&t)
+        );
+    }
+    let init = t.bin().arg("init").output().unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    assert_eq!(databases_of(&t).len(), 2);
+}
+
+#[test]
+fn the_java_services_databases_are_refused_before_init_and_their_task_table_left_as_it_is() {
+    let Some(t) = TestStore::mariadb() else {
+        return;
+    };
+    let server = t.server();
+    for db in 1..=2 {
+        server
+            .conn()
+            .query_drop(format!("CREATE DATABASE `{}_{db:02}`", t.prefix()))
+            .unwrap();
+        t.exec(db, ORIGINAL_TASK);
+        for tb in 0..4 {
+            t.exec(db, &format!("CREATE TABLE user_award_record_{tb:03} (id int unsigned NOT NULL AUTO_INCREMENT, user_id varchar(32) NOT NULL, activity_id bigint NOT NULL, strategy_id bigint NOT NULL, order_id varchar(12) NOT NULL, award_id int NOT NULL, award_title varchar(128) NOT NULL, award_time datetime NOT NULL, award_state varchar(16) NOT NULL DEFAULT 'create', create_time datetime NOT NULL DEFAULT CURRENT_TIMESTAMP, update_time datetime NOT NULL DEFAULT CURRENT_TIMESTAMP, PRIMARY KEY (id), UNIQUE KEY uq_order_id (order_id), KEY idx_user_id (user_id), KEY idx_activity_id (activity_id), KEY idx_strategy_id (strategy_id)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"));
+        }
+    }
+    let shape = |t: &TestStore| -> Vec<(String, String)> {
+        (1..=2)
+            .flat_map(|db| {
+                let mut c = t.mysql(db);
+                let task: (String, String) = c.query_first("SHOW CREATE TABLE task").unwrap().unwrap();
+                let tables: Vec<String> = c
+                    .query("SELECT CAST(table_name AS CHAR) FROM information_schema.tables WHERE table_schema = DATABASE() ORDER BY 1")
+                    .unwrap();
+                [task, ("tables".into(), tables.join(","))]
+            })
+            .collect()
+    };
+    let before = shape(&t);
+    for args in commands_but_init() {
+        let out = bounded(
+            {
+                let mut c = t.bin();
+                c.args(&args);
+                c
+            },
+            Duration::from_secs(60),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.lines()
+                .last()
+                .unwrap_or_default()
+                .contains("run `big-market init`"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(
+            shape(&t),
+            before,
+            "{args:?} changed the Java service's tables"
+        );
+    }
+    let init = t.bin().arg("init").output().unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    assert_ne!(
+        shape(&t),
+        before,
+        "init adds big-market's columns and tables"
+    );
+}

@@ -662,6 +662,10 @@ impl TestStore {
 
     /// A service on these shards and the given transport.
     pub fn start_with(self, transport: Arc<dyn Transport>, parts: Parts) -> TestApp {
+        if self.kind == Kind::Mariadb {
+            // As `big-market init` does: only it creates MySQL databases.
+            drop(big_market::store::Store::open(&self.settings, true).unwrap());
+        }
         let service = Service::start(self.settings.clone(), transport, parts).unwrap();
         TestApp {
             service: Some(service),
