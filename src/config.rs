@@ -66,6 +66,10 @@ pub struct Settings {
     pub faults: Option<FaultPlan>,
 }
 
+/// The width of the MySQL store's `task.topic` column (the original's `varchar(32)`): a longer
+/// topic is refused at start.
+pub const MYSQL_TOPIC_MAX: usize = 32;
+
 impl Settings {
     /// MySQL store: how long a statement waits for a row lock another process holds: the busy
     /// timeout, at most half of `mysql_timeout` (so a lock wait is never taken for a server
@@ -200,6 +204,13 @@ impl Settings {
             )));
         }
         if let StoreTarget::Mysql(dbs) = &self.store {
+            if self.topic.chars().count() > MYSQL_TOPIC_MAX {
+                return Err(Error::Config(format!(
+                    "topic {:?} is {} characters, but the MySQL store's task.topic column holds {MYSQL_TOPIC_MAX} (the original's varchar({MYSQL_TOPIC_MAX})): every save would fail; use a topic of at most {MYSQL_TOPIC_MAX} characters",
+                    self.topic,
+                    self.topic.chars().count()
+                )));
+            }
             if dbs.len() != self.layout.db_count() as usize {
                 return Err(Error::Config(format!(
                     "--store names {} databases but the layout has {}: give one URL (a database name prefix) or one per database",
@@ -513,6 +524,15 @@ mod tests {
         let mut s = Settings::new("data");
         s.topic = "bad topic".into();
         assert!(s.validate().is_err());
+        // The MySQL store's topic column holds 32 characters; SQLite's holds any.
+        let mut s = Settings::new("data");
+        s.topic = "t".repeat(33);
+        assert!(s.clone().validate().is_ok());
+        s.store = StoreTarget::parse("mysql://root@127.0.0.1:3306/big_market", 2).unwrap();
+        let e = s.clone().validate().unwrap_err().to_string();
+        assert!(e.contains("holds 32") && !e.contains('\n'), "{e}");
+        s.topic = "t".repeat(32);
+        assert!(s.validate().is_ok());
         let mut s = Settings::new("data");
         s.amqp_url = Some("http://x".into());
         assert!(s.validate().unwrap_err().to_string().contains("amqp://"));

@@ -74,22 +74,71 @@ impl OrderId {
     }
 }
 
-/// A message id: the shard's two digits and its nine-digit sequence number (11 digits, the
-/// original's width). Unique by construction: no two tasks anywhere share a shard and sequence.
+/// A message id: `b`, the database index in two base-36 digits and the task's sequence number
+/// in eight (`b` `01` `000000aa` for sequence 370 on database 1): 11 characters, the width of
+/// the original's `message_id varchar(11)`. Unique by construction: no two tasks anywhere share
+/// a database and a sequence, and the letter keeps every id apart from the original's, which
+/// are 11 random digits. Sequence numbers run from 1 to [`MessageId::MAX_SEQ`] per database; a
+/// shard refuses saves past it rather than make a longer id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct MessageId(String);
 
+/// The digits of a message id, lowercase base 36.
+const BASE36: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+
 impl MessageId {
-    /// The id of the task with sequence `seq` on database `db`.
+    /// The highest sequence number a message id holds: 36^8 - 1 (2,821,109,907,455).
+    pub const MAX_SEQ: u64 = 36u64.pow(8) - 1;
+    /// The highest database index it holds: 36^2 - 1.
+    pub const MAX_DB: u32 = 36 * 36 - 1;
+
+    /// The id of the task with sequence `seq` on database `db`. `seq` must be at most
+    /// [`MessageId::MAX_SEQ`] (the store refuses saves past it) and `db` at most
+    /// [`MessageId::MAX_DB`] (layouts have at most 1024 databases).
     pub fn new(db: u32, seq: u64) -> Self {
-        MessageId(format!("{db:02}{seq:09}"))
+        assert!(
+            seq <= Self::MAX_SEQ && db <= Self::MAX_DB,
+            "message id out of range: db {db} seq {seq}"
+        );
+        let mut out = String::with_capacity(11);
+        out.push('b');
+        let digits = |mut v: u64, n: usize, out: &mut String| {
+            let mut buf = vec![b'0'; n];
+            for slot in buf.iter_mut().rev() {
+                *slot = BASE36[(v % 36) as usize];
+                v /= 36;
+            }
+            out.push_str(std::str::from_utf8(&buf).expect("ASCII digits"));
+        };
+        digits(u64::from(db), 2, &mut out);
+        digits(seq, 8, &mut out);
+        MessageId(out)
     }
-    /// Parse and check an id read back from a row or message.
+
+    /// Whether sequence number `seq` has a message id.
+    pub fn fits(seq: u64) -> bool {
+        seq <= Self::MAX_SEQ
+    }
+
+    /// The refusal of a save that would take a sequence number past [`MessageId::MAX_SEQ`] on
+    /// the shard at `location`.
+    pub fn exhausted(location: &str) -> Error {
+        Error::Config(format!(
+            "{location} has used every message id (sequence numbers up to {}): it takes no new awards; nothing of this award was written; add databases to the layout or move users to another shard",
+            Self::MAX_SEQ
+        ))
+    }
+
+    /// Parse and check an id read back from a row or message: ours (as [`MessageId::new`]
+    /// makes them), or 11 or more digits (the original's, and big-market's before this scheme).
     pub fn parse(s: &str) -> Result<Self> {
-        if s.len() < 11 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        let ours =
+            s.len() == 11 && s.starts_with('b') && s[1..].bytes().all(|b| BASE36.contains(&b));
+        let digits = s.len() >= 11 && s.bytes().all(|b| b.is_ascii_digit());
+        if !ours && !digits {
             return Err(Error::invalid(
                 "message_id",
-                format!("{s:?} is not 11+ digits"),
+                format!("{s:?} is neither big-market's (b and 10 base-36 digits) nor 11+ digits"),
             ));
         }
         Ok(MessageId(s.to_string()))
@@ -196,6 +245,10 @@ impl AwardRecord {
         })
     }
 }
+
+/// The width of the `task.message` column (`varchar(512)`, characters): the longest message
+/// big-market writes fits it.
+pub const MESSAGE_MAX: usize = 512;
 
 /// The latest award time accepted: 9999-12-31T23:59:59.999Z in epoch milliseconds.
 pub const MAX_AWARD_TIME_MS: i64 = 253_402_300_799_999;
@@ -362,7 +415,7 @@ mod tests {
         let m = EventMessage::for_award(&award(), 1, 42, 1712377010878);
         assert_eq!(
             m.encode(),
-            r#"{"data":{"awardId":101,"awardTitle":"OpenAI 增加使用次数","orderId":"123456789012","userId":"xiaofuge"},"id":"01000000042","seq":42,"shard":1,"timestamp":1712377010878}"#
+            r#"{"data":{"awardId":101,"awardTitle":"OpenAI 增加使用次数","orderId":"123456789012","userId":"xiaofuge"},"id":"b0100000016","seq":42,"shard":1,"timestamp":1712377010878}"#
         );
     }
 
@@ -396,10 +449,65 @@ mod tests {
     }
 
     #[test]
-    fn message_ids_are_eleven_digits_and_distinct_per_shard() {
-        assert_eq!(MessageId::new(1, 1).as_str(), "01000000001");
+    fn message_ids_are_eleven_characters_never_all_digits_and_distinct_per_shard() {
+        assert_eq!(MessageId::new(1, 1).as_str(), "b0100000001");
+        assert_eq!(MessageId::new(1, 370).as_str(), "b01000000aa");
         assert_ne!(MessageId::new(1, 12), MessageId::new(11, 2));
-        assert_eq!(MessageId::new(2, 999_999_999).as_str().len(), 11);
+        // Over the whole range: 11 characters, never all digits, read back by parse.
+        for (db, seq) in [
+            (1, 1),
+            (2, 999_999_999),
+            (1024, 1_000_000_000),
+            (MessageId::MAX_DB, MessageId::MAX_SEQ),
+        ] {
+            let id = MessageId::new(db, seq);
+            assert_eq!(id.as_str().len(), 11, "{id:?}");
+            assert!(!id.as_str().bytes().all(|b| b.is_ascii_digit()), "{id:?}");
+            assert_eq!(MessageId::parse(id.as_str()).unwrap(), id);
+        }
+        assert_eq!(
+            MessageId::new(MessageId::MAX_DB, MessageId::MAX_SEQ).as_str(),
+            "bzzzzzzzzzz"
+        );
+        assert!(MessageId::fits(MessageId::MAX_SEQ) && !MessageId::fits(MessageId::MAX_SEQ + 1));
+        // Distinct per database and sequence (a sample over the edges of every digit).
+        let mut seen = std::collections::HashSet::new();
+        for db in [1, 2, 35, 36, 1024] {
+            for seq in [1, 35, 36, 1295, 1296, 36u64.pow(7), MessageId::MAX_SEQ] {
+                assert!(seen.insert(MessageId::new(db, seq)), "{db} {seq}");
+            }
+        }
+        // The original's ids (and ours before this scheme) still parse; others do not.
+        assert!(MessageId::parse("74920280321").is_ok());
+        for bad in [
+            "b010000000",
+            "b01000000001",
+            "B0100000001",
+            "x0100000001",
+            "7492028032",
+        ] {
+            assert!(MessageId::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_longest_message_fits_the_originals_message_column() {
+        // Every field at its widest, of the characters JSON escapes to two.
+        let (user, order, title) = ("\"".repeat(32), "\\".repeat(12), "\"".repeat(128));
+        let r = AwardRecord::new(NewAward {
+            user_id: &user,
+            activity_id: i64::MAX,
+            strategy_id: i64::MAX,
+            order_id: &order,
+            award_id: i64::from(i32::MAX),
+            award_title: &title,
+            award_time_ms: MAX_AWARD_TIME_MS,
+        })
+        .unwrap();
+        let m =
+            EventMessage::for_award(&r, MessageId::MAX_DB, MessageId::MAX_SEQ, MAX_AWARD_TIME_MS);
+        let n = m.encode().chars().count();
+        assert!(n <= MESSAGE_MAX, "{n} characters: {}", m.encode());
     }
 
     #[test]

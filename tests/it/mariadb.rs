@@ -489,7 +489,7 @@ fn the_tools_and_the_http_api_run_on_mariadb() {
         "{status}"
     );
     assert_eq!(status["shards"][1]["tasks"]["completed"], 1, "{status}");
-    assert!(run(&["tasks", "list"]).contains("02000000001"));
+    assert!(run(&["tasks", "list"]).contains("b0200000001"));
     run(&["audit"]);
 
     // The HTTP API on the same databases.
@@ -1294,4 +1294,84 @@ fn the_java_services_databases_are_refused_before_init_and_their_task_table_left
         before,
         "init adds big-market's columns and tables"
     );
+}
+
+#[test]
+fn a_topic_the_task_column_cannot_hold_is_refused_at_start_before_anything_is_opened() {
+    let Some(t) = TestStore::mariadb() else {
+        return;
+    };
+    let topic = "t".repeat(33);
+    for args in [vec!["init"], vec!["serve"], vec!["status"]] {
+        let out = bounded(
+            {
+                let mut c = t.bin();
+                c.args(["--topic", &topic]).args(&args);
+                c
+            },
+            Duration::from_secs(60),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.lines().count() == 1 && err.contains("holds 32"),
+            "{args:?}: {err}"
+        );
+        assert!(databases_of(&t).is_empty(), "nothing was opened or created");
+    }
+}
+
+#[test]
+fn a_delivery_the_database_refuses_for_its_data_is_poison_and_its_task_is_parked_dead_with_why() {
+    let Some(mut t) = TestStore::mariadb() else {
+        return;
+    };
+    t.settings.retry.max_attempts = 1;
+    drop(Store::open(&t.settings, true).unwrap());
+    // The Java service's award and task, whose message id (12 digits) is wider than the
+    // delivery log's message_id varchar(11): the delivery can never be recorded.
+    let wide = r#"{"data":{"awardId":101,"awardTitle":"t","orderId":"880000000009","userId":"xiaofuge"},"id":"749202803999","timestamp":1712377010878}"#;
+    java_saves(&t, "880000000009", "74920280399", wide);
+    let store = std::sync::Arc::new(Store::open(&t.settings, false).unwrap());
+    let consumer = big_market::consumer::AwardConsumer::new(store, Default::default());
+    let fine = r#"{"data":{"awardId":101,"awardTitle":"t","orderId":"880000000008","userId":"xiaofuge"},"id":"74920280398","timestamp":1712377010878}"#;
+    java_saves(&t, "880000000008", "74920280398", fine);
+    use big_market::transport::Handler;
+    let outcomes = consumer.handle_batch(&[wide.as_bytes(), fine.as_bytes()]);
+    match &outcomes[0] {
+        big_market::transport::Handled::Reject(why) => {
+            assert!(
+                why.contains("refuses to record message 749202803999"),
+                "{why}"
+            )
+        }
+        other => panic!("expected the wide message refused as poison, got {other:?}"),
+    }
+    assert_eq!(
+        outcomes[1],
+        big_market::transport::Handled::Ack,
+        "the other message of the batch is delivered"
+    );
+    drop(consumer);
+
+    // End to end in-process: the scan publishes the task, the consumer refuses its message,
+    // and the task is parked dead with the reason.
+    let app = t.start();
+    let db = route("xiaofuge", Layout::default()).db;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let _ = app.service().scan_once();
+            app.count(
+                db,
+                "SELECT COUNT(*) FROM task WHERE message_id = '74920280399' AND state = 'dead'",
+            ) == 1
+        }),
+        "the task was not parked dead"
+    );
+    let why = app.text(
+        db,
+        "SELECT last_error FROM task WHERE message_id = '74920280399'",
+    );
+    assert!(why.contains("refuses to record message"), "{why}");
+    app.shutdown();
 }

@@ -394,13 +394,28 @@ fn one_op(
         }
         Err(OpError::Server(e)) if refused_for_data(&e) => {
             tx.query_drop("ROLLBACK TO SAVEPOINT one")?;
-            Ok(Err(Error::storage(
-                format!("writing to shard big_market_{db:02}"),
-                e,
-            )))
+            Ok(Err(match op {
+                // A message whose values the database can never hold: no retry will change
+                // that, so it is set aside as poison (dead-lettered, or its task parked dead).
+                Op::Deliver { msg, .. } if is_data_refusal(&e) => Error::Poison(format!(
+                    "big_market_{db:02} refuses to record message {} for its data: {e}",
+                    msg.id
+                )),
+                _ => Error::storage(format!("writing to shard big_market_{db:02}"), e),
+            }))
         }
         Err(OpError::Server(e)) => Err(e.into()),
     }
+}
+
+/// Whether the server refused a statement for the values it carries (too long, out of range,
+/// not valid in the column's character set, NULL, a constraint): the same values are refused
+/// every time. Not a full disk, a lock or a lost connection.
+fn is_data_refusal(e: &mysql::Error) -> bool {
+    matches!(
+        server_code(e),
+        Some(1048 | 1062 | 1264 | 1265 | 1292 | 1366 | 1406 | 1451 | 1452 | 3819 | 4025)
+    )
 }
 
 enum OpError {
@@ -528,6 +543,15 @@ fn insert_save_group(
     }
     // Round trip 1: the frame and the sequence numbers (the messages carry them).
     let first = sql::group_take_seqs(tx, ctx.nbe, ctx.frame, args.len() as u64)?;
+    if !MessageId::fits(first + args.len() as u64 - 1) {
+        // Past the message id range: give the numbers back, and let the ops run one by one,
+        // so that those that fit are saved and the rest refused.
+        tx.query_drop(match ctx.frame {
+            sql::Frame::Transaction => "ROLLBACK",
+            sql::Frame::Savepoint => "ROLLBACK TO SAVEPOINT together",
+        })?;
+        return Ok(None);
+    }
     let mut by_table: BTreeMap<&str, Vec<sql::NewAward<'_>>> = BTreeMap::new();
     for a in &args {
         by_table
@@ -683,6 +707,12 @@ fn apply(tx: &mut mysql::Conn, db: u32, op: &Op) -> std::result::Result<Reply, O
                 });
             }
             let seq = sql::take_seqs(tx, 1)?;
+            if !MessageId::fits(seq) {
+                // The op's savepoint rolls the award and the sequence number back.
+                return Err(OpError::Op(MessageId::exhausted(&format!(
+                    "shard big_market_{db:02}"
+                ))));
+            }
             let one = [a];
             let numbered = Numbered::new(db, &one, seq);
             let ids = sql::insert_tasks(tx, &numbered.task_rows(), one[0].now_ms)?;

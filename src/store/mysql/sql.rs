@@ -1050,6 +1050,32 @@ mod tests {
     }
 
     #[test]
+    fn the_widths_checked_at_start_are_the_schemas() {
+        let width = |col: &str| {
+            let line = SCHEMA
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{col} ")))
+                .unwrap_or_else(|| panic!("{col} is in schema.mysql.sql"));
+            let squeezed: String = line.split_whitespace().collect::<Vec<_>>().join(" ");
+            squeezed
+                .split("varchar(")
+                .nth(1)
+                .and_then(|r| r.split(')').next())
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or_else(|| panic!("{squeezed}"))
+        };
+        assert_eq!(width("topic"), crate::config::MYSQL_TOPIC_MAX);
+        assert_eq!(width("message"), crate::model::MESSAGE_MAX);
+        assert_eq!(
+            width("message_id"),
+            crate::model::MessageId::new(1, 1).as_str().len()
+        );
+        assert_eq!(width("user_id"), 32);
+        assert_eq!(width("order_id"), 12);
+        assert_eq!(width("award_title"), 128);
+    }
+
+    #[test]
     fn script_literals_are_escaped_by_the_driver() {
         let s = Script::new(false);
         assert_eq!(s.lit(&Value::from("it's")), r"'it\'s'");

@@ -145,6 +145,10 @@ pub(crate) fn insert_award_and_task(
     })?;
     let seq =
         sql::take_seq(conn).map_err(|e| Error::storage(ctx("taking a task sequence number"), e))?;
+    if !MessageId::fits(seq) {
+        // The caller's savepoint rolls the award and the sequence number back with this error.
+        return Err(MessageId::exhausted(&format!("shard big_market_{db:02}")));
+    }
     let message = EventMessage::for_award(record, db, seq, now_ms).encode();
     let message_id = MessageId::new(db, seq);
     let id = sql::insert_task(
