@@ -23,7 +23,7 @@ fn a_saved_award_is_committed_published_and_delivered(kind: Kind) {
         big_market::model::TaskState::Completed
     );
     assert_eq!(saved.db, 1, "xiaofuge routes to big_market_01");
-    assert_eq!(saved.message_id.as_str(), "01000000001");
+    assert_eq!(saved.message_id.as_str(), "b0100000001");
     assert_eq!(faulty.forwarded(), 1);
     let t = app.shutdown();
 
@@ -32,7 +32,7 @@ fn a_saved_award_is_committed_published_and_delivered(kind: Kind) {
     assert_eq!(
         t.count(
             c,
-            "SELECT COUNT(*) FROM task WHERE state = 'completed' AND message_id = '01000000001'"
+            "SELECT COUNT(*) FROM task WHERE state = 'completed' AND message_id = 'b0100000001'"
         ),
         1
     );
@@ -250,7 +250,7 @@ fn a_redelivered_message_changes_nothing_and_concurrent_duplicates_deliver_once(
     assert_eq!(
         app.count(
             c,
-            "SELECT receipts FROM delivery WHERE message_id = '01000000001'"
+            "SELECT receipts FROM delivery WHERE message_id = 'b0100000001'"
         ),
         8
     );
