@@ -1375,3 +1375,84 @@ fn a_delivery_the_database_refuses_for_its_data_is_poison_and_its_task_is_parked
     assert!(why.contains("refuses to record message"), "{why}");
     app.shutdown();
 }
+
+#[test]
+fn on_rabbitmq_the_seeds_own_message_is_acknowledged_and_never_dead_lettered() {
+    let Some(mut t) = TestStore::mariadb() else {
+        return;
+    };
+    let Some(amqp) = amqp_url() else {
+        return;
+    };
+    t.settings.amqp_url = Some(amqp.to_string());
+    t.settings.topic = format!(
+        "send_award_test_{}",
+        big_market::util::Rng::new().digits(10)
+    );
+    let init = t.bin().arg("init").output().unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    java_saves(&t, "880000000011", "74920280321", SEED_MESSAGE);
+    let db = route("xiaofuge", Layout::default()).db;
+    let url = t.url();
+    let topic = t.settings.topic.clone();
+    let server = crate::http::Server::start_with(
+        t.dir.path(),
+        &[
+            "--store",
+            &url,
+            "--amqp-url",
+            amqp,
+            "--topic",
+            &topic,
+            "--scan-interval",
+            "200ms",
+        ],
+        &[],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            t.count(
+            db,
+            "SELECT receipts FROM delivery WHERE message_id = '74920280321'"
+        ) == 1
+            && t.count(
+                db,
+                "SELECT COUNT(*) FROM task WHERE message_id = '74920280321' AND state = 'completed'"
+            ) == 1
+        }),
+        "the seed's message was not consumed and its task completed"
+    );
+    let (_, metrics) = server.call("GET", "/metrics", "");
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("big_market_original_messages_total 1\n"),
+        "{metrics}"
+    );
+    server.stop();
+    let out = t
+        .bin()
+        .args([
+            "--amqp-url",
+            amqp,
+            "--topic",
+            &topic,
+            "dlq",
+            "list",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let letters: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(letters, serde_json::json!([]), "nothing was dead-lettered");
+}
