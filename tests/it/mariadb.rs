@@ -1456,3 +1456,49 @@ fn on_rabbitmq_the_seeds_own_message_is_acknowledged_and_never_dead_lettered() {
     let letters: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(letters, serde_json::json!([]), "nothing was dead-lettered");
 }
+
+#[test]
+fn serve_stops_within_its_deadlines_while_the_server_does_not_answer() {
+    let Some(t) = TestStore::mariadb() else {
+        return;
+    };
+    let init = t.bin().arg("init").output().unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let proxy = Proxy::to(&t.server().addr);
+    let via = proxy.url(t.server(), t.prefix());
+    let args = [
+        "--store",
+        &via,
+        "--mysql-timeout",
+        "2s",
+        "--stale-after",
+        "3s",
+        "--scan-interval",
+        "200ms",
+    ];
+    let server = crate::http::Server::start_with(t.dir.path(), &args, &[]);
+    let body = r#"{"userId":"xiaofuge","activityId":100301,"strategyId":100006,"orderId":"650000000001","awardId":101,"awardTitle":"t","awardTime":1712377010878}"#;
+    assert_eq!(server.call("POST", "/api/v1/awards", body).0, 201);
+    proxy.pause();
+    let body = body.replace("650000000001", "650000000002");
+    let (code, _) = server.call("POST", "/api/v1/awards", &body);
+    assert!(code == 500 || code == 503, "{code}");
+    let took = server.stop();
+    assert!(
+        took < Duration::from_secs(30),
+        "serve took {took:?} to stop"
+    );
+    proxy.resume();
+    // What was committed is delivered by the next serve.
+    let server = crate::http::Server::start_with(t.dir.path(), &args, &[]);
+    assert!(
+        wait_until(Duration::from_secs(30), || t.totals().all_done()),
+        "{:?}",
+        t.totals()
+    );
+    server.stop();
+}
