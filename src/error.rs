@@ -27,9 +27,10 @@ pub enum Error {
         /// The database error underneath.
         source: StorageError,
     },
-    /// The connection to the database was lost after the commit was sent, before its answer
-    /// came back: the write may or may not have been kept. Retry an award with the same order
-    /// id: a duplicate on the retry means it was saved.
+    /// The database did not answer a write whose commit may have happened (the connection was
+    /// lost after the commit was sent, or no answer came within the deadline): the write may or
+    /// may not have been kept. Retry an award with the same order id: a duplicate on the retry
+    /// means it was saved.
     OutcomeUnknown {
         /// What was being written, and on which shard.
         context: String,
@@ -106,7 +107,7 @@ impl fmt::Display for Error {
             }
             Error::OutcomeUnknown { context, source } => write!(
                 f,
-                "outcome unknown while {context}: the connection was lost after the commit was sent, so the award may or may not have been saved: retry with the same orderId (a duplicate order id on the retry means it was saved): {source}"
+                "outcome unknown while {context}: the award may or may not have been saved: retry with the same orderId (a duplicate order id on the retry means it was saved): {source}"
             ),
             Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
             Error::Broker(msg) => write!(f, "broker error: {msg}"),

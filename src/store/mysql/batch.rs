@@ -136,7 +136,10 @@ impl Batch for MysqlBatch {
                         .iter()
                         .map(|_| {
                             Err(Error::OutcomeUnknown {
-                                context: format!("writing to {}", self.shown),
+                                context: format!(
+                                    "writing to {} (the connection was lost after the commit was sent)",
+                                    self.shown
+                                ),
                                 source: copy_err(&e).into(),
                             })
                         })
