@@ -159,8 +159,10 @@ fn transport(s: &Settings) -> Result<Arc<dyn Transport>> {
     }
 }
 
-/// A service on a fresh directory with its consumer, so that it delivers what it saves.
+/// A service on a fresh directory (or fresh scratch databases, which it initialises as `init`
+/// would) with its consumer, so that it delivers what it saves.
 fn start_service(s: &Settings) -> Result<Service> {
+    drop(Store::open(s, true)?);
     Service::start(
         s.clone(),
         transport(s)?,

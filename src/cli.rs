@@ -132,6 +132,11 @@ struct GlobalArgs {
     /// again. Unset: a third of --stale-after, at most 15s.
     #[arg(long, env = "BIG_MARKET_PUBLISH_TIMEOUT", value_parser = duration, global = true)]
     publish_timeout: Option<Duration>,
+    /// MySQL store: the deadline of every round trip to the server (each connection's read and
+    /// write timeouts; TCP keepalive and TCP_USER_TIMEOUT follow it) and of every call into a
+    /// shard's write lane. A server that stops answering costs one clear error after it.
+    #[arg(long, env = "BIG_MARKET_MYSQL_TIMEOUT", default_value = "30s", value_parser = duration, global = true)]
+    mysql_timeout: Duration,
     /// Time between compensation scans.
     #[arg(long, env = "BIG_MARKET_SCAN_INTERVAL", default_value = "5s", value_parser = duration, global = true)]
     scan_interval: Duration,
@@ -240,9 +245,11 @@ enum Command {
         to: std::path::PathBuf,
     },
     /// Prove nothing was lost: per shard, committed vs delivered sequence numbers, gaps,
-    /// redeliveries, tasks without awards and awards without tasks.
+    /// redeliveries, tasks without awards and awards without tasks; the original's rows (tasks
+    /// without a sequence number, awards none of ours name) apart, by state.
     Audit {
-        /// Only count an undelivered task as lost once it is this old.
+        /// Only count an undelivered task (or an original task not completed) as lost once it
+        /// is this old.
         #[arg(long, default_value = "60s", value_parser = duration)]
         older_than: Duration,
         /// Print JSON instead of a table.
@@ -407,6 +414,7 @@ impl GlobalArgs {
         s.stale_after = self.stale_after;
         s.publish_deadline = self.publish_timeout;
         s.scan_interval = self.scan_interval;
+        s.mysql_timeout = self.mysql_timeout;
         s.retry.max_attempts = self.max_attempts;
         s.retention = match self.retention {
             Some(Retention::Off) => None,
@@ -935,8 +943,19 @@ fn audit(settings: &Settings, older_than: Duration, json: bool) -> Result<()> {
             serde_json::to_string(&audits).expect("audits serialize")
         );
     } else {
+        // The original's rows per state, as `completed=3 create=1` (`-`: none).
+        let by_state = |m: &std::collections::BTreeMap<String, u64>| {
+            if m.is_empty() {
+                "-".to_string()
+            } else {
+                m.iter()
+                    .map(|(s, n)| format!("{s}={n}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }
+        };
         println!(
-            "{:<14} {:>9} {:>9} {:>13} {:>9} {:>8} {:>11} {:>15} {:>15}",
+            "{:<14} {:>9} {:>9} {:>13} {:>9} {:>8} {:>11} {:>15} {:>15} | {:<22} {:<22}",
             "shard",
             "committed",
             "compacted",
@@ -945,11 +964,13 @@ fn audit(settings: &Settings, older_than: Duration, json: bool) -> Result<()> {
             "missing",
             "redelivered",
             "task w/o award",
-            "award w/o task"
+            "award w/o task",
+            "original tasks",
+            "original awards"
         );
         for a in &audits {
             println!(
-                "{:<14} {:>9} {:>9} {:>13} {:>9} {:>8} {:>11} {:>15} {:>15}",
+                "{:<14} {:>9} {:>9} {:>13} {:>9} {:>8} {:>11} {:>15} {:>15} | {:<22} {:<22}",
                 crate::router::db_name(a.db),
                 a.committed,
                 a.watermark,
@@ -958,12 +979,20 @@ fn audit(settings: &Settings, older_than: Duration, json: bool) -> Result<()> {
                 a.missing.len(),
                 a.redelivered.len(),
                 a.tasks_without_award,
-                a.awards_without_task
+                a.awards_without_task,
+                by_state(&a.original_tasks),
+                by_state(&a.original_awards)
             );
             if !a.tasks_below_watermark.is_empty() {
                 println!(
                     "  task rows at or below the watermark {}, which compaction never left: {:?}",
                     a.watermark, a.tasks_below_watermark
+                );
+            }
+            let stuck = a.originals_stuck(min_age);
+            if stuck > 0 {
+                println!(
+                    "  {stuck} of the original's tasks older than {older_than:?} never completed"
                 );
             }
             for (seq, age) in a.missing.iter().take(20) {
@@ -986,7 +1015,7 @@ fn audit(settings: &Settings, older_than: Duration, json: bool) -> Result<()> {
         Ok(())
     } else {
         Err(Error::Violation(format!(
-            "audit failed on {}: committed tasks older than {older_than:?} were never delivered, or awards and tasks do not match",
+            "audit failed on {}: committed tasks (or the original's tasks) older than {older_than:?} were never delivered, or awards and tasks do not match",
             broken.join(", ")
         )))
     }

@@ -47,6 +47,10 @@ pub struct Settings {
     pub retry: RetryPolicy,
     /// How long a writer waits on another process's write lock. Default 5 s.
     pub busy_timeout: Duration,
+    /// MySQL store: the deadline of every round trip to the server (read and write timeouts
+    /// of each connection) and of every call into a shard's write lane. Default 30 s, at least
+    /// 2 s.
+    pub mysql_timeout: Duration,
     /// Most operations one shard writer commits together. Default 256.
     pub group_commit_max: usize,
     /// Completed tasks older than this are deleted by the scanner; `None` keeps them.
@@ -68,7 +72,23 @@ pub struct Settings {
     pub faults: Option<FaultPlan>,
 }
 
+/// The width of the MySQL store's `task.topic` column (the original's `varchar(32)`): a longer
+/// topic is refused at start.
+pub const MYSQL_TOPIC_MAX: usize = 32;
+
 impl Settings {
+    /// MySQL store: how long a statement waits for a row lock another process holds: the busy
+    /// timeout, at most half of `mysql_timeout` (so a lock wait is never taken for a server
+    /// that does not answer), whole seconds, at least one.
+    pub fn mysql_lock_wait(&self) -> Duration {
+        let secs = self
+            .busy_timeout
+            .min(self.mysql_timeout / 2)
+            .as_secs()
+            .clamp(1, 3600);
+        Duration::from_secs(secs)
+    }
+
     /// Defaults for a data directory.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Settings {
@@ -89,6 +109,7 @@ impl Settings {
             prefetch: 512,
             retry: RetryPolicy::default(),
             busy_timeout: Duration::from_secs(5),
+            mysql_timeout: Duration::from_secs(30),
             group_commit_max: 256,
             retention: None,
             handoff_capacity: 8192,
@@ -134,6 +155,12 @@ impl Settings {
         positive("relay batch", self.relay_batch)?;
         if self.prefetch == 0 {
             return Err(Error::Config("prefetch must be at least 1".into()));
+        }
+        if self.mysql_timeout < Duration::from_secs(2) {
+            return Err(Error::Config(format!(
+                "mysql timeout {:?} is too short: use at least 2s (a row lock wait takes up to half of it)",
+                self.mysql_timeout
+            )));
         }
         if self.retry.max_attempts == 0 {
             return Err(Error::Config("max attempts must be at least 1".into()));
@@ -185,6 +212,13 @@ impl Settings {
             )));
         }
         if let StoreTarget::Mysql(dbs) = &self.store {
+            if self.topic.chars().count() > MYSQL_TOPIC_MAX {
+                return Err(Error::Config(format!(
+                    "topic {:?} is {} characters, but the MySQL store's task.topic column holds {MYSQL_TOPIC_MAX} (the original's varchar({MYSQL_TOPIC_MAX})): every save would fail; use a topic of at most {MYSQL_TOPIC_MAX} characters",
+                    self.topic,
+                    self.topic.chars().count()
+                )));
+            }
             if dbs.len() != self.layout.db_count() as usize {
                 return Err(Error::Config(format!(
                     "--store names {} databases but the layout has {}: give one URL (a database name prefix) or one per database",
@@ -683,6 +717,15 @@ mod tests {
         let mut s = Settings::new("data");
         s.topic = "bad topic".into();
         assert!(s.validate().is_err());
+        // The MySQL store's topic column holds 32 characters; SQLite's holds any.
+        let mut s = Settings::new("data");
+        s.topic = "t".repeat(33);
+        assert!(s.clone().validate().is_ok());
+        s.store = StoreTarget::parse("mysql://root@127.0.0.1:3306/big_market", 2).unwrap();
+        let e = s.clone().validate().unwrap_err().to_string();
+        assert!(e.contains("holds 32") && !e.contains('\n'), "{e}");
+        s.topic = "t".repeat(32);
+        assert!(s.validate().is_ok());
         let mut s = Settings::new("data");
         s.publish_deadline = Some(Duration::from_secs(30));
         let e = s.validate().unwrap_err().to_string();

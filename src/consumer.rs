@@ -89,8 +89,15 @@ impl AwardConsumer {
         }
     }
 
-    fn outcome(&self, body: &[u8], id: &str, result: Result<Delivered>) -> Handled {
+    /// What to tell the transport about one message; `original`: it is in the original's
+    /// form (no order id).
+    fn outcome(&self, body: &[u8], id: &str, original: bool, result: Result<Delivered>) -> Handled {
         match result {
+            Ok(Delivered::Recorded) => {
+                Metrics::add(&self.metrics.original_messages, 1);
+                log::debug!("original's message recorded message_id={id}: it names no award");
+                Handled::Ack
+            }
             Ok(Delivered::First) => {
                 Metrics::add(&self.metrics.delivered, 1);
                 log::trace!("delivered message_id={id}");
@@ -98,6 +105,9 @@ impl AwardConsumer {
             }
             Ok(Delivered::Again) => {
                 Metrics::add(&self.metrics.redelivered, 1);
+                if original {
+                    Metrics::add(&self.metrics.original_messages, 1);
+                }
                 log::debug!("redelivered message_id={id} changed nothing");
                 Handled::Ack
             }
@@ -137,9 +147,10 @@ impl Handler for AwardConsumer {
                 Ok(msg) => self.outcome(
                     body,
                     &msg.id,
+                    msg.order_id().is_none(),
                     delivered.next().expect("one result per valid message"),
                 ),
-                Err(e) => self.outcome(body, "-", Err(e)),
+                Err(e) => self.outcome(body, "-", false, Err(e)),
             })
             .collect();
         self.pace(&outcomes);
@@ -150,6 +161,36 @@ impl Handler for AwardConsumer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_originals_message_is_recorded_acknowledged_and_counted_never_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = crate::config::Settings::new(dir.path().join("data"));
+        let store = Arc::new(Store::open(&settings, true).unwrap());
+        let metrics = Arc::new(Metrics::default());
+        let consumer = AwardConsumer::new(store.clone(), metrics.clone());
+        let seed = r#"{"data":{"awardId":101,"awardTitle":"OpenAI 增加使用次数","userId":"xiaofuge"},"id":"74920280321","timestamp":1712377010878}"#.as_bytes();
+        assert_eq!(consumer.handle(seed), Handled::Ack);
+        assert_eq!(consumer.handle(seed), Handled::Ack, "a repeat as well");
+        assert_eq!(Metrics::get(&metrics.original_messages), 2);
+        assert_eq!(Metrics::get(&metrics.redelivered), 1);
+        assert_eq!(
+            (
+                Metrics::get(&metrics.delivered),
+                Metrics::get(&metrics.poison)
+            ),
+            (0, 0)
+        );
+        let db = crate::router::route("xiaofuge", settings.layout).db;
+        let status = store.shard(db).status(settings.layout.tb_count()).unwrap();
+        assert_eq!((status.delivered_messages, status.receipts), (1, 2));
+        // Still refused: a message naming an order that is not there, and one without a user.
+        let unknown = br#"{"data":{"awardId":101,"awardTitle":"t","orderId":"1","userId":"xiaofuge"},"id":"74920280322","timestamp":1}"#;
+        assert!(matches!(consumer.handle(unknown), Handled::Reject(_)));
+        let no_user =
+            br#"{"data":{"awardId":101,"awardTitle":"t"},"id":"74920280323","timestamp":1}"#;
+        assert!(matches!(consumer.handle(no_user), Handled::Reject(_)));
+    }
 
     #[test]
     fn storage_failures_back_off_doubling_and_warn_once_per_spell() {

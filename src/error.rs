@@ -27,6 +27,16 @@ pub enum Error {
         /// The database error underneath.
         source: StorageError,
     },
+    /// The database did not answer a write whose commit may have happened (the connection was
+    /// lost after the commit was sent, or no answer came within the deadline): the write may or
+    /// may not have been kept. Retry an award with the same order id: a duplicate on the retry
+    /// means it was saved.
+    OutcomeUnknown {
+        /// What was being written, and on which shard.
+        context: String,
+        /// The error underneath.
+        source: StorageError,
+    },
     /// A file system operation failed.
     Io {
         /// The path involved.
@@ -71,11 +81,13 @@ impl Error {
         }
     }
 
-    /// The process exit code that fits this error: 2 bad input or settings, 3 duplicate, 1 otherwise.
+    /// The process exit code that fits this error: 2 bad input or settings, 3 duplicate, 4
+    /// outcome unknown, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::InvalidInput { .. } | Error::Config(_) => 2,
             Error::DuplicateOrder { .. } => 3,
+            Error::OutcomeUnknown { .. } => 4,
             _ => 1,
         }
     }
@@ -93,6 +105,10 @@ impl fmt::Display for Error {
             Error::Storage { context, source } => {
                 write!(f, "storage error while {context}: {source}{}", source.hint())
             }
+            Error::OutcomeUnknown { context, source } => write!(
+                f,
+                "outcome unknown while {context}: the award may or may not have been saved: retry with the same orderId (a duplicate order id on the retry means it was saved): {source}"
+            ),
             Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
             Error::Broker(msg) => write!(f, "broker error: {msg}"),
             Error::Poison(msg) => write!(f, "unprocessable message: {msg}"),
@@ -158,6 +174,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Storage { source, .. } => Some(source),
+            Error::OutcomeUnknown { source, .. } => Some(source),
             Error::Io { source, .. } => Some(source),
             Error::Spawn { source, .. } => Some(source),
             _ => None,

@@ -40,6 +40,9 @@ pub struct Metrics {
     pub redelivered: AtomicU64,
     /// Messages rejected as unprocessable.
     pub poison: AtomicU64,
+    /// Messages of the original's form (no order id) recorded in the delivery log, first
+    /// receipts and repeats alike.
+    pub original_messages: AtomicU64,
     /// `save_award` latency.
     pub save_latency: Histogram,
 }
@@ -153,7 +156,7 @@ pub fn render(
 ) -> String {
     let statuses: &[ShardStatus] = &counts.shards;
     let mut r = Registry::with_prefix("big_market");
-    let counters: [(&str, &str, &AtomicU64); 11] = [
+    let counters: [(&str, &str, &AtomicU64); 12] = [
         ("awards_saved", "Awards committed", &m.awards_saved),
         (
             "duplicates",
@@ -185,6 +188,11 @@ pub fn render(
             &m.redelivered,
         ),
         ("poison", "Messages rejected as unprocessable", &m.poison),
+        (
+            "original_messages",
+            "Messages of the original's form (no orderId) recorded in the delivery log",
+            &m.original_messages,
+        ),
     ];
     for (name, help, c) in counters {
         r.register(name, help, ConstCounter::new(Metrics::get(c)));

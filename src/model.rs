@@ -74,22 +74,71 @@ impl OrderId {
     }
 }
 
-/// A message id: the shard's two digits and its nine-digit sequence number (11 digits, the
-/// original's width). Unique by construction: no two tasks anywhere share a shard and sequence.
+/// A message id: `b`, the database index in two base-36 digits and the task's sequence number
+/// in eight (`b` `01` `000000aa` for sequence 370 on database 1): 11 characters, the width of
+/// the original's `message_id varchar(11)`. Unique by construction: no two tasks anywhere share
+/// a database and a sequence, and the letter keeps every id apart from the original's, which
+/// are 11 random digits. Sequence numbers run from 1 to [`MessageId::MAX_SEQ`] per database; a
+/// shard refuses saves past it rather than make a longer id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct MessageId(String);
 
+/// The digits of a message id, lowercase base 36.
+const BASE36: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+
 impl MessageId {
-    /// The id of the task with sequence `seq` on database `db`.
+    /// The highest sequence number a message id holds: 36^8 - 1 (2,821,109,907,455).
+    pub const MAX_SEQ: u64 = 36u64.pow(8) - 1;
+    /// The highest database index it holds: 36^2 - 1.
+    pub const MAX_DB: u32 = 36 * 36 - 1;
+
+    /// The id of the task with sequence `seq` on database `db`. `seq` must be at most
+    /// [`MessageId::MAX_SEQ`] (the store refuses saves past it) and `db` at most
+    /// [`MessageId::MAX_DB`] (layouts have at most 1024 databases).
     pub fn new(db: u32, seq: u64) -> Self {
-        MessageId(format!("{db:02}{seq:09}"))
+        assert!(
+            seq <= Self::MAX_SEQ && db <= Self::MAX_DB,
+            "message id out of range: db {db} seq {seq}"
+        );
+        let mut out = String::with_capacity(11);
+        out.push('b');
+        let digits = |mut v: u64, n: usize, out: &mut String| {
+            let mut buf = vec![b'0'; n];
+            for slot in buf.iter_mut().rev() {
+                *slot = BASE36[(v % 36) as usize];
+                v /= 36;
+            }
+            out.push_str(std::str::from_utf8(&buf).expect("ASCII digits"));
+        };
+        digits(u64::from(db), 2, &mut out);
+        digits(seq, 8, &mut out);
+        MessageId(out)
     }
-    /// Parse and check an id read back from a row or message.
+
+    /// Whether sequence number `seq` has a message id.
+    pub fn fits(seq: u64) -> bool {
+        seq <= Self::MAX_SEQ
+    }
+
+    /// The refusal of a save that would take a sequence number past [`MessageId::MAX_SEQ`] on
+    /// the shard at `location`.
+    pub fn exhausted(location: &str) -> Error {
+        Error::Config(format!(
+            "{location} has used every message id (sequence numbers up to {}): it takes no new awards; nothing of this award was written; add databases to the layout or move users to another shard",
+            Self::MAX_SEQ
+        ))
+    }
+
+    /// Parse and check an id read back from a row or message: ours (as [`MessageId::new`]
+    /// makes them), or 11 or more digits (the original's, and big-market's before this scheme).
     pub fn parse(s: &str) -> Result<Self> {
-        if s.len() < 11 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        let ours =
+            s.len() == 11 && s.starts_with('b') && s[1..].bytes().all(|b| BASE36.contains(&b));
+        let digits = s.len() >= 11 && s.bytes().all(|b| b.is_ascii_digit());
+        if !ours && !digits {
             return Err(Error::invalid(
                 "message_id",
-                format!("{s:?} is not 11+ digits"),
+                format!("{s:?} is neither big-market's (b and 10 base-36 digits) nor 11+ digits"),
             ));
         }
         Ok(MessageId(s.to_string()))
@@ -197,6 +246,10 @@ impl AwardRecord {
     }
 }
 
+/// The width of the `task.message` column (`varchar(512)`, characters): the longest message
+/// big-market writes fits it.
+pub const MESSAGE_MAX: usize = 512;
+
 /// The latest award time accepted: 9999-12-31T23:59:59.999Z in epoch milliseconds.
 pub const MAX_AWARD_TIME_MS: i64 = 253_402_300_799_999;
 
@@ -272,8 +325,10 @@ pub struct SendAward {
     pub award_id: i32,
     /// Award title.
     pub award_title: String,
-    /// Order id, so the consumer can find the record (not in the original; Java ignores it).
-    pub order_id: String,
+    /// Order id, so the consumer can find the record. The original's message has none (its
+    /// consumer only logs the message); later versions of the original add it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<String>,
     /// User id.
     pub user_id: String,
 }
@@ -303,7 +358,7 @@ impl EventMessage {
             data: SendAward {
                 award_id: record.award_id,
                 award_title: record.award_title.clone(),
-                order_id: record.order_id.as_str().to_string(),
+                order_id: Some(record.order_id.as_str().to_string()),
                 user_id: record.user_id.as_str().to_string(),
             },
             id: MessageId::new(db, seq).as_str().to_string(),
@@ -318,14 +373,23 @@ impl EventMessage {
         serde_json::to_string(self).expect("an EventMessage always serializes")
     }
 
-    /// Decode and validate a message body.
+    /// Decode and validate a message body: ours, or the original's (no `orderId`, an id of
+    /// 11 random digits), which [`EventMessage::order_id`] tells apart.
     pub fn decode(body: &[u8]) -> Result<Self> {
         let msg: EventMessage = serde_json::from_slice(body)
             .map_err(|e| Error::Poison(format!("not a send_award message: {e}")))?;
         UserId::parse(&msg.data.user_id).map_err(|e| Error::Poison(e.to_string()))?;
-        OrderId::parse(&msg.data.order_id).map_err(|e| Error::Poison(e.to_string()))?;
+        if let Some(order) = &msg.data.order_id {
+            OrderId::parse(order).map_err(|e| Error::Poison(e.to_string()))?;
+        }
         MessageId::parse(&msg.id).map_err(|e| Error::Poison(e.to_string()))?;
         Ok(msg)
+    }
+
+    /// The order id the message names: `None` for the original's form, which names no award
+    /// (the original's consumer only logs it); such a message is recorded, not delivered.
+    pub fn order_id(&self) -> Option<&str> {
+        self.data.order_id.as_deref()
     }
 }
 
@@ -351,7 +415,7 @@ mod tests {
         let m = EventMessage::for_award(&award(), 1, 42, 1712377010878);
         assert_eq!(
             m.encode(),
-            r#"{"data":{"awardId":101,"awardTitle":"OpenAI 增加使用次数","orderId":"123456789012","userId":"xiaofuge"},"id":"01000000042","seq":42,"shard":1,"timestamp":1712377010878}"#
+            r#"{"data":{"awardId":101,"awardTitle":"OpenAI 增加使用次数","orderId":"123456789012","userId":"xiaofuge"},"id":"b0100000016","seq":42,"shard":1,"timestamp":1712377010878}"#
         );
     }
 
@@ -359,12 +423,22 @@ mod tests {
     fn decode_reads_what_encode_writes_and_the_originals_form() {
         let m = EventMessage::for_award(&award(), 2, 7, 5);
         assert_eq!(EventMessage::decode(m.encode().as_bytes()).unwrap(), m);
-        // The original's message has no orderId: it cannot be delivered, and says so.
-        let original = r#"{"data":{"awardId":101,"awardTitle":"t","userId":"xiaofuge"},"id":"74920280321","timestamp":1712377010878}"#;
-        assert!(matches!(
-            EventMessage::decode(original.as_bytes()),
-            Err(Error::Poison(_))
-        ));
+        assert_eq!(m.order_id(), Some("123456789012"));
+        // The seed's message has no orderId: it decodes, naming no award.
+        let original = r#"{"data":{"awardId":101,"awardTitle":"OpenAI 增加使用次数","userId":"xiaofuge"},"id":"74920280321","timestamp":1712377010878}"#;
+        let o = EventMessage::decode(original.as_bytes()).unwrap();
+        assert_eq!(
+            (o.order_id(), o.id.as_str(), o.seq, o.shard),
+            (None, "74920280321", None, None)
+        );
+        assert_eq!(o.data.user_id, "xiaofuge");
+        assert_eq!(o.encode(), original, "and encodes back byte for byte");
+        // A later version's message names its award.
+        let later = r#"{"data":{"awardId":101,"awardTitle":"t","orderId":"880000000001","userId":"xiaofuge"},"id":"74920280322","timestamp":1712377010878}"#;
+        assert_eq!(
+            EventMessage::decode(later.as_bytes()).unwrap().order_id(),
+            Some("880000000001")
+        );
     }
 
     #[test]
@@ -375,10 +449,65 @@ mod tests {
     }
 
     #[test]
-    fn message_ids_are_eleven_digits_and_distinct_per_shard() {
-        assert_eq!(MessageId::new(1, 1).as_str(), "01000000001");
+    fn message_ids_are_eleven_characters_never_all_digits_and_distinct_per_shard() {
+        assert_eq!(MessageId::new(1, 1).as_str(), "b0100000001");
+        assert_eq!(MessageId::new(1, 370).as_str(), "b01000000aa");
         assert_ne!(MessageId::new(1, 12), MessageId::new(11, 2));
-        assert_eq!(MessageId::new(2, 999_999_999).as_str().len(), 11);
+        // Over the whole range: 11 characters, never all digits, read back by parse.
+        for (db, seq) in [
+            (1, 1),
+            (2, 999_999_999),
+            (1024, 1_000_000_000),
+            (MessageId::MAX_DB, MessageId::MAX_SEQ),
+        ] {
+            let id = MessageId::new(db, seq);
+            assert_eq!(id.as_str().len(), 11, "{id:?}");
+            assert!(!id.as_str().bytes().all(|b| b.is_ascii_digit()), "{id:?}");
+            assert_eq!(MessageId::parse(id.as_str()).unwrap(), id);
+        }
+        assert_eq!(
+            MessageId::new(MessageId::MAX_DB, MessageId::MAX_SEQ).as_str(),
+            "bzzzzzzzzzz"
+        );
+        assert!(MessageId::fits(MessageId::MAX_SEQ) && !MessageId::fits(MessageId::MAX_SEQ + 1));
+        // Distinct per database and sequence (a sample over the edges of every digit).
+        let mut seen = std::collections::HashSet::new();
+        for db in [1, 2, 35, 36, 1024] {
+            for seq in [1, 35, 36, 1295, 1296, 36u64.pow(7), MessageId::MAX_SEQ] {
+                assert!(seen.insert(MessageId::new(db, seq)), "{db} {seq}");
+            }
+        }
+        // The original's ids (and ours before this scheme) still parse; others do not.
+        assert!(MessageId::parse("74920280321").is_ok());
+        for bad in [
+            "b010000000",
+            "b01000000001",
+            "B0100000001",
+            "x0100000001",
+            "7492028032",
+        ] {
+            assert!(MessageId::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_longest_message_fits_the_originals_message_column() {
+        // Every field at its widest, of the characters JSON escapes to two.
+        let (user, order, title) = ("\"".repeat(32), "\\".repeat(12), "\"".repeat(128));
+        let r = AwardRecord::new(NewAward {
+            user_id: &user,
+            activity_id: i64::MAX,
+            strategy_id: i64::MAX,
+            order_id: &order,
+            award_id: i64::from(i32::MAX),
+            award_title: &title,
+            award_time_ms: MAX_AWARD_TIME_MS,
+        })
+        .unwrap();
+        let m =
+            EventMessage::for_award(&r, MessageId::MAX_DB, MessageId::MAX_SEQ, MAX_AWARD_TIME_MS);
+        let n = m.encode().chars().count();
+        assert!(n <= MESSAGE_MAX, "{n} characters: {}", m.encode());
     }
 
     #[test]

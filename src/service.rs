@@ -88,7 +88,8 @@ impl Service {
         parts: Parts,
     ) -> Result<Service> {
         let settings = Arc::new(settings.validate()?);
-        let store = Arc::new(Store::open(&settings, true)?);
+        // Only `init` creates or alters a MySQL database; SQLite files are made on first use.
+        let store = Arc::new(Store::open_to_run(&settings)?);
         let metrics = Arc::new(Metrics::default());
         let owner: Arc<str> = format!(
             "{}-{:06x}",
@@ -277,7 +278,8 @@ impl Service {
 
     /// Stop in order: the scanner, then the relays after sending what is already committed
     /// (for at most `drain_timeout`), then the consumer; release this process's claims, so
-    /// another process can take them now.
+    /// another process can take them now (a store that does not answer leaves them to expire
+    /// with their lease: stopping does not wait on it beyond its deadline).
     pub fn shutdown(mut self) -> Result<()> {
         self.stop_background();
         let mut released = 0;
@@ -285,7 +287,15 @@ impl Service {
             self.outbox.owner().clone(),
             self.outbox.relay_owner().clone(),
         ] {
-            released += self.store.release(&owner, now_ms())?;
+            // Releasing only spares the tasks the wait for their lease: a store that does not
+            // answer (within its deadline) leaves them to expire, and stopping goes on.
+            match self.store.release(&owner, now_ms()) {
+                Ok(n) => released += n,
+                Err(e) => log::warn!(
+                    "claims of owner={owner} not released, they expire after the lease ({:?}): {e}",
+                    self.settings.stale_after
+                ),
+            }
         }
         if released > 0 {
             log::info!("released claims tasks={released}");

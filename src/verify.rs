@@ -224,15 +224,16 @@ fn scenario(
     let mut load = Command::new(exe);
     common(&mut load);
     let mut serves = Vec::new();
+    // The scenario's fresh shards are made first, as an operator's `init` makes them: only it
+    // creates MySQL databases, and two processes must not race to create a data dir.
+    let mut init = Command::new(exe);
+    common(&mut init);
+    init.arg("init");
+    Child2::spawn(&mut init)?.wait(TIMEOUT);
     if name == "two-processes" {
         let mut serve = Command::new(exe);
         common(&mut serve);
         serve.arg("serve");
-        // The data dir must exist before two processes race to create it.
-        let mut init = Command::new(exe);
-        common(&mut init);
-        init.arg("init");
-        Child2::spawn(&mut init)?.wait(TIMEOUT);
         serves.push(Child2::spawn(&mut serve)?);
     } else {
         // Cross the boundary a different number of times each round. The writer's boundaries

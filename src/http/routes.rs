@@ -305,6 +305,10 @@ async fn create(
         Err(Error::InvalidInput { field, reason }) => {
             refused(Refusal::field(field, format!("invalid {field}: {reason}")))
         }
+        Err(e @ Error::OutcomeUnknown { .. }) => {
+            log::warn!("http: {e}");
+            refused(Refusal::new(503, OUTCOME_UNKNOWN))
+        }
         Err(e) => {
             log::error!("http: saving an award failed: {e}");
             refused(Refusal::new(
@@ -314,6 +318,9 @@ async fn create(
         }
     }
 }
+
+/// The answer to a save whose commit was sent when the connection to the database was lost.
+pub(crate) const OUTCOME_UNKNOWN: &str = "outcome unknown: the database did not answer after the commit may have happened, so the award may or may not have been saved: retry with the same orderId (409 on the retry means it was saved)";
 
 fn list(service: &Service, query: &str) -> Response<Body> {
     let user = form_urlencoded::parse(query.as_bytes())

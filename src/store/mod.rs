@@ -92,6 +92,8 @@ pub(crate) struct Opened {
     pub(crate) lanes: Vec<Box<dyn Batch>>,
     /// Which lane runs an op.
     pub(crate) lane_of: writer::LaneOf,
+    /// How long a caller waits for its write (`None`: until it is done).
+    pub(crate) call_deadline: Option<Duration>,
 }
 
 /// One database: its reads and its writer.
@@ -366,9 +368,25 @@ impl Store {
     /// databases of a MySQL server; with `create`, make what is missing (`init`). Refuses shards
     /// of another layout or schema, and files or databases that are not shards.
     pub fn open(settings: &Settings, create: bool) -> Result<Store> {
+        Store::open_as(settings, create, create)
+    }
+
+    /// Open the shards for a command that runs the pipeline (`serve`, `load`, `award`): SQLite
+    /// shard files are created on first use (one info line with the path each), but only `init`
+    /// creates or alters a MySQL database: one that is missing, or lacks big-market's tables or
+    /// columns, is refused with one line that says to run `init`, and nothing is touched.
+    pub fn open_to_run(settings: &Settings) -> Result<Store> {
+        Store::open_as(settings, true, false)
+    }
+
+    /// Open with `create_files`: make missing SQLite files; `create_databases`: make or alter
+    /// MySQL databases.
+    fn open_as(settings: &Settings, create_files: bool, create_databases: bool) -> Result<Store> {
         let opened = match &settings.store {
-            StoreTarget::Sqlite => backend_sqlite::open_all(settings, create)?,
-            StoreTarget::Mysql(target) => backend_mysql::open_all(settings, target, create)?,
+            StoreTarget::Sqlite => backend_sqlite::open_all(settings, create_files)?,
+            StoreTarget::Mysql(target) => {
+                backend_mysql::open_all(settings, target, create_databases)?
+            }
         };
         let mut shards = Vec::with_capacity(opened.len());
         for (i, o) in opened.into_iter().enumerate() {
@@ -376,8 +394,10 @@ impl Store {
             let handoff = Arc::new(Handoff::new(settings.handoff_capacity));
             let writer = writer::Writer::spawn(
                 db,
+                &o.location,
                 o.lanes,
                 o.lane_of,
+                o.call_deadline,
                 settings.group_commit_max,
                 handoff.clone(),
             )?;

@@ -47,6 +47,9 @@ pub enum Delivered {
     First,
     /// The message was handled before; nothing changed but the receipt count.
     Again,
+    /// First receipt of a message in the original's form, which names no award (no
+    /// `orderId`): logged under its message id; there is nothing to deliver.
+    Recorded,
 }
 
 /// A write to run on a shard.

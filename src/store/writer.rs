@@ -4,9 +4,16 @@
 //! transaction and commits once; only then does the thread reply. A failing op (a duplicate
 //! order id) fails alone; a failed commit fails every op of the group. Backend-free: the SQL is
 //! in `store::sqlite` and `store::mysql`.
+//!
+//! A backend may give its calls a deadline (MySQL: `--mysql-timeout`). A caller whose op was not
+//! yet taken into a group when it passes withdraws it (the writer skips it: nothing of it is
+//! written) and hears "not written"; one whose op is in a running group hears "outcome
+//! unknown" (the group may still commit).
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
@@ -22,7 +29,20 @@ struct Job {
     op: Op,
     /// `None` for a detached op: nobody waits, and a failure is logged.
     reply: Option<ReplyTo>,
+    /// Who has the op: the queue, the writer, or a caller that gave up on it (`None`: a caller
+    /// without a deadline).
+    claim: Option<Arc<AtomicU8>>,
 }
+
+/// A submitted op: where its answer comes, and its claim (with a deadline).
+type Submitted = (Receiver<Result<Reply>>, Option<Arc<AtomicU8>>);
+
+/// [`Job::claim`]: still queued.
+const QUEUED: u8 = 0;
+/// [`Job::claim`]: taken into a group by the writer.
+const TAKEN: u8 = 1;
+/// [`Job::claim`]: withdrawn by its caller past the deadline; never run.
+const WITHDRAWN: u8 = 2;
 
 /// Where a job's result goes: a thread blocked on it, or a task awaiting it.
 enum ReplyTo {
@@ -45,14 +65,20 @@ struct Lane {
 pub(crate) struct Writer {
     lanes: Vec<Lane>,
     lane_of: LaneOf,
+    /// How long a caller waits for its op (`None`: until it is done).
+    deadline: Option<Duration>,
+    /// Where the shard is, for the errors of a deadline.
+    location: String,
 }
 
 impl Writer {
     /// Start one writer thread per lane, each on its own write connection.
     pub(crate) fn spawn(
         db: u32,
+        location: &str,
         batches: Vec<Box<dyn Batch>>,
         lane_of: LaneOf,
+        deadline: Option<Duration>,
         group_commit_max: usize,
         handoff: Arc<Handoff>,
     ) -> Result<Self> {
@@ -73,7 +99,12 @@ impl Writer {
                 handle: Some(handle),
             });
         }
-        Ok(Writer { lanes, lane_of })
+        Ok(Writer {
+            lanes,
+            lane_of,
+            deadline,
+            location: location.to_string(),
+        })
     }
 
     /// The queue of the lane that runs `op`.
@@ -82,88 +113,210 @@ impl Writer {
         self.lanes[lane].tx.as_ref().ok_or(Error::ShuttingDown)
     }
 
-    /// Run one op and wait until its transaction has committed (or failed). A barrier waits
-    /// for every lane.
+    /// When a call started now must have its answer.
+    fn due(&self) -> Option<Instant> {
+        self.deadline.map(|d| Instant::now() + d)
+    }
+
+    /// The error of a write that waited past the deadline before the writer took it: it was
+    /// withdrawn, so nothing of it is written.
+    fn not_written(&self) -> Error {
+        let d = self.deadline.unwrap_or_default();
+        Error::storage(
+            format!(
+                "writing to {} (nothing of this write was kept: the database did not take it within {d:?}, --mysql-timeout)",
+                self.location
+            ),
+            crate::error::StorageError::new(
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer from the database"),
+                " (check that the MySQL server of --store is running and reachable)",
+                false,
+            ),
+        )
+    }
+
+    /// The error of a write in a group that had not answered by the deadline: the group may
+    /// still commit.
+    fn unknown(&self) -> Error {
+        let d = self.deadline.unwrap_or_default();
+        Error::OutcomeUnknown {
+            context: format!(
+                "writing to {} (no answer within {d:?}, --mysql-timeout)",
+                self.location
+            ),
+            source: crate::error::StorageError::new(
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer from the database"),
+                " (check that the MySQL server of --store is running and reachable)",
+                false,
+            ),
+        }
+    }
+
+    /// Queue `op` (waiting at most until `due` for room) with its reply channel.
+    fn submit(&self, op: Op, due: Option<Instant>) -> Result<Submitted> {
+        let (reply, rx) = bounded(1);
+        let tx = self.queue(&op)?;
+        let claim = due.map(|_| Arc::new(AtomicU8::new(QUEUED)));
+        let job = Job {
+            op,
+            reply: Some(ReplyTo::Wait(reply)),
+            claim: claim.clone(),
+        };
+        match due {
+            None => tx.send(job).map_err(|_| Error::ShuttingDown)?,
+            Some(due) => tx.send_deadline(job, due).map_err(|e| match e {
+                crossbeam_channel::SendTimeoutError::Timeout(_) => self.not_written(),
+                crossbeam_channel::SendTimeoutError::Disconnected(_) => Error::ShuttingDown,
+            })?,
+        }
+        Ok((rx, claim))
+    }
+
+    /// The answer to a submitted op, waiting at most until `due`.
+    fn answer(
+        &self,
+        rx: &Receiver<Result<Reply>>,
+        claim: Option<&AtomicU8>,
+        due: Option<Instant>,
+    ) -> Result<Reply> {
+        let (Some(due), Some(claim)) = (due, claim) else {
+            return rx.recv().map_err(|_| Error::ShuttingDown)?;
+        };
+        match rx.recv_deadline(due) {
+            Ok(r) => r,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(Error::ShuttingDown),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => self.give_up(rx, claim),
+        }
+    }
+
+    /// Past the deadline: withdraw the op if the writer has not taken it, else it is in a
+    /// running group, whose outcome is unknown (unless it answered meanwhile).
+    fn give_up(&self, rx: &Receiver<Result<Reply>>, claim: &AtomicU8) -> Result<Reply> {
+        match claim.compare_exchange(QUEUED, WITHDRAWN, Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => Err(self.not_written()),
+            Err(_) => match rx.try_recv() {
+                Ok(r) => r,
+                Err(_) => Err(self.unknown()),
+            },
+        }
+    }
+
+    /// Run one op and wait until its transaction has committed (or failed), at most the
+    /// backend's deadline. A barrier waits for every lane.
     pub(crate) fn call(&self, op: Op) -> Result<Reply> {
+        let due = self.due();
         if matches!(op, Op::Barrier) && self.lanes.len() > 1 {
             for lane in &self.lanes {
                 let (reply, rx) = bounded(1);
                 let tx = lane.tx.as_ref().ok_or(Error::ShuttingDown)?;
-                tx.send(Job {
+                let claim = due.map(|_| Arc::new(AtomicU8::new(QUEUED)));
+                let job = Job {
                     op: Op::Barrier,
                     reply: Some(ReplyTo::Wait(reply)),
-                })
-                .map_err(|_| Error::ShuttingDown)?;
-                rx.recv().map_err(|_| Error::ShuttingDown)??;
+                    claim: claim.clone(),
+                };
+                match due {
+                    None => tx.send(job).map_err(|_| Error::ShuttingDown)?,
+                    Some(due) => tx.send_deadline(job, due).map_err(|_| self.not_written())?,
+                }
+                self.answer(&rx, claim.as_deref(), due)?;
             }
             return Ok(Reply::Count(0));
         }
-        let (reply, rx) = bounded(1);
-        let tx = self.queue(&op)?;
-        tx.send(Job {
-            op,
-            reply: Some(ReplyTo::Wait(reply)),
-        })
-        .map_err(|_| Error::ShuttingDown)?;
-        rx.recv().map_err(|_| Error::ShuttingDown)?
+        let (rx, claim) = self.submit(op, due)?;
+        self.answer(&rx, claim.as_deref(), due)
     }
 
     /// Run one op and await its commit without blocking the awaiting thread (an async
     /// executor's): the writer thread does the work and wakes the task. Only when the writer's
-    /// queue is full does the hand-over wait, on the blocking pool.
+    /// queue is full does the hand-over wait, on the blocking pool. At most the backend's
+    /// deadline.
     pub(crate) async fn call_async(&self, op: Op) -> Result<Reply> {
+        let due = self.due();
         let (reply, rx) = async_channel::bounded(1);
         let tx = self.queue(&op)?;
+        let claim = due.map(|_| Arc::new(AtomicU8::new(QUEUED)));
         let job = Job {
             op,
             reply: Some(ReplyTo::Async(reply)),
+            claim: claim.clone(),
         };
         match tx.try_send(job) {
             Ok(()) => {}
             Err(crossbeam_channel::TrySendError::Full(job)) => {
                 let tx = tx.clone();
-                blocking::unblock(move || tx.send(job).map_err(|_| ()))
-                    .await
-                    .map_err(|_| Error::ShuttingDown)?;
+                let sent = blocking::unblock(move || match due {
+                    None => tx.send(job).map_err(|_| false),
+                    Some(due) => tx
+                        .send_deadline(job, due)
+                        .map_err(|e| matches!(e, crossbeam_channel::SendTimeoutError::Timeout(_))),
+                })
+                .await;
+                match sent {
+                    Ok(()) => {}
+                    Err(true) => return Err(self.not_written()),
+                    Err(false) => return Err(Error::ShuttingDown),
+                }
             }
             Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
                 return Err(Error::ShuttingDown)
             }
         }
-        rx.recv().await.map_err(|_| Error::ShuttingDown)?
+        let (Some(due), Some(claim)) = (due, claim) else {
+            return rx.recv().await.map_err(|_| Error::ShuttingDown)?;
+        };
+        let timer = async {
+            async_io::Timer::at(due).await;
+            None
+        };
+        match futures_lite::future::or(async { Some(rx.recv().await) }, timer).await {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(Error::ShuttingDown),
+            None => {
+                match claim.compare_exchange(QUEUED, WITHDRAWN, Ordering::SeqCst, Ordering::SeqCst)
+                {
+                    Ok(_) => Err(self.not_written()),
+                    Err(_) => match rx.try_recv() {
+                        Ok(r) => r,
+                        Err(_) => Err(self.unknown()),
+                    },
+                }
+            }
+        }
     }
 
     /// Run several ops: all are queued before any reply is awaited, so they share a group commit
-    /// (per lane).
+    /// (per lane). Every answer comes within the backend's deadline of the call.
     pub(crate) fn call_many(&self, ops: Vec<Op>) -> Vec<Result<Reply>> {
-        let waits: Vec<Option<crossbeam_channel::Receiver<Result<Reply>>>> = ops
-            .into_iter()
-            .map(|op| {
-                let (reply, rx) = bounded(1);
-                let tx = self.queue(&op).ok()?;
-                tx.send(Job {
-                    op,
-                    reply: Some(ReplyTo::Wait(reply)),
-                })
-                .ok()
-                .map(|_| rx)
-            })
-            .collect();
+        let due = self.due();
+        let waits: Vec<Result<Submitted>> =
+            ops.into_iter().map(|op| self.submit(op, due)).collect();
         waits
             .into_iter()
-            .map(|rx| match rx {
-                Some(rx) => rx.recv().map_err(|_| Error::ShuttingDown)?,
-                None => Err(Error::ShuttingDown),
+            .map(|w| {
+                let (rx, claim) = w?;
+                self.answer(&rx, claim.as_deref(), due)
             })
             .collect()
     }
 
     /// Queue an op without waiting for it: it commits with the next group. Used where a lost op
     /// is repaired anyway (a task left unmarked is resent after its lease, and deduplicated).
+    /// Waits for room in the queue at most the backend's deadline.
     pub(crate) fn send_detached(&self, op: Op) -> Result<()> {
         let tx = self.queue(&op)?;
-        tx.send(Job { op, reply: None })
-            .map_err(|_| Error::ShuttingDown)
+        let job = Job {
+            op,
+            reply: None,
+            claim: None,
+        };
+        match self.due() {
+            None => tx.send(job).map_err(|_| Error::ShuttingDown),
+            Some(due) => tx.send_deadline(job, due).map_err(|e| match e {
+                crossbeam_channel::SendTimeoutError::Timeout(_) => self.not_written(),
+                crossbeam_channel::SendTimeoutError::Disconnected(_) => Error::ShuttingDown,
+            }),
+        }
     }
 }
 
@@ -192,6 +345,23 @@ fn run(db: u32, mut backend: Box<dyn Batch>, rx: Receiver<Job>, max: usize, hand
                     Err(_) => break,
                 }
             }
+        }
+        // Take each op from its caller, leaving out those withdrawn past their deadline.
+        let before = batch.len();
+        batch.retain(|j| {
+            j.claim.as_ref().is_none_or(|c| {
+                c.compare_exchange(QUEUED, TAKEN, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            })
+        });
+        if batch.len() < before {
+            log::debug!(
+                "writer shard={db:02} skipped {} writes withdrawn past their deadline",
+                before - batch.len()
+            );
+        }
+        if batch.is_empty() {
+            continue;
         }
         log::trace!("writer shard={db:02} batch={}", batch.len());
         let ops: Vec<&Op> = batch.iter().map(|j| &j.op).collect();
@@ -225,4 +395,89 @@ fn run(db: u32, mut backend: Box<dyn Batch>, rx: Receiver<Job>, max: usize, hand
         }
     }
     log::debug!("writer shard={db:02} stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+
+    /// A backend whose groups wait until the test opens the gate, and that counts the ops it
+    /// ran.
+    struct Gated {
+        open: Arc<Mutex<bool>>,
+        entered: Arc<AtomicUsize>,
+        ran: Arc<AtomicUsize>,
+    }
+
+    impl Batch for Gated {
+        fn run_batch(&mut self, ops: &[&Op]) -> Vec<Result<Reply>> {
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            assert!(
+                crate::util::wait_until(Duration::from_secs(20), || *self.open.lock().unwrap()),
+                "the test opens the gate"
+            );
+            self.ran.fetch_add(ops.len(), Ordering::SeqCst);
+            ops.iter().map(|_| Ok(Reply::Count(0))).collect()
+        }
+    }
+
+    #[test]
+    fn past_the_deadline_a_queued_op_is_withdrawn_and_one_in_a_running_group_is_outcome_unknown() {
+        let open = Arc::new(Mutex::new(false));
+        let (entered, ran) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let batch = Gated {
+            open: open.clone(),
+            entered: entered.clone(),
+            ran: ran.clone(),
+        };
+        let deadline = Duration::from_millis(300);
+        let w = Writer::spawn(
+            1,
+            "test-shard",
+            vec![Box::new(batch)],
+            |_| 0,
+            Some(deadline),
+            1,
+            Arc::new(Handoff::new(16)),
+        )
+        .unwrap();
+        std::thread::scope(|s| {
+            let in_group = s.spawn(|| {
+                let t0 = Instant::now();
+                (w.call(Op::Barrier), t0.elapsed())
+            });
+            assert!(crate::util::wait_until(Duration::from_secs(10), || entered
+                .load(Ordering::SeqCst)
+                == 1));
+            let t0 = Instant::now();
+            let queued = w.call(Op::Barrier);
+            let waited = t0.elapsed();
+            match queued {
+                Err(Error::Storage { context, .. }) => {
+                    assert!(
+                        context.contains("nothing of this write was kept"),
+                        "{context}"
+                    )
+                }
+                other => panic!("expected not written, got {other:?}"),
+            }
+            assert!(waited >= deadline && waited < deadline * 4, "{waited:?}");
+            let (r, waited) = in_group.join().unwrap();
+            assert!(
+                matches!(r, Err(Error::OutcomeUnknown { .. })),
+                "the op in the blocked group: {r:?}"
+            );
+            assert!(waited < deadline * 4, "{waited:?}");
+        });
+        *open.lock().unwrap() = true;
+        // The writer goes on: a new call is answered, and the withdrawn op never ran.
+        assert!(matches!(w.call(Op::Barrier), Ok(Reply::Count(0))));
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            2,
+            "the blocked op and the new one"
+        );
+    }
 }

@@ -59,7 +59,7 @@ fn the_same_award_twice_is_refused_as_duplicate_with_one_record_and_one_task() {
     let dir = tempfile::tempdir().unwrap();
     let first = run(dir.path(), AWARD);
     assert!(first.status.success(), "{}", text(&first.stderr));
-    assert!(text(&first.stdout).contains("message_id=01000000001"));
+    assert!(text(&first.stdout).contains("message_id=b0100000001"));
     let second = run(dir.path(), AWARD);
     assert_eq!(second.status.code(), Some(3));
     assert!(

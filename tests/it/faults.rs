@@ -41,6 +41,12 @@ fn shard_invariants(t: &TestStore) {
 
 fn sigkill_in_the_middle_of_load_then_serve_delivers_everything_exactly_once(kind: Kind) {
     let t = TestStore::new(kind);
+    let init = t.bin().arg("init").output().unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
     let mut load = t
         .bin()
         .args([

@@ -248,7 +248,7 @@ fn the_http_api_creates_refuses_duplicates_and_bad_input_lists_and_reports() {
         &award("xiaofuge", "100000000001").to_string(),
     );
     assert_eq!(status, 201, "{body}");
-    assert_eq!(body["messageId"], "01000000001");
+    assert_eq!(body["messageId"], "b0100000001");
     assert_eq!(
         (body["db"].as_str(), body["table"].as_str()),
         (Some("big_market_01"), Some("user_award_record_001"))

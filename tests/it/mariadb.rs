@@ -112,7 +112,7 @@ fn the_originals_rows_are_relayed_and_delivered_and_ours_are_found_by_its_scan()
         ("user001", "send_award", saved.message_id.as_str())
     );
     let decoded = big_market::model::EventMessage::decode(body.as_bytes()).unwrap();
-    assert_eq!(decoded.data.order_id, "880000000002");
+    assert_eq!(decoded.order_id(), Some("880000000002"));
     // The original's completion statement works on our row too.
     app.mysql(saved.db)
         .exec_drop(
@@ -502,7 +502,7 @@ fn the_tools_and_the_http_api_run_on_mariadb() {
         "{status}"
     );
     assert_eq!(status["shards"][1]["tasks"]["completed"], 1, "{status}");
-    assert!(run(&["tasks", "list"]).contains("02000000001"));
+    assert!(run(&["tasks", "list"]).contains("b0200000001"));
     run(&["audit"]);
 
     // The HTTP API on the same databases.
@@ -755,4 +755,764 @@ fn bench_on_mariadb_prints_the_ceiling_the_pipeline_and_their_server_work_and_cl
         )
         .unwrap();
     assert!(left.is_empty(), "scratch databases left behind: {left:?}");
+}
+
+/// The seed's `SendAwardMessage`, exactly: no `orderId`.
+const SEED_MESSAGE: &str = r#"{"data":{"awardId":101,"awardTitle":"OpenAI 增加使用次数","userId":"xiaofuge"},"id":"74920280321","timestamp":1712377010878}"#;
+
+/// The original's award and task, written as its mapper writes them, in one transaction.
+fn java_saves(t: &TestStore, order: &str, message_id: &str, message: &str) {
+    let user = "xiaofuge";
+    let r = route(user, Layout::default());
+    let mut c = t.mysql(r.db);
+    let mut tx = c.start_transaction(mysql::TxOpts::default()).unwrap();
+    tx.exec_drop(
+        JAVA_INSERT_AWARD.replace("user_award_record", &award_table(r.table)),
+        (
+            user,
+            100301i64,
+            100006i64,
+            order,
+            101,
+            "OpenAI 增加使用次数",
+            "2024-04-06 12:16:50",
+            "create",
+        ),
+    )
+    .unwrap();
+    tx.exec_drop(
+        JAVA_INSERT_TASK,
+        (user, "send_award", message_id, message, "create"),
+    )
+    .unwrap();
+    tx.commit().unwrap();
+}
+
+#[test]
+fn the_seeds_own_message_is_recorded_and_acknowledged_its_task_completed_and_audit_shows_it_apart()
+{
+    let Some(t) = TestStore::mariadb() else {
+        return;
+    };
+    let init = t.bin().arg("init").output().unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let db = route("xiaofuge", Layout::default()).db;
+    // The seed's form, and a later version's that names its award.
+    java_saves(&t, "880000000001", "74920280321", SEED_MESSAGE);
+    let later = r#"{"data":{"awardId":101,"awardTitle":"OpenAI 增加使用次数","orderId":"880000000002","userId":"xiaofuge"},"id":"74920280322","timestamp":1712377010878}"#;
+    java_saves(&t, "880000000002", "74920280322", later);
+
+    let url = t.url();
+    let server = crate::http::Server::start_with(
+        t.dir.path(),
+        &["--store", &url, "--scan-interval", "200ms"],
+        &[],
+    );
+    let completed = "SELECT COUNT(*) FROM task WHERE state = 'completed'";
+    assert!(
+        wait_until(Duration::from_secs(30), || t.count(db, completed) == 2),
+        "both tasks completed: {:?}",
+        t.mysql(db)
+            .query::<(String, String, Option<String>), _>(
+                "SELECT message_id, state, last_error FROM task"
+            )
+            .unwrap()
+    );
+    let (_, metrics) = server.call("GET", "/metrics", "");
+    let metrics = metrics.as_str().unwrap().to_string();
+    assert!(
+        metrics.contains("big_market_original_messages_total 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("big_market_poison_total 0\n"), "{metrics}");
+    server.stop();
+
+    // Recorded under its message id, acknowledged once, never refused or parked.
+    assert_eq!(
+        t.count(
+            db,
+            "SELECT receipts FROM delivery WHERE message_id = '74920280321' AND order_id = ''"
+        ),
+        1
+    );
+    assert_eq!(
+        t.count(
+            db,
+            "SELECT COUNT(*) FROM task WHERE state IN ('dead', 'fail') OR attempts > 0"
+        ),
+        0
+    );
+    // The later version's award was delivered exactly as ours; the seed's cannot be named.
+    let table = award_table(route("xiaofuge", Layout::default()).table);
+    assert_eq!(
+        t.text(
+            db,
+            &format!("SELECT award_state FROM {table} WHERE order_id = '880000000002'")
+        ),
+        "completed"
+    );
+    assert_eq!(
+        t.text(
+            db,
+            &format!("SELECT award_state FROM {table} WHERE order_id = '880000000001'")
+        ),
+        "create"
+    );
+
+    // The audit passes and shows the original's rows in their own columns.
+    let audit = t
+        .bin()
+        .args(["audit", "--older-than", "0s"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&audit.stdout);
+    assert!(
+        audit.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&audit.stderr)
+    );
+    let row = text
+        .lines()
+        .find(|l| l.starts_with(&big_market::router::db_name(db)))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        row.contains("completed=2") && row.contains("completed=1 create=1"),
+        "{text}"
+    );
+    let json = t.bin().args(["audit", "--json"]).output().unwrap();
+    let audits: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let a = &audits[(db - 1) as usize];
+    assert_eq!(
+        a["original_tasks"],
+        serde_json::json!({"completed": 2}),
+        "{a}"
+    );
+    assert_eq!(
+        (
+            a["tasks_without_award"].as_u64(),
+            a["awards_without_task"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{a}"
+    );
+
+    // An original task left unsent fails the audit once it is older than --older-than.
+    t.mysql(db)
+        .exec_drop(
+            JAVA_INSERT_TASK,
+            (
+                "xiaofuge",
+                "send_award",
+                "74920280323",
+                SEED_MESSAGE.replace("74920280321", "74920280323"),
+                "fail",
+            ),
+        )
+        .unwrap();
+    let audit = t
+        .bin()
+        .args(["audit", "--older-than", "0s"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        audit.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&audit.stdout)
+    );
+    let audit = t
+        .bin()
+        .args(["audit", "--older-than", "1h"])
+        .output()
+        .unwrap();
+    assert!(
+        audit.status.success(),
+        "younger than the limit: not yet a failure"
+    );
+}
+
+/// `big-market award` of `order` for xiaofuge on `store`.
+fn award_cmd(t: &TestStore, store: &str, order: &str) -> std::process::Output {
+    award_cmd_with(t, store, order, "30s")
+}
+
+/// [`award_cmd`] with `--mysql-timeout`.
+fn award_cmd_with(t: &TestStore, store: &str, order: &str, timeout: &str) -> std::process::Output {
+    t.bin()
+        .env("BIG_MARKET_STORE", store)
+        .env("BIG_MARKET_MYSQL_TIMEOUT", timeout)
+        .args([
+            "award",
+            "--user-id",
+            "xiaofuge",
+            "--activity-id",
+            "100301",
+            "--strategy-id",
+            "100006",
+            "--order-id",
+            order,
+            "--award-id",
+            "101",
+            "--award-title",
+            "OpenAI 增加使用次数",
+        ])
+        .output()
+        .unwrap()
+}
+
+/// Award records of `order` (xiaofuge's split table).
+fn awards_of_order(t: &TestStore, order: &str) -> i64 {
+    let r = route("xiaofuge", Layout::default());
+    t.count(
+        r.db,
+        &format!(
+            "SELECT COUNT(*) FROM {} WHERE order_id = '{order}'",
+            award_table(r.table)
+        ),
+    )
+}
+
+#[test]
+fn a_connection_cut_just_after_the_commit_is_sent_is_outcome_unknown_and_the_retry_is_a_duplicate()
+{
+    let Some(t) = TestStore::mariadb() else {
+        return;
+    };
+    let init = t.bin().arg("init").output().unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let proxy = Proxy::to(&t.server().addr);
+    let via = proxy.url(t.server(), t.prefix());
+
+    // `award`: the server commits, the answer never comes back.
+    proxy.cut_after("COMMIT");
+    let out = award_cmd(&t, &via, "770000000001");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "cuts={} {err}", proxy.cuts());
+    assert_eq!(proxy.cuts(), 1);
+    let line = err.lines().last().unwrap();
+    assert!(
+        line.contains("outcome unknown")
+            && line.contains("may or may not have been saved")
+            && line.contains("retry with the same orderId"),
+        "{err}"
+    );
+    assert_eq!(
+        awards_of_order(&t, "770000000001"),
+        1,
+        "the commit happened"
+    );
+    let retry = award_cmd(&t, &via, "770000000001");
+    assert_eq!(
+        retry.status.code(),
+        Some(3),
+        "the retry says duplicate: {}",
+        String::from_utf8_lossy(&retry.stderr)
+    );
+    assert_eq!(awards_of_order(&t, "770000000001"), 1, "exactly one award");
+
+    // HTTP: 503 with the same advice, then 409 on the retry; the award is delivered.
+    let server = crate::http::Server::start_with(
+        t.dir.path(),
+        &[
+            "--store",
+            &via,
+            "--stale-after",
+            "3s",
+            "--scan-interval",
+            "200ms",
+        ],
+        &[],
+    );
+    proxy.cut_after("INSERT INTO task");
+    let body = r#"{"userId":"xiaofuge","activityId":100301,"strategyId":100006,"orderId":"770000000002","awardId":101,"awardTitle":"t","awardTime":1712377010878}"#;
+    let (code, v) = server.call("POST", "/api/v1/awards", body);
+    assert_eq!(code, 503, "{v}");
+    assert!(
+        v.to_string().contains("outcome unknown")
+            && v.to_string().contains("retry with the same orderId"),
+        "{v}"
+    );
+    let (code, v) = server.call("POST", "/api/v1/awards", body);
+    assert_eq!(code, 409, "{v}");
+    assert_eq!(awards_of_order(&t, "770000000002"), 1);
+    let db = route("xiaofuge", Layout::default()).db;
+    assert!(
+        wait_until(Duration::from_secs(30), || t.awards(db, Some("completed"))
+            == 2),
+        "both committed awards delivered: {:?}",
+        t.totals()
+    );
+    server.stop();
+}
+
+#[test]
+fn a_server_that_stops_answering_costs_a_clear_error_within_the_deadline_and_nothing_committed_is_lost(
+) {
+    let Some(t) = TestStore::mariadb() else {
+        return;
+    };
+    let init = t.bin().arg("init").output().unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let proxy = Proxy::to(&t.server().addr);
+    let via = proxy.url(t.server(), t.prefix());
+    let timeout = Duration::from_secs(2);
+    let server = crate::http::Server::start_with(
+        t.dir.path(),
+        &[
+            "--store",
+            &via,
+            "--mysql-timeout",
+            "2s",
+            "--stale-after",
+            "3s",
+            "--scan-interval",
+            "200ms",
+        ],
+        &[],
+    );
+    let body = |order: &str| {
+        format!(
+            r#"{{"userId":"xiaofuge","activityId":100301,"strategyId":100006,"orderId":"{order}","awardId":101,"awardTitle":"t","awardTime":1712377010878}}"#
+        )
+    };
+    let (code, v) = server.call("POST", "/api/v1/awards", &body("660000000001"));
+    assert_eq!(code, 201, "{v}");
+
+    // Half-open: the proxy keeps every connection and forwards nothing.
+    proxy.pause();
+    let t0 = std::time::Instant::now();
+    let out = award_cmd_with(&t, &via, "660000000002", "2s");
+    let took = t0.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.lines().count() == 1
+            && err.contains("check that the MySQL server of --store is running and reachable"),
+        "{err}"
+    );
+    assert!(took < timeout * 4, "award failed after {took:?}: {err}");
+
+    let t0 = std::time::Instant::now();
+    let (code, v) = server.call("POST", "/api/v1/awards", &body("660000000003"));
+    let took = t0.elapsed();
+    assert!(code == 500 || code == 503, "{code} {v}");
+    assert!(took < timeout * 3, "the save answered after {took:?}");
+    let (code, _) = server.call("GET", "/healthz", "");
+    assert_eq!(code, 200, "healthz answers while the database does not");
+
+    // Forwarding again: saves succeed once the lanes have reconnected, and every award that
+    // was committed (the one of the unknown outcome too, if it was) is delivered.
+    proxy.resume();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let (code, _) = server.call("POST", "/api/v1/awards", &body("660000000004"));
+            code == 201 || code == 409
+        }),
+        "saves succeed again"
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let n = t.totals();
+            n.all_done() && n.awards >= 2
+        }),
+        "every committed award delivered: {:?}",
+        t.totals()
+    );
+    assert_eq!(
+        awards_of_order(&t, "660000000002"),
+        0,
+        "award wrote nothing"
+    );
+    server.stop();
+    let audit = t
+        .bin()
+        .args(["audit", "--older-than", "0s"])
+        .output()
+        .unwrap();
+    assert!(
+        audit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&audit.stdout)
+    );
+}
+
+/// Run a command to its end, at most `limit` (killed past it, and the test fails).
+fn bounded(mut cmd: std::process::Command, limit: Duration) -> std::process::Output {
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &id.to_string()])
+                .status();
+            panic!("the command did not end within {limit:?}: {cmd:?}");
+        }
+    }
+}
+
+/// Every command but `init`, as a user would first try it.
+fn commands_but_init() -> Vec<Vec<&'static str>> {
+    vec![
+        vec!["serve"],
+        vec!["load", "--records", "1"],
+        vec![
+            "award",
+            "--user-id",
+            "xiaofuge",
+            "--activity-id",
+            "1",
+            "--strategy-id",
+            "1",
+            "--order-id",
+            "1",
+            "--award-id",
+            "1",
+            "--award-title",
+            "t",
+        ],
+        vec!["status"],
+        vec!["audit"],
+    ]
+}
+
+/// The databases of the test's prefix that exist.
+fn databases_of(t: &TestStore) -> Vec<String> {
+    t.server()
+        .conn()
+        .exec(
+            "SELECT CAST(schema_name AS CHAR) FROM information_schema.schemata WHERE schema_name LIKE ?",
+            (format!("{}\\_%", t.prefix()),),
+        )
+        .unwrap()
+}
+
+#[test]
+fn only_init_creates_a_database_every_other_command_refuses_in_one_line_naming_init() {
+    let Some(t) = TestStore::mariadb() else {
+        return;
+    };
+    for args in commands_but_init() {
+        let out = bounded(
+            {
+                let mut c = t.bin();
+                c.args(&args);
+                c
+            },
+            Duration::from_secs(60),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.contains("does not exist") && last.contains("run `big-market init`"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            databases_of(&t).is_empty(),
+            "{args:?} created {:?}",
+            databases_of(&t)
+        );
+    }
+    let init = t.bin().arg("init").output().unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    assert_eq!(databases_of(&t).len(), 2);
+}
+
+#[test]
+fn the_java_services_databases_are_refused_before_init_and_their_task_table_left_as_it_is() {
+    let Some(t) = TestStore::mariadb() else {
+        return;
+    };
+    let server = t.server();
+    for db in 1..=2 {
+        server
+            .conn()
+            .query_drop(format!("CREATE DATABASE `{}_{db:02}`", t.prefix()))
+            .unwrap();
+        t.exec(db, ORIGINAL_TASK);
+        for tb in 0..4 {
+            t.exec(db, &format!("CREATE TABLE user_award_record_{tb:03} (id int unsigned NOT NULL AUTO_INCREMENT, user_id varchar(32) NOT NULL, activity_id bigint NOT NULL, strategy_id bigint NOT NULL, order_id varchar(12) NOT NULL, award_id int NOT NULL, award_title varchar(128) NOT NULL, award_time datetime NOT NULL, award_state varchar(16) NOT NULL DEFAULT 'create', create_time datetime NOT NULL DEFAULT CURRENT_TIMESTAMP, update_time datetime NOT NULL DEFAULT CURRENT_TIMESTAMP, PRIMARY KEY (id), UNIQUE KEY uq_order_id (order_id), KEY idx_user_id (user_id), KEY idx_activity_id (activity_id), KEY idx_strategy_id (strategy_id)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"));
+        }
+    }
+    let shape = |t: &TestStore| -> Vec<(String, String)> {
+        (1..=2)
+            .flat_map(|db| {
+                let mut c = t.mysql(db);
+                let task: (String, String) = c.query_first("SHOW CREATE TABLE task").unwrap().unwrap();
+                let tables: Vec<String> = c
+                    .query("SELECT CAST(table_name AS CHAR) FROM information_schema.tables WHERE table_schema = DATABASE() ORDER BY 1")
+                    .unwrap();
+                [task, ("tables".into(), tables.join(","))]
+            })
+            .collect()
+    };
+    let before = shape(&t);
+    for args in commands_but_init() {
+        let out = bounded(
+            {
+                let mut c = t.bin();
+                c.args(&args);
+                c
+            },
+            Duration::from_secs(60),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.lines()
+                .last()
+                .unwrap_or_default()
+                .contains("run `big-market init`"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(
+            shape(&t),
+            before,
+            "{args:?} changed the Java service's tables"
+        );
+    }
+    let init = t.bin().arg("init").output().unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    assert_ne!(
+        shape(&t),
+        before,
+        "init adds big-market's columns and tables"
+    );
+}
+
+#[test]
+fn a_topic_the_task_column_cannot_hold_is_refused_at_start_before_anything_is_opened() {
+    let Some(t) = TestStore::mariadb() else {
+        return;
+    };
+    let topic = "t".repeat(33);
+    for args in [vec!["init"], vec!["serve"], vec!["status"]] {
+        let out = bounded(
+            {
+                let mut c = t.bin();
+                c.args(["--topic", &topic]).args(&args);
+                c
+            },
+            Duration::from_secs(60),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.lines().count() == 1 && err.contains("holds 32"),
+            "{args:?}: {err}"
+        );
+        assert!(databases_of(&t).is_empty(), "nothing was opened or created");
+    }
+}
+
+#[test]
+fn a_delivery_the_database_refuses_for_its_data_is_poison_and_its_task_is_parked_dead_with_why() {
+    let Some(mut t) = TestStore::mariadb() else {
+        return;
+    };
+    t.settings.retry.max_attempts = 1;
+    drop(Store::open(&t.settings, true).unwrap());
+    // The Java service's award and task, whose message id (12 digits) is wider than the
+    // delivery log's message_id varchar(11): the delivery can never be recorded.
+    let wide = r#"{"data":{"awardId":101,"awardTitle":"t","orderId":"880000000009","userId":"xiaofuge"},"id":"749202803999","timestamp":1712377010878}"#;
+    java_saves(&t, "880000000009", "74920280399", wide);
+    let store = std::sync::Arc::new(Store::open(&t.settings, false).unwrap());
+    let consumer = big_market::consumer::AwardConsumer::new(store, Default::default());
+    let fine = r#"{"data":{"awardId":101,"awardTitle":"t","orderId":"880000000008","userId":"xiaofuge"},"id":"74920280398","timestamp":1712377010878}"#;
+    java_saves(&t, "880000000008", "74920280398", fine);
+    use big_market::transport::Handler;
+    let outcomes = consumer.handle_batch(&[wide.as_bytes(), fine.as_bytes()]);
+    match &outcomes[0] {
+        big_market::transport::Handled::Reject(why) => {
+            assert!(
+                why.contains("refuses to record message 749202803999"),
+                "{why}"
+            )
+        }
+        other => panic!("expected the wide message refused as poison, got {other:?}"),
+    }
+    assert_eq!(
+        outcomes[1],
+        big_market::transport::Handled::Ack,
+        "the other message of the batch is delivered"
+    );
+    drop(consumer);
+
+    // End to end in-process: the scan publishes the task, the consumer refuses its message,
+    // and the task is parked dead with the reason.
+    let app = t.start();
+    let db = route("xiaofuge", Layout::default()).db;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let _ = app.service().scan_once();
+            app.count(
+                db,
+                "SELECT COUNT(*) FROM task WHERE message_id = '74920280399' AND state = 'dead'",
+            ) == 1
+        }),
+        "the task was not parked dead"
+    );
+    let why = app.text(
+        db,
+        "SELECT last_error FROM task WHERE message_id = '74920280399'",
+    );
+    assert!(why.contains("refuses to record message"), "{why}");
+    app.shutdown();
+}
+
+#[test]
+fn on_rabbitmq_the_seeds_own_message_is_acknowledged_and_never_dead_lettered() {
+    let _g = crate::amqp::serial();
+    let Some(mut t) = TestStore::mariadb() else {
+        return;
+    };
+    let Some(amqp) = amqp_url() else {
+        return;
+    };
+    t.settings.amqp_url = Some(big_market::config::AmqpUrl::parse(amqp).unwrap());
+    t.settings.topic = format!(
+        "send_award_test_{}",
+        big_market::util::Rng::new().digits(10)
+    );
+    let init = t.bin().arg("init").output().unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    java_saves(&t, "880000000011", "74920280321", SEED_MESSAGE);
+    let db = route("xiaofuge", Layout::default()).db;
+    let url = t.url();
+    let topic = t.settings.topic.clone();
+    let server = crate::http::Server::start_with(
+        t.dir.path(),
+        &[
+            "--store",
+            &url,
+            "--amqp-url",
+            amqp,
+            "--topic",
+            &topic,
+            "--scan-interval",
+            "200ms",
+        ],
+        &[],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            t.count(
+            db,
+            "SELECT receipts FROM delivery WHERE message_id = '74920280321'"
+        ) == 1
+            && t.count(
+                db,
+                "SELECT COUNT(*) FROM task WHERE message_id = '74920280321' AND state = 'completed'"
+            ) == 1
+        }),
+        "the seed's message was not consumed and its task completed"
+    );
+    let (_, metrics) = server.call("GET", "/metrics", "");
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("big_market_original_messages_total 1\n"),
+        "{metrics}"
+    );
+    server.stop();
+    let out = t
+        .bin()
+        .args([
+            "--amqp-url",
+            amqp,
+            "--topic",
+            &topic,
+            "dlq",
+            "list",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let letters: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(letters, serde_json::json!([]), "nothing was dead-lettered");
+}
+
+#[test]
+fn serve_stops_within_its_deadlines_while_the_server_does_not_answer() {
+    let Some(t) = TestStore::mariadb() else {
+        return;
+    };
+    let init = t.bin().arg("init").output().unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let proxy = Proxy::to(&t.server().addr);
+    let via = proxy.url(t.server(), t.prefix());
+    let args = [
+        "--store",
+        &via,
+        "--mysql-timeout",
+        "2s",
+        "--stale-after",
+        "3s",
+        "--scan-interval",
+        "200ms",
+    ];
+    let server = crate::http::Server::start_with(t.dir.path(), &args, &[]);
+    let body = r#"{"userId":"xiaofuge","activityId":100301,"strategyId":100006,"orderId":"650000000001","awardId":101,"awardTitle":"t","awardTime":1712377010878}"#;
+    assert_eq!(server.call("POST", "/api/v1/awards", body).0, 201);
+    proxy.pause();
+    let body = body.replace("650000000001", "650000000002");
+    let (code, _) = server.call("POST", "/api/v1/awards", &body);
+    assert!(code == 500 || code == 503, "{code}");
+    let took = server.stop();
+    assert!(
+        took < Duration::from_secs(30),
+        "serve took {took:?} to stop"
+    );
+    proxy.resume();
+    // What was committed is delivered by the next serve.
+    let server = crate::http::Server::start_with(t.dir.path(), &args, &[]);
+    assert!(
+        wait_until(Duration::from_secs(30), || t.totals().all_done()),
+        "{:?}",
+        t.totals()
+    );
+    server.stop();
 }

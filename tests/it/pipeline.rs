@@ -23,7 +23,7 @@ fn a_saved_award_is_committed_published_and_delivered(kind: Kind) {
         big_market::model::TaskState::Completed
     );
     assert_eq!(saved.db, 1, "xiaofuge routes to big_market_01");
-    assert_eq!(saved.message_id.as_str(), "01000000001");
+    assert_eq!(saved.message_id.as_str(), "b0100000001");
     assert_eq!(faulty.forwarded(), 1);
     let t = app.shutdown();
 
@@ -32,7 +32,7 @@ fn a_saved_award_is_committed_published_and_delivered(kind: Kind) {
     assert_eq!(
         t.count(
             c,
-            "SELECT COUNT(*) FROM task WHERE state = 'completed' AND message_id = '01000000001'"
+            "SELECT COUNT(*) FROM task WHERE state = 'completed' AND message_id = 'b0100000001'"
         ),
         1
     );
@@ -250,7 +250,7 @@ fn a_redelivered_message_changes_nothing_and_concurrent_duplicates_deliver_once(
     assert_eq!(
         app.count(
             c,
-            "SELECT receipts FROM delivery WHERE message_id = '01000000001'"
+            "SELECT receipts FROM delivery WHERE message_id = 'b0100000001'"
         ),
         8
     );
@@ -379,7 +379,58 @@ fn save_awards_commits_a_batch_across_shards_and_a_duplicate_fails_alone(kind: K
     assert_eq!(app.shutdown().totals(), Totals::done(4));
 }
 
+fn a_shard_at_the_end_of_its_message_id_range_refuses_the_next_save_clearly_and_writes_nothing(
+    kind: Kind,
+) {
+    use big_market::model::MessageId;
+    let app = TestApp::spawn(kind);
+    let db = big_market::router::route("xiaofuge", big_market::router::Layout::default()).db;
+    // One number left: the last of the range.
+    app.exec(
+        db,
+        &format!(
+            "UPDATE shard_meta SET next_seq = {} WHERE id = 1",
+            MessageId::MAX_SEQ
+        ),
+    );
+    let service = app.service();
+    // Two awards in one group: the first takes the last number, the second is refused.
+    let results = service.save_awards(vec![
+        award("xiaofuge", "310000000001"),
+        award("xiaofuge", "310000000002"),
+    ]);
+    let last = results[0].as_ref().expect("the last number is used");
+    assert_eq!(last.message_id.as_str(), "b01zzzzzzzz");
+    let refused = results[1].as_ref().expect_err("past the range");
+    let line = refused.to_string();
+    assert!(
+        line.contains("has used every message id")
+            && line.contains("nothing of this award was written")
+            && !line.contains('\n'),
+        "{line}"
+    );
+    assert_eq!(refused.exit_code(), 2);
+    // And so is the next save alone; nothing of either refusal is in the shard.
+    assert!(service
+        .save_award(award("xiaofuge", "310000000003"))
+        .is_err());
+    app.settle();
+    let counts = app.totals();
+    assert_eq!((counts.awards, counts.tasks), (1, 1), "{counts:?}");
+    assert_eq!(
+        app.count(db, "SELECT next_seq - 1 FROM shard_meta WHERE id = 1"),
+        MessageId::MAX_SEQ as i64,
+        "no number was taken past the range"
+    );
+    // Another shard goes on.
+    service
+        .save_award(award("user001", "310000000004"))
+        .unwrap();
+    app.shutdown();
+}
+
 crate::on_both_backends!(
+    a_shard_at_the_end_of_its_message_id_range_refuses_the_next_save_clearly_and_writes_nothing,
     a_saved_award_is_committed_published_and_delivered,
     a_repeated_order_id_is_refused_and_writes_nothing,
     a_failure_between_the_two_inserts_leaves_neither,

@@ -668,6 +668,10 @@ impl TestStore {
 
     /// A service on these shards and the given transport.
     pub fn start_with(self, transport: Arc<dyn Transport>, parts: Parts) -> TestApp {
+        if self.kind == Kind::Mariadb {
+            // As `big-market init` does: only it creates MySQL databases.
+            drop(big_market::store::Store::open(&self.settings, true).unwrap());
+        }
         let service = Service::start(self.settings.clone(), transport, parts).unwrap();
         TestApp {
             service: Some(service),
@@ -832,4 +836,214 @@ pub fn thread_names(pid: u32) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A loopback TCP proxy in front of MariaDB, for tests of a network that misbehaves. It
+/// forwards both ways until told otherwise:
+/// - [`Proxy::pause`] stops forwarding without closing anything (a half-open peer: a paused
+///   server, a NAT that lost its state); what arrives meanwhile is held and forwarded on
+///   [`Proxy::resume`];
+/// - [`Proxy::cut_after`] arms a cut: the next chunk a client sends that contains the word
+///   (`COMMIT`, not `COMMITTED`) is forwarded, the server's answer to it is swallowed, and both
+///   sides of that connection are closed, so the server has run the statement and the client
+///   never hears of it.
+pub struct Proxy {
+    pub port: u16,
+    state: Arc<ProxyState>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    paused: std::sync::Mutex<bool>,
+    resumed: std::sync::Condvar,
+    stop: std::sync::atomic::AtomicBool,
+    cut_word: std::sync::Mutex<Option<Vec<u8>>>,
+    cuts: std::sync::atomic::AtomicUsize,
+    sockets: std::sync::Mutex<Vec<std::net::TcpStream>>,
+    pumps: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl ProxyState {
+    fn stopped(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Block while paused (bounded slices, so that a stopping proxy is noticed).
+    fn wait_forwarding(&self) {
+        let mut paused = self.paused.lock().unwrap();
+        while *paused && !self.stopped() {
+            paused = self
+                .resumed
+                .wait_timeout(paused, Duration::from_millis(100))
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Whether `chunk` holds the armed word as a whole word; disarms it if so.
+    fn take_cut(&self, chunk: &[u8]) -> bool {
+        let mut word = self.cut_word.lock().unwrap();
+        let hit = word.as_deref().is_some_and(|w| {
+            chunk.windows(w.len()).enumerate().any(|(i, win)| {
+                win == w
+                    && chunk
+                        .get(i + w.len())
+                        .is_none_or(|b| !b.is_ascii_alphanumeric())
+            })
+        });
+        if hit {
+            *word = None;
+        }
+        hit
+    }
+}
+
+impl Proxy {
+    /// A proxy on a free loopback port in front of `target` (a loopback address).
+    pub fn to(target: &str) -> Proxy {
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(ProxyState::default());
+        let target = target.to_string();
+        let st = state.clone();
+        let accept = std::thread::Builder::new()
+            .name("proxy-accept".into())
+            .spawn(move || {
+                for client in listener.incoming() {
+                    if st.stopped() {
+                        break;
+                    }
+                    let Ok(client) = client else { continue };
+                    let Ok(server) = TcpStream::connect(&target) else {
+                        continue;
+                    };
+                    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    {
+                        let mut sockets = st.sockets.lock().unwrap();
+                        sockets.push(client.try_clone().unwrap());
+                        sockets.push(server.try_clone().unwrap());
+                    }
+                    let up = Proxy::pump(&st, &client, &server, &cut, true);
+                    let down = Proxy::pump(&st, &server, &client, &cut, false);
+                    st.pumps.lock().unwrap().extend([up, down]);
+                }
+            })
+            .unwrap();
+        Proxy {
+            port,
+            state,
+            accept: Some(accept),
+        }
+    }
+
+    /// Copy `from` to `to` on a thread; `upstream`: from the client to the server.
+    fn pump(
+        st: &Arc<ProxyState>,
+        from: &std::net::TcpStream,
+        to: &std::net::TcpStream,
+        cut: &Arc<std::sync::atomic::AtomicBool>,
+        upstream: bool,
+    ) -> std::thread::JoinHandle<()> {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering::SeqCst;
+        let (st, cut) = (st.clone(), cut.clone());
+        let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+        from.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        std::thread::Builder::new()
+            .name(if upstream { "proxy-up" } else { "proxy-down" }.into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                let close = |a: &std::net::TcpStream, b: &std::net::TcpStream| {
+                    let _ = a.shutdown(std::net::Shutdown::Both);
+                    let _ = b.shutdown(std::net::Shutdown::Both);
+                };
+                while !st.stopped() {
+                    let n = match from.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) =>
+                        {
+                            continue
+                        }
+                        Err(_) => break,
+                    };
+                    st.wait_forwarding();
+                    if !upstream && cut.load(SeqCst) {
+                        // The server's answer to the cut statement: the client never sees it.
+                        close(&from, &to);
+                        break;
+                    }
+                    let chunk = &buf[..n];
+                    if upstream && st.take_cut(chunk) {
+                        st.cuts.fetch_add(1, SeqCst);
+                        cut.store(true, SeqCst);
+                    }
+                    if to.write_all(chunk).is_err() {
+                        break;
+                    }
+                }
+                close(&from, &to);
+            })
+            .unwrap()
+    }
+
+    /// A `--store` URL for databases `prefix_NN` of `server` through this proxy (TCP only: the
+    /// driver would otherwise move to the server's Unix socket, around the proxy).
+    pub fn url(&self, server: &MysqlServer, prefix: &str) -> String {
+        let mut url = url::Url::parse(&server.url).expect("a checked URL");
+        url.set_host(Some("127.0.0.1")).expect("a host");
+        url.set_port(Some(self.port)).expect("a port");
+        url.set_path(prefix);
+        url.set_query(Some("prefer_socket=false"));
+        url.to_string()
+    }
+
+    /// Stop forwarding, keeping every connection open.
+    pub fn pause(&self) {
+        *self.state.paused.lock().unwrap() = true;
+    }
+
+    /// Forward again, what was held first.
+    pub fn resume(&self) {
+        *self.state.paused.lock().unwrap() = false;
+        self.state.resumed.notify_all();
+    }
+
+    /// Cut the connection whose client next sends `word`, once the server has it.
+    pub fn cut_after(&self, word: &str) {
+        *self.state.cut_word.lock().unwrap() = Some(word.as_bytes().to_vec());
+    }
+
+    /// Connections cut so far.
+    pub fn cuts(&self) -> usize {
+        self.state.cuts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state
+            .stop
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.resume();
+        for s in self.state.sockets.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        // Wake the accept loop, which then sees the stop.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+        let pumps: Vec<_> = self.state.pumps.lock().unwrap().drain(..).collect();
+        for h in pumps {
+            let _ = h.join();
+        }
+    }
 }

@@ -2,11 +2,11 @@
 //! scripts where the group allows and op by op under savepoints where it must; deadlocks
 //! retried.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use mysql::prelude::Queryable;
-use mysql::{Pool, PooledConn};
 
 use super::{lane_of, sql};
 use crate::error::{Error, Result};
@@ -17,13 +17,16 @@ use crate::store::Batch;
 /// Times a group is run again after the server broke a deadlock by rolling it back.
 const DEADLOCK_RETRIES: usize = 3;
 
-/// The writes of one database, on the writer thread's own connection (taken again from the
-/// pool after the server dropped it).
+/// The writes of one database, on the writer thread's own connection (opened again after the
+/// server dropped it).
 pub(super) struct MysqlBatch {
     pub(super) db: u32,
     pub(super) shown: String,
-    pub(super) pool: Pool,
-    pub(super) conn: Option<PooledConn>,
+    /// How the lane connects, and connects again after its connection was lost. A lane owns
+    /// its connection (not the pool's: a pooled connection given back is reset, one more
+    /// round trip to a server that may not answer).
+    pub(super) opts: mysql::Opts,
+    pub(super) conn: Option<mysql::Conn>,
     /// Multi-row inserts get consecutive auto-increment ids (InnoDB lock mode 0 or 1).
     pub(super) consecutive_ids: bool,
     /// How long the lane gathers ops before a group smaller than the maximum.
@@ -36,6 +39,9 @@ enum GroupError {
     Deadlock(mysql::Error),
     /// Anything else: every op of the group fails with it.
     Failed(mysql::Error),
+    /// The connection failed during the round trip that carried the `COMMIT`: the group may or
+    /// may not have been committed.
+    Unknown(mysql::Error),
 }
 
 impl From<mysql::Error> for GroupError {
@@ -71,13 +77,16 @@ impl Batch for MysqlBatch {
         for _ in 0..=DEADLOCK_RETRIES {
             let mut conn = match self.conn.take() {
                 Some(c) => c,
-                None => match self.pool.get_conn() {
-                    Ok(c) => c,
+                None => match mysql::Conn::new(self.opts.clone()) {
+                    Ok(c) => {
+                        log::info!("reconnected lane to {}", self.shown);
+                        c
+                    }
                     Err(e) => return self.fail_all(ops, &e),
                 },
             };
             let started = std::time::Instant::now();
-            let outcome = run_group(self.db, conn.as_mut(), ops, self.consecutive_ids);
+            let outcome = run_group(self.db, &mut conn, ops, self.consecutive_ids);
             log::trace!(
                 "group db={:02} lane={} ops={} ok={} us={}",
                 self.db,
@@ -94,8 +103,14 @@ impl Batch for MysqlBatch {
                 Err(failure) => failure,
             };
             // Whatever the failure left open is not kept; a connection that cannot even roll
-            // back, or that failed mid-group, is not used again.
-            let usable = conn.query_drop("ROLLBACK").is_ok();
+            // back, or that failed mid-group, is not used again (a lost one is not asked to
+            // roll back: that would be one more wait on a server that does not answer).
+            let lost = match &failure {
+                GroupError::Deadlock(e) | GroupError::Failed(e) | GroupError::Unknown(e) => {
+                    e.is_connectivity_error()
+                }
+            };
+            let usable = !lost && conn.query_drop("ROLLBACK").is_ok();
             match failure {
                 GroupError::Deadlock(e) if usable => {
                     log::debug!(
@@ -110,6 +125,25 @@ impl Batch for MysqlBatch {
                         self.conn = Some(conn);
                     }
                     return self.fail_all(ops, &e);
+                }
+                GroupError::Unknown(e) => {
+                    log::warn!(
+                        "the connection to {} was lost after a commit was sent: {} writes may or may not have been kept ({e})",
+                        self.shown,
+                        ops.len()
+                    );
+                    return ops
+                        .iter()
+                        .map(|_| {
+                            Err(Error::OutcomeUnknown {
+                                context: format!(
+                                    "writing to {} (the connection was lost after the commit was sent)",
+                                    self.shown
+                                ),
+                                source: copy_err(&e).into(),
+                            })
+                        })
+                        .collect();
                 }
             }
         }
@@ -140,13 +174,16 @@ fn copy_err(e: &mysql::Error) -> mysql::Error {
 }
 
 /// What a group's multi-row statements need to know.
-struct GroupCtx {
+struct GroupCtx<'a> {
     db: u32,
     /// The session has `NO_BACKSLASH_ESCAPES`.
     nbe: bool,
     frame: sql::Frame,
     /// Multi-row inserts get consecutive auto-increment ids.
     consecutive_ids: bool,
+    /// Set just before the round trip that carries the group's `COMMIT` is sent: a connection
+    /// lost from then on leaves the outcome unknown.
+    commit_sent: &'a Cell<bool>,
 }
 
 /// Run one group in one transaction. `Ok` holds one result per op (some may be the op's own
@@ -156,17 +193,37 @@ struct GroupCtx {
 /// transaction, whose two scripts begin and commit it, two round trips in all ([`run_alone`]).
 /// Otherwise, or when the server refuses a multi-row statement for its data, the group runs in
 /// an explicit transaction ([`run_mixed`]).
+///
+/// A connection lost (no answer from the server, rather than its refusal) once the round trip
+/// carrying the `COMMIT` was sent is [`GroupError::Unknown`]: the server may have committed.
 fn run_group(
     db: u32,
     conn: &mut mysql::Conn,
     ops: &[&Op],
     consecutive_ids: bool,
 ) -> std::result::Result<Vec<Result<Reply>>, GroupError> {
+    let commit_sent = Cell::new(false);
+    match run_group_with(db, conn, ops, consecutive_ids, &commit_sent) {
+        Err(GroupError::Failed(e)) if commit_sent.get() && server_code(&e).is_none() => {
+            Err(GroupError::Unknown(e))
+        }
+        other => other,
+    }
+}
+
+fn run_group_with(
+    db: u32,
+    conn: &mut mysql::Conn,
+    ops: &[&Op],
+    consecutive_ids: bool,
+    commit_sent: &Cell<bool>,
+) -> std::result::Result<Vec<Result<Reply>>, GroupError> {
     let ctx = |frame| GroupCtx {
         db,
         nbe: conn.no_backslash_escape(),
         frame,
         consecutive_ids,
+        commit_sent,
     };
     let (as_tx, in_tx) = (ctx(sql::Frame::Transaction), ctx(sql::Frame::Savepoint));
     let together_ok = match one_kind(ops) {
@@ -212,8 +269,9 @@ fn run_alone(
     match run(conn, as_tx, ops) {
         Ok(Some(replies)) => Ok(Alone::Done(replies)),
         Ok(None) => Ok(Alone::Mixed { together_ok: true }),
-        Err(e) => {
-            // The server stopped at the failing statement, before the COMMIT.
+        Err(e) if server_code(&e).is_some() => {
+            // The server refused a statement and stopped there, before the COMMIT.
+            as_tx.commit_sent.set(false);
             conn.query_drop("ROLLBACK")?;
             if !refused_for_data(&e) {
                 return Err(e.into());
@@ -221,6 +279,7 @@ fn run_alone(
             log::debug!("multi-row statement refused ({e}); running the group's ops one by one");
             Ok(Alone::Mixed { together_ok: false })
         }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -258,6 +317,7 @@ fn run_mixed(
         }
     }
     crate::crash::hit(crate::crash::Point::MidGroupCommit);
+    in_tx.commit_sent.set(true);
     conn.query_drop("COMMIT")?;
     Ok(results
         .into_iter()
@@ -337,13 +397,28 @@ fn one_op(
         }
         Err(OpError::Server(e)) if refused_for_data(&e) => {
             tx.query_drop("ROLLBACK TO SAVEPOINT one")?;
-            Ok(Err(Error::storage(
-                format!("writing to shard big_market_{db:02}"),
-                e,
-            )))
+            Ok(Err(match op {
+                // A message whose values the database can never hold: no retry will change
+                // that, so it is set aside as poison (dead-lettered, or its task parked dead).
+                Op::Deliver { msg, .. } if is_data_refusal(&e) => Error::Poison(format!(
+                    "big_market_{db:02} refuses to record message {} for its data: {e}",
+                    msg.id
+                )),
+                _ => Error::storage(format!("writing to shard big_market_{db:02}"), e),
+            }))
         }
         Err(OpError::Server(e)) => Err(e.into()),
     }
+}
+
+/// Whether the server refused a statement for the values it carries (too long, out of range,
+/// not valid in the column's character set, NULL, a constraint): the same values are refused
+/// every time. Not a full disk, a lock or a lost connection.
+fn is_data_refusal(e: &mysql::Error) -> bool {
+    matches!(
+        server_code(e),
+        Some(1048 | 1062 | 1264 | 1265 | 1292 | 1366 | 1406 | 1451 | 1452 | 3819 | 4025)
+    )
 }
 
 enum OpError {
@@ -471,6 +546,15 @@ fn insert_save_group(
     }
     // Round trip 1: the frame and the sequence numbers (the messages carry them).
     let first = sql::group_take_seqs(tx, ctx.nbe, ctx.frame, args.len() as u64)?;
+    if !MessageId::fits(first + args.len() as u64 - 1) {
+        // Past the message id range: give the numbers back, and let the ops run one by one,
+        // so that those that fit are saved and the rest refused.
+        tx.query_drop(match ctx.frame {
+            sql::Frame::Transaction => "ROLLBACK",
+            sql::Frame::Savepoint => "ROLLBACK TO SAVEPOINT together",
+        })?;
+        return Ok(None);
+    }
     let mut by_table: BTreeMap<&str, Vec<sql::NewAward<'_>>> = BTreeMap::new();
     for a in &args {
         by_table
@@ -485,6 +569,7 @@ fn insert_save_group(
     // transaction).
     if ctx.frame == sql::Frame::Transaction {
         crate::crash::hit(crate::crash::Point::MidGroupCommit);
+        ctx.commit_sent.set(true);
     }
     let ids = sql::group_insert(
         tx,
@@ -533,6 +618,7 @@ fn deliver_all(
             return Ok(None);
         }
         crate::crash::hit(crate::crash::Point::MidGroupCommit);
+        ctx.commit_sent.set(true);
         let counts = sql::group_marks(tx, ctx.nbe, &marks)?;
         return Ok(Some(
             counts.into_iter().map(|n| Ok(Reply::Count(n))).collect(),
@@ -540,7 +626,9 @@ fn deliver_all(
     }
     let mut by_table: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for (m, table, _) in &msgs {
-        by_table.entry(table).or_default().push(&m.data.order_id);
+        if let Some(order) = m.order_id() {
+            by_table.entry(table).or_default().push(order);
+        }
     }
     let ids: Vec<&str> = msgs.iter().map(|(m, _, _)| m.id.as_str()).collect();
     let (found, logged) = sql::group_lookup(tx, ctx.nbe, ctx.frame, &by_table, &ids)?;
@@ -553,15 +641,24 @@ fn deliver_all(
     let mut complete: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for (m, table, _) in &msgs {
         let d = &m.data;
-        let key = (table.to_string(), d.order_id.clone(), d.user_id.clone());
-        if !owners.contains(&key) {
-            results.push(Err(poison(m, table, db)));
-            continue;
+        let order = m.order_id();
+        if let Some(order) = order {
+            let key = (table.to_string(), order.to_string(), d.user_id.clone());
+            if !owners.contains(&key) {
+                results.push(Err(poison(m, table, db)));
+                continue;
+            }
         }
         if logged.insert(m.id.clone()) {
-            firsts.push((&m.id, m.seq.unwrap_or(0), &d.order_id));
-            complete.entry(table).or_default().push(&d.order_id);
-            results.push(Ok(Reply::Delivered(Delivered::First)));
+            firsts.push((&m.id, m.seq.unwrap_or(0), order.unwrap_or("")));
+            match order {
+                Some(order) => {
+                    complete.entry(table).or_default().push(order);
+                    results.push(Ok(Reply::Delivered(Delivered::First)));
+                }
+                // The original's form names no award: logged, nothing to deliver.
+                None => results.push(Ok(Reply::Delivered(Delivered::Recorded))),
+            }
         } else {
             again.push(&m.id);
             results.push(Ok(Reply::Delivered(Delivered::Again)));
@@ -569,6 +666,7 @@ fn deliver_all(
     }
     if ctx.frame == sql::Frame::Transaction {
         crate::crash::hit(crate::crash::Point::MidGroupCommit);
+        ctx.commit_sent.set(true);
     }
     let counts = sql::group_deliver(
         tx, ctx.nbe, ctx.frame, &firsts, &again, &complete, &marks, now_ms,
@@ -589,7 +687,9 @@ fn deliver_all(
 fn poison(m: &EventMessage, table: &str, db: u32) -> Error {
     Error::Poison(format!(
         "message {} names user {} order {}, which has no award record in big_market_{db:02}.{table}",
-        m.id, m.data.user_id, m.data.order_id
+        m.id,
+        m.data.user_id,
+        m.order_id().unwrap_or("-")
     ))
 }
 
@@ -610,6 +710,12 @@ fn apply(tx: &mut mysql::Conn, db: u32, op: &Op) -> std::result::Result<Reply, O
                 });
             }
             let seq = sql::take_seqs(tx, 1)?;
+            if !MessageId::fits(seq) {
+                // The op's savepoint rolls the award and the sequence number back.
+                return Err(OpError::Op(MessageId::exhausted(&format!(
+                    "shard big_market_{db:02}"
+                ))));
+            }
             let one = [a];
             let numbered = Numbered::new(db, &one, seq);
             let ids = sql::insert_tasks(tx, &numbered.task_rows(), one[0].now_ms)?;
@@ -670,16 +776,27 @@ fn apply(tx: &mut mysql::Conn, db: u32, op: &Op) -> std::result::Result<Reply, O
         Op::Release { owner, now_ms } => Ok(Reply::Count(sql::release_claims(tx, owner, *now_ms)?)),
         Op::Deliver { msg, table, now_ms } => {
             let d = &msg.data;
-            if !sql::award_exists(tx, table, &d.user_id, &d.order_id)? {
-                return Err(OpError::Op(poison(msg, table, db)));
+            let order = msg.order_id();
+            if let Some(order) = order {
+                if !sql::award_exists(tx, table, &d.user_id, order)? {
+                    return Err(OpError::Op(poison(msg, table, db)));
+                }
             }
-            let first =
-                sql::record_delivery(tx, &msg.id, msg.seq.unwrap_or(0), &d.order_id, *now_ms)?;
-            if !first {
-                return Ok(Reply::Delivered(Delivered::Again));
+            let first = sql::record_delivery(
+                tx,
+                &msg.id,
+                msg.seq.unwrap_or(0),
+                order.unwrap_or(""),
+                *now_ms,
+            )?;
+            match (first, order) {
+                (false, _) => Ok(Reply::Delivered(Delivered::Again)),
+                (true, None) => Ok(Reply::Delivered(Delivered::Recorded)),
+                (true, Some(order)) => {
+                    sql::complete_awards(tx, table, &[order], *now_ms)?;
+                    Ok(Reply::Delivered(Delivered::First))
+                }
             }
-            sql::complete_awards(tx, table, &[&d.order_id], *now_ms)?;
-            Ok(Reply::Delivered(Delivered::First))
         }
         Op::Requeue {
             message_id,

@@ -115,28 +115,47 @@ pub(crate) fn opts(d: &MysqlDatabase) -> Result<mysql::Opts> {
     })
 }
 
-/// A pool of sessions in READ COMMITTED (no gap locks between processes' claims and inserts),
-/// utf8mb4 (the scripts' literals are escaped for it), that wait at most `busy` for a row lock
-/// another process holds (as SQLite's busy timeout), at least a second.
-fn pool(d: &MysqlDatabase, with_db: bool, max: usize, busy: Duration) -> Result<Pool> {
+/// The options of every connection to `d`: sessions in READ COMMITTED (no gap locks between
+/// processes' claims and inserts), utf8mb4 (the scripts' literals are escaped for it), that
+/// wait at most [`Settings::mysql_lock_wait`] for a row lock another process holds (as SQLite's
+/// busy timeout); and deadlines on every round trip (`--mysql-timeout`): connect, read and
+/// write timeouts, TCP keepalive probes that find a dead peer within about the same time, and
+/// `TCP_USER_TIMEOUT` (data unacknowledged that long closes the connection).
+fn conn_opts(d: &MysqlDatabase, with_db: bool, settings: &Settings) -> Result<mysql::OptsBuilder> {
+    let t = settings.mysql_timeout;
+    let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+    // Keepalive: the first probe after a third of the deadline idle, then three probes a
+    // ninth apart: a peer gone silent is found within about two thirds of the deadline.
+    let probe = (t / 9).as_secs().max(1) as u32;
     let mut b = mysql::OptsBuilder::from_opts(opts(d)?)
-        .tcp_connect_timeout(Some(Duration::from_secs(10)))
+        .tcp_connect_timeout(Some(t.min(Duration::from_secs(10))))
+        .read_timeout(Some(t))
+        .write_timeout(Some(t))
+        .tcp_keepalive_time_ms(Some(ms(t / 3).max(1000)))
+        .tcp_keepalive_probe_interval_secs(Some(probe))
+        .tcp_keepalive_probe_count(Some(3))
+        .tcp_user_timeout_ms(Some(ms(t)))
         .stmt_cache_size(Some(512))
         .init(vec![
             "SET NAMES utf8mb4".to_string(),
             "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED".to_string(),
             format!(
                 "SET SESSION innodb_lock_wait_timeout = {}",
-                busy.as_secs().clamp(1, 3600)
+                settings.mysql_lock_wait().as_secs()
             ),
-        ])
-        .pool_opts(
-            mysql::PoolOpts::default()
-                .with_constraints(mysql::PoolConstraints::new(1, max).expect("1 <= max")),
-        );
+        ]);
     if !with_db {
         b = b.db_name(None::<String>);
     }
+    Ok(b)
+}
+
+/// A pool of connections to `d` (see [`conn_opts`]), at most `max`.
+fn pool(d: &MysqlDatabase, with_db: bool, max: usize, settings: &Settings) -> Result<Pool> {
+    let b = conn_opts(d, with_db, settings)?.pool_opts(
+        mysql::PoolOpts::default()
+            .with_constraints(mysql::PoolConstraints::new(1, max).expect("1 <= max")),
+    );
     Pool::new(b).map_err(|e| Error::storage(format!("connecting to {}", d.shown), e))
 }
 
@@ -157,7 +176,7 @@ struct Plan {
 
 fn check(settings: &Settings, db: u32, d: &MysqlDatabase, create: bool) -> Result<Plan> {
     let ctx = |what: &str| format!("{what} {}", d.shown);
-    let server = pool(d, false, 1, settings.busy_timeout)?;
+    let server = pool(d, false, 1, settings)?;
     let mut conn = server
         .get_conn()
         .map_err(|e| Error::storage(ctx("connecting to"), e))?;
@@ -311,7 +330,7 @@ fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, plan: Plan) -> Resu
     let layout = settings.layout;
     let missing = plan.missing;
     if missing == Missing::Database {
-        let server = pool(d, false, 1, settings.busy_timeout)?;
+        let server = pool(d, false, 1, settings)?;
         let mut conn = server
             .get_conn()
             .map_err(|e| Error::storage(ctx("connecting to"), e))?;
@@ -321,7 +340,7 @@ fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, plan: Plan) -> Resu
         ))
         .map_err(|e| Error::storage(ctx("creating"), e))?;
     }
-    let pool = pool(d, true, LANES + 4, settings.busy_timeout)?;
+    let pool = pool(d, true, LANES + 4, settings)?;
     if missing != Missing::Nothing {
         let mut conn = pool
             .get_conn()
@@ -354,14 +373,14 @@ fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, plan: Plan) -> Resu
         .map_err(|e| Error::storage(ctx("reading the auto-increment mode of"), e))?;
     let consecutive_ids = matches!(autoinc, Some((0 | 1, 1)));
     let mut lanes: Vec<Box<dyn Batch>> = Vec::with_capacity(LANES);
+    let lane_opts: mysql::Opts = conn_opts(d, true, settings)?.into();
     for lane in 0..LANES {
-        let conn = pool
-            .get_conn()
+        let conn = mysql::Conn::new(lane_opts.clone())
             .map_err(|e| Error::storage(ctx("connecting to"), e))?;
         lanes.push(Box::new(MysqlBatch {
             db,
             shown: d.shown.clone(),
-            pool: pool.clone(),
+            opts: lane_opts.clone(),
             conn: Some(conn),
             consecutive_ids,
             linger: if lane == 0 { Duration::ZERO } else { LINGER },
@@ -372,9 +391,11 @@ fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, plan: Plan) -> Resu
         reads: Box::new(MysqlReads {
             shown: d.shown.clone(),
             pool,
+            timeout: settings.mysql_timeout,
         }),
         lanes,
         lane_of,
+        call_deadline: Some(settings.mysql_timeout),
     })
 }
 

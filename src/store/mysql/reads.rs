@@ -14,12 +14,14 @@ use crate::store::{AwardRow, Reads, ShardStatus, TaskRow};
 pub(super) struct MysqlReads {
     pub(super) shown: String,
     pub(super) pool: Pool,
+    /// How long a read waits for a pooled connection (`--mysql-timeout`).
+    pub(super) timeout: std::time::Duration,
 }
 
 impl MysqlReads {
     fn conn(&self) -> Result<PooledConn> {
         self.pool
-            .get_conn()
+            .try_get_conn(self.timeout)
             .map_err(|e| Error::storage(format!("connecting to {}", self.shown), e))
     }
 
@@ -99,7 +101,7 @@ impl Reads for MysqlReads {
             delivered: sql::delivered_seqs(&mut tx).map_err(&e)?,
             tasks: sql::task_orders(&mut tx).map_err(&e)?,
             delivered_orders: sql::delivered_orders(&mut tx).map_err(&e)?,
-            award_orders: awards,
+            awards,
             // The MySQL store does not compact (the Java service may read its tables).
             watermark: 0,
             tasks_below_watermark: Vec::new(),

@@ -681,25 +681,50 @@ pub(crate) fn delivered_seqs(q: &mut impl Queryable) -> Sql<Vec<(u64, u32)>> {
     q.query("SELECT seq, receipts FROM delivery WHERE seq > 0 ORDER BY seq")
 }
 
-/// Every task's sequence number (0 for the original's), creation time and order id.
-pub(crate) fn task_orders(q: &mut impl Queryable) -> Sql<Vec<(u64, i64, Option<String>)>> {
-    q.query(
-        "SELECT COALESCE(seq, 0), CAST(UNIX_TIMESTAMP(create_time) * 1000 AS SIGNED),
-                JSON_UNQUOTE(JSON_EXTRACT(message, '$.data.orderId'))
+/// Every task's sequence number (0 for the original's), creation time, the order id its
+/// message names, and state.
+pub(crate) fn task_orders(q: &mut impl Queryable) -> Sql<Vec<crate::audit::TaskFact>> {
+    let rows: Vec<(u64, String, i64, Option<String>, String)> = q.query(
+        "SELECT COALESCE(seq, 0), user_id, CAST(UNIX_TIMESTAMP(create_time) * 1000 AS SIGNED),
+                JSON_UNQUOTE(JSON_EXTRACT(message, '$.data.orderId')), state
          FROM task ORDER BY seq",
-    )
+    )?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(seq, user_id, created_ms, order_id, state)| crate::audit::TaskFact {
+                seq,
+                user_id,
+                created_ms,
+                // A message that is not JSON, or names no order, names none.
+                order_id: order_id.filter(|o| o != "null"),
+                state,
+            },
+        )
+        .collect())
 }
 
-/// Order ids of every delivered message.
-pub(crate) fn delivered_orders(q: &mut impl Queryable) -> Sql<Vec<String>> {
-    q.query("SELECT order_id FROM delivery")
+/// Order ids of every delivered message, with its sequence number (0: none).
+pub(crate) fn delivered_orders(q: &mut impl Queryable) -> Sql<Vec<(String, u64)>> {
+    q.query("SELECT order_id, seq FROM delivery WHERE order_id <> ''")
 }
 
-/// Order ids of the award records in one split table.
-pub(crate) fn award_orders(q: &mut impl Queryable, table: &str) -> Sql<Vec<(String, bool)>> {
-    q.query(format!(
-        "SELECT order_id, award_state = 'completed' FROM {table}"
-    ))
+/// The award records of one split table: order id, user, state.
+pub(crate) fn award_orders(
+    q: &mut impl Queryable,
+    table: &str,
+) -> Sql<Vec<crate::audit::AwardFact>> {
+    let rows: Vec<(String, String, String)> = q.query(format!(
+        "SELECT order_id, user_id, award_state FROM {table}"
+    ))?;
+    Ok(rows
+        .into_iter()
+        .map(|(order_id, user_id, state)| crate::audit::AwardFact {
+            order_id,
+            user_id,
+            state,
+        })
+        .collect())
 }
 
 /// A user's award records in their split table, newest first.
@@ -911,15 +936,24 @@ pub(crate) fn group_lookup(
         .iter()
         .map(|(table, orders)| s.bind(&awards_lookup(table, orders)))
         .collect();
-    s.push(selects.join(" UNION ALL "));
+    let orders_at = if selects.is_empty() {
+        // Only messages of the original's form, which name no award.
+        None
+    } else {
+        s.push(selects.join(" UNION ALL "));
+        Some(s.statements)
+    };
     s.push_stmt(&deliveries_lookup(message_ids));
     let mut out = s.run(q)?;
+    let logged_at = out.len() - 1;
     let mut awards = Vec::new();
-    for mut r in std::mem::take(&mut out[1].rows) {
-        awards.push((col(&mut r, 0)?, col(&mut r, 1)?, col(&mut r, 2)?));
+    if let Some(at) = orders_at {
+        for mut r in std::mem::take(&mut out[at - 1].rows) {
+            awards.push((col(&mut r, 0)?, col(&mut r, 1)?, col(&mut r, 2)?));
+        }
     }
     let mut logged = Vec::new();
-    for mut r in std::mem::take(&mut out[2].rows) {
+    for mut r in std::mem::take(&mut out[logged_at].rows) {
         logged.push(col(&mut r, 0)?);
     }
     Ok((awards, logged))
@@ -1013,6 +1047,32 @@ mod tests {
             let squeezed: String = line.split_whitespace().collect::<Vec<_>>().join(" ");
             assert!(squeezed.starts_with(&format!("{name} {def}")), "{squeezed}");
         }
+    }
+
+    #[test]
+    fn the_widths_checked_at_start_are_the_schemas() {
+        let width = |col: &str| {
+            let line = SCHEMA
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{col} ")))
+                .unwrap_or_else(|| panic!("{col} is in schema.mysql.sql"));
+            let squeezed: String = line.split_whitespace().collect::<Vec<_>>().join(" ");
+            squeezed
+                .split("varchar(")
+                .nth(1)
+                .and_then(|r| r.split(')').next())
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or_else(|| panic!("{squeezed}"))
+        };
+        assert_eq!(width("topic"), crate::config::MYSQL_TOPIC_MAX);
+        assert_eq!(width("message"), crate::model::MESSAGE_MAX);
+        assert_eq!(
+            width("message_id"),
+            crate::model::MessageId::new(1, 1).as_str().len()
+        );
+        assert_eq!(width("user_id"), 32);
+        assert_eq!(width("order_id"), 12);
+        assert_eq!(width("award_title"), 128);
     }
 
     #[test]

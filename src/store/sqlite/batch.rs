@@ -145,6 +145,10 @@ pub(crate) fn insert_award_and_task(
     })?;
     let seq =
         sql::take_seq(conn).map_err(|e| Error::storage(ctx("taking a task sequence number"), e))?;
+    if !MessageId::fits(seq) {
+        // The caller's savepoint rolls the award and the sequence number back with this error.
+        return Err(MessageId::exhausted(&format!("shard big_market_{db:02}")));
+    }
     let message = EventMessage::for_award(record, db, seq, now_ms).encode();
     let message_id = MessageId::new(db, seq);
     let id = sql::insert_task(
@@ -268,9 +272,12 @@ fn apply(db: u32, conn: &Connection, op: &Op) -> Result<Reply> {
                     <= sql::watermark(conn)
                         .map_err(|e| Error::storage(ctx("reading the watermark"), e))?
             {
-                let ours = msg.id == MessageId::new(db, seq).as_str();
+                // The id this shard gave that number (or, for a message sent before the id
+                // scheme changed, the shard and the sequence in decimal).
+                let ours = msg.id == MessageId::new(db, seq).as_str()
+                    || msg.id == format!("{db:02}{seq:09}");
                 if ours
-                    && sql::award_delivered(conn, table, &d.user_id, &d.order_id)
+                    && sql::award_delivered(conn, table, &d.user_id, msg.order_id().unwrap_or(""))
                         .map_err(|e| Error::storage(ctx("looking up an award"), e))?
                 {
                     return Ok(Reply::Delivered(Delivered::Again));
@@ -279,27 +286,34 @@ fn apply(db: u32, conn: &Connection, op: &Op) -> Result<Reply> {
                     "message {} names seq {seq} of big_market_{db:02}, which is compacted as delivered, but {}",
                     msg.id,
                     if ours {
-                        format!("order {} has no delivered award in {table}", d.order_id)
+                        format!(
+                            "order {} has no delivered award in {table}",
+                            msg.order_id().unwrap_or("-")
+                        )
                     } else {
                         format!("the shard gave that number the id {}", MessageId::new(db, seq).as_str())
                     }
                 )));
             }
-            let receipts = sql::record_delivery(conn, &msg.id, seq, &d.order_id, *now_ms)
+            let order = msg.order_id();
+            let receipts = sql::record_delivery(conn, &msg.id, seq, order.unwrap_or(""), *now_ms)
                 .map_err(|e| Error::storage(ctx("logging a delivery"), e))?;
             if receipts > 1 {
                 return Ok(Reply::Delivered(Delivered::Again));
             }
-            let changed = sql::complete_award(conn, table, &d.user_id, &d.order_id, *now_ms)
+            let Some(order) = order else {
+                return Ok(Reply::Delivered(Delivered::Recorded));
+            };
+            let changed = sql::complete_award(conn, table, &d.user_id, order, *now_ms)
                 .map_err(|e| Error::storage(ctx("delivering an award"), e))?;
             if changed == 0
-                && !sql::award_exists(conn, table, &d.user_id, &d.order_id)
+                && !sql::award_exists(conn, table, &d.user_id, order)
                     .map_err(|e| Error::storage(ctx("looking up an award"), e))?
             {
                 // The savepoint rolls back the delivery log entry with this error.
                 return Err(Error::Poison(format!(
-                    "message {} names user {} order {}, which has no award record in big_market_{db:02}.{table}",
-                    msg.id, d.user_id, d.order_id
+                    "message {} names user {} order {order}, which has no award record in big_market_{db:02}.{table}",
+                    msg.id, d.user_id
                 )));
             }
             Ok(Reply::Delivered(Delivered::First))

@@ -236,6 +236,8 @@ fn open_shard(settings: &Settings, db: u32, create: bool) -> Result<Opened> {
             conn: write_conn,
         })],
         lane_of: |_| 0,
+        // A local file: its busy timeout bounds a wait on another process's lock.
+        call_deadline: None,
     })
 }
 

@@ -94,7 +94,7 @@ impl Reads for SqliteReads {
             delivered: sql::delivered_seqs(&tx).map_err(e)?,
             tasks: sql::task_orders(&tx).map_err(e)?,
             delivered_orders: sql::delivered_orders(&tx).map_err(e)?,
-            award_orders: awards,
+            awards,
             watermark: sql::watermark(&tx).map_err(e)?,
             tasks_below_watermark: sql::tasks_below_watermark(&tx).map_err(e)?,
         })

@@ -470,35 +470,52 @@ pub fn last_seq(conn: &Connection) -> Sql<u64> {
         .query_row([], |r| r.get(0))
 }
 
-/// Sequence numbers the consumer has handled, ascending, with their receipt counts.
+/// Sequence numbers the consumer has handled, ascending, with their receipt counts (messages
+/// without one left out).
 pub fn delivered_seqs(conn: &Connection) -> Sql<Vec<(u64, u32)>> {
-    let mut stmt = conn.prepare_cached("SELECT seq, receipts FROM delivery ORDER BY seq")?;
+    let mut stmt =
+        conn.prepare_cached("SELECT seq, receipts FROM delivery WHERE seq > 0 ORDER BY seq")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     rows.collect()
 }
 
-/// Every task's sequence number, creation time and the order id its message names.
-pub fn task_orders(conn: &Connection) -> Sql<Vec<(u64, i64, Option<String>)>> {
+/// Every task's sequence number, creation time, the order id its message names, and state.
+pub fn task_orders(conn: &Connection) -> Sql<Vec<crate::audit::TaskFact>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT seq, create_time, json_extract(message, '$.data.orderId') FROM task ORDER BY seq",
+        "SELECT seq, user_id, create_time, json_extract(message, '$.data.orderId'), state FROM task ORDER BY seq",
     )?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2).ok())))?;
+    let rows = stmt.query_map([], |r| {
+        Ok(crate::audit::TaskFact {
+            seq: r.get(0)?,
+            user_id: r.get(1)?,
+            created_ms: r.get(2)?,
+            order_id: r.get(3).ok(),
+            state: r.get(4)?,
+        })
+    })?;
     rows.collect()
 }
 
-/// Order ids of every delivered message.
-pub fn delivered_orders(conn: &Connection) -> Sql<Vec<String>> {
-    let mut stmt = conn.prepare_cached("SELECT order_id FROM delivery")?;
-    let rows = stmt.query_map([], |r| r.get(0))?;
-    rows.collect()
-}
-
-/// Order ids of the award records in one split table, and whether each was delivered.
-pub fn award_orders(conn: &Connection, table: &str) -> Sql<Vec<(String, bool)>> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT order_id, award_state = 'completed' FROM {table}"
-    ))?;
+/// Order ids of every delivered message, with its sequence number (0: none).
+pub fn delivered_orders(conn: &Connection) -> Sql<Vec<(String, u64)>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT order_id, seq FROM delivery WHERE order_id <> ''")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// The award records of one split table: order id, user, state.
+pub fn award_orders(conn: &Connection, table: &str) -> Sql<Vec<crate::audit::AwardFact>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT order_id, user_id, award_state FROM {table}"
+    ))?;
+    let rows = stmt.query_map([], |r| {
+        Ok(crate::audit::AwardFact {
+            order_id: r.get(0)?,
+            user_id: r.get(1)?,
+            state: r.get(2)?,
+        })
+    })?;
     rows.collect()
 }
 
