@@ -8,6 +8,7 @@
 //! private to the store. Everything above this module (relay, scanner, consumer, CLI) is
 //! backend-free.
 
+pub(crate) mod counting;
 pub mod handoff;
 pub(crate) mod mysql;
 pub(crate) mod op;

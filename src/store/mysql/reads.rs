@@ -1,13 +1,11 @@
 //! The reads of one MySQL database (status, audit facts, listings), through its pool.
 
-use std::collections::BTreeMap;
-
 use mysql::{IsolationLevel, Pool, PooledConn, TxOpts};
 
 use super::sql;
 use crate::error::{Error, Result};
 use crate::model::TaskState;
-use crate::router::award_table;
+use crate::store::counting::{self, Counting};
 use crate::store::{AwardRow, Reads, ShardStatus, TaskRow};
 
 /// The reads of one database, through its pool.
@@ -49,40 +47,20 @@ impl Reads for MysqlReads {
 
     fn status(&self, db: u32, tb_count: u32) -> Result<ShardStatus> {
         let mut conn = self.conn()?;
-        let tasks = sql::count_tasks_by_state(&mut conn)
-            .map_err(self.err("counting tasks"))?
-            .into_iter()
-            .collect();
-        let mut awards = BTreeMap::new();
-        for t in 0..tb_count {
-            for (state, n) in sql::count_awards_by_state(&mut conn, &award_table(t))
-                .map_err(self.err("counting award records"))?
-            {
-                *awards.entry(state).or_insert(0) += n;
-            }
-        }
-        let oldest_pending_ms =
-            sql::oldest_pending(&mut conn).map_err(self.err("finding the oldest pending task"))?;
-        let (delivered_messages, receipts) =
-            sql::delivery_totals(&mut conn).map_err(self.err("counting deliveries"))?;
-        let last_seq = sql::last_seq(&mut conn).map_err(self.err("reading the task sequence"))?;
-        Ok(ShardStatus {
+        counting::status(
             db,
-            location: self.shown.clone(),
-            tasks,
-            awards,
-            oldest_pending_ms,
-            delivered_messages,
-            receipts,
-            last_seq,
-            // The MySQL store does not compact.
-            compacted: 0,
-        })
+            self.shown.clone(),
+            tb_count,
+            &mut Asking {
+                q: &mut conn,
+                reads: self,
+            },
+        )
     }
 
     fn audit_facts(&self, db: u32, tb_count: u32) -> Result<crate::audit::Facts> {
         let mut conn = self.conn()?;
-        let e = self.err("reading audit facts");
+        // One consistent, read-only snapshot: the facts are of one moment.
         let mut tx = conn
             .start_transaction(
                 TxOpts::default()
@@ -90,22 +68,15 @@ impl Reads for MysqlReads {
                     .set_with_consistent_snapshot(true)
                     .set_access_mode(Some(mysql::AccessMode::ReadOnly)),
             )
-            .map_err(&e)?;
-        let mut awards = Vec::new();
-        for t in 0..tb_count {
-            awards.extend(sql::award_orders(&mut tx, &award_table(t)).map_err(&e)?);
-        }
-        Ok(crate::audit::Facts {
+            .map_err(self.err("reading audit facts"))?;
+        counting::audit_facts(
             db,
-            last_seq: sql::last_seq(&mut tx).map_err(&e)?,
-            delivered: sql::delivered_seqs(&mut tx).map_err(&e)?,
-            tasks: sql::task_orders(&mut tx).map_err(&e)?,
-            delivered_orders: sql::delivered_orders(&mut tx).map_err(&e)?,
-            awards,
-            // The MySQL store does not compact (the Java service may read its tables).
-            watermark: 0,
-            tasks_below_watermark: Vec::new(),
-        })
+            tb_count,
+            &mut Asking {
+                q: &mut tx,
+                reads: self,
+            },
+        )
     }
 
     fn list_tasks(&self, state: Option<TaskState>, limit: usize) -> Result<Vec<TaskRow>> {
@@ -126,5 +97,48 @@ impl Reads for MysqlReads {
             "{} is a database on a server: back it up with the server's own tools",
             self.shown
         )))
+    }
+}
+
+/// The counting questions, asked of one connection (or transaction) of a database.
+struct Asking<'a, Q: mysql::prelude::Queryable> {
+    q: &'a mut Q,
+    reads: &'a MysqlReads,
+}
+
+impl<Q: mysql::prelude::Queryable> Counting for Asking<'_, Q> {
+    fn tasks_by_state(&mut self) -> Result<Vec<(String, u64)>> {
+        sql::count_tasks_by_state(self.q).map_err(self.reads.err("counting tasks"))
+    }
+    fn awards_by_state(&mut self, table: &str) -> Result<Vec<(String, u64)>> {
+        sql::count_awards_by_state(self.q, table).map_err(self.reads.err("counting award records"))
+    }
+    fn oldest_pending(&mut self) -> Result<Option<i64>> {
+        sql::oldest_pending(self.q).map_err(self.reads.err("finding the oldest pending task"))
+    }
+    fn delivery_totals(&mut self) -> Result<(u64, u64)> {
+        sql::delivery_totals(self.q).map_err(self.reads.err("counting deliveries"))
+    }
+    fn last_seq(&mut self) -> Result<u64> {
+        sql::last_seq(self.q).map_err(self.reads.err("reading the task sequence"))
+    }
+    fn watermark(&mut self) -> Result<u64> {
+        // The MySQL store does not compact (the Java service may read its tables).
+        Ok(0)
+    }
+    fn delivered_seqs(&mut self) -> Result<Vec<(u64, u32)>> {
+        sql::delivered_seqs(self.q).map_err(self.reads.err("reading audit facts"))
+    }
+    fn task_facts(&mut self) -> Result<Vec<crate::audit::TaskFact>> {
+        sql::task_orders(self.q).map_err(self.reads.err("reading audit facts"))
+    }
+    fn delivered_orders(&mut self) -> Result<Vec<(String, u64)>> {
+        sql::delivered_orders(self.q).map_err(self.reads.err("reading audit facts"))
+    }
+    fn award_facts(&mut self, table: &str) -> Result<Vec<crate::audit::AwardFact>> {
+        sql::award_orders(self.q, table).map_err(self.reads.err("reading audit facts"))
+    }
+    fn tasks_below_watermark(&mut self) -> Result<Vec<u64>> {
+        Ok(Vec::new())
     }
 }

@@ -1,6 +1,5 @@
 //! The reads of one SQLite shard file (status, audit facts, listings), through its pool.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use r2d2_sqlite::SqliteConnectionManager;
@@ -8,7 +7,7 @@ use r2d2_sqlite::SqliteConnectionManager;
 use super::{sql, Pool};
 use crate::error::{Error, Result};
 use crate::model::TaskState;
-use crate::router::award_table;
+use crate::store::counting::{self, Counting};
 use crate::store::{AwardRow, Reads, ShardStatus, TaskRow};
 
 /// The reads of one shard file, through its pool.
@@ -48,56 +47,32 @@ impl Reads for SqliteReads {
 
     fn status(&self, db: u32, tb_count: u32) -> Result<ShardStatus> {
         let conn = self.conn()?;
-        let e = |what: &'static str| move |err| Error::storage(self.ctx(what), err);
-        let tasks = sql::count_tasks_by_state(&conn)
-            .map_err(e("counting tasks"))?
-            .into_iter()
-            .collect();
-        let mut awards = BTreeMap::new();
-        for t in 0..tb_count {
-            for (state, n) in sql::count_awards_by_state(&conn, &award_table(t))
-                .map_err(e("counting award records"))?
-            {
-                *awards.entry(state).or_insert(0) += n;
-            }
-        }
-        let oldest_pending_ms =
-            sql::oldest_pending(&conn).map_err(e("finding the oldest pending task"))?;
-        let (delivered_messages, receipts) =
-            sql::delivery_totals(&conn).map_err(e("counting deliveries"))?;
-        let last_seq = sql::last_seq(&conn).map_err(e("reading the task sequence"))?;
-        let compacted = sql::watermark(&conn).map_err(e("reading the watermark"))?;
-        Ok(ShardStatus {
+        let location = self.path.display().to_string();
+        counting::status(
             db,
-            location: self.path.display().to_string(),
-            tasks,
-            awards,
-            oldest_pending_ms,
-            delivered_messages,
-            receipts,
-            last_seq,
-            compacted,
-        })
+            location,
+            tb_count,
+            &mut Asking {
+                conn: &conn,
+                reads: self,
+            },
+        )
     }
 
     fn audit_facts(&self, db: u32, tb_count: u32) -> Result<crate::audit::Facts> {
         let mut conn = self.conn()?;
-        let e = |err| Error::storage(self.ctx("reading audit facts"), err);
-        let tx = conn.transaction().map_err(e)?;
-        let mut awards = Vec::new();
-        for t in 0..tb_count {
-            awards.extend(sql::award_orders(&tx, &award_table(t)).map_err(e)?);
-        }
-        Ok(crate::audit::Facts {
+        // One read transaction: the facts are of one snapshot.
+        let tx = conn
+            .transaction()
+            .map_err(|e| Error::storage(self.ctx("reading audit facts"), e))?;
+        counting::audit_facts(
             db,
-            last_seq: sql::last_seq(&tx).map_err(e)?,
-            delivered: sql::delivered_seqs(&tx).map_err(e)?,
-            tasks: sql::task_orders(&tx).map_err(e)?,
-            delivered_orders: sql::delivered_orders(&tx).map_err(e)?,
-            awards,
-            watermark: sql::watermark(&tx).map_err(e)?,
-            tasks_below_watermark: sql::tasks_below_watermark(&tx).map_err(e)?,
-        })
+            tb_count,
+            &mut Asking {
+                conn: &tx,
+                reads: self,
+            },
+        )
     }
 
     fn list_tasks(&self, state: Option<TaskState>, limit: usize) -> Result<Vec<TaskRow>> {
@@ -123,5 +98,59 @@ impl Reads for SqliteReads {
             .ok_or_else(|| Error::Config(format!("{} is not a UTF-8 path", target.display())))?;
         sql::vacuum_into(&*self.conn()?, target)
             .map_err(|e| Error::storage(self.ctx(&format!("copying to {target}")), e))
+    }
+}
+
+/// The counting questions, asked of one connection (or transaction) of a shard file.
+struct Asking<'a> {
+    conn: &'a rusqlite::Connection,
+    reads: &'a SqliteReads,
+}
+
+impl Asking<'_> {
+    fn ask<T>(&self, what: &str, r: rusqlite::Result<T>) -> Result<T> {
+        r.map_err(|e| Error::storage(self.reads.ctx(what), e))
+    }
+}
+
+impl Counting for Asking<'_> {
+    fn tasks_by_state(&mut self) -> Result<Vec<(String, u64)>> {
+        self.ask("counting tasks", sql::count_tasks_by_state(self.conn))
+    }
+    fn awards_by_state(&mut self, table: &str) -> Result<Vec<(String, u64)>> {
+        self.ask(
+            "counting award records",
+            sql::count_awards_by_state(self.conn, table),
+        )
+    }
+    fn oldest_pending(&mut self) -> Result<Option<i64>> {
+        self.ask(
+            "finding the oldest pending task",
+            sql::oldest_pending(self.conn),
+        )
+    }
+    fn delivery_totals(&mut self) -> Result<(u64, u64)> {
+        self.ask("counting deliveries", sql::delivery_totals(self.conn))
+    }
+    fn last_seq(&mut self) -> Result<u64> {
+        self.ask("reading the task sequence", sql::last_seq(self.conn))
+    }
+    fn watermark(&mut self) -> Result<u64> {
+        self.ask("reading the watermark", sql::watermark(self.conn))
+    }
+    fn delivered_seqs(&mut self) -> Result<Vec<(u64, u32)>> {
+        self.ask("reading audit facts", sql::delivered_seqs(self.conn))
+    }
+    fn task_facts(&mut self) -> Result<Vec<crate::audit::TaskFact>> {
+        self.ask("reading audit facts", sql::task_orders(self.conn))
+    }
+    fn delivered_orders(&mut self) -> Result<Vec<(String, u64)>> {
+        self.ask("reading audit facts", sql::delivered_orders(self.conn))
+    }
+    fn award_facts(&mut self, table: &str) -> Result<Vec<crate::audit::AwardFact>> {
+        self.ask("reading audit facts", sql::award_orders(self.conn, table))
+    }
+    fn tasks_below_watermark(&mut self) -> Result<Vec<u64>> {
+        self.ask("reading audit facts", sql::tasks_below_watermark(self.conn))
     }
 }
