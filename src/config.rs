@@ -241,6 +241,9 @@ pub struct FaultPlan {
     pub drop_every: u64,
     /// Delay before each batch's confirms come back.
     pub delay: Duration,
+    /// Append a line per published message to this file: its message id and when its publish
+    /// started and ended (epoch ms), for tests that check what was in flight when.
+    pub record: Option<PathBuf>,
 }
 
 impl FaultPlan {
@@ -264,9 +267,10 @@ impl FaultPlan {
                     plan.drop_every = v.parse().map_err(|_| bad("drop-every is a whole number"))?
                 }
                 "delay" => plan.delay = parse_duration(v)?,
+                "record" if !v.is_empty() => plan.record = Some(PathBuf::from(v)),
                 _ => {
                     return Err(bad(&format!(
-                        "unknown fault {k:?}: use refuse, drop-every or delay"
+                        "unknown fault {k:?}: use refuse, drop-every, delay or record"
                     )))
                 }
             }
@@ -742,13 +746,14 @@ mod tests {
 
     #[test]
     fn fault_plans_parse_and_bad_ones_are_refused() {
-        let p = FaultPlan::parse("refuse=0.05,drop-every=7,delay=2ms").unwrap();
+        let p = FaultPlan::parse("refuse=0.05,drop-every=7,delay=2ms,record=/tmp/r").unwrap();
         assert_eq!(
             p,
             FaultPlan {
                 refuse: 0.05,
                 drop_every: 7,
-                delay: Duration::from_millis(2)
+                delay: Duration::from_millis(2),
+                record: Some(PathBuf::from("/tmp/r")),
             }
         );
         assert_eq!(FaultPlan::parse("").unwrap(), FaultPlan::default());

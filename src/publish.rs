@@ -1,6 +1,10 @@
 //! Publish-and-settle, which the relay and the scanner share: a batch of tasks that one claim
 //! owner holds is published with one deadline, and each task is settled: `completed` on
-//! confirm, otherwise `fail` with backoff, or `dead` after the attempt limit.
+//! confirm, otherwise `fail` with backoff, or `dead` after the attempt limit. Just before it
+//! publishes, every batch keeps only the tasks whose lease outlasts the publish, renewing the
+//! leases that are short while the owner still holds the claim: however long a batch waited
+//! (in the scanner's pool queue, in the relay's backlog), it is never published on a lease that
+//! may run out under it.
 
 use std::sync::{Arc, Mutex};
 
@@ -121,6 +125,7 @@ impl Publisher {
         owner: &Arc<str>,
         settle: Settle,
     ) -> Result<Relayed> {
+        let tasks = &self.hold_leases(db, tasks, owner)?;
         if tasks.is_empty() {
             return Ok(Relayed::default());
         }
@@ -206,5 +211,43 @@ impl Publisher {
             shard.mark_failed(failures, owner, now)?;
         }
         Ok(out)
+    }
+
+    /// Keep the tasks whose lease outlasts a publish; renew the others while `owner` still
+    /// holds their claim, and drop those another claim took. Called just before every publish
+    /// (the relay's batches, and the scanner's jobs, which may have waited in the pool's queue
+    /// past their lease), so that no task is published without a lease that outlasts it.
+    fn hold_leases(&self, db: u32, batch: &[Pending], owner: &Arc<str>) -> Result<Vec<Pending>> {
+        let now = now_ms();
+        let margin = self.settings.lease_margin().as_millis() as i64;
+        let (mut keep, short): (Vec<Pending>, Vec<Pending>) = batch
+            .iter()
+            .cloned()
+            .partition(|t| t.lease_until_ms - now >= margin);
+        if short.is_empty() {
+            return Ok(keep);
+        }
+        let lease_until_ms = now.saturating_add(self.settings.stale_after.as_millis() as i64);
+        let renewed = self.store.shard(db).renew(
+            short.iter().map(|t| t.id).collect(),
+            owner,
+            lease_until_ms,
+            now,
+        )?;
+        let lost = short.len() - renewed.len();
+        if lost > 0 {
+            log::debug!("publish shard={db:02} left tasks={lost} to the claim that took them");
+        }
+        let renewed: std::collections::HashSet<i64> = renewed.into_iter().collect();
+        keep.extend(
+            short
+                .into_iter()
+                .filter(|t| renewed.contains(&t.id))
+                .map(|mut t| {
+                    t.lease_until_ms = lease_until_ms;
+                    t
+                }),
+        );
+        Ok(keep)
     }
 }

@@ -29,7 +29,6 @@ use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::publish::{Pending, Publisher, Relayed, Settle};
 use crate::store::{Handoff, Store};
-use crate::util::now_ms;
 
 /// One shard's relay.
 pub struct Relay {
@@ -82,9 +81,10 @@ impl Relay {
         } else {
             wait
         };
+        // Busy from the moment a batch is in hand (the hand-off sets it as it hands one over).
         let mut batch: Vec<Pending> = self
             .handoff()
-            .take(wait, max)
+            .take(wait, max, &self.busy)
             .into_iter()
             .map(Pending::from)
             .collect();
@@ -96,7 +96,6 @@ impl Relay {
             if batch.is_empty() {
                 return Ok(Relayed::default());
             }
-            let batch = self.hold_leases(batch)?;
             log::debug!("relay shard={:02} tasks={}", self.db, batch.len());
             self.publisher
                 .publish(self.db, &batch, &self.owner, Settle::Detached)
@@ -141,44 +140,6 @@ impl Relay {
                 }
             }
         }
-    }
-
-    /// Keep the tasks whose lease outlasts a publish; renew the others while the relay still
-    /// holds their claim, and drop those another claim took.
-    fn hold_leases(&self, batch: Vec<Pending>) -> Result<Vec<Pending>> {
-        let now = now_ms();
-        let margin = self.settings.lease_margin().as_millis() as i64;
-        let (mut keep, short): (Vec<Pending>, Vec<Pending>) = batch
-            .into_iter()
-            .partition(|t| t.lease_until_ms - now >= margin);
-        if short.is_empty() {
-            return Ok(keep);
-        }
-        let lease_until_ms = now.saturating_add(self.settings.stale_after.as_millis() as i64);
-        let renewed = self.store.shard(self.db).renew(
-            short.iter().map(|t| t.id).collect(),
-            &self.owner,
-            lease_until_ms,
-            now,
-        )?;
-        let lost = short.len() - renewed.len();
-        if lost > 0 {
-            log::debug!(
-                "relay shard={:02} left tasks={lost} to the claim that took them",
-                self.db
-            );
-        }
-        let renewed: std::collections::HashSet<i64> = renewed.into_iter().collect();
-        keep.extend(
-            short
-                .into_iter()
-                .filter(|t| renewed.contains(&t.id))
-                .map(|mut t| {
-                    t.lease_until_ms = lease_until_ms;
-                    t
-                }),
-        );
-        Ok(keep)
     }
 }
 

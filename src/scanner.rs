@@ -90,17 +90,26 @@ impl Scanner {
         let (tx, rx) = unbounded::<Result<Relayed>>();
         let unavailable = Arc::new(AtomicBool::new(false));
         let mut jobs = 0;
-        for shard in self.store.shards() {
+        // A claim that fails ends the claiming, not the pass: the jobs already submitted are
+        // waited for below, so the pass never returns with a publish of its own in flight.
+        let mut claim_err = None;
+        'shards: for shard in self.store.shards() {
             let db = shard.db();
             // An unreachable broker ends this pass; the tasks are due again next tick.
             while !unavailable.load(Ordering::SeqCst) {
                 let now = now_ms();
-                let claimed = shard.claim(
+                let claimed = match shard.claim(
                     &self.owner,
                     self.settings.scan_batch,
                     now + lease.as_millis() as i64,
                     now,
-                )?;
+                ) {
+                    Ok(claimed) => claimed,
+                    Err(e) => {
+                        claim_err = Some(e);
+                        break 'shards;
+                    }
+                };
                 let n = claimed.len();
                 if n == 0 {
                     break;
@@ -134,7 +143,7 @@ impl Scanner {
             }
         }
         drop(tx);
-        let mut first_err = None;
+        let mut first_err = claim_err;
         for r in rx.iter().take(jobs) {
             match r {
                 Ok(r) => report.relayed += r,

@@ -4,7 +4,7 @@
 //! could not hand over, which the relay reads back from the shard. A task is never both in
 //! memory and in a range.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -67,8 +67,10 @@ impl Handoff {
         }
     }
 
-    /// Up to about `max` handed-over tasks, waiting at most `wait` for the first.
-    pub fn take(&self, wait: Duration, max: usize) -> Vec<SavedTask> {
+    /// Up to about `max` handed-over tasks, waiting at most `wait` for the first. `in_hand`
+    /// is set before the tasks stop counting as held, so that the relay taking them is never
+    /// seen idle with tasks in hand.
+    pub fn take(&self, wait: Duration, max: usize, in_hand: &AtomicBool) -> Vec<SavedTask> {
         let first = if wait.is_zero() {
             self.rx.try_recv().ok()
         } else {
@@ -80,6 +82,9 @@ impl Handoff {
                 Ok(more) => out.extend(more),
                 Err(_) => break,
             }
+        }
+        if !out.is_empty() {
+            in_hand.store(true, Ordering::SeqCst);
         }
         self.held.fetch_sub(out.len(), Ordering::SeqCst);
         out
@@ -137,7 +142,11 @@ mod tests {
         h.offer(vec![task(5)]); // a range is open: spilled too, though it would fit
         assert_eq!(h.held(), 2);
         assert_eq!(h.spilled_total(), 3);
-        let taken: Vec<u64> = h.take(Duration::ZERO, 10).iter().map(|t| t.seq).collect();
+        let taken: Vec<u64> = h
+            .take(Duration::ZERO, 10, &AtomicBool::new(false))
+            .iter()
+            .map(|t| t.seq)
+            .collect();
         assert_eq!(taken, vec![1, 2]);
         assert_eq!(h.held(), 0);
         assert_eq!(h.take_spilled(), Some((3, 5)));
@@ -152,7 +161,9 @@ mod tests {
         h.offer((1..=5).map(task).collect());
         assert_eq!(h.held(), 0);
         // The wake-up is an empty batch, so a waiting relay looks at the range at once.
-        assert!(h.take(Duration::from_secs(1), 10).is_empty());
+        assert!(h
+            .take(Duration::from_secs(1), 10, &AtomicBool::new(false))
+            .is_empty());
         assert_eq!(h.take_spilled(), Some((1, 5)));
     }
 }

@@ -72,18 +72,8 @@ impl Faulty {
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::SeqCst)
     }
-}
 
-impl Transport for Faulty {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
-
-    fn describe(&self) -> String {
-        format!("faulty({})", self.inner.describe())
-    }
-
-    fn publish_batch(
+    fn publish_with_faults(
         &self,
         batch: &[Outgoing],
         hold: &dyn Fn() -> bool,
@@ -144,6 +134,41 @@ impl Transport for Faulty {
                 }
             })
             .collect()
+    }
+}
+
+impl Transport for Faulty {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn describe(&self) -> String {
+        format!("faulty({})", self.inner.describe())
+    }
+
+    fn publish_batch(
+        &self,
+        batch: &[Outgoing],
+        hold: &dyn Fn() -> bool,
+    ) -> Vec<Result<(), PublishFailure>> {
+        let started = crate::util::now_ms();
+        let results = self.publish_with_faults(batch, hold);
+        if let Some(path) = &self.plan.record {
+            let ended = crate::util::now_ms();
+            let lines: String = batch
+                .iter()
+                .map(|m| format!("{} {started} {ended}\n", m.message_id))
+                .collect();
+            let written = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, lines.as_bytes()));
+            if let Err(e) = written {
+                log::warn!("could not record publishes in {}: {e}", path.display());
+            }
+        }
+        results
     }
 
     fn is_connected(&self) -> bool {

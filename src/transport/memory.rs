@@ -72,22 +72,27 @@ impl Transport for InProcess {
                 })
                 .collect();
         }
+        // One deadline for the whole batch, not one per message, and handing the messages to
+        // the queue (which blocks while it is full) counts against it: a message not handed
+        // over by then fails without being sent.
+        let deadline = std::time::Instant::now() + self.confirm_timeout;
         let pending: Vec<Option<Receiver<Handled>>> = batch
             .iter()
             .map(|m| {
                 let (reply, rx) = bounded(1);
                 self.tx
-                    .send(Envelope {
-                        body: m.body.clone(),
-                        reply,
-                    })
+                    .send_deadline(
+                        Envelope {
+                            body: m.body.clone(),
+                            reply,
+                        },
+                        deadline,
+                    )
                     .ok()
                     .map(|_| rx)
             })
             .collect();
         crate::crash::hit(crate::crash::Point::BeforeConfirm);
-        // One deadline for the whole batch, not one per message.
-        let deadline = std::time::Instant::now() + self.confirm_timeout;
         pending
             .into_iter()
             .enumerate()

@@ -175,3 +175,112 @@ fn a_broker_that_accepts_and_never_speaks_costs_no_thread_or_socket_per_retry() 
         "{attempts} connect attempts grew the process from {first:?} to {most:?} (threads, fds)"
     );
 }
+
+/// Tasks that failed to publish (the broker was down), due again soon: a backlog for the scanner.
+fn backlog(t: TestStore, n: usize) -> TestStore {
+    let app = t.start();
+    app.faulty().set_down(true);
+    for i in 0..n {
+        app.save(&format!("b{}", i % 50), &format!("7{i:011}"));
+    }
+    app.settle();
+    app.shutdown()
+}
+
+fn sigterm(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let mut exit = None;
+    wait_until(Duration::from_secs(60), || {
+        exit = child.try_wait().unwrap();
+        exit.is_some()
+    });
+    exit
+}
+
+/// A child process killed when the test ends, whatever happened.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Two processes scan the same shards with a lease of a second, and a transport slowed so that
+/// the scanner's pool jobs wait in its queue past their lease. Each records when each message's
+/// publish started and ended: no message is ever in flight in both at once.
+fn two_processes_never_have_one_message_in_flight_at_once(kind: Kind) {
+    let n = 2000;
+    let t = backlog(TestStore::new(kind), n);
+    // All due at once (not spread over their retry backoff), so that the first scans claim
+    // far more than the pools publish within a lease.
+    for db in 1..=t.settings.layout.db_count() {
+        t.exec(db, "UPDATE task SET next_attempt_at = 0");
+    }
+    let logs = tempfile::tempdir().unwrap();
+    let record = |name: &str| logs.path().join(format!("{name}.publishes"));
+    let serve = |name: &str| {
+        KillOnDrop(
+            t.bin()
+                .args([
+                    "--stale-after",
+                    "1s",
+                    "--scan-interval",
+                    "50ms",
+                    "--pool-threads",
+                    "2",
+                    "--inject-faults",
+                    &format!("delay=200ms,record={}", record(name).display()),
+                    "serve",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let (mut a, mut b) = (serve("a"), serve("b"));
+    t.wait_done(n as i64, Duration::from_secs(180));
+    let (ea, eb) = (sigterm(&mut a.0), sigterm(&mut b.0));
+    assert!(
+        ea.is_some_and(|e| e.success()) && eb.is_some_and(|e| e.success()),
+        "both exit 0 on SIGTERM: {ea:?} {eb:?}"
+    );
+    let mut flights: std::collections::HashMap<String, Vec<(&str, i64, i64)>> = Default::default();
+    for name in ["a", "b"] {
+        let text = std::fs::read_to_string(record(name)).unwrap_or_default();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            flights.entry(f[0].to_string()).or_default().push((
+                name,
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            ));
+        }
+    }
+    assert!(
+        flights.len() >= n,
+        "every message was published: {}",
+        flights.len()
+    );
+    let overlapping: Vec<_> = flights
+        .iter()
+        .filter(|(_, f)| {
+            f.iter()
+                .any(|x| f.iter().any(|y| x.0 != y.0 && x.1 < y.2 && y.1 < x.2))
+        })
+        .collect();
+    assert!(
+        overlapping.is_empty(),
+        "{} messages were in flight in both processes at once, e.g. {:?}",
+        overlapping.len(),
+        overlapping.first()
+    );
+}
+
+crate::on_both_backends!(two_processes_never_have_one_message_in_flight_at_once);
