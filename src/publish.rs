@@ -7,6 +7,7 @@
 //! may run out under it.
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::config::Settings;
 use crate::error::Result;
@@ -95,6 +96,9 @@ pub struct Publisher {
     settings: Arc<Settings>,
     metrics: Arc<Metrics>,
     rng: Mutex<Rng>,
+    /// Set when the process stops: past it, a held publish gives up at its next deadline and
+    /// no new one starts.
+    give_up_at: Mutex<Option<Instant>>,
 }
 
 impl Publisher {
@@ -111,7 +115,23 @@ impl Publisher {
             settings,
             metrics,
             rng: Mutex::new(Rng::new()),
+            give_up_at: Mutex::new(None),
         }
+    }
+
+    /// The process is stopping: publishes may go on until `at` (a held batch keeps waiting
+    /// for the broker, its leases renewed), and past it a held batch gives up at its next
+    /// deadline, so every publish ends within one publish deadline after `at`. What was not
+    /// confirmed stays committed, and its claims are released by the stop.
+    pub fn stop_by(&self, at: Instant) {
+        *self.give_up_at.lock().expect("give-up lock") = Some(at);
+    }
+
+    fn giving_up(&self) -> bool {
+        self.give_up_at
+            .lock()
+            .expect("give-up lock")
+            .is_some_and(|at| Instant::now() >= at)
     }
 
     /// Publish tasks of shard `db` that `owner` holds as one batch with one deadline, and
@@ -125,6 +145,13 @@ impl Publisher {
         owner: &Arc<str>,
         settle: Settle,
     ) -> Result<Relayed> {
+        if self.giving_up() {
+            // Stopping, and out of time: not sent; the stop releases the claims.
+            return Ok(Relayed {
+                unavailable: tasks.len(),
+                ..Relayed::default()
+            });
+        }
         let tasks = &self.hold_leases(db, tasks, owner)?;
         if tasks.is_empty() {
             return Ok(Relayed::default());
@@ -141,6 +168,10 @@ impl Publisher {
         let shard = self.store.shard(db);
         let lease_ms = self.settings.stale_after.as_millis() as i64;
         let hold = || {
+            if self.giving_up() {
+                log::warn!("stopping: gave up a publish the broker holds shard={db:02} tasks={}; not confirmed, it stays committed and is sent again by the next scan", tasks.len());
+                return false;
+            }
             let now = now_ms();
             let ids: Vec<i64> = tasks.iter().map(|t| t.id).collect();
             let n = ids.len();

@@ -207,11 +207,12 @@ impl RelayThreads {
         }
     }
 
-    /// Stop the threads, then relay what is already committed on this thread for at most
-    /// `limit`. Whatever is left stays leased in SQLite; the scanner sends it after the lease.
-    pub fn stop_and_drain(mut self, limit: Duration) {
+    /// Stop the threads, then relay what is already committed on this thread until
+    /// `deadline`. Whatever is left stays committed; the stop releases its claims and the
+    /// scanner sends it.
+    pub fn stop_and_drain(mut self, deadline: Instant) {
         self.stop_threads();
-        let deadline = Instant::now() + limit;
+        let limit = deadline.saturating_duration_since(Instant::now());
         let mut relayed = Relayed::default();
         for r in &self.relays {
             while Instant::now() < deadline {

@@ -73,6 +73,7 @@ pub struct Service {
     transport: Arc<dyn Transport>,
     outbox: Arc<Outbox>,
     scanner: Arc<Scanner>,
+    publisher: Arc<Publisher>,
     metrics: Arc<Metrics>,
     counts: Arc<CountCache>,
     consumer: Option<Box<dyn ConsumerHandle>>,
@@ -136,6 +137,7 @@ impl Service {
             transport,
             outbox,
             scanner,
+            publisher,
             metrics,
             consumer,
             relays,
@@ -308,13 +310,20 @@ impl Service {
 impl Service {
     /// Stop the scanner loop, drain the relays, then stop the consumer (in-process, the relays
     /// need it to confirm); each at most once.
+    /// The stop is bounded by `drain_timeout` plus one publish deadline, whatever the broker
+    /// does: publishes go on for `drain_timeout` (the scanner's pass, the relays' drain), and
+    /// past it a publish the broker holds gives up at its next deadline.
     fn stop_background(&mut self) {
+        let deadline = Instant::now() + self.settings.drain_timeout;
+        if self.scan_loop.is_some() || self.relays.is_some() {
+            self.publisher.stop_by(deadline);
+        }
         if let Some((stop, handle)) = self.scan_loop.take() {
             drop(stop);
             let _ = handle.join();
         }
         if let Some(relays) = self.relays.take() {
-            relays.stop_and_drain(self.settings.drain_timeout);
+            relays.stop_and_drain(deadline);
         }
         if let Some(c) = self.consumer.take() {
             c.stop();

@@ -85,13 +85,16 @@ impl Link {
             && !self.cancelled.load(Ordering::SeqCst)
     }
 
-    /// Close the connection (bounded), then shut its socket down whatever the broker did.
+    /// Close the connection (bounded; at once when the broker blocks it, as it reads nothing
+    /// from it then), then shut its socket down whatever the broker did.
     fn close(&self) {
-        let conn = self.conn.clone();
-        let _ = async_global_executor::block_on(bounded_wait(
-            async move { conn.close(200, "closing".into()).await },
-            CLOSE_TIMEOUT,
-        ));
+        if !self.conn.status().blocked() {
+            let conn = self.conn.clone();
+            let _ = async_global_executor::block_on(bounded_wait(
+                async move { conn.close(200, "closing".into()).await },
+                CLOSE_TIMEOUT,
+            ));
+        }
         if let Some(attempt) = self.attempt.upgrade() {
             attempt.abandon();
         }
@@ -637,6 +640,17 @@ impl Drop for Amqp {
     fn drop(&mut self) {
         if let Some((stop, handle)) = self.supervisor.take() {
             drop(stop);
+            // A connect attempt in flight (a broker that does not answer) ends now, not at its
+            // deadline.
+            let live = self.inner.publish_link().map(|l| l.attempt);
+            let per_node = self.inner.publish_attempt.iter();
+            for last in per_node.chain(self.inner.consume_attempt.iter()) {
+                let last = last.lock().expect("attempt lock").clone();
+                let is_live = live.as_ref().is_some_and(|l| Weak::ptr_eq(l, &last));
+                if let Some(attempt) = last.upgrade().filter(|_| !is_live) {
+                    attempt.abandon();
+                }
+            }
             let _ = handle.join();
         }
         if let Some(link) = self.inner.publish.write().expect("publish lock").take() {

@@ -722,3 +722,100 @@ fn a_wrong_amqp_password_is_refused_without_showing_it_in_any_output_or_log_line
         }
     }
 }
+
+#[test]
+fn award_under_a_memory_alarm_exits_within_the_drain_bound_and_a_later_serve_delivers_it_once() {
+    let _g = serial();
+    let Some(t) = TestStore::amqp() else { return };
+    let restore = RestoreWatermark::read();
+    let common = [
+        "--amqp-url",
+        t.amqp_url(),
+        "--topic",
+        t.settings.topic.as_str(),
+        "--stale-after",
+        "3s",
+        "--scan-interval",
+        "200ms",
+    ];
+    // The bound the README states: drain_timeout plus one publish deadline.
+    let mut s = t.settings.clone();
+    s.stale_after = Duration::from_secs(3);
+    let bound = s.drain_timeout + s.publish_timeout();
+    assert!(
+        std::process::Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", "0"])
+            .output()
+            .unwrap()
+            .status
+            .success(),
+        "the memory alarm could not be raised"
+    );
+    let started = std::time::Instant::now();
+    let mut award = KillOnDrop(
+        t.bin()
+            .args(common)
+            .args([
+                "award",
+                "--user-id",
+                "alarmed",
+                "--activity-id",
+                "1",
+                "--strategy-id",
+                "1",
+                "--order-id",
+                "000000000077",
+                "--award-id",
+                "1",
+                "--award-title",
+                "t",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Starting and exiting the process (connecting, opening the shards) come on top of the
+    // bound: three seconds for both.
+    let mut exit = None;
+    wait_until(bound + Duration::from_secs(3), || {
+        exit = award.0.try_wait().unwrap();
+        exit.is_some()
+    });
+    let took = started.elapsed();
+    assert!(
+        exit.is_some_and(|e| e.success()),
+        "award under a memory alarm did not exit 0 within {bound:?} and 3 s ({exit:?} after {took:?})"
+    );
+    assert_eq!(t.totals().awards, 1, "the award is committed");
+    assert_eq!(
+        t.totals().delivered,
+        0,
+        "nothing is delivered under the alarm"
+    );
+    drop(restore);
+    let mut serve = KillOnDrop(
+        t.bin()
+            .args(common)
+            .arg("serve")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    t.wait_done(1, Duration::from_secs(60));
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &serve.0.id().to_string()])
+        .status();
+    wait_until(Duration::from_secs(30), || {
+        serve.0.try_wait().unwrap().is_some()
+    });
+    // Delivered once in effect: one delivery, one award completed. The copy the broker held
+    // when award gave up is routed once the alarm clears, beside the scan's resend; the
+    // delivery log makes the second change nothing.
+    let deliveries: i64 = (1..=t.settings.layout.db_count())
+        .map(|db| t.count(db, "SELECT COUNT(*) FROM delivery"))
+        .sum();
+    assert_eq!(deliveries, 1, "delivered once");
+    assert_eq!(t.totals(), Totals::done(1));
+}
