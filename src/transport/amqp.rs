@@ -297,35 +297,43 @@ async fn open_link(spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> lapin::Result<L
     // The topic's queue and its dead-letter queue. Classic (the original's): declared, durable
     // and without arguments, when they do not exist; a queue that exists is taken as it is (its
     // arguments, such as a length limit on the dead-letter queue, are the operator's). Quorum:
-    // always declared with --queue-type's arguments, so that one declared otherwise is refused
-    // by the broker (406: the argument that differs is named) and nothing is changed. A passive
-    // declare of a missing queue closes its channel, so each probe has a channel of its own.
+    // every queue that exists is declared again with --queue-type's arguments first, which
+    // changes nothing when they agree and is refused by the broker (406, naming the argument
+    // that differs) when they do not; only then are the missing ones created. So a refusal
+    // leaves the broker as it was. A passive declare of a missing queue closes its channel, so
+    // each probe has a channel of its own.
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let mut missing = Vec::new();
     for (q, arguments) in spec.topology.queues() {
-        if spec.topology.queue_type == QueueType::Classic {
-            let probe = conn.create_channel().await?;
-            let passive = QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            };
-            if probe
-                .queue_declare(q.as_str().into(), passive, FieldTable::default())
-                .await
-                .is_ok()
-            {
-                let _ = probe.close(200, "probed".into()).await;
-                continue;
-            }
+        let probe = conn.create_channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let exists = probe
+            .queue_declare(q.as_str().into(), passive, FieldTable::default())
+            .await
+            .is_ok();
+        if !exists {
+            missing.push((q, arguments));
+            continue;
         }
+        let _ = probe.close(200, "probed".into()).await;
+        if spec.topology.queue_type == QueueType::Quorum {
+            let check = conn.create_channel().await?;
+            check
+                .queue_declare(q.as_str().into(), durable, arguments)
+                .await?;
+            let _ = check.close(200, "checked".into()).await;
+        }
+    }
+    for (q, arguments) in missing {
         let declare = conn.create_channel().await?;
         declare
-            .queue_declare(
-                q.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                arguments,
-            )
+            .queue_declare(q.as_str().into(), durable, arguments)
             .await?;
         let _ = declare.close(200, "declared".into()).await;
     }
@@ -801,23 +809,7 @@ impl Transport for Amqp {
             );
             handles.push(crate::util::spawn(
                 format!("amqp-consumer-{i}"),
-                move || {
-                    let mut health = crate::consumer::StoreHealth::default();
-                    loop {
-                        select! {
-                            recv(stop_rx) -> _ => break,
-                            recv(rx) -> d => match d {
-                                Ok(first) => {
-                                    let batch = crate::util::drain_batch(&rx, first, CONSUME_BATCH);
-                                    let outcomes = handle_holding(&*handler, &batch, &stop_rx);
-                                    crate::crash::hit(crate::crash::Point::BeforeAck);
-                                    settle_batch(&inner, batch, outcomes, &mut health, &stop_rx);
-                                }
-                                Err(_) => break,
-                            },
-                        }
-                    }
-                },
+                move || consume(&inner, &*handler, &rx, &stop_rx),
             )?);
         }
         Ok(Box::new(AmqpConsumer {
@@ -828,27 +820,78 @@ impl Transport for Amqp {
     }
 }
 
-/// Handle a batch; while the store fails (outcomes `Retry`), hold the failed deliveries
-/// unacknowledged and handle them again (the handler backs off between tries), rather than
-/// requeueing them: on a quorum queue every requeue counts against the delivery limit, and an
-/// outage of our own store must not have the broker dead-letter good messages. The broker sends
-/// no more than the prefetch meanwhile. Holding ends when the batch goes through, the consumer
-/// stops (then they are requeued, once), or their channel is gone (the broker requeued them).
-fn handle_holding(handler: &dyn Handler, batch: &[Delivery], stop: &Receiver<()>) -> Vec<Handled> {
-    let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
-    let mut outcomes = handler.handle_batch(&bodies);
+/// How long a consumer thread holding deliveries waits for new ones before it tries the held
+/// ones again (the handler's own backoff comes on top).
+const HOLD_POLL: Duration = Duration::from_millis(100);
+
+/// One consumer thread: handle what arrives in batches and settle it. A delivery whose store
+/// write failed (outcome `Retry`) is held, unacknowledged, and handed to the handler again with
+/// the next batch, or on its own once nothing else arrives (the handler backs off between
+/// failing tries), rather than requeued: on a quorum queue every requeue counts against the
+/// delivery limit, and an outage of our own store must not have the broker dead-letter good
+/// messages. Everything else in a batch is settled at once, so one message the store cannot
+/// take holds up nothing but itself (and its prefetch slot). Held deliveries go back to the
+/// queue when the consumer stops (counted once), or when their channel is lost (the broker
+/// requeued them already: a restart, a failover, or the broker's consumer timeout).
+fn consume(
+    inner: &Arc<Inner>,
+    handler: &dyn Handler,
+    rx: &Receiver<Delivery>,
+    stop: &Receiver<()>,
+) {
+    let mut health = crate::consumer::StoreHealth::default();
+    let mut held: Vec<Delivery> = Vec::new();
     loop {
-        let failed: Vec<usize> = (0..batch.len())
-            .filter(|i| matches!(outcomes[*i], Handled::Retry(_)))
+        let first = if held.is_empty() {
+            select! {
+                recv(stop) -> _ => break,
+                recv(rx) -> d => match d {
+                    Ok(d) => Some(d),
+                    Err(_) => break,
+                },
+            }
+        } else {
+            // Held deliveries: try them again soon, with whatever arrives meanwhile.
+            select! {
+                recv(stop) -> _ => break,
+                recv(rx) -> d => match d {
+                    Ok(d) => Some(d),
+                    Err(_) => break,
+                },
+                default(HOLD_POLL) => None,
+            }
+        };
+        let mut batch = match first {
+            Some(d) => crate::util::drain_batch(rx, d, CONSUME_BATCH),
+            None => Vec::new(),
+        };
+        held.retain(|d| d.acker.usable());
+        batch.append(&mut held);
+        if batch.is_empty() {
+            continue;
+        }
+        let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
+        let outcomes = handler.handle_batch(&bodies);
+        crate::crash::hit(crate::crash::Point::BeforeAck);
+        let (mut now, mut now_outcomes) = (Vec::new(), Vec::new());
+        for (d, o) in batch.into_iter().zip(outcomes) {
+            if matches!(o, Handled::Retry(_)) {
+                held.push(d);
+            } else {
+                now.push(d);
+                now_outcomes.push(o);
+            }
+        }
+        if !now.is_empty() {
+            settle_batch(inner, now, now_outcomes, &mut health, stop);
+        }
+    }
+    if !held.is_empty() {
+        let retry = held
+            .iter()
+            .map(|_| Handled::Retry("the consumer stopped".into()))
             .collect();
-        let stopping = !matches!(stop.try_recv(), Err(crossbeam_channel::TryRecvError::Empty));
-        if failed.is_empty() || stopping || failed.iter().any(|i| !batch[*i].acker.usable()) {
-            return outcomes;
-        }
-        let again: Vec<&[u8]> = failed.iter().map(|i| bodies[*i]).collect();
-        for (i, o) in failed.into_iter().zip(handler.handle_batch(&again)) {
-            outcomes[i] = o;
-        }
+        settle_batch(inner, held, retry, &mut health, stop);
     }
 }
 

@@ -187,10 +187,29 @@ fn a_consumer_that_crashes_past_the_delivery_limit_has_the_message_dead_lettered
     // Each serve crashes on its first delivery, before the ack: the broker counts it.
     let mut crashes = 0;
     while dead_letters(&s) == 0 && crashes < 6 {
+        let mut serve = bin()
+            .args(["serve", "--crash-at", "before-ack:1"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         let started = Instant::now();
-        let out = run(bin().args(["serve", "--crash-at", "before-ack:1"]));
-        assert!(!out.status.success(), "serve did not crash");
-        assert!(started.elapsed() < Duration::from_secs(60));
+        let status = loop {
+            if let Some(status) = serve.try_wait().unwrap() {
+                break Some(status);
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                // Nothing to crash on: the message was dead-lettered meanwhile.
+                let _ = serve.kill();
+                let _ = serve.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50)); // polling pace
+        };
+        match status {
+            Some(status) => assert!(!status.success(), "serve did not crash"),
+            None => break,
+        }
         crashes += 1;
     }
     let letters = walk_dead_letters(&s, 10, |_| DeadLetterAction::Keep).unwrap();
@@ -212,39 +231,155 @@ fn a_consumer_that_crashes_past_the_delivery_limit_has_the_message_dead_lettered
     );
 }
 
+/// `rabbitmqctl list_queues name type arguments` lines of the queues whose names start with
+/// `prefix`, sorted.
+fn queues_of(prefix: &str) -> Vec<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name", "type", "arguments"])
+        .output()
+        .unwrap();
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
 #[test]
 fn a_queue_declared_classic_is_refused_with_quorum_and_left_unchanged() {
     let _g = crate::amqp::serial();
     let Some(url) = named(AMQP_VAR) else { return };
     let dir = tempfile::tempdir().unwrap();
-    // Connecting declares both queues classic.
+    // Connecting declares both queues classic; then the dead-letter queue is deleted, as the
+    // Java service's own broker has none.
     let s = broker_settings(dir.path(), &url, QueueType::Classic, 20);
     let _queues = Queues(s.clone());
-    let out = run(crate::cli::bin(dir.path())
-        .env("AMQP_URL", &url)
-        .env("BIG_MARKET_TOPIC", &s.topic)
-        .args(["--queue-type", "quorum", "serve"]));
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
+    for only_the_topic in [false, true] {
+        if only_the_topic {
+            assert!(std::process::Command::new("rabbitmqctl")
+                .args(["-q", "delete_queue", &format!("{}.dlq", s.topic)])
+                .status()
+                .unwrap()
+                .success());
+        }
+        let before = queues_of(&s.topic);
+        assert!(before.iter().all(|l| l.contains("classic")), "{before:?}");
+        let out = run(crate::cli::bin(dir.path())
+            .env("AMQP_URL", &url)
+            .env("BIG_MARKET_TOPIC", &s.topic)
+            .args(["--queue-type", "quorum", "serve"]));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("inequivalent arg") && err.contains("nothing was changed"),
+            "{err}"
+        );
+        assert_eq!(
+            err.trim()
+                .lines()
+                .filter(|l| l.starts_with("error:"))
+                .count(),
+            1,
+            "{err}"
+        );
+        assert_eq!(queues_of(&s.topic), before, "the broker's queues changed");
+    }
+}
+
+/// A handler whose store refuses the bodies that contain `bad` while `down` is set (backing
+/// off 100 ms a try, like the award consumer), and takes every other body. Counts each.
+struct OneShardDown {
+    down: AtomicBool,
+    good: AtomicU64,
+    bad_tries: AtomicU64,
+    bad_taken: AtomicU64,
+}
+
+impl Handler for OneShardDown {
+    fn handle(&self, body: &[u8]) -> Handled {
+        self.handle_batch(&[body]).pop().unwrap()
+    }
+
+    fn handle_batch(&self, bodies: &[&[u8]]) -> Vec<Handled> {
+        let mut failed = false;
+        let out = bodies
+            .iter()
+            .map(|b| {
+                if b.windows(3).any(|w| w == b"bad") {
+                    if self.down.load(Ordering::SeqCst) {
+                        self.bad_tries.fetch_add(1, Ordering::SeqCst);
+                        failed = true;
+                        return Handled::Retry("that shard is down".into());
+                    }
+                    self.bad_taken.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    self.good.fetch_add(1, Ordering::SeqCst);
+                }
+                Handled::Ack
+            })
+            .collect();
+        if failed {
+            std::thread::sleep(Duration::from_millis(100)); // the handler's backoff, not a wait for a condition
+        }
+        out
+    }
+}
+
+#[test]
+fn a_message_the_store_cannot_take_holds_up_nothing_but_itself() {
+    let _g = crate::amqp::serial();
+    let Some(url) = named(AMQP_VAR) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let s = quorum_settings(dir.path(), &url, 2);
+    let _queues = Queues(s.clone());
+    let amqp = Arc::new(Amqp::connect(s.amqp_url.as_ref().unwrap(), &s).unwrap());
+    assert!(wait_until(Duration::from_secs(10), || amqp.is_connected()));
+    let handler = Arc::new(OneShardDown {
+        down: AtomicBool::new(true),
+        good: AtomicU64::new(0),
+        bad_tries: AtomicU64::new(0),
+        bad_taken: AtomicU64::new(0),
+    });
+    let consumer = amqp.start_consumer(handler.clone(), 2).unwrap();
+    let message = |id: String, body: &str| Outgoing {
+        message_id: id,
+        body: body.into(),
+    };
+    // Two that the store cannot take first, one per consumer thread, then forty it can.
+    let bad: Vec<Outgoing> = (0..2).map(|i| message(format!("bad{i}"), "bad")).collect();
+    assert!(amqp.publish_batch(&bad, &|| true).iter().all(Result::is_ok));
+    assert!(wait_until(Duration::from_secs(10), || handler
+        .bad_tries
+        .load(Ordering::SeqCst)
+        >= 2));
+    let good: Vec<Outgoing> = (0..40).map(|i| message(format!("good{i}"), "ok")).collect();
+    assert!(amqp
+        .publish_batch(&good, &|| true)
+        .iter()
+        .all(Result::is_ok));
     assert!(
-        err.contains("x-queue-type") && err.contains("nothing was changed"),
-        "{err}"
+        wait_until(Duration::from_secs(20), || handler
+            .good
+            .load(Ordering::SeqCst)
+            == 40),
+        "the messages the store could take waited behind the ones it could not: {} of 40",
+        handler.good.load(Ordering::SeqCst)
     );
-    assert_eq!(
-        err.trim()
-            .lines()
-            .filter(|l| l.starts_with("error:"))
-            .count(),
-        1,
-        "{err}"
-    );
-    // Still classic: declaring it classic again succeeds.
-    Amqp::connect_once(&s).unwrap();
+    assert_eq!(dead_letters(&s), 0, "held messages were dead-lettered");
+    handler.down.store(false, Ordering::SeqCst);
+    assert!(wait_until(Duration::from_secs(20), || handler
+        .bad_taken
+        .load(Ordering::SeqCst)
+        == 2));
+    consumer.stop();
+    assert_eq!(dead_letters(&s), 0);
 }
 
 /// `rabbitmqctl -n NODE ARGS`, true on success.
