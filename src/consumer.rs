@@ -73,7 +73,7 @@ impl AwardConsumer {
                 let (wait, started) = health.failed();
                 drop(health);
                 if started {
-                    log::warn!("delivery paused: the store is failing ({cause}); messages go back to the queue after a backoff of up to {BACKOFF_MAX:?}, until a batch goes through");
+                    log::warn!("delivery paused: the store is failing ({cause}); the messages it could not take are tried again after a backoff of up to {BACKOFF_MAX:?} (on RabbitMQ they are held, unacknowledged), until a batch goes through");
                 } else {
                     log::debug!("delivery still failing, waiting {wait:?}: {cause}");
                 }

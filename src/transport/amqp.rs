@@ -216,12 +216,22 @@ async fn bounded_wait<F: Future>(f: F, limit: Duration) -> Option<F::Output> {
 /// The AMQP parts of a URL. amq-protocol's own errors may quote the URL, password included:
 /// the refusal says only what to check.
 fn amqp_uri(url: &str) -> Result<AMQPUri> {
-    url.parse::<AMQPUri>().map_err(|_| {
+    let mut uri = url.parse::<AMQPUri>().map_err(|_| {
         Error::Config(AmqpUrl::refusal(
             "is not a valid AMQP URL (check the escapes of its user, password and vhost, and its query parameters)",
         ))
-    })
+    })?;
+    // A node that stops answering without closing (a failover, a half-open connection) is
+    // found by missed heartbeats; RabbitMQ proposes 60 s, too long to wait before moving to
+    // the next node. `?heartbeat=N` in the URL overrides it.
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat = Some(HEARTBEAT);
+    }
+    Ok(uri)
 }
+
+/// The heartbeat asked of the broker, seconds, unless the URL says otherwise.
+const HEARTBEAT: u16 = 10;
 
 /// What a link is for.
 struct LinkSpec<'a> {
@@ -502,6 +512,15 @@ impl Inner {
             .is_some_and(Link::healthy)
     }
 
+    /// After a link to `node` was lost, start the next search at the node after it: a node that
+    /// went away is the last one to try again.
+    fn move_past(&self, node: &str) {
+        if let Some(i) = self.nodes.iter().position(|(_, shown)| shown == node) {
+            self.preferred
+                .store((i + 1) % self.nodes.len(), Ordering::SeqCst);
+        }
+    }
+
     /// One supervisor step: reconnect what is down. Returns whether everything is up.
     fn heal(&self) -> bool {
         let _healing = self.healing.lock().unwrap_or_else(|p| p.into_inner());
@@ -512,10 +531,15 @@ impl Inner {
             let old = self.publish.write().expect("publish lock").take();
             if let Some(old) = old {
                 old.close();
+                self.move_past(&old.node);
             }
             match self.connect_publisher() {
                 Ok(link) => {
                     *self.publish.write().expect("publish lock") = Some(link);
+                }
+                Err(Error::Config(why)) => {
+                    ok = false;
+                    log::error!("{why}");
                 }
                 Err(e) => {
                     ok = false;
@@ -538,6 +562,7 @@ impl Inner {
                 let lost = state.link.take();
                 if let Some(old) = &lost {
                     old.close();
+                    self.move_past(&old.node);
                 }
                 match self.connect_consumer(state.deliveries.clone()) {
                     Ok(link) => {

@@ -672,6 +672,7 @@ fn a_dead_letter_queue_that_refuses_publishes_slows_the_consumer_to_a_backoff_an
 
 #[test]
 fn a_wrong_amqp_password_is_refused_without_showing_it_in_any_output_or_log_line() {
+    let _g = serial();
     let Some(t) = TestStore::amqp() else { return };
     let wrong = "wr0ngpw4242";
     let parsed = url::Url::parse(t.amqp_url()).unwrap();

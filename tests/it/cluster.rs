@@ -410,6 +410,24 @@ fn leader(nodes: &[String], queue: &str) -> Option<String> {
     None
 }
 
+/// Child processes killed on drop, so that a failing assertion leaves none running.
+struct Children(Vec<std::process::Child>);
+
+impl Children {
+    fn take(mut self) -> Vec<std::process::Child> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Starts a stopped node again on drop, whatever the outcome.
 struct Restart(Option<String>);
 
@@ -445,15 +463,27 @@ fn load_through_a_node_stop_on_a_quorum_queue_delivers_every_award_once() {
             .env("BIG_MARKET_TOPIC", &s.topic)
             .env("BIG_MARKET_QUEUE_TYPE", "quorum")
             .env("BIG_MARKET_STALE_AFTER", "3s")
-            .env("BIG_MARKET_SCAN_INTERVAL", "500ms");
+            .env("BIG_MARKET_SCAN_INTERVAL", "500ms")
+            .env("RUST_LOG", "info");
         c
     };
+    let log = |name: &str| std::fs::File::create(dir.path().join(name)).unwrap();
     assert!(run(bin(rotated(0)).arg("init")).status.success());
-    // Two consumers connected to different nodes.
-    let serves: Vec<std::process::Child> = (0..2)
-        .map(|k| bin(rotated(k)).arg("serve").spawn().unwrap())
-        .collect();
+    // Two consumers connected to different nodes, and the load on the third; each logs its
+    // connections.
+    let serves = Children(
+        (0..2)
+            .map(|k| {
+                bin(rotated(k))
+                    .arg("serve")
+                    .stderr(log(&format!("serve{k}.log")))
+                    .spawn()
+                    .unwrap()
+            })
+            .collect(),
+    );
     let load = bin(rotated(2))
+        .stderr(log("load.log"))
         .args([
             "load",
             "--records",
@@ -473,6 +503,14 @@ fn load_through_a_node_stop_on_a_quorum_queue_delivers_every_award_once() {
         }),
         "the load did not start"
     );
+    let connects = || -> usize {
+        let logs: String = ["serve0.log", "serve1.log", "load.log"]
+            .iter()
+            .map(|f| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default())
+            .collect();
+        logs.matches("broker connected").count() + logs.matches("consumer connected").count()
+    };
+    let connected_before = connects();
     let lead = leader(&nodes, &s.topic).expect("the queue has a leader");
     let mut restart = Restart(Some(lead.clone()));
     assert!(rabbitmqctl(&lead, &["stop_app"]), "could not stop {lead}");
@@ -487,12 +525,18 @@ fn load_through_a_node_stop_on_a_quorum_queue_delivers_every_award_once() {
     let summary = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{summary}");
     assert!(summary.contains("delivered=10000"), "{summary}");
-    for mut serve in serves {
+    for mut serve in serves.take() {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &serve.id().to_string()])
             .status();
         assert!(serve.wait().unwrap().success());
     }
+    // A link that lost the stopped node and moved to another logs its connect again.
+    let connected_after = connects();
+    assert!(
+        connected_after > connected_before,
+        "no process reconnected after {lead} stopped ({connected_before} connects before, {connected_after} after)"
+    );
     let audit = run(bin(rotated(0)).args(["audit", "--older-than", "0s"]));
     assert!(
         audit.status.success(),
@@ -507,8 +551,9 @@ fn load_through_a_node_stop_on_a_quorum_queue_delivers_every_award_once() {
             )
         })
         .sum();
-    println!("leader {lead} stopped mid-load; receipts={receipts} for 10000 deliveries");
-    assert!(receipts >= 10_000);
+    println!(
+        "leader {lead} stopped mid-load; receipts={receipts} for 10000 deliveries; connects {connected_before} -> {connected_after}"
+    );
     let types = std::process::Command::new("rabbitmqctl")
         .args(["-q", "-n", &nodes[0], "list_queues", "name", "type"])
         .output()

@@ -942,8 +942,8 @@ fn award_cmd(t: &TestStore, store: &str, order: &str) -> std::process::Output {
 
 /// [`award_cmd`] with `--mysql-timeout`.
 fn award_cmd_with(t: &TestStore, store: &str, order: &str, timeout: &str) -> std::process::Output {
-    t.bin()
-        .env("BIG_MARKET_STORE", store)
+    let mut cmd = t.bin();
+    cmd.env("BIG_MARKET_STORE", store)
         .env("BIG_MARKET_MYSQL_TIMEOUT", timeout)
         .args([
             "award",
@@ -959,9 +959,9 @@ fn award_cmd_with(t: &TestStore, store: &str, order: &str, timeout: &str) -> std
             "101",
             "--award-title",
             "OpenAI 增加使用次数",
-        ])
-        .output()
-        .unwrap()
+        ]);
+    // Bounded: a regression of the deadlines under test fails the test instead of hanging it.
+    bounded(cmd, Duration::from_secs(120))
 }
 
 /// Award records of `order` (xiaofuge's split table).

@@ -204,7 +204,9 @@ fn run_group(
 ) -> std::result::Result<Vec<Result<Reply>>, GroupError> {
     let commit_sent = Cell::new(false);
     match run_group_with(db, conn, ops, consecutive_ids, &commit_sent) {
-        Err(GroupError::Failed(e)) if commit_sent.get() && server_code(&e).is_none() => {
+        Err(GroupError::Failed(e))
+            if commit_sent.get() && (server_code(&e).is_none() || cut_short(&e)) =>
+        {
             Err(GroupError::Unknown(e))
         }
         other => other,
@@ -259,6 +261,13 @@ enum Alone {
     Mixed { together_ok: bool },
 }
 
+/// Whether the server answered that it cut the statement short itself (the connection killed,
+/// the server shutting down, the query interrupted): an answer, but not a refusal, so a
+/// `COMMIT` in flight may or may not have been kept.
+fn cut_short(e: &mysql::Error) -> bool {
+    matches!(server_code(e), Some(1927 | 1053 | 1317))
+}
+
 /// Run a group of one kind as its own transaction, begun and committed by its scripts.
 fn run_alone(
     conn: &mut mysql::Conn,
@@ -269,7 +278,7 @@ fn run_alone(
     match run(conn, as_tx, ops) {
         Ok(Some(replies)) => Ok(Alone::Done(replies)),
         Ok(None) => Ok(Alone::Mixed { together_ok: true }),
-        Err(e) if server_code(&e).is_some() => {
+        Err(e) if server_code(&e).is_some() && !cut_short(&e) => {
             // The server refused a statement and stopped there, before the COMMIT.
             as_tx.commit_sent.set(false);
             conn.query_drop("ROLLBACK")?;

@@ -470,7 +470,9 @@ pub(crate) fn requeue(
 pub(crate) fn purge_completed(q: &mut impl Queryable, before_ms: i64) -> Sql<usize> {
     changed(
         q,
-        "DELETE FROM task WHERE state = 'completed' AND update_time < FROM_UNIXTIME(? / 1000)",
+        // Only ours (with a sequence number): the Java service's rows are its own, and the audit
+        // tells the original's awards apart by them.
+        "DELETE FROM task WHERE state = 'completed' AND seq IS NOT NULL AND update_time < FROM_UNIXTIME(? / 1000)",
         (before_ms,),
     )
 }
