@@ -33,8 +33,8 @@
 //! Beside `mysql_e2e_limit` and `pipeline` it prints the statements and commits the servers ran
 //! per award (their global `Questions` and `Com_commit`; other clients of the servers count too).
 //!
-//! `bench --sweep` measures the ceilings, the original's design and the pipeline (and, with
-//! `--http`, the HTTP API) at 16, 64 and 256 callers ([`SWEEP_CALLERS`]) on the same store and
+//! `bench --sweep` ([`crate::sweep`]) measures the ceilings, the original's design and the
+//! pipeline (and, with `--http`, the HTTP API) at 16, 64 and 256 callers on the same store and
 //! transport, prints one table and one JSON line per caller count, and with `--plot FILE` draws
 //! them as an SVG line chart (awards/s per caller count, save p99 on a second axis).
 
@@ -331,7 +331,7 @@ fn mysql_naive_phase(
         .map(|d| SeedDatabase::open(d, SEED_POOL, s))
         .collect::<Result<_>>()?;
     let transport = SeedTransport::start(s)?;
-    let recs = records(n, 'n');
+    let recs = records(n, '3');
     let elapsed = on_threads(threads, n, |i| {
         let r = &recs[i];
         let at = route(r.user_id.as_str(), s.layout);
