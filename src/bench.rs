@@ -167,25 +167,45 @@ fn amqp(url: &AmqpUrl, s: &Settings) -> Result<Amqp> {
     Ok(t)
 }
 
-fn transport(s: &Settings) -> Result<Arc<dyn Transport>> {
+/// The RabbitMQ queue of a phase (none in-process), deleted when the phase is done.
+struct Queue(Option<Arc<Amqp>>);
+
+impl Queue {
+    /// Delete the queue (and its dead-letter queue) once the phase's service has stopped.
+    fn delete(self) -> Result<()> {
+        match self.0 {
+            Some(a) => a.delete_queue(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The configured transport for a phase, and its queue.
+fn transport(s: &Settings) -> Result<(Arc<dyn Transport>, Queue)> {
     match &s.amqp_url {
-        Some(url) => Ok(Arc::new(amqp(url, s)?)),
-        None => Ok(Arc::new(InProcess::new(s.publish_timeout()))),
+        Some(url) => {
+            let a = Arc::new(amqp(url, s)?);
+            Ok((a.clone(), Queue(Some(a))))
+        }
+        None => Ok((Arc::new(InProcess::new(s.publish_timeout())), Queue(None))),
     }
 }
 
 /// A service on a fresh directory (or fresh scratch databases, which it initialises as `init`
-/// would) with its consumer, so that it delivers what it saves.
-fn start_service(s: &Settings) -> Result<Service> {
+/// would) with its consumer, so that it delivers what it saves; and its queue, to delete after
+/// its shutdown.
+fn start_service(s: &Settings) -> Result<(Service, Queue)> {
     drop(Store::open(s, true)?);
-    Service::start(
+    let (t, queue) = transport(s)?;
+    let service = Service::start(
         s.clone(),
-        transport(s)?,
+        t,
         Parts {
             consumer: true,
             scanner_loop: false,
         },
-    )
+    )?;
+    Ok((service, queue))
 }
 
 /// Wait until the service has delivered `n` awards (bounded), then return the time since `start`.
@@ -220,32 +240,20 @@ fn rate(n: usize, d: Duration) -> f64 {
 /// confirm.
 struct SeedTransport {
     t: Arc<dyn Transport>,
-    amqp: Option<Arc<Amqp>>,
+    queue: Queue,
     consumer: Option<Box<dyn crate::transport::ConsumerHandle>>,
 }
 
 impl SeedTransport {
     fn start(s: &Settings) -> Result<SeedTransport> {
-        match &s.amqp_url {
-            Some(url) => {
-                let a = Arc::new(amqp(url, s)?);
-                Ok(SeedTransport {
-                    t: a.clone(),
-                    amqp: Some(a),
-                    consumer: None,
-                })
-            }
+        let (t, queue) = transport(s)?;
+        let consumer = match queue.0 {
+            Some(_) => None,
             None => {
-                let t: Arc<dyn Transport> = Arc::new(InProcess::new(s.publish_timeout()));
-                let consumer =
-                    t.start_consumer(Arc::new(Counting(AtomicUsize::new(0))), s.consumer_threads)?;
-                Ok(SeedTransport {
-                    t,
-                    amqp: None,
-                    consumer: Some(consumer),
-                })
+                Some(t.start_consumer(Arc::new(Counting(AtomicUsize::new(0))), s.consumer_threads)?)
             }
-        }
+        };
+        Ok(SeedTransport { t, queue, consumer })
     }
 
     /// Publish one message and wait for its confirm.
@@ -267,10 +275,7 @@ impl SeedTransport {
         if let Some(c) = self.consumer {
             c.stop();
         }
-        match self.amqp {
-            Some(a) => a.delete_queue(),
-            None => Ok(()),
-        }
+        self.queue.delete()
     }
 }
 
@@ -578,9 +583,10 @@ fn measure(base: &Settings, opts: &BenchOptions, print: &Print) -> Result<Figure
         opts.threads
     ));
     let s = fresh(base, &tmp, "pipeline");
-    let service = start_service(&s)?;
+    let (service, queue) = start_service(&s)?;
     pipeline_phase(&service, opts.threads, n, &mut f)?;
     service.shutdown()?;
+    queue.delete()?;
     show(format!(
         "pipeline      {:>10.0} awards/s end to end  (save p50 {:.2} ms, p99 {:.2} ms)",
         f.pipeline, f.save_p50_ms, f.save_p99_ms
@@ -589,9 +595,10 @@ fn measure(base: &Settings, opts: &BenchOptions, print: &Print) -> Result<Figure
     // 4b. The same pipeline for callers that save in batches.
     say("pipeline_batched: save_awards, 100 awards per call, until the last is delivered");
     let s = fresh(base, &tmp, "pipeline_batched");
-    let service = start_service(&s)?;
+    let (service, queue) = start_service(&s)?;
     f.pipeline_batched = batched_phase(&service, opts.threads, n)?;
     service.shutdown()?;
+    queue.delete()?;
     show(format!(
         "pipeline_batched {:>7.0} awards/s end to end  (save_awards, 100 per call)",
         f.pipeline_batched
@@ -640,7 +647,8 @@ fn measure(base: &Settings, opts: &BenchOptions, print: &Print) -> Result<Figure
 /// `n` awards saved from `threads` callers while the broker is down, then the scanner sends the
 /// backlog: fills the drain rate and the backlog's peak memory.
 fn drain_phase(s: &Settings, threads: usize, n: usize, f: &mut Figures) -> Result<()> {
-    let faulty = Arc::new(Faulty::new(transport(s)?));
+    let (t, queue) = transport(s)?;
+    let faulty = Arc::new(Faulty::new(t));
     let service = Service::start(
         s.clone(),
         faulty.clone(),
@@ -670,7 +678,8 @@ fn drain_phase(s: &Settings, threads: usize, n: usize, f: &mut Figures) -> Resul
             report.relayed.completed
         )));
     }
-    service.shutdown()
+    service.shutdown()?;
+    queue.delete()
 }
 
 /// Fresh MySQL databases for one phase (`<name>_b<digits><phase>`), dropped afterwards.
@@ -716,7 +725,8 @@ fn http_phase(s: &Settings, threads: usize, n: usize, f: &mut Figures) -> Result
     eprintln!(
         "bench: http: POST /api/v1/awards from {threads} keep-alive clients, until the last is delivered"
     );
-    let service = Arc::new(start_service(s)?);
+    let (service, queue) = start_service(s)?;
+    let service = Arc::new(service);
     let server = crate::http::HttpServer::start(
         crate::http::HttpConfig::local("127.0.0.1:0"),
         service.clone(),
@@ -737,7 +747,8 @@ fn http_phase(s: &Settings, threads: usize, n: usize, f: &mut Figures) -> Result
     server.stop();
     Arc::try_unwrap(service)
         .map_err(|_| Error::Config("http bench still holds the service".into()))?
-        .shutdown()
+        .shutdown()?;
+    queue.delete()
 }
 
 /// `save_awards` from `threads` callers, 100 awards per call, until the last is delivered.
@@ -853,11 +864,12 @@ fn run_mysql(
         opts.threads
     ));
     let scratch = Scratch::new(base, dbs, 'p');
-    let service = start_service(&scratch.settings)?;
+    let (service, queue) = start_service(&scratch.settings)?;
     let before = mysql_server_work(dbs)?;
     pipeline_phase(&service, opts.threads, n, &mut f)?;
     let (statements, commits) = mysql_server_work(dbs)?.per_award(before, n);
     service.shutdown()?;
+    queue.delete()?;
     drop(scratch);
     f.pipeline_over_mysql_e2e_limit = Some(f.pipeline / limit);
     f.pipeline_over_naive = Some(f.pipeline / naive);
@@ -875,9 +887,10 @@ fn run_mysql(
 
     say("pipeline_batched: save_awards, 100 awards per call, until the last is delivered");
     let scratch = Scratch::new(base, dbs, 'b');
-    let service = start_service(&scratch.settings)?;
+    let (service, queue) = start_service(&scratch.settings)?;
     f.pipeline_batched = batched_phase(&service, opts.threads, n)?;
     service.shutdown()?;
+    queue.delete()?;
     drop(scratch);
     show(format!(
         "pipeline_batched {:>7.0} awards/s end to end  (save_awards, 100 per call; {:.2} x mysql_e2e_limit)",
