@@ -229,11 +229,23 @@ enum Command {
         #[arg(long, default_value_t = 20000, value_parser = count::<usize, 10_000_000>)]
         records: usize,
         /// Caller threads (1 to 1024).
-        #[arg(long, default_value_t = 16, value_parser = count::<usize, 1024>)]
+        #[arg(long, default_value_t = 16, value_parser = count::<usize, 1024>,
+              conflicts_with = "sweep")]
         threads: usize,
-        /// Also measure POST /api/v1/awards through the HTTP server on loopback.
+        /// Also measure POST /api/v1/awards through the HTTP server on loopback (with --sweep,
+        /// over as many keep-alive connections as callers at each count).
         #[arg(long)]
         http: bool,
+        /// Measure the ceilings, the original's design and the pipeline at 16, 64 and 256
+        /// callers instead of --threads (without the backlog drain); print one table and one
+        /// JSON line per caller count.
+        #[arg(long)]
+        sweep: bool,
+        /// With --sweep: draw the sweep as an SVG line chart in FILE (awards/s per caller count
+        /// for the pipeline, batched saves, the original's design and every ceiling; save p99
+        /// on a second axis).
+        #[arg(long, value_name = "FILE", requires = "sweep")]
+        plot: Option<std::path::PathBuf>,
     },
     /// Copy every shard file into a directory while `serve` (or anything else) runs: one file
     /// per shard, named as the shards are, each consistent as of one moment. The copy opens as
@@ -522,19 +534,22 @@ pub fn run(cli: Cli) -> Result<()> {
             records,
             threads,
             http,
+            sweep,
+            plot,
         } => {
             if records == 0 || threads == 0 {
                 return Err(Error::invalid("records/threads", "must be at least 1"));
             }
-            crate::bench::run(
-                &settings,
-                &crate::bench::BenchOptions {
-                    records,
-                    threads,
-                    http,
-                },
-            )
-            .map(|_| ())
+            let opts = crate::bench::BenchOptions {
+                records,
+                threads,
+                http,
+            };
+            if sweep {
+                crate::sweep::run(&settings, &opts, plot.as_deref()).map(|_| ())
+            } else {
+                crate::bench::run(&settings, &opts).map(|_| ())
+            }
         }
     }
 }

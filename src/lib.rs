@@ -34,6 +34,7 @@
 //!   award's wire form;
 //! - [`load`]: the `load` workload (many writers, wait for delivery);
 //! - [`mod@bench`]: the side-by-side benchmark behind `big-market bench`;
+//! - [`sweep`]: `bench --sweep`, the bench at several caller counts, its table and SVG chart;
 //! - [`cli`]: the command line; `main.rs` only calls it;
 //! - [`util`]: clock, random source, bounded waiting.
 #![forbid(unsafe_code)]
@@ -60,6 +61,7 @@ pub mod router;
 pub mod scanner;
 pub mod service;
 pub mod store;
+pub mod sweep;
 pub mod transport;
 pub mod util;
 pub mod verify;

@@ -29,7 +29,7 @@ use self::{mysql as backend_mysql, sqlite as backend_sqlite};
 
 /// Bench and verify reach the backends' direct access through these (crate-private).
 pub(crate) use self::{
-    backend_mysql::ceiling::{mysql_e2e_batches, mysql_server_work},
+    backend_mysql::ceiling::{mysql_e2e_batches, mysql_server_work, SeedDatabase},
     backend_mysql::scratch::Scratch,
     backend_sqlite::ceiling::Direct,
 };

@@ -209,10 +209,12 @@ fn help_explains_every_flag_and_its_environment_variable() {
 
 #[test]
 fn bench_runs_every_phase_and_ends_with_one_json_line_of_figures() {
+    // 256 callers over two shard files: the original's design among them too, whose callers
+    // once ran into SQLite's busy timeout ("database is locked").
     let dir = tempfile::tempdir().unwrap();
     let out = bin(dir.path())
         .env("TMPDIR", dir.path())
-        .args(["bench", "--records", "300", "--threads", "4", "--http"])
+        .args(["bench", "--records", "600", "--threads", "256", "--http"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -228,20 +230,110 @@ fn bench_runs_every_phase_and_ends_with_one_json_line_of_figures() {
         "save_p99_ms",
         "peak_rss_mb",
         "pipeline_over_naive",
+        "http",
     ] {
         assert!(
             v[key].as_f64().is_some_and(|x| x > 0.0),
             "{key} missing or zero in {last}"
         );
     }
+    assert_eq!(v["threads"], 256, "{last}");
     assert!(
-        v["broker_limit"].is_null(),
-        "no broker figure without --amqp-url"
+        v["broker_limit"].is_null() && v["mysql_naive"].is_null(),
+        "no broker figure without --amqp-url, no MySQL figure without --store: {last}"
+    );
+    assert!(
+        stdout.lines().any(|l| l.starts_with("naive ")),
+        "the naive figure is printed: {stdout}"
     );
     assert!(
         !dir.path().join("data").exists(),
         "the bench works on temporary shards only"
     );
+}
+
+#[test]
+fn bench_sweep_prints_a_table_and_a_json_line_per_caller_count_and_draws_them_as_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let plot = dir.path().join("sweep.svg");
+    let out = bin(dir.path())
+        .env("TMPDIR", dir.path())
+        .args(["bench", "--sweep", "--records", "200", "--http", "--plot"])
+        .arg(&plot)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let points: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let callers: Vec<u64> = points
+        .iter()
+        .map(|p| p["threads"].as_u64().unwrap())
+        .collect();
+    assert_eq!(callers, [16, 64, 256], "{stdout}");
+    for p in &points {
+        for key in [
+            "sqlite_e2e_limit",
+            "naive",
+            "pipeline",
+            "pipeline_batched",
+            "http",
+            "save_p99_ms",
+            "pipeline_batched_over_e2e_limit",
+        ] {
+            assert!(p[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {p}");
+        }
+        assert!(p["drain"].is_null(), "a sweep does not drain: {p}");
+    }
+    let table: Vec<&str> = stdout.lines().filter(|l| l.starts_with('|')).collect();
+    assert_eq!(
+        table.len(),
+        2 + 3,
+        "a header, its rule and a row per point: {stdout}"
+    );
+    for (row, n) in table[2..].iter().zip(["16", "64", "256"]) {
+        assert!(row.starts_with(&format!("| {n} |")), "{row}");
+    }
+
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    let doc = roxmltree::Document::parse(&svg).unwrap();
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    let labels: Vec<&str> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .filter_map(|n| n.text())
+        .map(str::trim)
+        .collect();
+    for name in [
+        "pipeline",
+        "pipeline_batched",
+        "sqlite_limit",
+        "sqlite_e2e_limit",
+        "naive",
+        "http",
+        "save_p99_ms",
+        "http_p99_ms",
+    ] {
+        assert!(
+            labels.contains(&name),
+            "{name} not in the chart: {labels:?}"
+        );
+    }
+    assert!(
+        !dir.path().join("data").exists(),
+        "the sweep works on temporary shards only"
+    );
+
+    let help = text(&run(dir.path(), &["bench", "--help"]).stdout);
+    assert!(
+        help.contains("--sweep") && help.contains("--plot <FILE>") && help.contains("256"),
+        "{help}"
+    );
+    let alone = run(dir.path(), &["bench", "--plot", "x.svg"]);
+    assert!(!alone.status.success(), "--plot needs --sweep");
 }
 
 #[test]

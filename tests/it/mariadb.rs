@@ -711,14 +711,16 @@ fn quotes_backslashes_and_any_unicode_in_values_are_stored_exactly() {
 }
 
 #[test]
-fn bench_on_mariadb_prints_the_ceiling_the_pipeline_and_their_server_work_and_cleans_up() {
+fn bench_on_mariadb_prints_the_ceiling_the_originals_design_the_pipeline_and_their_server_work_and_cleans_up(
+) {
     use mysql::prelude::Queryable;
     let Some(t) = TestStore::mariadb() else {
         return;
     };
+    // 256 callers: more than the original's pool has connections, so they queue for them.
     let out = t
         .bin()
-        .args(["bench", "--records", "300", "--threads", "4"])
+        .args(["bench", "--records", "600", "--threads", "256"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -731,6 +733,8 @@ fn bench_on_mariadb_prints_the_ceiling_the_pipeline_and_their_server_work_and_cl
     for key in [
         "mysql_e2e_limit",
         "mysql_group_limit",
+        "mysql_naive",
+        "pipeline_over_naive",
         "pipeline",
         "pipeline_batched",
         "mysql_e2e_statements_per_award",
@@ -739,6 +743,11 @@ fn bench_on_mariadb_prints_the_ceiling_the_pipeline_and_their_server_work_and_cl
     ] {
         assert!(figures[key].as_f64().unwrap() > 0.0, "{key}: {figures}");
     }
+    assert!(
+        stdout.lines().any(|l| l.starts_with("mysql_naive ")),
+        "the original's design is printed beside the ceiling: {stdout}"
+    );
+    assert!(figures["naive"].is_null(), "no SQLite figure: {figures}");
     // A pipeline commits each award at least twice (its save, its delivery) in groups of at
     // most the callers per database; the ceiling commits once per 1,000.
     assert!(

@@ -125,3 +125,74 @@ pub(crate) fn mysql_server_work(dbs: &[crate::config::MysqlDatabase]) -> Result<
     }
     Ok(total)
 }
+
+/// The seed's design on one MySQL database, for the bench's `mysql_naive`: its statements (the
+/// award into its split table and the task in one transaction, then the task's completion on its
+/// own, as the seed's mapper and `AwardRepository` run them), prepared, through a pool of
+/// connections that callers take one statement group at a time.
+pub(crate) struct SeedDatabase {
+    pool: mysql::Pool,
+    shown: String,
+}
+
+impl SeedDatabase {
+    /// A pool of at most `connections` sessions on database `d` (created by `Store::open`).
+    pub(crate) fn open(
+        d: &crate::config::MysqlDatabase,
+        connections: usize,
+        settings: &crate::config::Settings,
+    ) -> Result<SeedDatabase> {
+        Ok(SeedDatabase {
+            pool: super::pool(d, true, connections.max(1), settings)?,
+            shown: d.shown.clone(),
+        })
+    }
+
+    fn error(&self, what: &str) -> impl Fn(mysql::Error) -> Error + '_ {
+        let what = what.to_string();
+        move |err| Error::storage(format!("{what} on {}", self.shown), err)
+    }
+
+    /// The seed's `saveUserAwardRecord` transaction: the award into split table `table` and
+    /// its task (`message_id`, `message`), committed together.
+    pub(crate) fn save(
+        &self,
+        table: &str,
+        record: &AwardRecord,
+        topic: &str,
+        message_id: &str,
+        message: &str,
+    ) -> Result<()> {
+        use mysql::prelude::Queryable;
+        let e = self.error("naive save");
+        let mut conn = self.pool.get_conn().map_err(&e)?;
+        let mut tx = conn
+            .start_transaction(mysql::TxOpts::default())
+            .map_err(&e)?;
+        super::sql::insert_awards(
+            &mut tx,
+            table,
+            &[super::sql::NewAward::of(record)],
+            crate::util::now_ms(),
+        )
+        .map_err(&e)?;
+        tx.exec_drop(
+            "INSERT INTO task (user_id, topic, message_id, message, state, create_time, update_time) VALUES (?, ?, ?, ?, 'create', now(), now())",
+            (record.user_id.as_str(), topic, message_id, message),
+        )
+        .map_err(&e)?;
+        tx.commit().map_err(&e)
+    }
+
+    /// The seed's `updateTaskSendMessageCompleted`, a statement (and transaction) of its own.
+    pub(crate) fn complete(&self, user_id: &str, message_id: &str) -> Result<()> {
+        use mysql::prelude::Queryable;
+        let e = self.error("naive completion");
+        let mut conn = self.pool.get_conn().map_err(&e)?;
+        conn.exec_drop(
+            "UPDATE task SET state = 'completed', update_time = now() WHERE user_id = ? AND message_id = ?",
+            (user_id, message_id),
+        )
+        .map_err(&e)
+    }
+}
