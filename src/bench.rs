@@ -377,14 +377,16 @@ fn on_shards(
     ready()?;
     let start = Instant::now();
     std::thread::scope(|scope| -> Result<()> {
-        let handles: Vec<_> = per_db
+        let handles = per_db
             .iter()
             .enumerate()
             .map(|(i, rs)| {
                 let f = &f;
-                scope.spawn(move || f(i as u32 + 1, rs))
+                crate::util::spawn_scoped(scope, format!("bench-db-{:02}", i + 1), move || {
+                    f(i as u32 + 1, rs)
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         handles
             .into_iter()
             .try_for_each(|h| h.join().expect("bench thread"))
