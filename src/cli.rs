@@ -692,7 +692,12 @@ fn serve(settings: Settings, http: Option<crate::http::HttpConfig>) -> Result<()
     };
     // Under systemd (Type=notify): ready once the shards are open and the transport is up, or
     // after a bounded wait for the broker (it keeps retrying; a start never hangs on it).
-    let connected = crate::util::wait_until(READY_WAIT, || service.transport().is_connected());
+    // A signal during that wait is the first signal: the stop is not put off by it.
+    let mut early = None;
+    let connected = crate::util::wait_until(READY_WAIT, || {
+        early = early.or_else(|| signals.pending().next());
+        early.is_some() || service.transport().is_connected()
+    }) && early.is_none();
     notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(if connected {
@@ -702,7 +707,7 @@ fn serve(settings: Settings, http: Option<crate::http::HttpConfig>) -> Result<()
         }),
     ]);
     log::info!("serving; send SIGINT or SIGTERM to stop");
-    let first = signals.forever().next();
+    let first = early.or_else(|| signals.forever().next());
     notify(&[sd_notify::NotifyState::Stopping]);
     log::info!("signal {first:?} received: shutting down (send it again to exit at once; committed work is kept)");
     crate::util::spawn("second-signal", move || {

@@ -372,6 +372,17 @@ impl AmqpNode {
         if host.is_empty() {
             return Err("names no host".into());
         }
+        // An `@` past the host means a password with an unescaped `/`, `?` or `#` in it, which
+        // would be read as the path and shown: refused, to be written with %2F, %3F or %23.
+        if parsed.path().contains('@')
+            || parsed.query().is_some_and(|q| q.contains('@'))
+            || parsed.fragment().is_some_and(|f| f.contains('@'))
+        {
+            return Err(
+                "has an '@' after its host (escape '/', '?' and '#' in the password as %2F, %3F and %23)"
+                    .into(),
+            );
+        }
         let port = parsed.port().unwrap_or(if parsed.scheme() == "amqps" {
             5671
         } else {

@@ -199,6 +199,12 @@ impl Publisher {
                         .retry
                         .after_failure(&f, task.attempts, now, rand)
                     {
+                        // A copy may still be routed: nobody sends it again within a lease.
+                        Next::RetryAt { attempts, .. }
+                            if matches!(f, crate::retry::PublishFailure::Unconfirmed(_)) =>
+                        {
+                            (TaskState::Fail, attempts, now.saturating_add(lease_ms))
+                        }
                         Next::RetryAt { at_ms, attempts } => (TaskState::Fail, attempts, at_ms),
                         Next::Dead { attempts } => (TaskState::Dead, attempts, now),
                     };

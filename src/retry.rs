@@ -10,6 +10,11 @@ pub enum PublishFailure {
     Unavailable(String),
     /// The broker refused this message (nack, unroutable, too large): counted as an attempt.
     Rejected(String),
+    /// The message was handed to the transport and no confirm came (a broker that holds it, a
+    /// link lost after the hand-over, a consumer that did not answer in time): it may still be
+    /// routed. Not counted; its task is due again only after a lease, so that another copy does
+    /// not join the one that may still be in flight.
+    Unconfirmed(String),
 }
 
 impl PublishFailure {
@@ -20,7 +25,9 @@ impl PublishFailure {
     /// The reason text.
     pub fn reason(&self) -> &str {
         match self {
-            PublishFailure::Unavailable(r) | PublishFailure::Rejected(r) => r,
+            PublishFailure::Unavailable(r)
+            | PublishFailure::Rejected(r)
+            | PublishFailure::Unconfirmed(r) => r,
         }
     }
 }

@@ -779,9 +779,9 @@ impl Transport for Amqp {
             let mut out = Vec::with_capacity(pending.len());
             for p in pending {
                 out.push(match p {
-                    Err(e) => Err(PublishFailure::Unavailable(format!("publish failed: {e}"))),
+                    Err(e) => Err(PublishFailure::Unconfirmed(format!("publish failed: {e}"))),
                     Ok(confirm) => match held(&link, confirm, &mut deadline, publish_timeout, hold, &mut warned).await {
-                        None => Err(PublishFailure::Unavailable(format!("no confirm within the batch deadline of {publish_timeout:?}"))),
+                        None => Err(PublishFailure::Unconfirmed(format!("no confirm within the batch deadline of {publish_timeout:?}"))),
                         Some(Ok(Confirmation::Ack(None))) => Ok(()),
                         Some(Ok(Confirmation::Ack(Some(returned)))) | Some(Ok(Confirmation::Nack(Some(returned)))) => Err(PublishFailure::Rejected(format!(
                             "returned by the broker as unroutable: {} {} (does queue {queue} exist?)",
@@ -789,7 +789,7 @@ impl Transport for Amqp {
                         ))),
                         Some(Ok(Confirmation::Nack(None))) => Err(PublishFailure::Rejected("nacked by the broker".into())),
                         Some(Ok(Confirmation::NotRequested)) => Err(PublishFailure::Unavailable("the channel is not in confirm mode".into())),
-                        Some(Err(e)) => Err(PublishFailure::Unavailable(format!("no confirm: {e}"))),
+                        Some(Err(e)) => Err(PublishFailure::Unconfirmed(format!("no confirm: {e}"))),
                     },
                 });
                 if out.len() == 1 {

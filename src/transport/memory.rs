@@ -101,7 +101,8 @@ impl Transport for InProcess {
                     Some(Ok(Handled::Ack)) => Ok(()),
                     Some(Ok(Handled::Reject(r))) => Err(PublishFailure::Rejected(r)),
                     Some(Ok(Handled::Retry(r))) => Err(PublishFailure::Unavailable(r)),
-                    Some(Err(_)) | None => Err(PublishFailure::Unavailable(
+                    // Still queued: the consumer may handle it later.
+                    Some(Err(_)) | None => Err(PublishFailure::Unconfirmed(
                         "the in-process consumer did not answer".into(),
                     )),
                 };

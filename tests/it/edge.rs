@@ -401,3 +401,33 @@ fn a_backup_appears_whole_or_not_at_all_and_never_overwrites() {
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
 }
+
+#[test]
+fn serve_stops_at_once_on_sigterm_while_it_waits_for_a_broker_that_refuses() {
+    let t = TestStore::new(Kind::Sqlite);
+    let serve = Running(Some(
+        t.bin()
+            .arg("serve")
+            .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:9/%2f")
+            .spawn()
+            .unwrap(),
+    ));
+    assert!(
+        wait_until(Duration::from_secs(30), || t.ready()),
+        "serve did not open its shards"
+    );
+    let sent = Instant::now();
+    let pid = serve.0.as_ref().unwrap().id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = serve.wait(Duration::from_secs(60));
+    let took = sent.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        took < Duration::from_secs(15),
+        "serve took {took:?} to stop: it waited for the broker before reading the signal"
+    );
+}
