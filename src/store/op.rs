@@ -160,6 +160,34 @@ pub(crate) enum Reply {
     Renewed(Vec<i64>),
 }
 
+/// Mark each failure with `mark` (one row's update, the backend's statement); the number of
+/// tasks marked. Both backends run a `MarkFailed` this way.
+pub(crate) fn mark_each<E>(
+    failures: &[Failure],
+    mut mark: impl FnMut(&Failure) -> std::result::Result<usize, E>,
+) -> std::result::Result<Reply, E> {
+    let mut n = 0;
+    for f in failures {
+        n += mark(f)?;
+    }
+    Ok(Reply::Count(n))
+}
+
+/// Renew each task's lease with `renew` (one row's update, changing 1 row while the owner still
+/// holds the claim); the ids renewed. Both backends run a `Renew` this way.
+pub(crate) fn renew_each<E>(
+    ids: &[i64],
+    mut renew: impl FnMut(i64) -> std::result::Result<usize, E>,
+) -> std::result::Result<Reply, E> {
+    let mut renewed = Vec::with_capacity(ids.len());
+    for id in ids {
+        if renew(*id)? == 1 {
+            renewed.push(*id);
+        }
+    }
+    Ok(Reply::Renewed(renewed))
+}
+
 impl Reply {
     /// The reply of an op that counts rows.
     pub(crate) fn count(self) -> usize {

@@ -11,7 +11,7 @@ use mysql::prelude::Queryable;
 use super::{lane_of, sql};
 use crate::error::{Error, Result};
 use crate::model::{AwardRecord, EventMessage, MessageId};
-use crate::store::op::{Delivered, Op, Reply, SavedTask};
+use crate::store::op::{self, Delivered, Op, Reply, SavedTask};
 use crate::store::Batch;
 
 /// Times a group is run again after the server broke a deadlock by rolling it back.
@@ -740,22 +740,18 @@ fn apply(tx: &mut mysql::Conn, db: u32, op: &Op) -> std::result::Result<Reply, O
             failures,
             owner,
             now_ms,
-        } => {
-            let mut n = 0;
-            for f in failures {
-                n += sql::mark_failed(
-                    tx,
-                    f.id,
-                    owner,
-                    f.state,
-                    f.attempts,
-                    f.next_attempt_at,
-                    &f.error,
-                    *now_ms,
-                )?;
-            }
-            Ok(Reply::Count(n))
-        }
+        } => Ok(op::mark_each(failures, |f| {
+            sql::mark_failed(
+                tx,
+                f.id,
+                owner,
+                f.state,
+                f.attempts,
+                f.next_attempt_at,
+                &f.error,
+                *now_ms,
+            )
+        })?),
         Op::Claim {
             owner,
             limit,
@@ -773,15 +769,9 @@ fn apply(tx: &mut mysql::Conn, db: u32, op: &Op) -> std::result::Result<Reply, O
             owner,
             lease_until_ms,
             now_ms,
-        } => {
-            let mut renewed = Vec::with_capacity(ids.len());
-            for id in ids {
-                if sql::renew_lease(tx, *id, owner, *lease_until_ms, *now_ms)? == 1 {
-                    renewed.push(*id);
-                }
-            }
-            Ok(Reply::Renewed(renewed))
-        }
+        } => Ok(op::renew_each(ids, |id| {
+            sql::renew_lease(tx, id, owner, *lease_until_ms, *now_ms)
+        })?),
         Op::Release { owner, now_ms } => Ok(Reply::Count(sql::release_claims(tx, owner, *now_ms)?)),
         Op::Deliver { msg, table, now_ms } => {
             let d = &msg.data;

@@ -7,7 +7,7 @@ use super::sql;
 use crate::error::{Error, Result};
 use crate::model::{AwardRecord, EventMessage, MessageId};
 use crate::router::{award_table, route, Layout};
-use crate::store::op::{Delivered, Op, Reply, SavedTask};
+use crate::store::op::{self, Delivered, Op, Reply, SavedTask};
 use crate::store::Batch;
 
 /// Most sequence numbers one compaction op folds: its deletes run in the writer's group commit,
@@ -211,23 +211,19 @@ fn apply(db: u32, conn: &Connection, op: &Op) -> Result<Reply> {
             failures,
             owner,
             now_ms,
-        } => {
-            let mut n = 0;
-            for f in failures {
-                n += sql::mark_failed(
-                    conn,
-                    f.id,
-                    owner,
-                    f.state,
-                    f.attempts,
-                    f.next_attempt_at,
-                    &f.error,
-                    *now_ms,
-                )
-                .map_err(|e| Error::storage(ctx("marking a task failed"), e))?;
-            }
-            Ok(Reply::Count(n))
-        }
+        } => op::mark_each(failures, |f| {
+            sql::mark_failed(
+                conn,
+                f.id,
+                owner,
+                f.state,
+                f.attempts,
+                f.next_attempt_at,
+                &f.error,
+                *now_ms,
+            )
+            .map_err(|e| Error::storage(ctx("marking a task failed"), e))
+        }),
         Op::Claim {
             owner,
             limit,
@@ -243,18 +239,10 @@ fn apply(db: u32, conn: &Connection, op: &Op) -> Result<Reply> {
             owner,
             lease_until_ms,
             now_ms,
-        } => {
-            let mut renewed = Vec::with_capacity(ids.len());
-            for id in ids {
-                if sql::renew_lease(conn, *id, owner, *lease_until_ms, *now_ms)
-                    .map_err(|e| Error::storage(ctx("renewing a lease"), e))?
-                    == 1
-                {
-                    renewed.push(*id);
-                }
-            }
-            Ok(Reply::Renewed(renewed))
-        }
+        } => op::renew_each(ids, |id| {
+            sql::renew_lease(conn, id, owner, *lease_until_ms, *now_ms)
+                .map_err(|e| Error::storage(ctx("renewing a lease"), e))
+        }),
         Op::Release { owner, now_ms } => {
             let n = sql::release_claims(conn, owner, *now_ms)
                 .map_err(|e| Error::storage(ctx("releasing claims"), e))?;
