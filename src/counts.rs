@@ -16,7 +16,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::store::{ShardStatus, Store};
 
 /// The longest count a scrape waits for when the counts it has are too old.
@@ -66,6 +66,8 @@ pub fn next(age: Duration, took: Duration) -> Next {
 #[derive(Default)]
 struct Held {
     last: Option<Counts>,
+    /// The last count that failed: when it started, and why.
+    failed: Option<(Instant, String)>,
     /// A count is running on its own thread.
     behind: bool,
 }
@@ -99,17 +101,37 @@ impl CountCache {
     /// for the count in flight) is served as it is; otherwise this count runs, alone.
     fn count_since(&self, asked: Instant) -> Result<Counts> {
         let _flight = self.flight.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(last) = &self.held.lock().expect("count cache lock").last {
+        let held = self.held.lock().expect("count cache lock");
+        if let Some(last) = &held.last {
             if last.taken >= asked {
                 return Ok(last.clone());
             }
         }
+        // A count that started after the caller asked, and failed, is its answer too: the
+        // scrapes that waited for it do not each run it again against shards that fail.
+        if let Some((started, why)) = &held.failed {
+            if *started >= asked {
+                return Err(Error::Io {
+                    path: "shard counts".into(),
+                    source: std::io::Error::other(format!(
+                        "the count taken for this request failed: {why}"
+                    )),
+                });
+            }
+        }
+        drop(held);
         self.count()
     }
 
     fn count(&self) -> Result<Counts> {
         let taken = Instant::now();
-        let shards = (self.counter)()?;
+        let shards = match (self.counter)() {
+            Ok(shards) => shards,
+            Err(e) => {
+                self.held.lock().expect("count cache lock").failed = Some((taken, e.to_string()));
+                return Err(e);
+            }
+        };
         let counts = Counts {
             shards: Arc::new(shards),
             taken,
@@ -243,6 +265,37 @@ mod tests {
         assert!(
             counts.load(SeqCst) < 16 * 20,
             "scrapes that waited for a count served it instead of counting again"
+        );
+    }
+
+    #[test]
+    fn scrapes_that_waited_for_a_failing_count_share_its_failure() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let counts = Arc::new(AtomicUsize::new(0));
+        let c = counts.clone();
+        let cache = CountCache::counting(Box::new(move || {
+            c.fetch_add(1, SeqCst);
+            std::thread::sleep(100 * MS); // the count's own duration
+            Err(crate::Error::Config("the shards do not answer".into()))
+        }));
+        let failed = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let cache = cache.clone();
+                    s.spawn(move || cache.get().is_err())
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .filter(|failed| *failed)
+                .count()
+        });
+        assert_eq!(failed, 8, "every scrape gets an error");
+        assert!(
+            counts.load(SeqCst) <= 2,
+            "{} counts ran for 8 scrapes that asked at once",
+            counts.load(SeqCst)
         );
     }
 
