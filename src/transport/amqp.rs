@@ -749,7 +749,7 @@ impl Transport for Amqp {
             // connection holds that up too): waits one after another must not add up past the
             // lease of the tasks in it.
             let mut deadline = std::time::Instant::now() + publish_timeout;
-            let mut warned = false;
+            let mut waits = HeldBatch::default();
             let mut pending = Vec::with_capacity(batch.len());
             for m in batch {
                 let props = BasicProperties::default()
@@ -768,7 +768,7 @@ impl Transport for Amqp {
                     props,
                 );
                 pending.push(
-                    match held(&link, publish, &mut deadline, publish_timeout, hold, &mut warned).await {
+                    match held(&link, publish, &mut deadline, publish_timeout, hold, &mut waits).await {
                         Some(Ok(confirm)) => Ok(confirm),
                         Some(Err(e)) => Err(e.to_string()),
                         None => Err(format!("not handed to the broker within the batch deadline of {publish_timeout:?}")),
@@ -780,7 +780,7 @@ impl Transport for Amqp {
             for p in pending {
                 out.push(match p {
                     Err(e) => Err(PublishFailure::Unconfirmed(format!("publish failed: {e}"))),
-                    Ok(confirm) => match held(&link, confirm, &mut deadline, publish_timeout, hold, &mut warned).await {
+                    Ok(confirm) => match held(&link, confirm, &mut deadline, publish_timeout, hold, &mut waits).await {
                         None => Err(PublishFailure::Unconfirmed(format!("no confirm within the batch deadline of {publish_timeout:?}"))),
                         Some(Ok(Confirmation::Ack(None))) => Ok(()),
                         Some(Ok(Confirmation::Ack(Some(returned)))) | Some(Ok(Confirmation::Nack(Some(returned)))) => Err(PublishFailure::Rejected(format!(
@@ -1052,24 +1052,23 @@ async fn held<F>(
     deadline: &mut std::time::Instant,
     publish_timeout: Duration,
     hold: &dyn Fn() -> bool,
-    warned: &mut bool,
+    batch: &mut HeldBatch,
 ) -> Option<F::Output>
 where
     F: Future,
 {
     let mut confirm = std::pin::pin!(confirm);
-    let mut extra = 0;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if let Some(r) = bounded_wait(confirm.as_mut(), left).await {
             return Some(r);
         }
         let blocked = link.conn.status().blocked();
-        if !link.healthy() || (!blocked && extra >= SLOW_CONFIRM_DEADLINES) || !hold() {
+        if !link.healthy() || (!blocked && batch.extra >= SLOW_CONFIRM_DEADLINES) || !hold() {
             return None;
         }
-        if !*warned {
-            *warned = true;
+        if !batch.warned {
+            batch.warned = true;
             log::warn!(
                 "no confirm within {publish_timeout:?}{}: holding the batch in flight and renewing its leases",
                 if blocked {
@@ -1079,9 +1078,17 @@ where
                 }
             );
         }
-        extra += 1;
+        batch.extra += 1;
         *deadline = std::time::Instant::now() + publish_timeout;
     }
+}
+
+/// What a batch's waits have done so far, shared by every message of the batch: the extra
+/// deadlines count for the batch, not for each message.
+#[derive(Default)]
+struct HeldBatch {
+    warned: bool,
+    extra: u32,
 }
 
 /// Extra deadlines a batch is held for while the broker is connected and not blocking, but
