@@ -41,10 +41,13 @@ fn run_batch(db: u32, conn: &mut Connection, batch: &[&Op]) -> Vec<Result<Reply>
         }
     };
     let mut results = Vec::with_capacity(batch.len());
+    // The compaction watermark, read once a group when a delivery needs it (not once a
+    // delivery); a compaction step in the group moves it, and it is read again after one.
+    let mut watermark = None;
     for job in batch {
         let result = (|| {
             let sp = tx.savepoint().map_err(|e| Error::storage(ctx(), e))?;
-            let reply = apply(db, &sp, job)?;
+            let reply = apply(db, &sp, job, &mut watermark)?;
             sp.commit().map_err(|e| Error::storage(ctx(), e))?;
             Ok(reply)
         })();
@@ -176,7 +179,7 @@ pub(crate) fn insert_award_and_task(
     })
 }
 
-fn apply(db: u32, conn: &Connection, op: &Op) -> Result<Reply> {
+fn apply(db: u32, conn: &Connection, op: &Op, watermark: &mut Option<u64>) -> Result<Reply> {
     let ctx = |what: &str| format!("{what} on shard big_market_{db:02}");
     match op {
         Op::SaveAward {
@@ -255,11 +258,18 @@ fn apply(db: u32, conn: &Connection, op: &Op) -> Result<Reply> {
             // a redelivery, and logging it again would put a row below the watermark. Only if it
             // is ours (the id this shard gave that number) and its award was delivered; anything
             // else is not a message this shard sent.
-            if seq > 0
+            let below = seq > 0
                 && seq
-                    <= sql::watermark(conn)
-                        .map_err(|e| Error::storage(ctx("reading the watermark"), e))?
-            {
+                    <= match *watermark {
+                        Some(w) => w,
+                        None => {
+                            let w = sql::watermark(conn)
+                                .map_err(|e| Error::storage(ctx("reading the watermark"), e))?;
+                            *watermark = Some(w);
+                            w
+                        }
+                    };
+            if below {
                 // The id this shard gave that number (or, for a message sent before the id
                 // scheme changed, the shard and the sequence in decimal).
                 let ours = msg.id == MessageId::new(db, seq).as_str()
@@ -318,6 +328,7 @@ fn apply(db: u32, conn: &Connection, op: &Op) -> Result<Reply> {
         Op::Barrier => Ok(Reply::Count(0)),
         Op::Purge { before_ms } => {
             let e = |e| Error::storage(ctx("compacting completed tasks"), e);
+            *watermark = None;
             let n = sql::compact(conn, *before_ms, COMPACT_STEP).map_err(e)?;
             if n == 0 {
                 if let Some((seq, why)) = sql::compaction_held(conn, *before_ms).map_err(e)? {
