@@ -1,5 +1,5 @@
 //! The writes of one SQLite shard file: a group of ops in one `BEGIN IMMEDIATE` transaction,
-//! each op under its own savepoint, one commit.
+//! one commit; a savepoint per op only when an op fails after it may have written something.
 
 use rusqlite::{Connection, TransactionBehavior};
 
@@ -29,15 +29,58 @@ where
     }
 }
 
+/// Run a group in one transaction. First without savepoints: most ops either succeed or fail
+/// before writing anything (a duplicate order id fails on the award's insert, the op's first
+/// statement), and a savepoint per op would copy every page the op touches that the group had
+/// already changed into SQLite's sub-journal (about seven pages per award, most of the writes of
+/// a busy shard). Only if an op fails after it may have written something is that transaction
+/// rolled back and the group run again with a savepoint per op, so that the op fails alone.
 fn run_batch(db: u32, conn: &mut Connection, batch: &[&Op]) -> Vec<Result<Reply>> {
+    run_batch_counted(db, conn, batch).0
+}
+
+/// [`run_batch`], and whether the group had to run again with savepoints.
+fn run_batch_counted(db: u32, conn: &mut Connection, batch: &[&Op]) -> (Vec<Result<Reply>>, bool) {
+    if let Some(results) = run_group(db, conn, batch, false) {
+        return (results, false);
+    }
+    log::debug!(
+        "writer shard={db:02} group of {} ran again with a savepoint per op",
+        batch.len()
+    );
+    let results = run_group(db, conn, batch, true)
+        .expect("a group with a savepoint per op always has an outcome");
+    (results, true)
+}
+
+/// Whether a failed op wrote nothing: a duplicate order id is refused by the award's insert,
+/// before any other statement of the op ran. Any other failure may come after a write.
+fn failed_clean(op: &Op, e: &Error) -> bool {
+    matches!(
+        (op, e),
+        (Op::SaveAward { .. }, Error::DuplicateOrder { .. })
+    )
+}
+
+/// Run a group in one transaction and commit it. With `savepoints`, each op runs under its own
+/// savepoint and a failing op fails alone. Without, an op that fails after it may have written
+/// something rolls the transaction back, and the answer is `None`: run it again with savepoints.
+fn run_group(
+    db: u32,
+    conn: &mut Connection,
+    batch: &[&Op],
+    savepoints: bool,
+) -> Option<Vec<Result<Reply>>> {
     let ctx = || format!("writing to shard big_market_{db:02}");
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
-            return batch
-                .iter()
-                .map(|_| Err(Error::storage(ctx(), copy_err(&e))))
-                .collect()
+            return Some(
+                batch
+                    .iter()
+                    .map(|_| Err(Error::storage(ctx(), copy_err(&e))))
+                    .collect(),
+            )
         }
     };
     let mut results = Vec::with_capacity(batch.len());
@@ -45,12 +88,24 @@ fn run_batch(db: u32, conn: &mut Connection, batch: &[&Op]) -> Vec<Result<Reply>
     // delivery); a compaction step in the group moves it, and it is read again after one.
     let mut watermark = None;
     for job in batch {
-        let result = (|| {
-            let sp = tx.savepoint().map_err(|e| Error::storage(ctx(), e))?;
-            let reply = apply(db, &sp, job, &mut watermark)?;
-            sp.commit().map_err(|e| Error::storage(ctx(), e))?;
-            Ok(reply)
-        })();
+        let result = if savepoints {
+            (|| {
+                let sp = tx.savepoint().map_err(|e| Error::storage(ctx(), e))?;
+                let reply = apply(db, &sp, job, &mut watermark)?;
+                sp.commit().map_err(|e| Error::storage(ctx(), e))?;
+                Ok(reply)
+            })()
+        } else {
+            let result = apply(db, &tx, job, &mut watermark);
+            match &result {
+                Err(e) if !failed_clean(job, e) => {
+                    // Dropping the transaction rolls it back (if SQLite has not already).
+                    drop(tx);
+                    return None;
+                }
+                _ => result,
+            }
+        };
         // After SQLITE_FULL, an I/O error or running out of memory, SQLite may roll the whole
         // transaction back by itself. Then nothing of this group is kept: every op, the ones
         // that had succeeded included, is reported as not written, and the rest are not run
@@ -61,16 +116,18 @@ fn run_batch(db: u32, conn: &mut Connection, batch: &[&Op]) -> Vec<Result<Reply>
                     Error::Storage { source, .. } => (source.is_full(), source.to_string()),
                     other => (false, other.to_string()),
                 };
-                return batch
-                    .iter()
-                    .map(|_| Err(rolled_back(db, full, &cause)))
-                    .collect();
+                return Some(
+                    batch
+                        .iter()
+                        .map(|_| Err(rolled_back(db, full, &cause)))
+                        .collect(),
+                );
             }
         }
         results.push(result);
     }
     crate::crash::hit(crate::crash::Point::MidGroupCommit);
-    match tx.commit() {
+    Some(match tx.commit() {
         Ok(()) => results,
         Err(e) => {
             let full = is_full(&e);
@@ -85,7 +142,7 @@ fn run_batch(db: u32, conn: &mut Connection, batch: &[&Op]) -> Vec<Result<Reply>
                 })
                 .collect()
         }
-    }
+    })
 }
 
 fn is_full(e: &rusqlite::Error) -> bool {
@@ -364,4 +421,118 @@ pub(crate) fn insert_pair(
     let table = award_table(route(r.user_id.as_str(), layout).table);
     let saved = insert_award_and_task(conn, db, &table, r, topic, "bench", now_ms, now_ms)?;
     Ok((saved.id, saved.message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn shard() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("s.db")).unwrap();
+        sql::apply_schema(&conn, 1, 2, 4, 0).unwrap();
+        (dir, conn)
+    }
+
+    fn save(order: &str) -> Op {
+        let record = AwardRecord::sample("user0001", order, 1_000).unwrap();
+        Op::SaveAward {
+            table: award_table(route("user0001", Layout::new(2, 4).unwrap()).table),
+            record,
+            topic: Arc::from("send_award"),
+            owner: Arc::from("test"),
+            lease_until_ms: 2_000,
+            now_ms: 1_000,
+        }
+    }
+
+    fn count(conn: &Connection, sql: &str) -> i64 {
+        conn.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    fn awards(conn: &Connection) -> i64 {
+        (0..4)
+            .map(|t| count(conn, &format!("SELECT COUNT(*) FROM {}", award_table(t))))
+            .sum()
+    }
+
+    #[test]
+    fn a_duplicate_order_fails_alone_without_running_the_group_again() {
+        let (_dir, mut conn) = shard();
+        let ops = [save("o1"), save("o1"), save("o2")];
+        let refs: Vec<&Op> = ops.iter().collect();
+        let (results, again) = run_batch_counted(1, &mut conn, &refs);
+        assert!(!again, "a duplicate writes nothing: no savepoints needed");
+        assert!(
+            matches!(results[0], Ok(Reply::Saved(_))),
+            "{:?}",
+            results[0]
+        );
+        assert!(
+            matches!(results[1], Err(Error::DuplicateOrder { .. })),
+            "{:?}",
+            results[1]
+        );
+        assert!(
+            matches!(results[2], Ok(Reply::Saved(_))),
+            "{:?}",
+            results[2]
+        );
+        assert_eq!(awards(&conn), 2);
+        // The refused award took no sequence number: the committed tasks are 1 and 2.
+        let seqs: String = conn
+            .query_row(
+                "SELECT group_concat(seq) FROM (SELECT seq FROM task ORDER BY seq)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(seqs, "1,2");
+    }
+
+    #[test]
+    fn an_op_that_fails_after_writing_fails_alone_and_the_rest_of_its_group_commits() {
+        let (_dir, mut conn) = shard();
+        // A message naming an award this shard does not have: its delivery row is written
+        // before the award is found missing, so the op fails after a write.
+        let stranger = AwardRecord::sample("user0001", "nobody", 1_000).unwrap();
+        let poison = Op::Deliver {
+            msg: EventMessage::for_award(&stranger, 1, 77, 1_000),
+            table: award_table(route("user0001", Layout::new(2, 4).unwrap()).table),
+            now_ms: 1_000,
+        };
+        let ops = [save("o1"), poison, save("o1"), save("o2")];
+        let refs: Vec<&Op> = ops.iter().collect();
+        let (results, again) = run_batch_counted(1, &mut conn, &refs);
+        assert!(again, "the failed delivery had written its log row");
+        assert!(
+            matches!(results[0], Ok(Reply::Saved(_))),
+            "{:?}",
+            results[0]
+        );
+        assert!(
+            matches!(results[1], Err(Error::Poison(_))),
+            "{:?}",
+            results[1]
+        );
+        assert!(
+            matches!(results[2], Err(Error::DuplicateOrder { .. })),
+            "{:?}",
+            results[2]
+        );
+        assert!(
+            matches!(results[3], Ok(Reply::Saved(_))),
+            "{:?}",
+            results[3]
+        );
+        assert_eq!(awards(&conn), 2);
+        assert_eq!(count(&conn, "SELECT COUNT(*) FROM task"), 2);
+        assert_eq!(
+            count(&conn, "SELECT COUNT(*) FROM delivery"),
+            0,
+            "nothing of the poison"
+        );
+        assert_eq!(count(&conn, "SELECT MAX(next_seq) FROM shard_meta"), 3);
+    }
 }
