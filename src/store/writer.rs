@@ -35,7 +35,7 @@ struct Job {
 }
 
 /// A submitted op: where its answer comes, and its claim (with a deadline).
-type Submitted = (Receiver<Result<Reply>>, Option<Arc<AtomicU8>>);
+type Submitted = (oneshot::Receiver<Result<Reply>>, Option<Arc<AtomicU8>>);
 
 /// [`Job::claim`]: still queued.
 const QUEUED: u8 = 0;
@@ -44,9 +44,11 @@ const TAKEN: u8 = 1;
 /// [`Job::claim`]: withdrawn by its caller past the deadline; never run.
 const WITHDRAWN: u8 = 2;
 
-/// Where a job's result goes: a thread blocked on it, or a task awaiting it.
+/// Where a job's result goes: a thread blocked on it, or a task awaiting it. A waiting thread
+/// parks on a one-shot slot at once: with hundreds of callers on two cores, a channel whose
+/// receive first spins and yields spent more of the CPU than the callers' own work.
 enum ReplyTo {
-    Wait(Sender<Result<Reply>>),
+    Wait(oneshot::Sender<Result<Reply>>),
     Async(async_channel::Sender<Result<Reply>>),
 }
 
@@ -154,7 +156,7 @@ impl Writer {
 
     /// Queue `op` (waiting at most until `due` for room) with its reply channel.
     fn submit(&self, op: Op, due: Option<Instant>) -> Result<Submitted> {
-        let (reply, rx) = bounded(1);
+        let (reply, rx) = oneshot::channel();
         let tx = self.queue(&op)?;
         let claim = due.map(|_| Arc::new(AtomicU8::new(QUEUED)));
         let job = Job {
@@ -175,23 +177,23 @@ impl Writer {
     /// The answer to a submitted op, waiting at most until `due`.
     fn answer(
         &self,
-        rx: &Receiver<Result<Reply>>,
+        rx: &oneshot::Receiver<Result<Reply>>,
         claim: Option<&AtomicU8>,
         due: Option<Instant>,
     ) -> Result<Reply> {
         let (Some(due), Some(claim)) = (due, claim) else {
-            return rx.recv().map_err(|_| Error::ShuttingDown)?;
+            return rx.recv_ref().map_err(|_| Error::ShuttingDown)?;
         };
         match rx.recv_deadline(due) {
             Ok(r) => r,
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(Error::ShuttingDown),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => self.give_up(rx, claim),
+            Err(oneshot::RecvTimeoutError::Disconnected) => Err(Error::ShuttingDown),
+            Err(oneshot::RecvTimeoutError::Timeout) => self.give_up(rx, claim),
         }
     }
 
     /// Past the deadline: withdraw the op if the writer has not taken it, else it is in a
     /// running group, whose outcome is unknown (unless it answered meanwhile).
-    fn give_up(&self, rx: &Receiver<Result<Reply>>, claim: &AtomicU8) -> Result<Reply> {
+    fn give_up(&self, rx: &oneshot::Receiver<Result<Reply>>, claim: &AtomicU8) -> Result<Reply> {
         match claim.compare_exchange(QUEUED, WITHDRAWN, Ordering::SeqCst, Ordering::SeqCst) {
             Ok(_) => Err(self.not_written()),
             Err(_) => match rx.try_recv() {
@@ -207,7 +209,7 @@ impl Writer {
         let due = self.due();
         if matches!(op, Op::Barrier) && self.lanes.len() > 1 {
             for lane in &self.lanes {
-                let (reply, rx) = bounded(1);
+                let (reply, rx) = oneshot::channel();
                 let tx = lane.tx.as_ref().ok_or(Error::ShuttingDown)?;
                 let claim = due.map(|_| Arc::new(AtomicU8::new(QUEUED)));
                 let job = Job {
