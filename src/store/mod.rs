@@ -249,11 +249,6 @@ impl Shard {
         Ok(state.and_then(|s| TaskState::parse(&s).ok()))
     }
 
-    /// Run several write ops in the same group commit; one result per op, in order.
-    fn write_many(&self, ops: Vec<Op>) -> Vec<Result<Reply>> {
-        self.writer.call_many(ops)
-    }
-
     /// Run a write op on this shard's writer thread and wait for its commit.
     fn write(&self, op: Op) -> Result<Reply> {
         self.writer.call(op)
@@ -466,8 +461,8 @@ impl Store {
         self.shard(db).writer.call_async(op).await.map(Reply::saved)
     }
 
-    /// Insert many awards, each with its task in its own savepoint; each shard's share is queued
-    /// at once, so it lands in the same group commit. One result per award, in order.
+    /// Insert many awards, each with its task (each fails alone, a duplicate order id writing
+    /// nothing); each shard's share is queued at once, so it lands in the same group commit. One result per award, in order.
     pub fn insert_awards(
         &self,
         records: Vec<AwardRecord>,
@@ -495,8 +490,14 @@ impl Store {
         mut results: Vec<Option<Result<T>>>,
         unpack: impl Fn(Reply) -> T,
     ) -> Vec<Result<T>> {
-        for (db, (idx, ops)) in per_shard {
-            for (i, reply) in idx.into_iter().zip(self.shard(db).write_many(ops)) {
+        // Every shard's ops are queued before any answer is awaited: the shards commit their
+        // shares side by side rather than one after the other.
+        let pending: Vec<_> = per_shard
+            .into_iter()
+            .map(|(db, (idx, ops))| (db, idx, self.shard(db).writer.submit_many(ops)))
+            .collect();
+        for (db, idx, pending) in pending {
+            for (i, reply) in idx.into_iter().zip(self.shard(db).writer.answers(pending)) {
                 results[i] = Some(reply.map(&unpack));
             }
         }

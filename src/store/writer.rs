@@ -37,6 +37,12 @@ struct Job {
 /// A submitted op: where its answer comes, and its claim (with a deadline).
 type Submitted = (oneshot::Receiver<Result<Reply>>, Option<Arc<AtomicU8>>);
 
+/// Ops queued by [`Writer::submit_many`] whose answers are still to be awaited.
+pub(crate) struct Pending {
+    due: Option<Instant>,
+    waits: Vec<Result<Submitted>>,
+}
+
 /// [`Job::claim`]: still queued.
 const QUEUED: u8 = 0;
 /// [`Job::claim`]: taken into a group by the writer.
@@ -287,13 +293,23 @@ impl Writer {
         }
     }
 
-    /// Run several ops: all are queued before any reply is awaited, so they share a group commit
-    /// (per lane). Every answer comes within the backend's deadline of the call.
-    pub(crate) fn call_many(&self, ops: Vec<Op>) -> Vec<Result<Reply>> {
+    /// Queue several ops without waiting for them (they share a group commit, per lane):
+    /// [`Writer::answers`] waits. A caller with ops
+    /// for several shards queues them all first, so the shards commit them side by side.
+    pub(crate) fn submit_many(&self, ops: Vec<Op>) -> Pending {
         let due = self.due();
-        let waits: Vec<Result<Submitted>> =
-            ops.into_iter().map(|op| self.submit(op, due)).collect();
-        waits
+        Pending {
+            due,
+            waits: ops.into_iter().map(|op| self.submit(op, due)).collect(),
+        }
+    }
+
+    /// The answers to ops queued by [`Writer::submit_many`], in order, each within the backend's
+    /// deadline of the submission.
+    pub(crate) fn answers(&self, pending: Pending) -> Vec<Result<Reply>> {
+        let due = pending.due;
+        pending
+            .waits
             .into_iter()
             .map(|w| {
                 let (rx, claim) = w?;

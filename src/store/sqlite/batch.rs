@@ -29,105 +29,67 @@ where
     }
 }
 
-/// Run a group in one transaction. First without savepoints: most ops either succeed or fail
-/// before writing anything (a duplicate order id fails on the award's insert, the op's first
-/// statement), and a savepoint per op would copy every page the op touches that the group had
-/// already changed into SQLite's sub-journal (about seven pages per award, most of the writes of
-/// a busy shard). Only if an op fails after it may have written something is that transaction
-/// rolled back and the group run again with a savepoint per op, so that the op fails alone.
+/// Run a group in one transaction, first without a savepoint per op: most ops either succeed or
+/// fail before writing anything (a duplicate order id fails on the award's insert, the op's
+/// first statement), and a savepoint per op would copy every page the op touches that the group
+/// had already changed into SQLite's sub-journal (about seven pages per award, most of the
+/// writes of a busy shard). The group runs under one savepoint of its own instead; only if an
+/// op fails after it may have written something is the group rolled back to it, inside the same
+/// transaction (the write lock is kept), and run again with a savepoint per op, so that the op
+/// fails alone.
 fn run_batch(db: u32, conn: &mut Connection, batch: &[&Op]) -> Vec<Result<Reply>> {
     run_batch_counted(db, conn, batch).0
 }
 
+/// What running a group's ops came to.
+enum Ran {
+    /// Every op ran (some may have failed alone): commit.
+    Done(Vec<Result<Reply>>),
+    /// SQLite rolled the whole transaction back by itself: nothing of the group is kept.
+    RolledBack(Vec<Result<Reply>>),
+    /// An op failed after it may have written: run the group again with a savepoint per op.
+    Again,
+}
+
 /// [`run_batch`], and whether the group had to run again with savepoints.
 fn run_batch_counted(db: u32, conn: &mut Connection, batch: &[&Op]) -> (Vec<Result<Reply>>, bool) {
-    if let Some(results) = run_group(db, conn, batch, false) {
-        return (results, false);
-    }
-    log::debug!(
-        "writer shard={db:02} group of {} ran again with a savepoint per op",
-        batch.len()
-    );
-    let results = run_group(db, conn, batch, true)
-        .expect("a group with a savepoint per op always has an outcome");
-    (results, true)
-}
-
-/// Whether a failed op wrote nothing: a duplicate order id is refused by the award's insert,
-/// before any other statement of the op ran. Any other failure may come after a write.
-fn failed_clean(op: &Op, e: &Error) -> bool {
-    matches!(
-        (op, e),
-        (Op::SaveAward { .. }, Error::DuplicateOrder { .. })
-    )
-}
-
-/// Run a group in one transaction and commit it. With `savepoints`, each op runs under its own
-/// savepoint and a failing op fails alone. Without, an op that fails after it may have written
-/// something rolls the transaction back, and the answer is `None`: run it again with savepoints.
-fn run_group(
-    db: u32,
-    conn: &mut Connection,
-    batch: &[&Op],
-    savepoints: bool,
-) -> Option<Vec<Result<Reply>>> {
     let ctx = || format!("writing to shard big_market_{db:02}");
-    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+    let fail_all = |e: &rusqlite::Error| -> Vec<Result<Reply>> {
+        batch
+            .iter()
+            .map(|_| Err(Error::storage(ctx(), copy_err(e))))
+            .collect()
+    };
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
-        Err(e) => {
-            return Some(
-                batch
-                    .iter()
-                    .map(|_| Err(Error::storage(ctx(), copy_err(&e))))
-                    .collect(),
-            )
+        Err(e) => return (fail_all(&e), false),
+    };
+    if let Err(e) = tx.execute_batch("SAVEPOINT bm_group") {
+        return (fail_all(&e), false);
+    }
+    let (results, again) = match run_ops(db, &tx, batch, false) {
+        Ran::Done(results) => match tx.execute_batch("RELEASE bm_group") {
+            Ok(()) => (results, false),
+            Err(e) => return (fail_all(&e), false),
+        },
+        Ran::RolledBack(results) => return (results, false),
+        Ran::Again => {
+            log::debug!(
+                "writer shard={db:02} group of {} runs again with a savepoint per op",
+                batch.len()
+            );
+            if let Err(e) = tx.execute_batch("ROLLBACK TO bm_group; RELEASE bm_group") {
+                return (fail_all(&e), true);
+            }
+            match run_ops(db, &tx, batch, true) {
+                Ran::Done(results) => (results, true),
+                Ran::RolledBack(results) => return (results, true),
+                Ran::Again => unreachable!("with a savepoint per op, an op fails alone"),
+            }
         }
     };
-    let mut results = Vec::with_capacity(batch.len());
-    // The compaction watermark, read once a group when a delivery needs it (not once a
-    // delivery); a compaction step in the group moves it, and it is read again after one.
-    let mut watermark = None;
-    for job in batch {
-        let result = if savepoints {
-            (|| {
-                let sp = tx.savepoint().map_err(|e| Error::storage(ctx(), e))?;
-                let reply = apply(db, &sp, job, &mut watermark)?;
-                sp.commit().map_err(|e| Error::storage(ctx(), e))?;
-                Ok(reply)
-            })()
-        } else {
-            let result = apply(db, &tx, job, &mut watermark);
-            match &result {
-                Err(e) if !failed_clean(job, e) => {
-                    // Dropping the transaction rolls it back (if SQLite has not already).
-                    drop(tx);
-                    return None;
-                }
-                _ => result,
-            }
-        };
-        // After SQLITE_FULL, an I/O error or running out of memory, SQLite may roll the whole
-        // transaction back by itself. Then nothing of this group is kept: every op, the ones
-        // that had succeeded included, is reported as not written, and the rest are not run
-        // (outside a transaction they would each commit on their own).
-        if let Err(e) = &result {
-            if tx.is_autocommit() {
-                let (full, cause) = match e {
-                    Error::Storage { source, .. } => (source.is_full(), source.to_string()),
-                    other => (false, other.to_string()),
-                };
-                return Some(
-                    batch
-                        .iter()
-                        .map(|_| Err(rolled_back(db, full, &cause)))
-                        .collect(),
-                );
-            }
-        }
-        results.push(result);
-    }
     crate::crash::hit(crate::crash::Point::MidGroupCommit);
-    Some(match tx.commit() {
+    let results = match tx.commit() {
         Ok(()) => results,
         Err(e) => {
             let full = is_full(&e);
@@ -142,7 +104,76 @@ fn run_group(
                 })
                 .collect()
         }
-    })
+    };
+    (results, again)
+}
+
+/// Whether a failed op wrote nothing: a duplicate order id is refused by the award's insert,
+/// before any other statement of the op ran. Any other failure may come after a write.
+fn failed_clean(op: &Op, e: &Error) -> bool {
+    matches!(
+        (op, e),
+        (Op::SaveAward { .. }, Error::DuplicateOrder { .. })
+    )
+}
+
+/// Run a group's ops in the caller's transaction. With `savepoints`, each op runs under a
+/// savepoint of its own and a failing op fails alone; without, an op that fails after it may
+/// have written something stops the run ([`Ran::Again`]).
+fn run_ops(db: u32, conn: &Connection, batch: &[&Op], savepoints: bool) -> Ran {
+    let ctx = || format!("writing to shard big_market_{db:02}");
+    let mut results = Vec::with_capacity(batch.len());
+    // The compaction watermark, read once a group when a delivery needs it (not once a
+    // delivery); a compaction step in the group moves it, and it is read again after one.
+    let mut watermark = None;
+    for job in batch {
+        let result = if savepoints {
+            (|| {
+                conn.execute_batch("SAVEPOINT bm_op")
+                    .map_err(|e| Error::storage(ctx(), e))?;
+                match apply(db, conn, job, &mut watermark) {
+                    Ok(reply) => {
+                        conn.execute_batch("RELEASE bm_op")
+                            .map_err(|e| Error::storage(ctx(), e))?;
+                        Ok(reply)
+                    }
+                    Err(e) => {
+                        if !conn.is_autocommit() {
+                            conn.execute_batch("ROLLBACK TO bm_op; RELEASE bm_op")
+                                .map_err(|e| Error::storage(ctx(), e))?;
+                        }
+                        Err(e)
+                    }
+                }
+            })()
+        } else {
+            let result = apply(db, conn, job, &mut watermark);
+            match &result {
+                Err(e) if !failed_clean(job, e) && !conn.is_autocommit() => return Ran::Again,
+                _ => result,
+            }
+        };
+        // After SQLITE_FULL, an I/O error or running out of memory, SQLite may roll the whole
+        // transaction back by itself. Then nothing of this group is kept: every op, the ones
+        // that had succeeded included, is reported as not written, and the rest are not run
+        // (outside a transaction they would each commit on their own).
+        if let Err(e) = &result {
+            if conn.is_autocommit() {
+                let (full, cause) = match e {
+                    Error::Storage { source, .. } => (source.is_full(), source.to_string()),
+                    other => (false, other.to_string()),
+                };
+                return Ran::RolledBack(
+                    batch
+                        .iter()
+                        .map(|_| Err(rolled_back(db, full, &cause)))
+                        .collect(),
+                );
+            }
+        }
+        results.push(result);
+    }
+    Ran::Done(results)
 }
 
 fn is_full(e: &rusqlite::Error) -> bool {
@@ -181,7 +212,8 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 }
 
 /// Insert an award, take the shard's next sequence number, and insert its task, claimed by
-/// `owner` until `lease_until_ms`: the rows of one award, on the caller's savepoint.
+/// `owner` until `lease_until_ms`: the rows of one award, in the caller's write transaction. A
+/// duplicate order id fails on the first statement, so it writes nothing.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn insert_award_and_task(
     conn: &Connection,
@@ -206,7 +238,8 @@ pub(crate) fn insert_award_and_task(
     let seq =
         sql::take_seq(conn).map_err(|e| Error::storage(ctx("taking a task sequence number"), e))?;
     if !MessageId::fits(seq) {
-        // The caller's savepoint rolls the award and the sequence number back with this error.
+        // A failure after a write: the group runs again with a savepoint per op, which rolls the
+        // award and the sequence number back with this error.
         return Err(MessageId::exhausted(&format!("shard big_market_{db:02}")));
     }
     let message = EventMessage::for_award(record, db, seq, now_ms).encode();
@@ -365,7 +398,8 @@ fn apply(db: u32, conn: &Connection, op: &Op, watermark: &mut Option<u64>) -> Re
                 && !sql::award_exists(conn, table, &d.user_id, order)
                     .map_err(|e| Error::storage(ctx("looking up an award"), e))?
             {
-                // The savepoint rolls back the delivery log entry with this error.
+                // A failure after a write: the group runs again with a savepoint per op, which
+                // rolls the delivery log entry back with this error.
                 return Err(Error::Poison(format!(
                     "message {} names user {} order {order}, which has no award record in big_market_{db:02}.{table}",
                     msg.id, d.user_id
@@ -482,11 +516,9 @@ mod tests {
         assert_eq!(awards(&conn), 2);
         // The refused award took no sequence number: the committed tasks are 1 and 2.
         let seqs: String = conn
-            .query_row(
-                "SELECT group_concat(seq) FROM (SELECT seq FROM task ORDER BY seq)",
-                [],
-                |r| r.get(0),
-            )
+            .query_row("SELECT group_concat(seq ORDER BY seq) FROM task", [], |r| {
+                r.get(0)
+            })
             .unwrap();
         assert_eq!(seqs, "1,2");
     }

@@ -1,7 +1,7 @@
 //! The SQLite backend: one file per database, `big_market_NN.db`, in WAL mode with
 //! `synchronous=FULL` (a commit is durable when it returns). Reads go through an r2d2 pool; the
-//! writer thread runs each group of ops in one `BEGIN IMMEDIATE` transaction, one savepoint per
-//! op, so a failing op (a duplicate order id) rolls back alone.
+//! writer thread runs each group of ops in one `BEGIN IMMEDIATE` transaction, and a failing op (a
+//! duplicate order id) fails alone (see `batch::run_batch`).
 
 mod batch;
 pub(crate) mod ceiling;
@@ -222,6 +222,11 @@ fn open_shard(settings: &Settings, db: u32, create: bool) -> Result<Opened> {
     let write_conn = pool
         .get()
         .map_err(|e| Error::Config(format!("cannot open {}: {e}", path.display())))?;
+    // The writer's savepoints (one per group, see `batch::run_batch`) keep their sub-journal in
+    // memory rather than in a temporary file: it holds at most one group's changed pages.
+    write_conn
+        .pragma_update(None, "temp_store", "MEMORY")
+        .map_err(|e| Error::storage(ctx("configuring the writer of"), e))?;
     if let Some(pages) = settings.max_shard_pages {
         write_conn
             .pragma_update(None, "max_page_count", pages)
@@ -287,8 +292,12 @@ mod tests {
         }
         assert_eq!(sql::schema_version(&conn).unwrap(), sql::SCHEMA_VERSION);
         assert_eq!(sql::shard_layout(&conn).unwrap(), (1, 2, 4));
-        assert_eq!(sql::take_seq(&conn).unwrap(), 1);
-        assert_eq!(sql::take_seq(&conn).unwrap(), 2);
+        let mut conn = conn;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .unwrap();
+        assert_eq!(sql::take_seq(&tx).unwrap(), 1);
+        assert_eq!(sql::take_seq(&tx).unwrap(), 2);
     }
 
     /// A shard with tasks 1..=6: all completed at time 10 and delivered, except 4 (pending, not
@@ -298,7 +307,9 @@ mod tests {
         let conn = Connection::open(dir.path().join("s.db")).unwrap();
         sql::apply_schema(&conn, 1, 2, 4, 0).unwrap();
         for seq in 1..=6u64 {
+            conn.execute_batch("BEGIN IMMEDIATE").unwrap();
             sql::take_seq(&conn).unwrap();
+            conn.execute_batch("COMMIT").unwrap();
             let state = if seq == 4 { "create" } else { "completed" };
             conn.execute(
                 "INSERT INTO task (user_id, topic, message_id, message, state, seq, next_attempt_at, create_time, update_time)
