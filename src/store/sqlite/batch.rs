@@ -49,6 +49,9 @@ enum Ran {
     RolledBack(Vec<Result<Reply>>),
     /// An op failed after it may have written: run the group again with a savepoint per op.
     Again,
+    /// A savepoint could not be released or rolled back to: what the transaction holds is not
+    /// known, so the whole group is rolled back and nothing of it is kept.
+    Broken(rusqlite::Error),
 }
 
 /// [`run_batch`], and whether the group had to run again with savepoints.
@@ -60,6 +63,13 @@ fn run_batch_counted(db: u32, conn: &mut Connection, batch: &[&Op]) -> (Vec<Resu
             .map(|_| Err(Error::storage(ctx(), copy_err(e))))
             .collect()
     };
+    // A transaction left open by a rollback that failed (rusqlite ignores the error of the
+    // rollback on drop) would refuse every later group: end it first.
+    if !conn.is_autocommit() {
+        if let Err(e) = conn.execute_batch("ROLLBACK") {
+            return (fail_all(&e), false);
+        }
+    }
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => return (fail_all(&e), false),
@@ -73,6 +83,7 @@ fn run_batch_counted(db: u32, conn: &mut Connection, batch: &[&Op]) -> (Vec<Resu
             Err(e) => return (fail_all(&e), false),
         },
         Ran::RolledBack(results) => return (results, false),
+        Ran::Broken(e) => return (fail_all(&e), false),
         Ran::Again => {
             log::debug!(
                 "writer shard={db:02} group of {} runs again with a savepoint per op",
@@ -84,6 +95,8 @@ fn run_batch_counted(db: u32, conn: &mut Connection, batch: &[&Op]) -> (Vec<Resu
             match run_ops(db, &tx, batch, true) {
                 Ran::Done(results) => (results, true),
                 Ran::RolledBack(results) => return (results, true),
+                // Dropping the transaction rolls the whole group back.
+                Ran::Broken(e) => return (fail_all(&e), true),
                 Ran::Again => unreachable!("with a savepoint per op, an op fails alone"),
             }
         }
@@ -121,31 +134,26 @@ fn failed_clean(op: &Op, e: &Error) -> bool {
 /// savepoint of its own and a failing op fails alone; without, an op that fails after it may
 /// have written something stops the run ([`Ran::Again`]).
 fn run_ops(db: u32, conn: &Connection, batch: &[&Op], savepoints: bool) -> Ran {
-    let ctx = || format!("writing to shard big_market_{db:02}");
     let mut results = Vec::with_capacity(batch.len());
     // The compaction watermark, read once a group when a delivery needs it (not once a
     // delivery); a compaction step in the group moves it, and it is read again after one.
     let mut watermark = None;
     for job in batch {
         let result = if savepoints {
-            (|| {
-                conn.execute_batch("SAVEPOINT bm_op")
-                    .map_err(|e| Error::storage(ctx(), e))?;
-                match apply(db, conn, job, &mut watermark) {
-                    Ok(reply) => {
-                        conn.execute_batch("RELEASE bm_op")
-                            .map_err(|e| Error::storage(ctx(), e))?;
-                        Ok(reply)
-                    }
-                    Err(e) => {
-                        if !conn.is_autocommit() {
-                            conn.execute_batch("ROLLBACK TO bm_op; RELEASE bm_op")
-                                .map_err(|e| Error::storage(ctx(), e))?;
-                        }
-                        Err(e)
-                    }
+            if let Err(e) = conn.execute_batch("SAVEPOINT bm_op") {
+                return Ran::Broken(e);
+            }
+            let result = apply(db, conn, job, &mut watermark);
+            if !conn.is_autocommit() {
+                let end = match result {
+                    Ok(_) => "RELEASE bm_op",
+                    Err(_) => "ROLLBACK TO bm_op; RELEASE bm_op",
+                };
+                if let Err(e) = conn.execute_batch(end) {
+                    return Ran::Broken(e);
                 }
-            })()
+            }
+            result
         } else {
             let result = apply(db, conn, job, &mut watermark);
             match &result {
@@ -536,7 +544,19 @@ mod tests {
         };
         let ops = [save("o1"), poison, save("o1"), save("o2")];
         let refs: Vec<&Op> = ops.iter().collect();
+        // The group never leaves its transaction (another process could write in between):
+        // no transaction is rolled back, and one commits.
+        let ends = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, r) = (ends.clone(), ends.clone());
+        conn.commit_hook(Some(move || {
+            c.lock().unwrap().push("commit");
+            false
+        }))
+        .unwrap();
+        conn.rollback_hook(Some(move || r.lock().unwrap().push("rollback")))
+            .unwrap();
         let (results, again) = run_batch_counted(1, &mut conn, &refs);
+        assert_eq!(*ends.lock().unwrap(), ["commit"]);
         assert!(again, "the failed delivery had written its log row");
         assert!(
             matches!(results[0], Ok(Reply::Saved(_))),

@@ -222,11 +222,6 @@ fn open_shard(settings: &Settings, db: u32, create: bool) -> Result<Opened> {
     let write_conn = pool
         .get()
         .map_err(|e| Error::Config(format!("cannot open {}: {e}", path.display())))?;
-    // The writer's savepoints (one per group, see `batch::run_batch`) keep their sub-journal in
-    // memory rather than in a temporary file: it holds at most one group's changed pages.
-    write_conn
-        .pragma_update(None, "temp_store", "MEMORY")
-        .map_err(|e| Error::storage(ctx("configuring the writer of"), e))?;
     if let Some(pages) = settings.max_shard_pages {
         write_conn
             .pragma_update(None, "max_page_count", pages)
