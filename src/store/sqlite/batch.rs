@@ -49,8 +49,8 @@ enum Ran {
     RolledBack(Vec<Result<Reply>>),
     /// An op failed after it may have written: run the group again with a savepoint per op.
     Again,
-    /// A savepoint could not be released or rolled back to: what the transaction holds is not
-    /// known, so the whole group is rolled back and nothing of it is kept.
+    /// A savepoint could not be opened, released or rolled back to: what the transaction holds
+    /// is not known, so the whole group is rolled back and nothing of it is kept.
     Broken(rusqlite::Error),
 }
 
@@ -66,6 +66,7 @@ fn run_batch_counted(db: u32, conn: &mut Connection, batch: &[&Op]) -> (Vec<Resu
     // A transaction left open by a rollback that failed (rusqlite ignores the error of the
     // rollback on drop) would refuse every later group: end it first.
     if !conn.is_autocommit() {
+        log::warn!("writer shard={db:02} ends a transaction a failed rollback left open");
         if let Err(e) = conn.execute_batch("ROLLBACK") {
             return (fail_all(&e), false);
         }
@@ -586,5 +587,94 @@ mod tests {
             "nothing of the poison"
         );
         assert_eq!(count(&conn, "SELECT MAX(next_seq) FROM shard_meta"), 3);
+    }
+
+    /// A shard connection that refuses, once each, the control statements `deny` names
+    /// (`(operation, savepoint name)`; an empty name for the transaction's own ROLLBACK), as a
+    /// failing SQLite would.
+    fn refusing(
+        conn: &Connection,
+        deny: Vec<(rusqlite::hooks::TransactionOperation, &'static str)>,
+    ) -> Arc<std::sync::Mutex<usize>> {
+        use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+        let deny = std::sync::Mutex::new(deny);
+        let refused = Arc::new(std::sync::Mutex::new(0));
+        let r = refused.clone();
+        conn.authorizer(Some(move |ctx: AuthContext<'_>| {
+            let mut deny = deny.lock().unwrap();
+            let hit = deny.iter().position(|(op, name)| match ctx.action {
+                AuthAction::Savepoint {
+                    operation,
+                    savepoint_name,
+                } => operation == *op && savepoint_name == *name,
+                AuthAction::Transaction { operation } => operation == *op && name.is_empty(),
+                _ => false,
+            });
+            match hit {
+                Some(i) => {
+                    deny.remove(i);
+                    *r.lock().unwrap() += 1;
+                    Authorization::Deny
+                }
+                None => Authorization::Allow,
+            }
+        }))
+        .unwrap();
+        refused
+    }
+
+    fn poison() -> Op {
+        let stranger = AwardRecord::sample("user0001", "nobody", 1_000).unwrap();
+        Op::Deliver {
+            msg: EventMessage::for_award(&stranger, 1, 77, 1_000),
+            table: award_table(route("user0001", Layout::new(2, 4).unwrap()).table),
+            now_ms: 1_000,
+        }
+    }
+
+    #[test]
+    fn a_savepoint_that_cannot_be_released_fails_its_whole_group_and_keeps_nothing() {
+        use rusqlite::hooks::TransactionOperation::Release;
+        let (_dir, mut conn) = shard();
+        let refused = refusing(&conn, vec![(Release, "bm_op")]);
+        let ops = [save("o1"), poison(), save("o2")];
+        let refs: Vec<&Op> = ops.iter().collect();
+        let (results, again) = run_batch_counted(1, &mut conn, &refs);
+        assert!(again, "the poison ran the group again op by op");
+        assert_eq!(*refused.lock().unwrap(), 1, "the RELEASE was refused");
+        assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+        assert!(conn.is_autocommit(), "the group was rolled back");
+        assert_eq!(awards(&conn), 0);
+        assert_eq!(count(&conn, "SELECT COUNT(*) FROM task"), 0);
+        assert_eq!(count(&conn, "SELECT MAX(next_seq) FROM shard_meta"), 1);
+        // The next group commits.
+        let ops = [save("o3")];
+        let refs: Vec<&Op> = ops.iter().collect();
+        assert!(run_batch_counted(1, &mut conn, &refs).0[0].is_ok());
+        assert_eq!(awards(&conn), 1);
+    }
+
+    #[test]
+    fn a_transaction_a_failed_rollback_left_open_is_ended_before_the_next_group() {
+        use rusqlite::hooks::TransactionOperation::{Release, Rollback};
+        let (_dir, mut conn) = shard();
+        let refused = refusing(&conn, vec![(Release, "bm_op"), (Rollback, "")]);
+        let ops = [save("o1"), poison(), save("o2")];
+        let refs: Vec<&Op> = ops.iter().collect();
+        let (results, _) = run_batch_counted(1, &mut conn, &refs);
+        assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+        assert_eq!(*refused.lock().unwrap(), 2, "the RELEASE and the ROLLBACK");
+        assert!(
+            !conn.is_autocommit(),
+            "the refused rollback left the transaction open"
+        );
+        let ops = [save("o3")];
+        let refs: Vec<&Op> = ops.iter().collect();
+        let (results, _) = run_batch_counted(1, &mut conn, &refs);
+        assert!(results[0].is_ok(), "{:?}", results[0]);
+        assert!(conn.is_autocommit());
+        assert_eq!(awards(&conn), 1, "nothing of the broken group is kept");
+        assert_eq!(count(&conn, "SELECT COUNT(*) FROM delivery"), 0);
+        assert_eq!(count(&conn, "SELECT MAX(next_seq) FROM shard_meta"), 2);
     }
 }
