@@ -462,7 +462,8 @@ impl Store {
     }
 
     /// Insert many awards, each with its task (each fails alone, a duplicate order id writing
-    /// nothing); each shard's share is queued at once, so it lands in the same group commit. One result per award, in order.
+    /// nothing); each shard's share is queued at once, so it lands in the same group commit.
+    /// One result per award, in order.
     pub fn insert_awards(
         &self,
         records: Vec<AwardRecord>,

@@ -162,22 +162,33 @@ impl Writer {
 
     /// Queue `op` (waiting at most until `due` for room) with its reply channel.
     fn submit(&self, op: Op, due: Option<Instant>) -> Result<Submitted> {
-        let (reply, rx) = oneshot::channel();
         let tx = self.queue(&op)?;
+        self.submit_to(tx, op, due)
+    }
+
+    /// Queue `op` on the lane queue `tx`, waiting at most until `due` for room.
+    fn submit_to(&self, tx: &Sender<Job>, op: Op, due: Option<Instant>) -> Result<Submitted> {
+        let (reply, rx) = oneshot::channel();
         let claim = due.map(|_| Arc::new(AtomicU8::new(QUEUED)));
         let job = Job {
             op,
             reply: Some(ReplyTo::Wait(reply)),
             claim: claim.clone(),
         };
+        self.enqueue(tx, job, due)?;
+        Ok((rx, claim))
+    }
+
+    /// Put `job` on `tx`, waiting at most until `due` for room: past it nothing of the job was
+    /// queued.
+    fn enqueue(&self, tx: &Sender<Job>, job: Job, due: Option<Instant>) -> Result<()> {
         match due {
-            None => tx.send(job).map_err(|_| Error::ShuttingDown)?,
+            None => tx.send(job).map_err(|_| Error::ShuttingDown),
             Some(due) => tx.send_deadline(job, due).map_err(|e| match e {
                 crossbeam_channel::SendTimeoutError::Timeout(_) => self.not_written(),
                 crossbeam_channel::SendTimeoutError::Disconnected(_) => Error::ShuttingDown,
-            })?,
+            }),
         }
-        Ok((rx, claim))
     }
 
     /// The answer to a submitted op, waiting at most until `due`.
@@ -215,18 +226,8 @@ impl Writer {
         let due = self.due();
         if matches!(op, Op::Barrier) && self.lanes.len() > 1 {
             for lane in &self.lanes {
-                let (reply, rx) = oneshot::channel();
                 let tx = lane.tx.as_ref().ok_or(Error::ShuttingDown)?;
-                let claim = due.map(|_| Arc::new(AtomicU8::new(QUEUED)));
-                let job = Job {
-                    op: Op::Barrier,
-                    reply: Some(ReplyTo::Wait(reply)),
-                    claim: claim.clone(),
-                };
-                match due {
-                    None => tx.send(job).map_err(|_| Error::ShuttingDown)?,
-                    Some(due) => tx.send_deadline(job, due).map_err(|_| self.not_written())?,
-                }
+                let (rx, claim) = self.submit_to(tx, Op::Barrier, due)?;
                 self.answer(&rx, claim.as_deref(), due)?;
             }
             return Ok(Reply::Count(0));
@@ -294,8 +295,8 @@ impl Writer {
     }
 
     /// Queue several ops without waiting for them (they share a group commit, per lane):
-    /// [`Writer::answers`] waits. A caller with ops
-    /// for several shards queues them all first, so the shards commit them side by side.
+    /// [`Writer::answers`] waits. A caller with ops for several shards queues them all first,
+    /// so the shards commit them side by side.
     pub(crate) fn submit_many(&self, ops: Vec<Op>) -> Pending {
         let due = self.due();
         Pending {
@@ -328,13 +329,7 @@ impl Writer {
             reply: None,
             claim: None,
         };
-        match self.due() {
-            None => tx.send(job).map_err(|_| Error::ShuttingDown),
-            Some(due) => tx.send_deadline(job, due).map_err(|e| match e {
-                crossbeam_channel::SendTimeoutError::Timeout(_) => self.not_written(),
-                crossbeam_channel::SendTimeoutError::Disconnected(_) => Error::ShuttingDown,
-            }),
-        }
+        self.enqueue(tx, job, self.due())
     }
 }
 
