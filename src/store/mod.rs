@@ -593,9 +593,16 @@ impl Store {
                 )));
             }
         }
-        let mut partial = dir.as_os_str().to_owned();
-        partial.push(".partial");
-        let partial = std::path::PathBuf::from(partial);
+        // Staged beside DIR, under its own name: `copy/` names the same directory as `copy`.
+        let name = dir.file_name().ok_or_else(|| {
+            Error::Config(format!(
+                "{} names no directory to create: give a path such as backups/today (nothing was written)",
+                dir.display()
+            ))
+        })?;
+        let mut staged = name.to_owned();
+        staged.push(".partial");
+        let partial = dir.with_file_name(staged);
         if partial.exists() {
             std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
         }

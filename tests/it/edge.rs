@@ -400,6 +400,18 @@ fn a_backup_appears_whole_or_not_at_all_and_never_overwrites() {
     let again = run(t.bin().args(["backup", "--to", copy.to_str().unwrap()]));
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
+    // A directory named with a trailing slash (as shells complete it) is the same directory:
+    // the copies are staged beside it, not inside it.
+    let slashed = format!("{}/", t.dir.path().join("copy2").display());
+    ok(run(t.bin().args(["backup", "--to", &slashed])));
+    let copy2 = t.dir.path().join("copy2");
+    assert!(shard_files(&copy2).iter().all(|p| p.exists()));
+    assert_eq!(
+        std::fs::read_dir(&copy2).unwrap().count(),
+        shard_files(&copy2).len(),
+        "only the shard files"
+    );
+    assert!(!t.dir.path().join("copy2.partial").exists());
 }
 
 #[test]
