@@ -690,24 +690,34 @@ impl Store {
         self.purge_within(before_ms, None)
     }
 
-    /// [`Store::purge`] for at most about `budget` (a step is not cut short): the scanner's,
-    /// so that a large backlog of settled tasks never holds its claims back for long.
+    /// [`Store::purge`] for about `budget` (a step is not cut short): the scanner's, so that a
+    /// large backlog of settled tasks never holds its claims back for long. Each shard has an
+    /// equal share of the budget and at least one step a call, so a long backlog on one shard
+    /// does not starve the others; a shard whose step fails does not stop the others, and the
+    /// first failure is returned after them.
     pub fn purge_within(&self, before_ms: i64, budget: Option<Duration>) -> Result<usize> {
-        let started = std::time::Instant::now();
+        let share = budget.map(|b| b / self.shards.len().max(1) as u32);
         let mut total = 0;
+        let mut first_err = None;
         for s in &self.shards {
+            let started = std::time::Instant::now();
             loop {
-                if budget.is_some_and(|b| started.elapsed() >= b) {
-                    return Ok(total);
-                }
-                let n = s.write(Op::Purge { before_ms })?.count();
-                total += n;
-                if n == 0 {
-                    break;
+                match s.write(Op::Purge { before_ms }) {
+                    Ok(r) => {
+                        let n = r.count();
+                        total += n;
+                        if n == 0 || share.is_some_and(|b| started.elapsed() >= b) {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                        break;
+                    }
                 }
             }
         }
-        Ok(total)
+        first_err.map_or(Ok(total), Err)
     }
 
     /// Return once every write queued before it, on every shard and lane (detached ones too),

@@ -353,6 +353,49 @@ fn with_a_retention_the_scanner_purges_old_completed_tasks_only(kind: Kind) {
     app.shutdown();
 }
 
+/// The scanner's compaction with its budget spent at once still takes a step on every shard: a
+/// long backlog on the first shard cannot starve the next.
+#[test]
+fn compaction_within_a_spent_budget_still_steps_every_shard() {
+    let mut t = TestStore::new(Kind::Sqlite);
+    t.settings.retention = Some(std::time::Duration::from_secs(3600));
+    let app = t.start();
+    let service = app.service();
+    let users = [
+        "keeper", "keeper2", "keeper3", "keeper4", "keeper5", "keeper6",
+    ];
+    let mut per_db = std::collections::BTreeMap::new();
+    for u in users {
+        per_db.entry(route(u, Layout::default()).db).or_insert(u);
+    }
+    assert_eq!(per_db.len(), 2, "users on both shards: {per_db:?}");
+    for (i, user) in per_db.values().enumerate() {
+        for j in 0..3 {
+            service
+                .save_award(award(user, &format!("43{i}{j:09}")))
+                .unwrap();
+        }
+    }
+    app.settle();
+    for &db in per_db.keys() {
+        assert!(big_market::util::wait_until(
+            std::time::Duration::from_secs(5),
+            || app.count(db, "SELECT COUNT(*) FROM task WHERE state = 'completed'") == 3
+        ));
+        app.exec(db, "UPDATE task SET update_time = update_time - 7200000");
+    }
+    let before_ms = big_market::util::now_ms() - 3_600_000;
+    let purged = service
+        .store()
+        .purge_within(before_ms, Some(std::time::Duration::ZERO))
+        .unwrap();
+    assert_eq!(purged, 6, "three tasks folded on each shard");
+    for &db in per_db.keys() {
+        assert_eq!(app.count(db, "SELECT COUNT(*) FROM task"), 0, "shard {db}");
+    }
+    app.shutdown();
+}
+
 fn save_awards_commits_a_batch_across_shards_and_a_duplicate_fails_alone(kind: Kind) {
     let app = TestApp::spawn(kind);
     let service = app.service();
