@@ -482,6 +482,34 @@ impl RestoreWatermark {
     }
 }
 
+/// The serve flags both memory-alarm tests give: this store's broker and topic, a 3s lease and a
+/// 200ms scan.
+fn serve_args(t: &TestStore) -> [&str; 8] {
+    [
+        "--amqp-url",
+        t.amqp_url(),
+        "--topic",
+        t.settings.topic.as_str(),
+        "--stale-after",
+        "3s",
+        "--scan-interval",
+        "200ms",
+    ]
+}
+
+/// Sets the broker's memory watermark to 0, which blocks every publisher, asserting it took.
+fn raise_memory_alarm() {
+    assert!(
+        std::process::Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", "0"])
+            .output()
+            .unwrap()
+            .status
+            .success(),
+        "the memory alarm could not be raised"
+    );
+}
+
 impl Drop for RestoreWatermark {
     fn drop(&mut self) {
         let _ = std::process::Command::new("rabbitmqctl")
@@ -495,16 +523,7 @@ fn a_publisher_block_longer_than_the_lease_with_two_serves_delivers_every_award_
     let _g = serial();
     let Some(t) = TestStore::amqp() else { return };
     let restore = RestoreWatermark::read();
-    let common = [
-        "--amqp-url",
-        t.amqp_url(),
-        "--topic",
-        t.settings.topic.as_str(),
-        "--stale-after",
-        "3s",
-        "--scan-interval",
-        "200ms",
-    ];
+    let common = serve_args(&t);
     let logs = tempfile::tempdir().unwrap();
     let a = crate::http::Server::start_logged(t.dir.path(), &common, &logs.path().join("a.log"));
     let b = crate::http::Server::start_logged(t.dir.path(), &common, &logs.path().join("b.log"));
@@ -514,15 +533,7 @@ fn a_publisher_block_longer_than_the_lease_with_two_serves_delivers_every_award_
             .0
             == 200));
     }
-    assert!(
-        std::process::Command::new("rabbitmqctl")
-            .args(["set_vm_memory_high_watermark", "0"])
-            .output()
-            .unwrap()
-            .status
-            .success(),
-        "the memory alarm could not be raised"
-    );
+    raise_memory_alarm();
     let n = 60;
     for i in 0..n {
         let body = serde_json::json!({"userId": format!("blocked{}", i % 7), "activityId": 100301, "strategyId": 100006, "orderId": format!("7{i:011}"), "awardId": 101, "awardTitle": "t"});
@@ -729,29 +740,12 @@ fn award_under_a_memory_alarm_exits_within_the_drain_bound_and_a_later_serve_del
     let _g = serial();
     let Some(t) = TestStore::amqp() else { return };
     let restore = RestoreWatermark::read();
-    let common = [
-        "--amqp-url",
-        t.amqp_url(),
-        "--topic",
-        t.settings.topic.as_str(),
-        "--stale-after",
-        "3s",
-        "--scan-interval",
-        "200ms",
-    ];
+    let common = serve_args(&t);
     // The bound the README states: drain_timeout plus one publish deadline.
     let mut s = t.settings.clone();
     s.stale_after = Duration::from_secs(3);
     let bound = s.drain_timeout + s.publish_timeout();
-    assert!(
-        std::process::Command::new("rabbitmqctl")
-            .args(["set_vm_memory_high_watermark", "0"])
-            .output()
-            .unwrap()
-            .status
-            .success(),
-        "the memory alarm could not be raised"
-    );
+    raise_memory_alarm();
     let started = std::time::Instant::now();
     let mut award = KillOnDrop(
         t.bin()

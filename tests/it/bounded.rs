@@ -176,17 +176,6 @@ fn a_broker_that_accepts_and_never_speaks_costs_no_thread_or_socket_per_retry() 
     );
 }
 
-/// Tasks that failed to publish (the broker was down), due again soon: a backlog for the scanner.
-fn backlog(t: TestStore, n: usize) -> TestStore {
-    let app = t.start();
-    app.faulty().set_down(true);
-    for i in 0..n {
-        app.save(&format!("b{}", i % 50), &format!("7{i:011}"));
-    }
-    app.settle();
-    app.shutdown()
-}
-
 fn sigterm(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

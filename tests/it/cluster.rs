@@ -52,6 +52,13 @@ fn broker_settings(
     s
 }
 
+/// A client on `s`'s broker, asserted connected within ten seconds.
+fn connected(s: &Settings) -> Arc<Amqp> {
+    let amqp = Arc::new(Amqp::connect(s.amqp_url.as_ref().unwrap(), s).unwrap());
+    assert!(wait_until(Duration::from_secs(10), || amqp.is_connected()));
+    amqp
+}
+
 /// Deletes the test's queues on drop, whatever the outcome.
 struct Queues(Settings);
 
@@ -101,8 +108,7 @@ fn a_store_outage_longer_than_the_delivery_limit_has_nothing_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
     let s = quorum_settings(dir.path(), &url, 2);
     let _queues = Queues(s.clone());
-    let amqp = Arc::new(Amqp::connect(s.amqp_url.as_ref().unwrap(), &s).unwrap());
-    assert!(wait_until(Duration::from_secs(10), || amqp.is_connected()));
+    let amqp = connected(&s);
     let sent = amqp.publish_batch(
         &[Outgoing {
             message_id: "01000000001".into(),
@@ -339,8 +345,7 @@ fn a_message_the_store_cannot_take_holds_up_nothing_but_itself() {
     let dir = tempfile::tempdir().unwrap();
     let s = quorum_settings(dir.path(), &url, 2);
     let _queues = Queues(s.clone());
-    let amqp = Arc::new(Amqp::connect(s.amqp_url.as_ref().unwrap(), &s).unwrap());
-    assert!(wait_until(Duration::from_secs(10), || amqp.is_connected()));
+    let amqp = connected(&s);
     let handler = Arc::new(OneShardDown {
         down: AtomicBool::new(true),
         good: AtomicU64::new(0),

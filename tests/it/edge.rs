@@ -286,6 +286,16 @@ fn a_backup_taken_during_load_passes_the_audit_and_serve_delivers_what_it_held_p
 struct Running(Option<Child>);
 
 impl Running {
+    /// Send it SIGTERM, asserting that `kill` succeeded.
+    fn term(&self) {
+        let pid = self.0.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
     /// Wait (bounded) for it to exit.
     fn wait(mut self, limit: Duration) -> std::process::ExitStatus {
         let mut child = self.0.take().unwrap();
@@ -355,12 +365,7 @@ fn serve_tells_the_service_manager_when_it_is_ready_and_when_it_stops() {
         String::from_utf8_lossy(&out.stderr)
     );
     println!("READY=1 after {:?}", started.elapsed());
-    let pid = serve.0.as_ref().unwrap().id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    serve.term();
     let n = socket.recv(&mut buf).expect("no STOPPING=1 within 30 s");
     let stopping = String::from_utf8_lossy(&buf[..n]).to_string();
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
@@ -429,12 +434,7 @@ fn serve_stops_at_once_on_sigterm_while_it_waits_for_a_broker_that_refuses() {
         "serve did not open its shards"
     );
     let sent = Instant::now();
-    let pid = serve.0.as_ref().unwrap().id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    serve.term();
     let status = serve.wait(Duration::from_secs(60));
     let took = sent.elapsed();
     assert!(status.success(), "{status:?}");

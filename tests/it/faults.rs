@@ -41,12 +41,7 @@ fn shard_invariants(t: &TestStore) {
 
 fn sigkill_in_the_middle_of_load_then_serve_delivers_everything_exactly_once(kind: Kind) {
     let t = TestStore::new(kind);
-    let init = t.bin().arg("init").output().unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    t.init();
     let mut load = t
         .bin()
         .args([
@@ -93,17 +88,6 @@ fn sigkill_in_the_middle_of_load_then_serve_delivers_everything_exactly_once(kin
     assert!(done, "serve did not deliver the backlog: {:?}", t.totals());
     assert!(exit.success(), "serve exits 0 on SIGTERM: {exit:?}");
     shard_invariants(&t);
-}
-
-/// A backlog of `n` failed tasks on `t`, committed while the transport was down.
-fn backlog(t: TestStore, n: usize) -> TestStore {
-    let app = t.start();
-    app.faulty().set_down(true);
-    for i in 0..n {
-        app.save(&format!("b{}", i % 50), &format!("7{i:011}"));
-    }
-    app.settle();
-    app.shutdown()
 }
 
 fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {

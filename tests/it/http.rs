@@ -195,12 +195,7 @@ fn read_response(s: &mut TcpStream) -> Option<Raw> {
         let mut resp = httparse::Response::new(&mut headers);
         if let Ok(httparse::Status::Complete(head_len)) = resp.parse(&buf) {
             let status = resp.code.unwrap();
-            let len: usize = resp
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
-                .unwrap_or(0);
+            let len = content_length(resp.headers);
             while buf.len() < head_len + len {
                 let n = s.read(&mut chunk).ok()?;
                 if n == 0 {
@@ -764,12 +759,7 @@ fn read_all_responses(s: &mut TcpStream) -> Vec<(u16, String)> {
         let Ok(httparse::Status::Complete(head_len)) = resp.parse(&buf[at..]) else {
             break;
         };
-        let len: usize = resp
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-            .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
-            .unwrap_or(0);
+        let len = content_length(resp.headers);
         let body = &buf[at + head_len..(at + head_len + len).min(buf.len())];
         out.push((
             resp.code.unwrap(),
@@ -813,4 +803,13 @@ fn a_pipelined_request_with_a_bare_lf_gets_400_and_writes_nothing() {
     }
     assert_eq!(totals(&s).awards, 1, "only the first award was written");
     server.stop();
+}
+
+/// A response head's Content-Length, 0 if it has none.
+fn content_length(headers: &[httparse::Header]) -> usize {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
+        .unwrap_or(0)
 }

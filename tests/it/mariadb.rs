@@ -803,12 +803,7 @@ fn the_seeds_own_message_is_recorded_and_acknowledged_its_task_completed_and_aud
     let Some(t) = TestStore::mariadb() else {
         return;
     };
-    let init = t.bin().arg("init").output().unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    t.init();
     let db = route("xiaofuge", Layout::default()).db;
     // The seed's form, and a later version's that names its award.
     java_saves(&t, "880000000001", "74920280321", SEED_MESSAGE);
@@ -991,12 +986,7 @@ fn a_connection_cut_just_after_the_commit_is_sent_is_outcome_unknown_and_the_ret
     let Some(t) = TestStore::mariadb() else {
         return;
     };
-    let init = t.bin().arg("init").output().unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    t.init();
     let proxy = Proxy::to(&t.server().addr);
     let via = proxy.url(t.server(), t.prefix());
 
@@ -1068,12 +1058,7 @@ fn a_server_that_stops_answering_costs_a_clear_error_within_the_deadline_and_not
     let Some(t) = TestStore::mariadb() else {
         return;
     };
-    let init = t.bin().arg("init").output().unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    t.init();
     let proxy = Proxy::to(&t.server().addr);
     let via = proxy.url(t.server(), t.prefix());
     let timeout = Duration::from_secs(2);
@@ -1180,6 +1165,15 @@ fn bounded(mut cmd: std::process::Command, limit: Duration) -> std::process::Out
     }
 }
 
+/// Runs `cmd` with `args` (bounded, 60 s), asserts it exits 2 and returns its stderr.
+fn refused(mut cmd: std::process::Command, args: &[&str]) -> String {
+    cmd.args(args);
+    let out = bounded(cmd, Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    err
+}
+
 /// Every command but `init`, as a user would first try it.
 fn commands_but_init() -> Vec<Vec<&'static str>> {
     vec![
@@ -1222,16 +1216,7 @@ fn only_init_creates_a_database_every_other_command_refuses_in_one_line_naming_i
         return;
     };
     for args in commands_but_init() {
-        let out = bounded(
-            {
-                let mut c = t.bin();
-                c.args(&args);
-                c
-            },
-            Duration::from_secs(60),
-        );
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        let err = refused(t.bin(), &args);
         let last = err.lines().last().unwrap_or_default();
         assert!(
             last.contains("does not exist") && last.contains("run `big-market init`"),
@@ -1243,12 +1228,7 @@ fn only_init_creates_a_database_every_other_command_refuses_in_one_line_naming_i
             databases_of(&t)
         );
     }
-    let init = t.bin().arg("init").output().unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    t.init();
     assert_eq!(databases_of(&t).len(), 2);
 }
 
@@ -1282,16 +1262,7 @@ fn the_java_services_databases_are_refused_before_init_and_their_task_table_left
     };
     let before = shape(&t);
     for args in commands_but_init() {
-        let out = bounded(
-            {
-                let mut c = t.bin();
-                c.args(&args);
-                c
-            },
-            Duration::from_secs(60),
-        );
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        let err = refused(t.bin(), &args);
         assert!(
             err.lines()
                 .last()
@@ -1305,12 +1276,7 @@ fn the_java_services_databases_are_refused_before_init_and_their_task_table_left
             "{args:?} changed the Java service's tables"
         );
     }
-    let init = t.bin().arg("init").output().unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    t.init();
     assert_ne!(
         shape(&t),
         before,
@@ -1325,16 +1291,9 @@ fn a_topic_the_task_column_cannot_hold_is_refused_at_start_before_anything_is_op
     };
     let topic = "t".repeat(33);
     for args in [vec!["init"], vec!["serve"], vec!["status"]] {
-        let out = bounded(
-            {
-                let mut c = t.bin();
-                c.args(["--topic", &topic]).args(&args);
-                c
-            },
-            Duration::from_secs(60),
-        );
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        let mut c = t.bin();
+        c.args(["--topic", &topic]);
+        let err = refused(c, &args);
         assert!(
             err.lines().count() == 1 && err.contains("holds 32"),
             "{args:?}: {err}"
@@ -1412,12 +1371,7 @@ fn on_rabbitmq_the_seeds_own_message_is_acknowledged_and_never_dead_lettered() {
         "send_award_test_{}",
         big_market::util::Rng::new().digits(10)
     );
-    let init = t.bin().arg("init").output().unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    t.init();
     java_saves(&t, "880000000011", "74920280321", SEED_MESSAGE);
     let db = route("xiaofuge", Layout::default()).db;
     let url = t.url();
@@ -1485,12 +1439,7 @@ fn serve_stops_within_its_deadlines_while_the_server_does_not_answer() {
     let Some(t) = TestStore::mariadb() else {
         return;
     };
-    let init = t.bin().arg("init").output().unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    t.init();
     let proxy = Proxy::to(&t.server().addr);
     let via = proxy.url(t.server(), t.prefix());
     let args = [

@@ -423,6 +423,18 @@ macro_rules! on_both_backends {
     };
 }
 
+/// A backlog of `n` tasks on `t` that failed to publish (the transport was down), committed and
+/// due again soon: work for the scanner.
+pub fn backlog(t: TestStore, n: usize) -> TestStore {
+    let app = t.start();
+    app.faulty().set_down(true);
+    for i in 0..n {
+        app.save(&format!("b{}", i % 50), &format!("7{i:011}"));
+    }
+    app.settle();
+    app.shutdown()
+}
+
 /// A test's shards: a temporary directory (the SQLite files, or the binary's working directory)
 /// and, on MariaDB, databases `<prefix>_01` ... that are dropped on drop; with a broker, a queue
 /// of its own, deleted on drop. Inspection goes through plain SQL that both backends understand.
@@ -523,6 +535,16 @@ impl TestStore {
             c.env("BIG_MARKET_STORE", self.url());
         }
         c
+    }
+
+    /// Runs the binary's `init` on these shards and asserts it succeeded, showing its stderr if not.
+    pub fn init(&self) {
+        let init = self.bin().arg("init").output().unwrap();
+        assert!(
+            init.status.success(),
+            "{}",
+            String::from_utf8_lossy(&init.stderr)
+        );
     }
 
     /// A connection to database `db` on MariaDB.
