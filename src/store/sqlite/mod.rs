@@ -295,6 +295,29 @@ mod tests {
         assert_eq!(sql::take_seq(&tx).unwrap(), 2);
     }
 
+    #[test]
+    fn the_bundled_sqlite_is_built_with_the_projects_flags() {
+        // `.cargo/config.toml` sets them; a build that misses it (LIBSQLITE3_FLAGS replaced in
+        // the environment) loses the writer's in-memory sub-journal and brings back the global
+        // page-cache mutex.
+        let conn = Connection::open_in_memory().unwrap();
+        let options: Vec<String> = conn
+            .prepare("PRAGMA compile_options")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            options.iter().any(|o| o == "STMTJRNL_SPILL=4194304"),
+            "{options:?}"
+        );
+        assert!(
+            !options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
+            "{options:?}"
+        );
+    }
+
     /// A shard with tasks 1..=6: all completed at time 10 and delivered, except 4 (pending, not
     /// delivered); 2 was received three times.
     fn shard_with_a_gap() -> (tempfile::TempDir, Connection) {
