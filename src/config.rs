@@ -51,8 +51,6 @@ pub struct Settings {
     /// of each connection) and of every call into a shard's write lane. Default 30 s, at least
     /// 2 s.
     pub mysql_timeout: Duration,
-    /// Most operations one shard writer commits together. Default 256.
-    pub group_commit_max: usize,
     /// Completed tasks older than this are deleted by the scanner; `None` keeps them.
     pub retention: Option<Duration>,
     /// Committed tasks a shard's relay holds in memory; past it they wait in SQLite and the
@@ -110,7 +108,6 @@ impl Settings {
             retry: RetryPolicy::default(),
             busy_timeout: Duration::from_secs(5),
             mysql_timeout: Duration::from_secs(30),
-            group_commit_max: 256,
             retention: None,
             handoff_capacity: 8192,
             relay_batch: 1000,
@@ -150,7 +147,6 @@ impl Settings {
         positive("pool threads", self.pool_threads)?;
         positive("pool queue", self.pool_queue)?;
         positive("consumer threads", self.consumer_threads)?;
-        positive("group commit size", self.group_commit_max)?;
         positive("hand-off capacity", self.handoff_capacity)?;
         positive("relay batch", self.relay_batch)?;
         if self.prefetch == 0 {

@@ -95,6 +95,8 @@ pub(crate) struct Opened {
     pub(crate) lane_of: writer::LaneOf,
     /// How long a caller waits for its write (`None`: until it is done).
     pub(crate) call_deadline: Option<Duration>,
+    /// Most ops one lane commits together.
+    pub(crate) group_commit_max: usize,
 }
 
 /// One database: its reads and its writer.
@@ -394,7 +396,7 @@ impl Store {
                 o.lanes,
                 o.lane_of,
                 o.call_deadline,
-                settings.group_commit_max,
+                o.group_commit_max,
                 handoff.clone(),
             )?;
             shards.push(Shard {

@@ -34,6 +34,10 @@ use crate::config::{MysqlDatabase, Settings};
 use crate::error::{Error, Result};
 use crate::router::award_table;
 
+/// Most ops one lane commits together: a group is one transaction of as many round trips to the
+/// server, and each must finish within `--mysql-timeout`.
+const GROUP_COMMIT_MAX: usize = 256;
+
 /// Columns each table must have (the original's and ours); a database whose tables lack one was
 /// made by something else, and is refused.
 fn expected_columns(table: &str) -> &'static [&'static str] {
@@ -396,6 +400,7 @@ fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, plan: Plan) -> Resu
         lanes,
         lane_of,
         call_deadline: Some(settings.mysql_timeout),
+        group_commit_max: GROUP_COMMIT_MAX,
     })
 }
 

@@ -25,6 +25,13 @@ use crate::router::{db_name, Layout};
 
 type Pool = r2d2::Pool<SqliteConnectionManager>;
 
+/// Most ops a shard writer commits together. Each commit writes every page its group changed,
+/// and an award's random keys (its order id, its user) land on pages of their own: the larger
+/// the group, the fewer pages written per award. At 1,024 rather than 256, batched saves
+/// (`save_awards`, 100 a call, 256 callers) ran 10-15% faster side by side; a group's
+/// sub-journal stays in memory (see `.cargo/config.toml`).
+const GROUP_COMMIT_MAX: usize = 1024;
+
 /// Where database `db` of a data directory lives.
 pub(crate) fn shard_path(settings: &Settings, db: u32) -> PathBuf {
     settings.data_dir.join(format!("{}.db", db_name(db)))
@@ -238,6 +245,7 @@ fn open_shard(settings: &Settings, db: u32, create: bool) -> Result<Opened> {
         lane_of: |_| 0,
         // A local file: its busy timeout bounds a wait on another process's lock.
         call_deadline: None,
+        group_commit_max: GROUP_COMMIT_MAX,
     })
 }
 
