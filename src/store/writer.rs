@@ -346,6 +346,42 @@ impl Drop for Writer {
     }
 }
 
+/// Run a group on the backend, containing a panic (a bug) to the group: its ops hear "outcome
+/// unknown" (the panic may have come before or after the commit) and the thread goes on with
+/// the next group. A writer thread that died instead would leave the ops queued behind it
+/// waiting for ever. The backend ends a transaction a panic left open before its next group
+/// (SQLite: the transaction rolls back as it unwinds; MySQL: the connection is replaced).
+fn run_contained(db: u32, backend: &mut dyn Batch, ops: &[&Op]) -> Vec<Result<Reply>> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.run_batch(ops))) {
+        Ok(results) => results,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_string());
+            log::error!(
+                "writer shard={db:02} failed a group of {} writes on a bug ({what}); their outcome is unknown, the writer goes on",
+                ops.len()
+            );
+            ops.iter()
+                .map(|_| {
+                    Err(Error::OutcomeUnknown {
+                        context: format!("writing to shard big_market_{db:02}"),
+                        source: crate::error::StorageError::new(
+                            std::io::Error::other(format!(
+                                "the shard writer failed on a bug: {what}"
+                            )),
+                            " (a bug in big-market: please report it with the log)",
+                            false,
+                        ),
+                    })
+                })
+                .collect()
+        }
+    }
+}
+
 fn run(db: u32, mut backend: Box<dyn Batch>, rx: Receiver<Job>, max: usize, handoff: &Handoff) {
     let linger = backend.linger();
     while let Ok(first) = rx.recv() {
@@ -378,7 +414,7 @@ fn run(db: u32, mut backend: Box<dyn Batch>, rx: Receiver<Job>, max: usize, hand
         }
         log::trace!("writer shard={db:02} batch={}", batch.len());
         let ops: Vec<&Op> = batch.iter().map(|j| &j.op).collect();
-        let results = backend.run_batch(&ops);
+        let results = run_contained(db, backend.as_mut(), &ops);
         debug_assert_eq!(results.len(), batch.len(), "one result per op");
         // The commit returned: hand this group's tasks to the relay before anyone hears back.
         let committed: Vec<SavedTask> = results
@@ -434,6 +470,71 @@ mod tests {
             self.ran.fetch_add(ops.len(), Ordering::SeqCst);
             ops.iter().map(|_| Ok(Reply::Count(0))).collect()
         }
+    }
+
+    /// A backend that panics in its first group, once the test has queued a second op behind
+    /// it, and runs every later group.
+    struct Panicking {
+        entered: Arc<AtomicUsize>,
+        open: Arc<Mutex<bool>>,
+    }
+
+    impl Batch for Panicking {
+        fn run_batch(&mut self, ops: &[&Op]) -> Vec<Result<Reply>> {
+            if self.entered.fetch_add(1, Ordering::SeqCst) == 0 {
+                assert!(
+                    crate::util::wait_until(Duration::from_secs(20), || *self.open.lock().unwrap()),
+                    "the test opens the gate"
+                );
+                panic!("a bug in a backend");
+            }
+            ops.iter().map(|_| Ok(Reply::Count(0))).collect()
+        }
+    }
+
+    #[test]
+    fn a_group_that_panics_is_outcome_unknown_and_the_writer_serves_the_ops_behind_it() {
+        let entered = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(Mutex::new(false));
+        let w = Writer::spawn(
+            1,
+            "test-shard",
+            vec![Box::new(Panicking {
+                entered: entered.clone(),
+                open: open.clone(),
+            })],
+            |_| 0,
+            None,
+            1,
+            Arc::new(Handoff::new(16)),
+        )
+        .unwrap();
+        std::thread::scope(|s| {
+            let in_group = s.spawn(|| w.call(Op::Barrier));
+            assert!(crate::util::wait_until(Duration::from_secs(10), || entered
+                .load(Ordering::SeqCst)
+                == 1));
+            let queued = s.spawn(|| w.call(Op::Barrier));
+            // The second op is in the queue before the writer panics (a group holds one op).
+            assert!(crate::util::wait_until(Duration::from_secs(10), || w.lanes
+                [0]
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.len() == 1)));
+            *open.lock().unwrap() = true;
+            let r = in_group.join().unwrap();
+            assert!(
+                matches!(&r, Err(Error::OutcomeUnknown { .. })),
+                "the op in the group that panicked: {r:?}"
+            );
+            let r = queued.join().unwrap();
+            assert!(
+                matches!(r, Ok(Reply::Count(0))),
+                "the op queued behind it: {r:?}"
+            );
+        });
+        assert!(matches!(w.call(Op::Barrier), Ok(Reply::Count(0))));
+        assert_eq!(entered.load(Ordering::SeqCst), 3, "three groups ran");
     }
 
     #[test]
