@@ -28,8 +28,9 @@ pub enum Error {
         source: StorageError,
     },
     /// The database did not answer a write whose commit may have happened (the connection was
-    /// lost after the commit was sent, or no answer came within the deadline): the write may or
-    /// may not have been kept. Retry an award with the same order id: a duplicate on the retry
+    /// lost after the commit was sent, or no answer came within the deadline), or a MySQL shard
+    /// writer failed on a bug that may have come after the commit: the write may or may not
+    /// have been kept. Retry an award with the same order id: a duplicate on the retry
     /// means it was saved.
     OutcomeUnknown {
         /// What was being written, and on which shard.

@@ -320,7 +320,7 @@ async fn create(
 }
 
 /// The answer to a save whose commit was sent when the connection to the database was lost.
-pub(crate) const OUTCOME_UNKNOWN: &str = "outcome unknown: the database did not answer after the commit may have happened, so the award may or may not have been saved: retry with the same orderId (409 on the retry means it was saved)";
+pub(crate) const OUTCOME_UNKNOWN: &str = "outcome unknown: the database did not answer (or its writer failed on a bug) after the commit may have happened, so the award may or may not have been saved: retry with the same orderId (409 on the retry means it was saved)";
 
 fn list(service: &Service, query: &str) -> Response<Body> {
     let user = form_urlencoded::parse(query.as_bytes())

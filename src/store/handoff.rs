@@ -47,7 +47,7 @@ impl Handoff {
             return;
         }
         let n = tasks.len();
-        let mut spilled = self.spilled.lock().expect("handoff lock");
+        let mut spilled = self.spilled.lock().unwrap_or_else(|e| e.into_inner());
         if spilled.is_none() && self.held.load(Ordering::SeqCst) + n <= self.capacity {
             self.held.fetch_add(n, Ordering::SeqCst);
             let _ = self.tx.send(tasks);
@@ -93,7 +93,10 @@ impl Handoff {
     /// The range of sequence numbers committed but not handed over, if any; taking it closes
     /// it, so the next commit goes to memory again.
     pub fn take_spilled(&self) -> Option<(u64, u64)> {
-        self.spilled.lock().expect("handoff lock").take()
+        self.spilled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// Wake a relay waiting in [`Handoff::take`] (to look at a range, or to stop).
@@ -103,7 +106,10 @@ impl Handoff {
 
     /// Whether a range of sequence numbers waits to be read back from the shard.
     pub fn has_spilled(&self) -> bool {
-        self.spilled.lock().expect("handoff lock").is_some()
+        self.spilled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// Tasks held in memory now.

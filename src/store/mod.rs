@@ -59,6 +59,13 @@ pub(crate) trait Batch: Send + 'static {
     fn linger(&self) -> std::time::Duration {
         std::time::Duration::ZERO
     }
+
+    /// Whether a panic in [`Batch::run_batch`] is known to have kept nothing of its group (the
+    /// transaction rolled back as the panic unwound), so that the writer may run the group's
+    /// ops again one at a time. Either way the backend must be usable for the next group.
+    fn rolls_back_on_panic(&self) -> bool {
+        false
+    }
 }
 
 /// The reads of one database.

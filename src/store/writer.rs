@@ -346,39 +346,98 @@ impl Drop for Writer {
     }
 }
 
-/// Run a group on the backend, containing a panic (a bug) to the group: its ops hear "outcome
-/// unknown" (the panic may have come before or after the commit) and the thread goes on with
-/// the next group. A writer thread that died instead would leave the ops queued behind it
-/// waiting for ever. The backend ends a transaction a panic left open before its next group
-/// (SQLite: the transaction rolls back as it unwinds; MySQL: the connection is replaced).
+/// Run a group on the backend, containing a panic (a bug) so that the writer thread goes on: a
+/// dead writer thread would leave the ops queued behind it waiting for ever. When the backend
+/// is known to have kept nothing of a panicked group (SQLite), its ops run again one at a time,
+/// so only the op that panics fails: a delivery as unprocessable (it is dead-lettered rather
+/// than retried for ever), anything else as not written. Otherwise (MySQL: the panic may have
+/// come after the commit) every op of the group hears "outcome unknown".
 fn run_contained(db: u32, backend: &mut dyn Batch, ops: &[&Op]) -> Vec<Result<Reply>> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.run_batch(ops))) {
-        Ok(results) => results,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic".to_string());
-            log::error!(
-                "writer shard={db:02} failed a group of {} writes on a bug ({what}); their outcome is unknown, the writer goes on",
-                ops.len()
-            );
-            ops.iter()
-                .map(|_| {
-                    Err(Error::OutcomeUnknown {
-                        context: format!("writing to shard big_market_{db:02}"),
-                        source: crate::error::StorageError::new(
-                            std::io::Error::other(format!(
-                                "the shard writer failed on a bug: {what}"
-                            )),
-                            " (a bug in big-market: please report it with the log)",
-                            false,
-                        ),
-                    })
-                })
-                .collect()
+    let what = match catch(db, backend, ops) {
+        Ok(results) => return results,
+        Err(what) => what,
+    };
+    if !backend.rolls_back_on_panic() {
+        log::error!(
+            "writer shard={db:02} failed a group of {} writes on a bug ({what}); their outcome is unknown, the writer goes on",
+            ops.len()
+        );
+        return ops
+            .iter()
+            .map(|_| Err(unknown_after_panic(db, &what)))
+            .collect();
+    }
+    if ops.len() > 1 {
+        log::error!(
+            "writer shard={db:02} rolled back a group of {} writes on a bug ({what}); they run again one at a time",
+            ops.len()
+        );
+    }
+    ops.iter()
+        .map(|op| {
+            let what = if ops.len() == 1 {
+                what.clone()
+            } else {
+                match catch(db, backend, &[op]) {
+                    Ok(mut results) => return results.pop().expect("one result for one op"),
+                    Err(what) => what,
+                }
+            };
+            log::error!("writer shard={db:02} refused a write that fails on a bug ({what}); nothing of it was kept");
+            Err(match op {
+                Op::Deliver { .. } => Error::Poison(format!(
+                    "delivering it fails on a bug in big-market ({what}); nothing was written: please report it with the log"
+                )),
+                _ => Error::storage(
+                    format!("writing to shard big_market_{db:02} (nothing of this write was kept)"),
+                    crate::error::StorageError::new(
+                        std::io::Error::other(format!("the shard writer failed on a bug: {what}")),
+                        " (a bug in big-market: please report it with the log)",
+                        false,
+                    ),
+                ),
+            })
+        })
+        .collect()
+}
+
+/// `run_batch` with a panic caught (its message returned), and one result per op checked (a
+/// backend that answered too few or too many leaves the missing ones unknown).
+fn catch(
+    db: u32,
+    backend: &mut dyn Batch,
+    ops: &[&Op],
+) -> std::result::Result<Vec<Result<Reply>>, String> {
+    let mut results =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.run_batch(ops))).map_err(
+            |panic| {
+                panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_string())
+            },
+        )?;
+    if results.len() != ops.len() {
+        let what = format!("{} results for {} writes", results.len(), ops.len());
+        log::error!("writer shard={db:02} got {what} from its backend (a bug)");
+        results.truncate(ops.len());
+        while results.len() < ops.len() {
+            results.push(Err(unknown_after_panic(db, &what)));
         }
+    }
+    Ok(results)
+}
+
+/// The error of a write whose group failed on a bug that may have come after its commit.
+fn unknown_after_panic(db: u32, what: &str) -> Error {
+    Error::OutcomeUnknown {
+        context: format!("writing to shard big_market_{db:02}"),
+        source: crate::error::StorageError::new(
+            std::io::Error::other(format!("the shard writer failed on a bug: {what}")),
+            " (a bug in big-market: please report it with the log)",
+            false,
+        ),
     }
 }
 
@@ -415,7 +474,6 @@ fn run(db: u32, mut backend: Box<dyn Batch>, rx: Receiver<Job>, max: usize, hand
         log::trace!("writer shard={db:02} batch={}", batch.len());
         let ops: Vec<&Op> = batch.iter().map(|j| &j.op).collect();
         let results = run_contained(db, backend.as_mut(), &ops);
-        debug_assert_eq!(results.len(), batch.len(), "one result per op");
         // The commit returned: hand this group's tasks to the relay before anyone hears back.
         let committed: Vec<SavedTask> = results
             .iter()
@@ -527,6 +585,11 @@ mod tests {
                 matches!(&r, Err(Error::OutcomeUnknown { .. })),
                 "the op in the group that panicked: {r:?}"
             );
+            // Bounded: a writer that died would leave this caller waiting for ever.
+            assert!(
+                crate::util::wait_until(Duration::from_secs(10), || queued.is_finished()),
+                "the op queued behind the panic is answered"
+            );
             let r = queued.join().unwrap();
             assert!(
                 matches!(r, Ok(Reply::Count(0))),
@@ -535,6 +598,71 @@ mod tests {
         });
         assert!(matches!(w.call(Op::Barrier), Ok(Reply::Count(0))));
         assert_eq!(entered.load(Ordering::SeqCst), 3, "three groups ran");
+    }
+
+    /// A backend that panics on any group holding a delivery or a purge before time -1, and
+    /// runs every other group; `rolls_back` says whether a panic kept nothing.
+    struct PanicsOn {
+        rolls_back: bool,
+        groups: usize,
+    }
+
+    impl Batch for PanicsOn {
+        fn run_batch(&mut self, ops: &[&Op]) -> Vec<Result<Reply>> {
+            self.groups += 1;
+            let bad = |op: &&Op| matches!(op, Op::Deliver { .. } | Op::Purge { before_ms: -1 });
+            if ops.iter().any(bad) {
+                panic!("a bug in a backend");
+            }
+            ops.iter().map(|_| Ok(Reply::Count(0))).collect()
+        }
+
+        fn rolls_back_on_panic(&self) -> bool {
+            self.rolls_back
+        }
+    }
+
+    #[test]
+    fn in_a_group_that_panics_only_the_op_that_panics_fails_where_the_backend_rolled_back() {
+        let seed = br#"{"data":{"awardId":101,"awardTitle":"t","orderId":"1","userId":"u"},"id":"b0100000001","timestamp":1}"#;
+        let deliver = Op::Deliver {
+            msg: crate::model::EventMessage::decode(seed).unwrap(),
+            table: "user_award_record_000".to_string(),
+            now_ms: 0,
+        };
+        let (fine, purge) = (Op::Barrier, Op::Purge { before_ms: -1 });
+        let ops = [&fine, &purge, &deliver, &fine];
+
+        let mut rolled_back = PanicsOn {
+            rolls_back: true,
+            groups: 0,
+        };
+        let r = run_contained(1, &mut rolled_back, &ops);
+        assert!(matches!(r[0], Ok(Reply::Count(0))), "{:?}", r[0]);
+        assert!(
+            matches!(&r[1], Err(Error::Storage { context, .. }) if context.contains("nothing of this write was kept")),
+            "{:?}",
+            r[1]
+        );
+        assert!(
+            matches!(&r[2], Err(Error::Poison(_))),
+            "a delivery is refused: {:?}",
+            r[2]
+        );
+        assert!(matches!(r[3], Ok(Reply::Count(0))), "{:?}", r[3]);
+        assert_eq!(rolled_back.groups, 5, "the group, then each op alone");
+
+        let mut unknown = PanicsOn {
+            rolls_back: false,
+            groups: 0,
+        };
+        let r = run_contained(1, &mut unknown, &ops);
+        assert!(
+            r.iter()
+                .all(|r| matches!(r, Err(Error::OutcomeUnknown { .. }))),
+            "the panic may have come after a commit: {r:?}"
+        );
+        assert_eq!(unknown.groups, 1, "nothing runs again");
     }
 
     #[test]

@@ -27,6 +27,12 @@ where
     fn run_batch(&mut self, ops: &[&Op]) -> Vec<Result<Reply>> {
         run_batch(self.db, &mut self.conn, ops)
     }
+
+    /// Nothing runs after the commit that could panic; a panic before it drops the transaction,
+    /// which rolls back (and a rollback that failed is ended before the next group).
+    fn rolls_back_on_panic(&self) -> bool {
+        true
+    }
 }
 
 /// Run a group in one transaction, first without a savepoint per op: most ops either succeed or
@@ -279,6 +285,8 @@ pub(crate) fn insert_award_and_task(
 }
 
 fn apply(db: u32, conn: &Connection, op: &Op, watermark: &mut Option<u64>) -> Result<Reply> {
+    #[cfg(test)]
+    tests::panic_point();
     let ctx = |what: &str| format!("{what} on shard big_market_{db:02}");
     match op {
         Op::SaveAward {
@@ -470,6 +478,50 @@ pub(crate) fn insert_pair(
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    thread_local! {
+        /// Ops this thread's `apply` runs before it panics, as a bug would (`None`: never).
+        static PANIC_AFTER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    }
+
+    /// Called at the start of every `apply` in tests.
+    pub(super) fn panic_point() {
+        let left = PANIC_AFTER.with(|p| p.get());
+        match left {
+            Some(0) => {
+                PANIC_AFTER.with(|p| p.set(None));
+                panic!("a bug in apply (test)");
+            }
+            Some(n) => PANIC_AFTER.with(|p| p.set(Some(n - 1))),
+            None => {}
+        }
+    }
+
+    #[test]
+    fn a_group_that_panics_keeps_nothing_and_the_next_group_commits() {
+        let (_dir, mut conn) = shard();
+        let next_seq = |conn: &Connection| -> i64 {
+            conn.query_row("SELECT next_seq FROM shard_meta", [], |r| r.get(0))
+                .unwrap()
+        };
+        let before = next_seq(&conn);
+        let ops = [save("o1"), save("o2"), save("o3")];
+        let refs: Vec<&Op> = ops.iter().collect();
+        PANIC_AFTER.with(|p| p.set(Some(2)));
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_batch(1, &mut conn, &refs)
+        }));
+        assert!(panicked.is_err(), "the third op panicked");
+        assert!(conn.is_autocommit(), "no transaction is left open");
+        assert_eq!(awards(&conn), 0, "nothing of the group was kept");
+        assert_eq!(next_seq(&conn), before, "no sequence number was taken");
+        let results = run_batch(1, &mut conn, &refs);
+        assert!(
+            results.iter().all(|r| matches!(r, Ok(Reply::Saved(_)))),
+            "{results:?}"
+        );
+        assert_eq!(awards(&conn), 3);
+    }
 
     fn shard() -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().unwrap();

@@ -317,7 +317,7 @@ mod tests {
             .collect::<rusqlite::Result<_>>()
             .unwrap();
         assert!(
-            options.iter().any(|o| o == "STMTJRNL_SPILL=4194304"),
+            options.iter().any(|o| o == "STMTJRNL_SPILL=16777216"),
             "{options:?}"
         );
         assert!(
