@@ -364,45 +364,53 @@ fn run_contained(db: u32, backend: &mut dyn Batch, ops: &[&Op]) -> Vec<Result<Re
         );
         return ops
             .iter()
-            .map(|_| Err(unknown_after_panic(db, &what)))
+            .map(|_| {
+                Err(Error::OutcomeUnknown {
+                    context: format!("writing to shard big_market_{db:02}"),
+                    source: bug(&what),
+                })
+            })
             .collect();
     }
-    if ops.len() > 1 {
-        log::error!(
-            "writer shard={db:02} rolled back a group of {} writes on a bug ({what}); they run again one at a time",
-            ops.len()
-        );
+    let refuse = |op: &Op, what: &str| -> Result<Reply> {
+        log::error!("writer shard={db:02} refused a write that fails on a bug ({what}); nothing of it was kept");
+        Err(match op {
+            Op::Deliver { .. } => Error::Poison(format!(
+                "delivering it fails on a bug in big-market ({what}); nothing was written: please report it with the log"
+            )),
+            _ => Error::storage(
+                format!("writing to shard big_market_{db:02} (nothing of this write was kept)"),
+                bug(what),
+            ),
+        })
+    };
+    if let [op] = ops {
+        return vec![refuse(op, &what)];
     }
+    log::error!(
+        "writer shard={db:02} rolled back a group of {} writes on a bug ({what}); they run again one at a time",
+        ops.len()
+    );
     ops.iter()
-        .map(|op| {
-            let what = if ops.len() == 1 {
-                what.clone()
-            } else {
-                match catch(db, backend, &[op]) {
-                    Ok(mut results) => return results.pop().expect("one result for one op"),
-                    Err(what) => what,
-                }
-            };
-            log::error!("writer shard={db:02} refused a write that fails on a bug ({what}); nothing of it was kept");
-            Err(match op {
-                Op::Deliver { .. } => Error::Poison(format!(
-                    "delivering it fails on a bug in big-market ({what}); nothing was written: please report it with the log"
-                )),
-                _ => Error::storage(
-                    format!("writing to shard big_market_{db:02} (nothing of this write was kept)"),
-                    crate::error::StorageError::new(
-                        std::io::Error::other(format!("the shard writer failed on a bug: {what}")),
-                        " (a bug in big-market: please report it with the log)",
-                        false,
-                    ),
-                ),
-            })
+        .map(|op| match catch(db, backend, &[op]) {
+            Ok(mut results) => results.pop().expect("one result for one op"),
+            Err(what) => refuse(op, &what),
         })
         .collect()
 }
 
-/// `run_batch` with a panic caught (its message returned), and one result per op checked (a
-/// backend that answered too few or too many leaves the missing ones unknown).
+/// The cause of a write that failed on a bug in the writer's backend.
+fn bug(what: &str) -> crate::error::StorageError {
+    crate::error::StorageError::new(
+        std::io::Error::other(format!("the shard writer failed on a bug: {what}")),
+        " (a bug in big-market: please report it with the log)",
+        false,
+    )
+}
+
+/// `run_batch` with a panic caught (its message returned), and one result per op checked: a
+/// backend that answered too many has the extra dropped, too few has the missing ones
+/// "outcome unknown".
 fn catch(
     db: u32,
     backend: &mut dyn Batch,
@@ -422,23 +430,14 @@ fn catch(
         let what = format!("{} results for {} writes", results.len(), ops.len());
         log::error!("writer shard={db:02} got {what} from its backend (a bug)");
         results.truncate(ops.len());
-        while results.len() < ops.len() {
-            results.push(Err(unknown_after_panic(db, &what)));
-        }
+        results.resize_with(ops.len(), || {
+            Err(Error::OutcomeUnknown {
+                context: format!("writing to shard big_market_{db:02}"),
+                source: bug(&what),
+            })
+        });
     }
     Ok(results)
-}
-
-/// The error of a write whose group failed on a bug that may have come after its commit.
-fn unknown_after_panic(db: u32, what: &str) -> Error {
-    Error::OutcomeUnknown {
-        context: format!("writing to shard big_market_{db:02}"),
-        source: crate::error::StorageError::new(
-            std::io::Error::other(format!("the shard writer failed on a bug: {what}")),
-            " (a bug in big-market: please report it with the log)",
-            false,
-        ),
-    }
 }
 
 fn run(db: u32, mut backend: Box<dyn Batch>, rx: Receiver<Job>, max: usize, handoff: &Handoff) {
@@ -511,41 +510,26 @@ mod tests {
     use std::sync::Mutex;
 
     /// A backend whose groups wait until the test opens the gate, and that counts the ops it
-    /// ran.
+    /// ran (and, with `panic_first`, panics in its first group).
     struct Gated {
         open: Arc<Mutex<bool>>,
         entered: Arc<AtomicUsize>,
         ran: Arc<AtomicUsize>,
+        /// Panic in the first group, once the gate opens, as a bug would.
+        panic_first: bool,
     }
 
     impl Batch for Gated {
         fn run_batch(&mut self, ops: &[&Op]) -> Vec<Result<Reply>> {
-            self.entered.fetch_add(1, Ordering::SeqCst);
+            let first = self.entered.fetch_add(1, Ordering::SeqCst) == 0;
             assert!(
                 crate::util::wait_until(Duration::from_secs(20), || *self.open.lock().unwrap()),
                 "the test opens the gate"
             );
-            self.ran.fetch_add(ops.len(), Ordering::SeqCst);
-            ops.iter().map(|_| Ok(Reply::Count(0))).collect()
-        }
-    }
-
-    /// A backend that panics in its first group, once the test has queued a second op behind
-    /// it, and runs every later group.
-    struct Panicking {
-        entered: Arc<AtomicUsize>,
-        open: Arc<Mutex<bool>>,
-    }
-
-    impl Batch for Panicking {
-        fn run_batch(&mut self, ops: &[&Op]) -> Vec<Result<Reply>> {
-            if self.entered.fetch_add(1, Ordering::SeqCst) == 0 {
-                assert!(
-                    crate::util::wait_until(Duration::from_secs(20), || *self.open.lock().unwrap()),
-                    "the test opens the gate"
-                );
+            if first && self.panic_first {
                 panic!("a bug in a backend");
             }
+            self.ran.fetch_add(ops.len(), Ordering::SeqCst);
             ops.iter().map(|_| Ok(Reply::Count(0))).collect()
         }
     }
@@ -557,9 +541,11 @@ mod tests {
         let w = Writer::spawn(
             1,
             "test-shard",
-            vec![Box::new(Panicking {
+            vec![Box::new(Gated {
                 entered: entered.clone(),
                 open: open.clone(),
+                ran: Arc::new(AtomicUsize::new(0)),
+                panic_first: true,
             })],
             |_| 0,
             None,
@@ -673,6 +659,7 @@ mod tests {
             open: open.clone(),
             entered: entered.clone(),
             ran: ran.clone(),
+            panic_first: false,
         };
         let deadline = Duration::from_millis(300);
         let w = Writer::spawn(

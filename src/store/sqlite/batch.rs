@@ -486,25 +486,21 @@ mod tests {
 
     /// Called at the start of every `apply` in tests.
     pub(super) fn panic_point() {
-        let left = PANIC_AFTER.with(|p| p.get());
-        match left {
+        PANIC_AFTER.with(|left| match left.get() {
             Some(0) => {
-                PANIC_AFTER.with(|p| p.set(None));
+                left.set(None);
                 panic!("a bug in apply (test)");
             }
-            Some(n) => PANIC_AFTER.with(|p| p.set(Some(n - 1))),
+            Some(n) => left.set(Some(n - 1)),
             None => {}
-        }
+        });
     }
 
     #[test]
     fn a_group_that_panics_keeps_nothing_and_the_next_group_commits() {
         let (_dir, mut conn) = shard();
-        let next_seq = |conn: &Connection| -> i64 {
-            conn.query_row("SELECT next_seq FROM shard_meta", [], |r| r.get(0))
-                .unwrap()
-        };
-        let before = next_seq(&conn);
+        let next_seq = "SELECT next_seq FROM shard_meta";
+        let before = count(&conn, next_seq);
         let ops = [save("o1"), save("o2"), save("o3")];
         let refs: Vec<&Op> = ops.iter().collect();
         PANIC_AFTER.with(|p| p.set(Some(2)));
@@ -514,12 +510,13 @@ mod tests {
         assert!(panicked.is_err(), "the third op panicked");
         assert!(conn.is_autocommit(), "no transaction is left open");
         assert_eq!(awards(&conn), 0, "nothing of the group was kept");
-        assert_eq!(next_seq(&conn), before, "no sequence number was taken");
-        let results = run_batch(1, &mut conn, &refs);
-        assert!(
-            results.iter().all(|r| matches!(r, Ok(Reply::Saved(_)))),
-            "{results:?}"
+        assert_eq!(
+            count(&conn, next_seq),
+            before,
+            "no sequence number was taken"
         );
+        let results = run_batch(1, &mut conn, &refs);
+        assert_eq!(outcomes(&results), ["saved"; 3], "{results:?}");
         assert_eq!(awards(&conn), 3);
     }
 
@@ -542,6 +539,19 @@ mod tests {
         }
     }
 
+    /// What each op of a group came to: `saved`, `duplicate`, `poison`, or `other`.
+    fn outcomes(results: &[Result<Reply>]) -> Vec<&'static str> {
+        results
+            .iter()
+            .map(|r| match r {
+                Ok(Reply::Saved(_)) => "saved",
+                Err(Error::DuplicateOrder { .. }) => "duplicate",
+                Err(Error::Poison(_)) => "poison",
+                _ => "other",
+            })
+            .collect()
+    }
+
     fn count(conn: &Connection, sql: &str) -> i64 {
         conn.query_row(sql, [], |r| r.get(0)).unwrap()
     }
@@ -559,20 +569,10 @@ mod tests {
         let refs: Vec<&Op> = ops.iter().collect();
         let (results, again) = run_batch_counted(1, &mut conn, &refs);
         assert!(!again, "a duplicate writes nothing: no savepoints needed");
-        assert!(
-            matches!(results[0], Ok(Reply::Saved(_))),
-            "{:?}",
-            results[0]
-        );
-        assert!(
-            matches!(results[1], Err(Error::DuplicateOrder { .. })),
-            "{:?}",
-            results[1]
-        );
-        assert!(
-            matches!(results[2], Ok(Reply::Saved(_))),
-            "{:?}",
-            results[2]
+        assert_eq!(
+            outcomes(&results),
+            ["saved", "duplicate", "saved"],
+            "{results:?}"
         );
         assert_eq!(awards(&conn), 2);
         // The refused award took no sequence number: the committed tasks are 1 and 2.
@@ -605,25 +605,10 @@ mod tests {
         let (results, again) = run_batch_counted(1, &mut conn, &refs);
         assert_eq!(*ends.lock().unwrap(), ["commit"]);
         assert!(again, "the failed delivery had written its log row");
-        assert!(
-            matches!(results[0], Ok(Reply::Saved(_))),
-            "{:?}",
-            results[0]
-        );
-        assert!(
-            matches!(results[1], Err(Error::Poison(_))),
-            "{:?}",
-            results[1]
-        );
-        assert!(
-            matches!(results[2], Err(Error::DuplicateOrder { .. })),
-            "{:?}",
-            results[2]
-        );
-        assert!(
-            matches!(results[3], Ok(Reply::Saved(_))),
-            "{:?}",
-            results[3]
+        assert_eq!(
+            outcomes(&results),
+            ["saved", "poison", "duplicate", "saved"],
+            "{results:?}"
         );
         assert_eq!(awards(&conn), 2);
         assert_eq!(count(&conn, "SELECT COUNT(*) FROM task"), 2);

@@ -27,9 +27,8 @@ type Pool = r2d2::Pool<SqliteConnectionManager>;
 
 /// Most ops a shard writer commits together. Each commit writes every page its group changed,
 /// and an award's random keys (its order id, its user) land on pages of their own: the larger
-/// the group, the fewer pages written per award. At 1,024 rather than 256, batched saves
-/// (`save_awards`, 100 a call, 256 callers) ran 10-15% faster side by side; a group's
-/// sub-journal stays in memory (see `.cargo/config.toml`).
+/// the group, the fewer pages written per award (batched saves side by side: ARCHITECTURE,
+/// "The SQLite writer's costs"); a group's sub-journal stays in memory (`.cargo/config.toml`).
 const GROUP_COMMIT_MAX: usize = 1024;
 
 /// Where database `db` of a data directory lives.
