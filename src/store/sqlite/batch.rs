@@ -36,11 +36,11 @@ where
 }
 
 /// Run a group in one transaction, first without a savepoint per op: most ops either succeed or
-/// fail before writing anything (a duplicate order id fails on the award's insert, the op's
-/// first statement), and a savepoint per op would copy every page the op touches that the group
+/// fail before changing a row (a duplicate order id fails on the award's insert, the op's first
+/// statement), and a savepoint per op would copy every page the op touches that the group
 /// had already changed into SQLite's sub-journal (about seven pages per award, most of the
 /// writes of a busy shard). The group runs under one savepoint of its own instead; only if an
-/// op fails after it may have written something is the group rolled back to it, inside the same
+/// op fails after it changed a row is the group rolled back to it, inside the same
 /// transaction (the write lock is kept), and run again with a savepoint per op, so that the op
 /// fails alone.
 fn run_batch(db: u32, conn: &mut Connection, batch: &[&Op]) -> Vec<Result<Reply>> {
@@ -128,15 +128,6 @@ fn run_batch_counted(db: u32, conn: &mut Connection, batch: &[&Op]) -> (Vec<Resu
     (results, again)
 }
 
-/// Whether a failed op wrote nothing: a duplicate order id is refused by the award's insert,
-/// before any other statement of the op ran. Any other failure may come after a write.
-fn failed_clean(op: &Op, e: &Error) -> bool {
-    matches!(
-        (op, e),
-        (Op::SaveAward { .. }, Error::DuplicateOrder { .. })
-    )
-}
-
 /// Run a group's ops in the caller's transaction. With `savepoints`, each op runs under a
 /// savepoint of its own and a failing op fails alone; without, an op that fails after it may
 /// have written something stops the run ([`Ran::Again`]).
@@ -162,9 +153,15 @@ fn run_ops(db: u32, conn: &Connection, batch: &[&Op], savepoints: bool) -> Ran {
             }
             result
         } else {
+            // An op that failed having changed no row wrote nothing (a duplicate order id is
+            // refused by the award's insert; a delivery below the watermark after reads): it
+            // fails alone. One that changed rows may have kept part of itself.
+            let changes = conn.total_changes();
             let result = apply(db, conn, job, &mut watermark);
             match &result {
-                Err(e) if !failed_clean(job, e) && !conn.is_autocommit() => return Ran::Again,
+                Err(_) if conn.total_changes() != changes && !conn.is_autocommit() => {
+                    return Ran::Again
+                }
                 _ => result,
             }
         };
@@ -582,6 +579,28 @@ mod tests {
             })
             .unwrap();
         assert_eq!(seqs, "1,2");
+    }
+
+    #[test]
+    fn a_refusal_that_wrote_nothing_does_not_run_the_group_again() {
+        let (_dir, mut conn) = shard();
+        // The poison's sequence number is below the compaction watermark, and its award was
+        // never delivered: it is refused after reads alone.
+        conn.execute_batch("UPDATE shard_meta SET compacted_seq = 100, next_seq = 101")
+            .unwrap();
+        let ops = [save("o1"), poison(), save("o2")];
+        let refs: Vec<&Op> = ops.iter().collect();
+        let (results, again) = run_batch_counted(1, &mut conn, &refs);
+        assert!(
+            !again,
+            "nothing was written to roll back: no savepoints needed"
+        );
+        assert_eq!(
+            outcomes(&results),
+            ["saved", "poison", "saved"],
+            "{results:?}"
+        );
+        assert_eq!(awards(&conn), 2);
     }
 
     #[test]
