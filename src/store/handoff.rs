@@ -47,7 +47,7 @@ impl Handoff {
             return;
         }
         let n = tasks.len();
-        let mut spilled = self.spilled.lock().unwrap_or_else(|e| e.into_inner());
+        let mut spilled = self.range();
         if spilled.is_none() && self.held.load(Ordering::SeqCst) + n <= self.capacity {
             self.held.fetch_add(n, Ordering::SeqCst);
             let _ = self.tx.send(tasks);
@@ -93,10 +93,7 @@ impl Handoff {
     /// The range of sequence numbers committed but not handed over, if any; taking it closes
     /// it, so the next commit goes to memory again.
     pub fn take_spilled(&self) -> Option<(u64, u64)> {
-        self.spilled
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        self.range().take()
     }
 
     /// Wake a relay waiting in [`Handoff::take`] (to look at a range, or to stop).
@@ -106,10 +103,13 @@ impl Handoff {
 
     /// Whether a range of sequence numbers waits to be read back from the shard.
     pub fn has_spilled(&self) -> bool {
-        self.spilled
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        self.range().is_some()
+    }
+
+    /// The spilled range, under its lock (a lock poisoned by a panicking holder is taken as
+    /// it is: the range is one assignment, never half-written).
+    fn range(&self) -> std::sync::MutexGuard<'_, Option<(u64, u64)>> {
+        self.spilled.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Tasks held in memory now.

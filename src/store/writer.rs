@@ -204,19 +204,20 @@ impl Writer {
         match rx.recv_deadline(due) {
             Ok(r) => r,
             Err(oneshot::RecvTimeoutError::Disconnected) => Err(Error::ShuttingDown),
-            Err(oneshot::RecvTimeoutError::Timeout) => self.give_up(rx, claim),
+            Err(oneshot::RecvTimeoutError::Timeout) => self.give_up(claim, || rx.try_recv().ok()),
         }
     }
 
     /// Past the deadline: withdraw the op if the writer has not taken it, else it is in a
-    /// running group, whose outcome is unknown (unless it answered meanwhile).
-    fn give_up(&self, rx: &oneshot::Receiver<Result<Reply>>, claim: &AtomicU8) -> Result<Reply> {
+    /// running group, whose outcome is unknown (unless it answered meanwhile: `answered`).
+    fn give_up(
+        &self,
+        claim: &AtomicU8,
+        answered: impl FnOnce() -> Option<Result<Reply>>,
+    ) -> Result<Reply> {
         match claim.compare_exchange(QUEUED, WITHDRAWN, Ordering::SeqCst, Ordering::SeqCst) {
             Ok(_) => Err(self.not_written()),
-            Err(_) => match rx.try_recv() {
-                Ok(r) => r,
-                Err(_) => Err(self.unknown()),
-            },
+            Err(_) => answered().unwrap_or_else(|| Err(self.unknown())),
         }
     }
 
@@ -281,16 +282,7 @@ impl Writer {
         match futures_lite::future::or(async { Some(rx.recv().await) }, timer).await {
             Some(Ok(r)) => r,
             Some(Err(_)) => Err(Error::ShuttingDown),
-            None => {
-                match claim.compare_exchange(QUEUED, WITHDRAWN, Ordering::SeqCst, Ordering::SeqCst)
-                {
-                    Ok(_) => Err(self.not_written()),
-                    Err(_) => match rx.try_recv() {
-                        Ok(r) => r,
-                        Err(_) => Err(self.unknown()),
-                    },
-                }
-            }
+            None => self.give_up(&claim, || rx.try_recv().ok()),
         }
     }
 
@@ -362,15 +354,7 @@ fn run_contained(db: u32, backend: &mut dyn Batch, ops: &[&Op]) -> Vec<Result<Re
             "writer shard={db:02} failed a group of {} writes on a bug ({what}); their outcome is unknown, the writer goes on",
             ops.len()
         );
-        return ops
-            .iter()
-            .map(|_| {
-                Err(Error::OutcomeUnknown {
-                    context: format!("writing to shard big_market_{db:02}"),
-                    source: bug(&what),
-                })
-            })
-            .collect();
+        return ops.iter().map(|_| Err(unknown(db, &what))).collect();
     }
     let refuse = |op: &Op, what: &str| -> Result<Reply> {
         log::error!("writer shard={db:02} refused a write that fails on a bug ({what}); nothing of it was kept");
@@ -397,6 +381,14 @@ fn run_contained(db: u32, backend: &mut dyn Batch, ops: &[&Op]) -> Vec<Result<Re
             Err(what) => refuse(op, &what),
         })
         .collect()
+}
+
+/// The error of a write whose group failed on a bug that may have come after its commit.
+fn unknown(db: u32, what: &str) -> Error {
+    Error::OutcomeUnknown {
+        context: format!("writing to shard big_market_{db:02}"),
+        source: bug(what),
+    }
 }
 
 /// The cause of a write that failed on a bug in the writer's backend.
@@ -430,12 +422,7 @@ fn catch(
         let what = format!("{} results for {} writes", results.len(), ops.len());
         log::error!("writer shard={db:02} got {what} from its backend (a bug)");
         results.truncate(ops.len());
-        results.resize_with(ops.len(), || {
-            Err(Error::OutcomeUnknown {
-                context: format!("writing to shard big_market_{db:02}"),
-                source: bug(&what),
-            })
-        });
+        results.resize_with(ops.len(), || Err(unknown(db, &what)));
     }
     Ok(results)
 }
@@ -538,50 +525,55 @@ mod tests {
     fn a_group_that_panics_is_outcome_unknown_and_the_writer_serves_the_ops_behind_it() {
         let entered = Arc::new(AtomicUsize::new(0));
         let open = Arc::new(Mutex::new(false));
-        let w = Writer::spawn(
-            1,
-            "test-shard",
-            vec![Box::new(Gated {
-                entered: entered.clone(),
-                open: open.clone(),
-                ran: Arc::new(AtomicUsize::new(0)),
-                panic_first: true,
-            })],
-            |_| 0,
-            None,
-            1,
-            Arc::new(Handoff::new(16)),
-        )
-        .unwrap();
-        std::thread::scope(|s| {
-            let in_group = s.spawn(|| w.call(Op::Barrier));
-            assert!(crate::util::wait_until(Duration::from_secs(10), || entered
-                .load(Ordering::SeqCst)
-                == 1));
-            let queued = s.spawn(|| w.call(Op::Barrier));
-            // The second op is in the queue before the writer panics (a group holds one op).
-            assert!(crate::util::wait_until(Duration::from_secs(10), || w.lanes
-                [0]
-            .tx
-            .as_ref()
-            .is_some_and(|tx| tx.len() == 1)));
-            *open.lock().unwrap() = true;
-            let r = in_group.join().unwrap();
-            assert!(
-                matches!(&r, Err(Error::OutcomeUnknown { .. })),
-                "the op in the group that panicked: {r:?}"
-            );
-            // Bounded: a writer that died would leave this caller waiting for ever.
-            assert!(
-                crate::util::wait_until(Duration::from_secs(10), || queued.is_finished()),
-                "the op queued behind the panic is answered"
-            );
-            let r = queued.join().unwrap();
-            assert!(
-                matches!(r, Ok(Reply::Count(0))),
-                "the op queued behind it: {r:?}"
-            );
-        });
+        let w = Arc::new(
+            Writer::spawn(
+                1,
+                "test-shard",
+                vec![Box::new(Gated {
+                    entered: entered.clone(),
+                    open: open.clone(),
+                    ran: Arc::new(AtomicUsize::new(0)),
+                    panic_first: true,
+                })],
+                |_| 0,
+                None,
+                1,
+                Arc::new(Handoff::new(16)),
+            )
+            .unwrap(),
+        );
+        // Callers on threads of their own, not scoped: if the queued one never heard back, the
+        // test fails at its bounded wait instead of hanging on a join.
+        let caller = |name: &str| {
+            let w = w.clone();
+            crate::util::spawn(name, move || w.call(Op::Barrier)).unwrap()
+        };
+        let in_group = caller("in-group");
+        assert!(crate::util::wait_until(Duration::from_secs(10), || entered
+            .load(Ordering::SeqCst)
+            == 1));
+        let queued = caller("queued");
+        // The second op is in the queue before the writer panics (a group holds one op).
+        assert!(crate::util::wait_until(Duration::from_secs(10), || w.lanes
+            [0]
+        .tx
+        .as_ref()
+        .is_some_and(|tx| tx.len() == 1)));
+        *open.lock().unwrap() = true;
+        let r = in_group.join().unwrap();
+        assert!(
+            matches!(&r, Err(Error::OutcomeUnknown { .. })),
+            "the op in the group that panicked: {r:?}"
+        );
+        assert!(
+            crate::util::wait_until(Duration::from_secs(10), || queued.is_finished()),
+            "the op queued behind the panic is answered"
+        );
+        let r = queued.join().unwrap();
+        assert!(
+            matches!(r, Ok(Reply::Count(0))),
+            "the op queued behind it: {r:?}"
+        );
         assert!(matches!(w.call(Op::Barrier), Ok(Reply::Count(0))));
         assert_eq!(entered.load(Ordering::SeqCst), 3, "three groups ran");
     }
