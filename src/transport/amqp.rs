@@ -1015,12 +1015,20 @@ fn settle_batch(
         }
     }
     // Every ack or requeue is handed to the connection at once and awaited together on this
-    // thread (a task of its own for each cost a hop through the executor's threads per delivery).
+    // thread, under one deadline (a task and a timer of its own for each cost a hop through
+    // the executor's threads, and a wake of the timer thread, per delivery).
+    let n = batch.len();
     let settles = batch
         .into_iter()
         .zip(outcomes)
         .map(|(d, outcome)| settle(d, outcome));
-    async_global_executor::block_on(futures_util::future::join_all(settles));
+    let settled = async_global_executor::block_on(bounded_wait(
+        futures_util::future::join_all(settles),
+        RPC_TIMEOUT,
+    ));
+    if settled.is_none() {
+        log::debug!("amqp settles of a batch of {n} unanswered within {RPC_TIMEOUT:?}; the broker redelivers what was not settled");
+    }
 }
 
 /// Ack or requeue one delivery (a dead letter was published before, confirmed: RabbitMQ would
@@ -1032,26 +1040,18 @@ async fn settle(d: Delivery, outcome: Handled) {
         log::debug!("amqp delivery from a closed channel left unsettled ({outcome:?}); the broker redelivers it");
         return;
     }
-    let settled = bounded_wait(
-        async {
-            match &outcome {
-                Handled::Ack | Handled::Reject(_) => d.ack(BasicAckOptions::default()).await,
-                Handled::Retry(_) => {
-                    d.nack(BasicNackOptions {
-                        requeue: true,
-                        multiple: false,
-                    })
-                    .await
-                }
-            }
-        },
-        RPC_TIMEOUT,
-    )
-    .await;
-    match settled {
-        Some(Ok(_)) => {}
-        Some(Err(e)) => log::debug!("amqp settle failed ({outcome:?}), the broker will redeliver: {e}"),
-        None => log::debug!("amqp settle unanswered within {RPC_TIMEOUT:?} ({outcome:?}), the broker will redeliver"),
+    let settled = match &outcome {
+        Handled::Ack | Handled::Reject(_) => d.ack(BasicAckOptions::default()).await,
+        Handled::Retry(_) => {
+            d.nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+        }
+    };
+    if let Err(e) = settled {
+        log::debug!("amqp settle failed ({outcome:?}), the broker will redeliver: {e}");
     }
 }
 
