@@ -76,6 +76,11 @@ struct Link {
     /// Set when the server cancelled the link's consumer (a node lost, a leader moved, a
     /// consumer timeout): the link is then replaced, so the consumer subscribes again.
     cancelled: Arc<AtomicBool>,
+    /// Held while a batch (or a dead letter) is handed to the channel: lapin numbers a publish
+    /// for its confirm under one lock and queues its frames under another, so two threads
+    /// handing over at once could have their frames reach the broker in another order than
+    /// their numbers, and a nack or a returned message be taken for another message's.
+    handover: Arc<async_lock::Mutex<()>>,
 }
 
 impl Link {
@@ -392,6 +397,7 @@ async fn open_link(spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> lapin::Result<L
         attempt: weak,
         node: spec.shown.to_string(),
         cancelled,
+        handover: Arc::new(async_lock::Mutex::new(())),
     })
 }
 
@@ -771,9 +777,16 @@ impl Transport for Amqp {
                     props,
                 )
             });
+            // In turn with the other threads publishing on this link (see `Link::handover`);
+            // the wait for the turn counts against the deadline too. On a give-up, frames
+            // already queued are still sent once the connection allows: their tasks count as
+            // unconfirmed, are not sent again within a lease, and a copy is deduplicated.
             let handed = held(
                 &link,
-                futures_util::future::join_all(publishes),
+                async {
+                    let _turn = link.handover.lock().await;
+                    futures_util::future::join_all(publishes).await
+                },
                 &mut deadline,
                 publish_timeout,
                 hold,
@@ -1027,7 +1040,7 @@ fn settle_batch(
         RPC_TIMEOUT,
     ));
     if settled.is_none() {
-        log::debug!("amqp settles of a batch of {n} unanswered within {RPC_TIMEOUT:?}; the broker redelivers what was not settled");
+        log::debug!("amqp acks and requeues of a batch of {n} deliveries not all written within {RPC_TIMEOUT:?}; what is queued is sent if the channel lives, and the broker redelivers what it never received");
     }
 }
 
@@ -1175,6 +1188,7 @@ async fn dead_letter(
     // thread never waits on the broker without a bound.
     publish_confirmed(
         &link.channel,
+        Some(&link.handover),
         &dead_letter_queue(&inner.queue),
         data,
         props,
@@ -1184,9 +1198,10 @@ async fn dead_letter(
 }
 
 /// Publish to the default exchange with `mandatory` and wait for a plain ack, handing it over
-/// and the confirm together within `limit`.
+/// (in `turn`, on a channel other threads publish on) and the confirm together within `limit`.
 async fn publish_confirmed(
     channel: &Channel,
+    turn: Option<&async_lock::Mutex<()>>,
     queue: &str,
     body: &[u8],
     props: BasicProperties,
@@ -1198,10 +1213,16 @@ async fn publish_confirmed(
     };
     let published = bounded_wait(
         async {
-            channel
-                .basic_publish("".into(), queue.into(), opts, body, props)
-                .await?
-                .await
+            let confirm = {
+                let _turn = match turn {
+                    Some(turn) => Some(turn.lock().await),
+                    None => None,
+                };
+                channel
+                    .basic_publish("".into(), queue.into(), opts, body, props)
+                    .await?
+            };
+            confirm.await
         },
         limit,
     )
@@ -1333,7 +1354,7 @@ pub fn walk_dead_letters(
                     if let Some(id) = &letter.message_id {
                         props = props.with_message_id(id.as_str().into());
                     }
-                    publish_confirmed(&channel, &queue, &d.data, props, RPC_TIMEOUT).await?;
+                    publish_confirmed(&channel, None, &queue, &d.data, props, RPC_TIMEOUT).await?;
                     d.ack(BasicAckOptions::default())
                         .await
                         .map_err(|e| format!("removing a replayed message from {dlq}: {e}"))?;
