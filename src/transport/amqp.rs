@@ -808,27 +808,77 @@ impl Transport for Amqp {
                     .collect(),
             };
             crate::crash::hit(crate::crash::Point::BeforeConfirm);
-            let mut out = Vec::with_capacity(pending.len());
+            let mut confirms = Vec::with_capacity(pending.len());
             for p in pending {
-                out.push(match p {
+                confirms.push(match p {
                     Err(e) => Err(PublishFailure::Unconfirmed(format!("publish failed: {e}"))),
-                    Ok(confirm) => match held(&link, confirm, &mut deadline, publish_timeout, hold, &mut waits).await {
-                        None => Err(PublishFailure::Unconfirmed(format!("no confirm within the batch deadline of {publish_timeout:?}"))),
-                        Some(Ok(Confirmation::Ack(None))) => Ok(()),
-                        Some(Ok(Confirmation::Ack(Some(returned)))) | Some(Ok(Confirmation::Nack(Some(returned)))) => Err(PublishFailure::Rejected(format!(
-                            "returned by the broker as unroutable: {} {} (does queue {queue} exist?)",
-                            returned.reply_code, returned.reply_text
+                    Ok(confirm) => match held(
+                        &link,
+                        confirm,
+                        &mut deadline,
+                        publish_timeout,
+                        hold,
+                        &mut waits,
+                    )
+                    .await
+                    {
+                        None => Err(PublishFailure::Unconfirmed(format!(
+                            "no confirm within the batch deadline of {publish_timeout:?}"
                         ))),
-                        Some(Ok(Confirmation::Nack(None))) => Err(PublishFailure::Rejected("nacked by the broker".into())),
-                        Some(Ok(Confirmation::NotRequested)) => Err(PublishFailure::Unavailable("the channel is not in confirm mode".into())),
-                        Some(Err(e)) => Err(PublishFailure::Unconfirmed(format!("no confirm: {e}"))),
+                        Some(Ok(c)) => Ok(c),
+                        Some(Err(e)) => {
+                            Err(PublishFailure::Unconfirmed(format!("no confirm: {e}")))
+                        }
                     },
                 });
-                if out.len() == 1 {
+                if confirms.len() == 1 {
                     crate::crash::hit(crate::crash::Point::MidRelayBatch);
                 }
             }
-            out
+            // lapin hands a returned (unroutable) message to whichever confirm its ack
+            // completes first, and one ack may complete many: a returned message is matched to
+            // the message of the batch it names, not to the confirm that carried it.
+            let returned: std::collections::HashMap<String, String> = confirms
+                .iter()
+                .filter_map(|c| match c {
+                    Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r))) => Some(r),
+                    _ => None,
+                })
+                .map(|r| {
+                    let id = r.properties.message_id().as_ref().map(|id| id.to_string());
+                    let why = format!(
+                        "returned by the broker as unroutable: {} {} (does queue {queue} exist?)",
+                        r.reply_code, r.reply_text
+                    );
+                    (id.unwrap_or_default(), why)
+                })
+                .collect();
+            batch
+                .iter()
+                .zip(confirms)
+                .map(|(m, c)| {
+                    if let Some(why) = returned.get(m.message_id.as_str()) {
+                        return Err(PublishFailure::Rejected(why.clone()));
+                    }
+                    match c? {
+                        Confirmation::Ack(None) => Ok(()),
+                        // A returned message without a message id: the confirm that carried it.
+                        Confirmation::Ack(Some(r)) if r.properties.message_id().is_none() => {
+                            Err(PublishFailure::Rejected(format!(
+                                "returned by the broker as unroutable: {} {} (does queue {queue} exist?)",
+                                r.reply_code, r.reply_text
+                            )))
+                        }
+                        Confirmation::Ack(Some(_)) => Ok(()),
+                        Confirmation::Nack(_) => {
+                            Err(PublishFailure::Rejected("nacked by the broker".into()))
+                        }
+                        Confirmation::NotRequested => Err(PublishFailure::Unavailable(
+                            "the channel is not in confirm mode".into(),
+                        )),
+                    }
+                })
+                .collect()
         })
     }
 
