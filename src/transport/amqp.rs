@@ -76,18 +76,47 @@ struct Link {
     /// Set when the server cancelled the link's consumer (a node lost, a leader moved, a
     /// consumer timeout): the link is then replaced, so the consumer subscribes again.
     cancelled: Arc<AtomicBool>,
-    /// Held while a batch (or a dead letter) is handed to the channel: lapin numbers a publish
-    /// for its confirm under one lock and queues its frames under another, so two threads
-    /// handing over at once could have their frames reach the broker in another order than
-    /// their numbers, and a nack or a returned message be taken for another message's.
-    handover: Arc<async_lock::Mutex<()>>,
+    /// The publishing link's confirm channels, each lent to one batch (or dead letter) at a
+    /// time, from its hand-over until its last confirm: on a channel, lapin numbers a publish
+    /// for its confirm under one lock and queues its frames under another, one ack may confirm
+    /// many, and a returned message goes to whichever confirm an ack completes first. With
+    /// one batch per channel, confirms follow the wire order and a returned message reaches
+    /// the batch of the message it names. Empty on the other links.
+    publishers: Vec<Channel>,
+    pool: (
+        async_channel::Sender<Channel>,
+        async_channel::Receiver<Channel>,
+    ),
+}
+
+/// A publishing channel lent to one batch; back to its link's pool on drop.
+struct Lent {
+    channel: Channel,
+    home: async_channel::Sender<Channel>,
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        // The pool has room for every channel of the link: this never fails while it lives.
+        let _ = self.home.try_send(self.channel.clone());
+    }
 }
 
 impl Link {
     fn healthy(&self) -> bool {
         self.conn.status().connected()
             && self.channel.status().connected()
+            && self.publishers.iter().all(|c| c.status().connected())
             && !self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Borrow a publishing channel, waiting for one while every one is lent.
+    async fn lend(&self) -> Option<Lent> {
+        let channel = self.pool.1.recv().await.ok()?;
+        Some(Lent {
+            channel,
+            home: self.pool.0.clone(),
+        })
     }
 
     /// Close the connection (bounded; at once when the broker blocks it, as it reads nothing
@@ -121,6 +150,9 @@ struct Inner {
     queue: String,
     prefetch: u16,
     publish_timeout: Duration,
+    /// How many batches may be in flight at once: one per relay (shard), per scanner pool
+    /// thread, and one for dead letters.
+    publish_channels: usize,
     publish: RwLock<Option<Link>>,
     consume: Mutex<Option<ConsumeState>>,
     publish_up: AtomicBool,
@@ -246,6 +278,8 @@ struct LinkSpec<'a> {
     topology: &'a Topology,
     name: &'static str,
     confirm: bool,
+    /// Confirm channels to lend to publishing batches (the publishing link's).
+    publishers: usize,
     prefetch: Option<u16>,
     /// Consume the queue into this channel.
     consume: Option<Sender<Delivery>>,
@@ -361,6 +395,18 @@ async fn open_link(spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> lapin::Result<L
     if let Some(p) = spec.prefetch {
         channel.basic_qos(p, BasicQosOptions::default()).await?;
     }
+    let mut publishers = Vec::with_capacity(spec.publishers);
+    for _ in 0..spec.publishers {
+        let publisher = conn.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        publishers.push(publisher);
+    }
+    let pool = async_channel::bounded(publishers.len().max(1));
+    for publisher in &publishers {
+        let _ = pool.0.try_send(publisher.clone());
+    }
     if let Some(deliveries) = spec.consume {
         let consumer = channel
             .basic_consume(
@@ -397,7 +443,8 @@ async fn open_link(spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> lapin::Result<L
         attempt: weak,
         node: spec.shown.to_string(),
         cancelled,
-        handover: Arc::new(async_lock::Mutex::new(())),
+        publishers,
+        pool,
     })
 }
 
@@ -416,6 +463,7 @@ impl Inner {
             queue: settings.topic.clone(),
             prefetch: settings.prefetch,
             publish_timeout: settings.publish_timeout(),
+            publish_channels: settings.layout.db_count() as usize + settings.pool_threads + 1,
             publish: RwLock::new(None),
             consume: Mutex::new(None),
             publish_up: AtomicBool::new(false),
@@ -474,6 +522,7 @@ impl Inner {
                 topology: &self.topology,
                 name: "big-market-publish",
                 confirm: true,
+                publishers: self.publish_channels,
                 prefetch: None,
                 consume: None,
             }
@@ -490,6 +539,7 @@ impl Inner {
                 topology: &self.topology,
                 name: "big-market-consume",
                 confirm: false,
+                publishers: 0,
                 prefetch: Some(self.prefetch),
                 consume: Some(deliveries.clone()),
             },
@@ -627,6 +677,7 @@ impl Amqp {
                 topology: &inner.topology,
                 name: "big-market-status",
                 confirm: false,
+                publishers: 0,
                 prefetch: None,
                 consume: None,
             }
@@ -759,40 +810,49 @@ impl Transport for Amqp {
             // Every message of the batch is handed to the connection at once, and the hand-overs
             // are awaited together: lapin resolves a publish once its I/O thread has taken the
             // frames, so awaiting each before starting the next cost a switch between this
-            // thread and lapin's per message, and a socket write per message.
-            let publishes = batch.iter().map(|m| {
-                let props = BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type("application/json".into())
-                    .with_message_id(m.message_id.as_str().into());
-                let opts = BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                };
-                link.channel.basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    opts,
-                    m.body.as_bytes(),
-                    props,
-                )
-            });
-            // In turn with the other threads publishing on this link (see `Link::handover`);
-            // the wait for the turn counts against the deadline too. On a give-up, frames
-            // already queued are still sent once the connection allows: their tasks count as
-            // unconfirmed, are not sent again within a lease, and a copy is deduplicated.
+            // thread and lapin's per message, and a socket write per message. The batch has a
+            // channel to itself until its last confirm (see `Link::publishers`); waiting for
+            // one counts against the deadline too. On a give-up, frames already queued are
+            // still sent once the connection allows: their tasks count as unconfirmed, are not
+            // sent again within a lease, and a copy is deduplicated.
             let handed = held(
                 &link,
                 async {
-                    let _turn = link.handover.lock().await;
-                    futures_util::future::join_all(publishes).await
+                    let lent = link.lend().await?;
+                    let handed = {
+                        let channel = &lent.channel;
+                        let publishes = batch.iter().map(|m| {
+                            let props = BasicProperties::default()
+                                .with_delivery_mode(2)
+                                .with_content_type("application/json".into())
+                                .with_message_id(m.message_id.as_str().into());
+                            let opts = BasicPublishOptions {
+                                mandatory: true,
+                                ..Default::default()
+                            };
+                            channel.basic_publish(
+                                "".into(),
+                                queue.as_str().into(),
+                                opts,
+                                m.body.as_bytes(),
+                                props,
+                            )
+                        });
+                        futures_util::future::join_all(publishes).await
+                    };
+                    Some((handed, lent))
                 },
                 &mut deadline,
                 publish_timeout,
                 hold,
                 &mut waits,
             )
-            .await;
+            .await
+            .flatten();
+            let (handed, _lent) = match handed {
+                Some((handed, lent)) => (Some(handed), Some(lent)),
+                None => (None, None),
+            };
             let pending: Vec<std::result::Result<_, String>> = match handed {
                 Some(handed) => handed
                     .into_iter()
@@ -1234,24 +1294,29 @@ async fn dead_letter(
     if let Some(ct) = properties.content_type() {
         props = props.with_content_type(ct.clone());
     }
-    // One deadline for handing it over and its confirm, like a publish batch: a consumer
-    // thread never waits on the broker without a bound.
+    // One deadline for a channel, handing it over and its confirm, like a publish batch: a
+    // consumer thread never waits on the broker without a bound.
+    let limit = inner.publish_timeout;
+    let started = std::time::Instant::now();
+    let lent = bounded_wait(link.lend(), limit)
+        .await
+        .flatten()
+        .ok_or_else(|| format!("no publishing channel free within {limit:?}"))?;
+    let left = limit.saturating_sub(started.elapsed());
     publish_confirmed(
-        &link.channel,
-        Some(&link.handover),
+        &lent.channel,
         &dead_letter_queue(&inner.queue),
         data,
         props,
-        inner.publish_timeout,
+        left,
     )
     .await
 }
 
 /// Publish to the default exchange with `mandatory` and wait for a plain ack, handing it over
-/// (in `turn`, on a channel other threads publish on) and the confirm together within `limit`.
+/// and the confirm together within `limit`.
 async fn publish_confirmed(
     channel: &Channel,
-    turn: Option<&async_lock::Mutex<()>>,
     queue: &str,
     body: &[u8],
     props: BasicProperties,
@@ -1263,16 +1328,10 @@ async fn publish_confirmed(
     };
     let published = bounded_wait(
         async {
-            let confirm = {
-                let _turn = match turn {
-                    Some(turn) => Some(turn.lock().await),
-                    None => None,
-                };
-                channel
-                    .basic_publish("".into(), queue.into(), opts, body, props)
-                    .await?
-            };
-            confirm.await
+            channel
+                .basic_publish("".into(), queue.into(), opts, body, props)
+                .await?
+                .await
         },
         limit,
     )
@@ -1347,6 +1406,7 @@ pub fn walk_dead_letters(
             topology: &inner.topology,
             name: "big-market-dlq",
             confirm: true,
+            publishers: 0,
             prefetch: None,
             consume: None,
         }
@@ -1404,7 +1464,7 @@ pub fn walk_dead_letters(
                     if let Some(id) = &letter.message_id {
                         props = props.with_message_id(id.as_str().into());
                     }
-                    publish_confirmed(&channel, None, &queue, &d.data, props, RPC_TIMEOUT).await?;
+                    publish_confirmed(&channel, &queue, &d.data, props, RPC_TIMEOUT).await?;
                     d.ack(BasicAckOptions::default())
                         .await
                         .map_err(|e| format!("removing a replayed message from {dlq}: {e}"))?;

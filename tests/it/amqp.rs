@@ -120,6 +120,30 @@ fn an_unroutable_message_is_a_failure_not_a_completed_task() {
 }
 
 #[test]
+fn a_batch_of_unroutable_messages_on_both_shards_is_never_counted_as_sent() {
+    let _g = serial();
+    let Some(t) = TestStore::amqp() else { return };
+    let app = t.start_amqp(PUBLISH_ONLY);
+    app.amqp().delete_queue().unwrap();
+    // One call, so each shard's relay publishes its share as one batch, both relays at once:
+    // lapin hands each returned message to whichever confirm an ack completes first.
+    let awards = (0..80)
+        .map(|i| award(&format!("user{i:03}"), &format!("93{i:010}")))
+        .collect();
+    for r in app.service().save_awards(awards) {
+        r.unwrap();
+    }
+    app.settle();
+    let unroutable =
+        "SELECT COUNT(*) FROM task WHERE state = 'fail' AND last_error LIKE '%unroutable%'";
+    let completed = "SELECT COUNT(*) FROM task WHERE state = 'completed'";
+    assert_eq!(app.count(1, completed) + app.count(2, completed), 0);
+    assert_eq!(app.count(1, unroutable) + app.count(2, unroutable), 80);
+    assert!(app.count(1, unroutable) > 0 && app.count(2, unroutable) > 0);
+    app.shutdown();
+}
+
+#[test]
 fn a_redelivered_message_is_handled_once_and_poison_is_set_aside() {
     let _g = serial();
     let Some(t) = TestStore::amqp() else { return };
