@@ -74,7 +74,8 @@ struct Link {
     /// The node it is connected to (its URL without the password).
     node: String,
     /// Set when the server cancelled the link's consumer (a node lost, a leader moved, a
-    /// consumer timeout): the link is then replaced, so the consumer subscribes again.
+    /// consumer timeout), or a publishing channel came back unsettled: the link is then
+    /// replaced (so the consumer subscribes again, and the publishing channels are fresh).
     cancelled: Arc<AtomicBool>,
     /// The publishing link's confirm channels, each lent to one batch (or dead letter) at a
     /// time, from its hand-over until its last confirm: on a channel, lapin numbers a publish
@@ -82,23 +83,32 @@ struct Link {
     /// many, and a returned message goes to whichever confirm an ack completes first. With
     /// one batch per channel, confirms follow the wire order and a returned message reaches
     /// the batch of the message it names. Empty on the other links.
-    publishers: Vec<Channel>,
     pool: (
         async_channel::Sender<Channel>,
         async_channel::Receiver<Channel>,
     ),
 }
 
-/// A publishing channel lent to one batch; back to its link's pool on drop.
+/// A publishing channel lent to one batch. Back to its link's pool on drop once `settled`
+/// (every confirm of what was published on it came back) and still open; otherwise (a batch
+/// that gave up with confirms outstanding, a channel the broker closed) the link is marked for
+/// replacement, pool and all, so that no late ack or returned message reaches another batch.
 struct Lent {
     channel: Channel,
+    settled: bool,
     home: async_channel::Sender<Channel>,
+    replace: Arc<AtomicBool>,
 }
 
 impl Drop for Lent {
     fn drop(&mut self) {
-        // The pool has room for every channel of the link: this never fails while it lives.
-        let _ = self.home.try_send(self.channel.clone());
+        if self.settled && self.channel.status().connected() {
+            // The pool has room for every channel of the link: this never fails while it lives.
+            let _ = self.home.try_send(self.channel.clone());
+        } else {
+            log::debug!("a publishing channel gave up with confirms outstanding, or was closed: the link is replaced");
+            self.replace.store(true, Ordering::SeqCst);
+        }
     }
 }
 
@@ -106,7 +116,6 @@ impl Link {
     fn healthy(&self) -> bool {
         self.conn.status().connected()
             && self.channel.status().connected()
-            && self.publishers.iter().all(|c| c.status().connected())
             && !self.cancelled.load(Ordering::SeqCst)
     }
 
@@ -115,7 +124,9 @@ impl Link {
         let channel = self.pool.1.recv().await.ok()?;
         Some(Lent {
             channel,
+            settled: false,
             home: self.pool.0.clone(),
+            replace: self.cancelled.clone(),
         })
     }
 
@@ -151,7 +162,8 @@ struct Inner {
     prefetch: u16,
     publish_timeout: Duration,
     /// How many batches may be in flight at once: one per relay (shard), per scanner pool
-    /// thread, and one for dead letters.
+    /// thread, the scanner's own (caller-runs), and one more; dead letters and other callers
+    /// of `publish_batch` share them, each waiting for one under its deadline.
     publish_channels: usize,
     publish: RwLock<Option<Link>>,
     consume: Mutex<Option<ConsumeState>>,
@@ -395,14 +407,17 @@ async fn open_link(spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> lapin::Result<L
     if let Some(p) = spec.prefetch {
         channel.basic_qos(p, BasicQosOptions::default()).await?;
     }
-    let mut publishers = Vec::with_capacity(spec.publishers);
-    for _ in 0..spec.publishers {
+    // Opened side by side: each is two round trips, all within the connect deadline.
+    let publishers = futures_util::future::join_all((0..spec.publishers).map(|_| async {
         let publisher = conn.create_channel().await?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        publishers.push(publisher);
-    }
+        Ok::<_, lapin::Error>(publisher)
+    }))
+    .await
+    .into_iter()
+    .collect::<lapin::Result<Vec<_>>>()?;
     let pool = async_channel::bounded(publishers.len().max(1));
     for publisher in &publishers {
         let _ = pool.0.try_send(publisher.clone());
@@ -443,7 +458,6 @@ async fn open_link(spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> lapin::Result<L
         attempt: weak,
         node: spec.shown.to_string(),
         cancelled,
-        publishers,
         pool,
     })
 }
@@ -463,7 +477,7 @@ impl Inner {
             queue: settings.topic.clone(),
             prefetch: settings.prefetch,
             publish_timeout: settings.publish_timeout(),
-            publish_channels: settings.layout.db_count() as usize + settings.pool_threads + 1,
+            publish_channels: settings.layout.db_count() as usize + settings.pool_threads + 2,
             publish: RwLock::new(None),
             consume: Mutex::new(None),
             publish_up: AtomicBool::new(false),
@@ -815,10 +829,12 @@ impl Transport for Amqp {
             // one counts against the deadline too. On a give-up, frames already queued are
             // still sent once the connection allows: their tasks count as unconfirmed, are not
             // sent again within a lease, and a copy is deduplicated.
+            let got_channel = std::cell::Cell::new(false);
             let handed = held(
                 &link,
                 async {
                     let lent = link.lend().await?;
+                    got_channel.set(true);
                     let handed = {
                         let channel = &lent.channel;
                         let publishes = batch.iter().map(|m| {
@@ -849,7 +865,19 @@ impl Transport for Amqp {
             )
             .await
             .flatten();
-            let (handed, _lent) = match handed {
+            if handed.is_none() && !got_channel.get() {
+                // Nothing was handed over: every channel stayed lent (a full pool behind a
+                // blocked or slow broker).
+                return batch
+                    .iter()
+                    .map(|_| {
+                        Err(PublishFailure::Unavailable(format!(
+                            "no publishing channel free within the batch deadline of {publish_timeout:?}"
+                        )))
+                    })
+                    .collect();
+            }
+            let (handed, mut lent) = match handed {
                 Some((handed, lent)) => (Some(handed), Some(lent)),
                 None => (None, None),
             };
@@ -869,6 +897,7 @@ impl Transport for Amqp {
             };
             crate::crash::hit(crate::crash::Point::BeforeConfirm);
             let mut confirms = Vec::with_capacity(pending.len());
+            let mut all_back = true;
             for p in pending {
                 confirms.push(match p {
                     Err(e) => Err(PublishFailure::Unconfirmed(format!("publish failed: {e}"))),
@@ -882,9 +911,12 @@ impl Transport for Amqp {
                     )
                     .await
                     {
-                        None => Err(PublishFailure::Unconfirmed(format!(
-                            "no confirm within the batch deadline of {publish_timeout:?}"
-                        ))),
+                        None => {
+                            all_back = false;
+                            Err(PublishFailure::Unconfirmed(format!(
+                                "no confirm within the batch deadline of {publish_timeout:?}"
+                            )))
+                        }
                         Some(Ok(c)) => Ok(c),
                         Some(Err(e)) => {
                             Err(PublishFailure::Unconfirmed(format!("no confirm: {e}")))
@@ -894,6 +926,9 @@ impl Transport for Amqp {
                 if confirms.len() == 1 {
                     crate::crash::hit(crate::crash::Point::MidRelayBatch);
                 }
+            }
+            if let Some(lent) = lent.as_mut() {
+                lent.settled = all_back;
             }
             // lapin hands a returned (unroutable) message to whichever confirm its ack
             // completes first, and one ack may complete many: a returned message is matched to
@@ -1297,30 +1332,30 @@ async fn dead_letter(
     // One deadline for a channel, handing it over and its confirm, like a publish batch: a
     // consumer thread never waits on the broker without a bound.
     let limit = inner.publish_timeout;
-    let started = std::time::Instant::now();
-    let lent = bounded_wait(link.lend(), limit)
+    let mut lent = bounded_wait(link.lend(), limit)
         .await
         .flatten()
         .ok_or_else(|| format!("no publishing channel free within {limit:?}"))?;
-    let left = limit.saturating_sub(started.elapsed());
     publish_confirmed(
         &lent.channel,
         &dead_letter_queue(&inner.queue),
         data,
         props,
-        left,
+        limit,
+        &mut lent.settled,
     )
     .await
 }
 
 /// Publish to the default exchange with `mandatory` and wait for a plain ack, handing it over
-/// and the confirm together within `limit`.
+/// and the confirm together within `limit`; `settled` is set when an answer came back.
 async fn publish_confirmed(
     channel: &Channel,
     queue: &str,
     body: &[u8],
     props: BasicProperties,
     limit: Duration,
+    settled: &mut bool,
 ) -> std::result::Result<(), String> {
     let opts = BasicPublishOptions {
         mandatory: true,
@@ -1336,6 +1371,7 @@ async fn publish_confirmed(
         limit,
     )
     .await;
+    *settled = published.is_some();
     match published {
         Some(Ok(Confirmation::Ack(None))) => Ok(()),
         Some(Ok(other)) => Err(format!("publishing to {queue}: not confirmed ({other:?})")),
@@ -1464,7 +1500,8 @@ pub fn walk_dead_letters(
                     if let Some(id) = &letter.message_id {
                         props = props.with_message_id(id.as_str().into());
                     }
-                    publish_confirmed(&channel, &queue, &d.data, props, RPC_TIMEOUT).await?;
+                    publish_confirmed(&channel, &queue, &d.data, props, RPC_TIMEOUT, &mut true)
+                        .await?;
                     d.ack(BasicAckOptions::default())
                         .await
                         .map_err(|e| format!("removing a replayed message from {dlq}: {e}"))?;
