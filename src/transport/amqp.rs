@@ -91,13 +91,13 @@ struct Link {
 
 /// A publishing channel lent to one batch. Back to its link's pool on drop once `settled`
 /// (every confirm of what was published on it came back) and still open; otherwise (a batch
-/// that gave up with confirms outstanding, a channel the broker closed) the link is marked for
-/// replacement, pool and all, so that no late ack or returned message reaches another batch.
+/// that gave up with confirms outstanding, a channel the broker closed) it is retired, so that
+/// no late ack or returned message reaches another batch, and a fresh one takes its place.
 struct Lent {
     channel: Channel,
     settled: bool,
     home: async_channel::Sender<Channel>,
-    replace: Arc<AtomicBool>,
+    conn: Arc<Connection>,
 }
 
 impl Drop for Lent {
@@ -106,10 +106,46 @@ impl Drop for Lent {
             // The pool has room for every channel of the link: this never fails while it lives.
             let _ = self.home.try_send(self.channel.clone());
         } else {
-            log::debug!("a publishing channel gave up with confirms outstanding, or was closed: the link is replaced");
-            self.replace.store(true, Ordering::SeqCst);
+            retire(self.channel.clone(), self.home.clone(), self.conn.clone());
         }
     }
+}
+
+/// Close `old` and put a fresh confirm channel in its place in the pool `home`, in the
+/// background: each step bounded, tried again with backoff while the connection is blocked
+/// (the broker reads nothing from it then) or the open fails, and given up once the connection
+/// or the pool is gone (the link was replaced, pool and all).
+fn retire(old: Channel, home: async_channel::Sender<Channel>, conn: Arc<Connection>) {
+    log::debug!("a publishing channel gave up with confirms outstanding, or was closed: retired");
+    async_global_executor::spawn(async move {
+        let mut backoff = BACKOFF_MIN;
+        let mut closed = !old.status().connected();
+        while conn.status().connected() && !home.is_closed() {
+            if !conn.status().blocked() {
+                if !closed {
+                    closed = bounded_wait(old.close(200, "retired".into()), RPC_TIMEOUT)
+                        .await
+                        .is_some();
+                }
+                let fresh = bounded_wait(
+                    async {
+                        let c = conn.create_channel().await?;
+                        c.confirm_select(ConfirmSelectOptions::default()).await?;
+                        Ok::<_, lapin::Error>(c)
+                    },
+                    RPC_TIMEOUT,
+                )
+                .await;
+                if let Some(Ok(fresh)) = fresh {
+                    let _ = home.try_send(fresh);
+                    return;
+                }
+            }
+            async_io::Timer::after(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    })
+    .detach();
 }
 
 impl Link {
@@ -119,15 +155,21 @@ impl Link {
             && !self.cancelled.load(Ordering::SeqCst)
     }
 
-    /// Borrow a publishing channel, waiting for one while every one is lent.
+    /// Borrow a publishing channel, waiting for one while every one is lent (a channel the
+    /// broker closed meanwhile is retired, not lent).
     async fn lend(&self) -> Option<Lent> {
-        let channel = self.pool.1.recv().await.ok()?;
-        Some(Lent {
-            channel,
-            settled: false,
-            home: self.pool.0.clone(),
-            replace: self.cancelled.clone(),
-        })
+        loop {
+            let channel = self.pool.1.recv().await.ok()?;
+            if channel.status().connected() {
+                return Some(Lent {
+                    channel,
+                    settled: false,
+                    home: self.pool.0.clone(),
+                    conn: self.conn.clone(),
+                });
+            }
+            retire(channel, self.pool.0.clone(), self.conn.clone());
+        }
     }
 
     /// Close the connection (bounded; at once when the broker blocks it, as it reads nothing
@@ -829,12 +871,22 @@ impl Transport for Amqp {
             // one counts against the deadline too. On a give-up, frames already queued are
             // still sent once the connection allows: their tasks count as unconfirmed, are not
             // sent again within a lease, and a copy is deduplicated.
-            let got_channel = std::cell::Cell::new(false);
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let Some(lent) = bounded_wait(link.lend(), left).await.flatten() else {
+                // Nothing was handed over: every channel stayed lent within the batch's
+                // deadline (a pool in use by batches a blocked or slow broker holds).
+                return batch
+                    .iter()
+                    .map(|_| {
+                        Err(PublishFailure::Unavailable(format!(
+                            "no publishing channel free within the batch deadline of {publish_timeout:?}"
+                        )))
+                    })
+                    .collect();
+            };
             let handed = held(
                 &link,
                 async {
-                    let lent = link.lend().await?;
-                    got_channel.set(true);
                     let handed = {
                         let channel = &lent.channel;
                         let publishes = batch.iter().map(|m| {
@@ -856,27 +908,14 @@ impl Transport for Amqp {
                         });
                         futures_util::future::join_all(publishes).await
                     };
-                    Some((handed, lent))
+                    (handed, lent)
                 },
                 &mut deadline,
                 publish_timeout,
                 hold,
                 &mut waits,
             )
-            .await
-            .flatten();
-            if handed.is_none() && !got_channel.get() {
-                // Nothing was handed over: every channel stayed lent (a full pool behind a
-                // blocked or slow broker).
-                return batch
-                    .iter()
-                    .map(|_| {
-                        Err(PublishFailure::Unavailable(format!(
-                            "no publishing channel free within the batch deadline of {publish_timeout:?}"
-                        )))
-                    })
-                    .collect();
-            }
+            .await;
             let (handed, mut lent) = match handed {
                 Some((handed, lent)) => (Some(handed), Some(lent)),
                 None => (None, None),
@@ -1332,6 +1371,7 @@ async fn dead_letter(
     // One deadline for a channel, handing it over and its confirm, like a publish batch: a
     // consumer thread never waits on the broker without a bound.
     let limit = inner.publish_timeout;
+    let started = std::time::Instant::now();
     let mut lent = bounded_wait(link.lend(), limit)
         .await
         .flatten()
@@ -1341,7 +1381,7 @@ async fn dead_letter(
         &dead_letter_queue(&inner.queue),
         data,
         props,
-        limit,
+        limit.saturating_sub(started.elapsed()),
         &mut lent.settled,
     )
     .await
