@@ -74,8 +74,8 @@ struct Link {
     /// The node it is connected to (its URL without the password).
     node: String,
     /// Set when the server cancelled the link's consumer (a node lost, a leader moved, a
-    /// consumer timeout), or a publishing channel came back unsettled: the link is then
-    /// replaced (so the consumer subscribes again, and the publishing channels are fresh).
+    /// consumer timeout), or a retired publishing channel could not be replaced: the link is
+    /// then replaced (so the consumer subscribes again, and the publishing channels are fresh).
     cancelled: Arc<AtomicBool>,
     /// The publishing link's confirm channels, each lent to one batch (or dead letter) at a
     /// time, from its hand-over until its last confirm: on a channel, lapin numbers a publish
@@ -91,13 +91,15 @@ struct Link {
 
 /// A publishing channel lent to one batch. Back to its link's pool on drop once `settled`
 /// (every confirm of what was published on it came back) and still open; otherwise (a batch
-/// that gave up with confirms outstanding, a channel the broker closed) it is retired, so that
-/// no late ack or returned message reaches another batch, and a fresh one takes its place.
+/// that gave up with confirms outstanding, a channel the broker closed) it is retired: see
+/// [`retire`].
 struct Lent {
     channel: Channel,
     settled: bool,
     home: async_channel::Sender<Channel>,
     conn: Arc<Connection>,
+    /// The link's `cancelled`.
+    replace: Arc<AtomicBool>,
 }
 
 impl Drop for Lent {
@@ -106,27 +108,51 @@ impl Drop for Lent {
             // The pool has room for every channel of the link: this never fails while it lives.
             let _ = self.home.try_send(self.channel.clone());
         } else {
-            retire(self.channel.clone(), self.home.clone(), self.conn.clone());
+            retire(
+                self.channel.clone(),
+                self.home.clone(),
+                self.conn.clone(),
+                self.replace.clone(),
+            );
         }
     }
 }
 
-/// Close `old` and put a fresh confirm channel in its place in the pool `home`, in the
-/// background: each step bounded, tried again with backoff while the connection is blocked
-/// (the broker reads nothing from it then) or the open fails, and given up once the connection
-/// or the pool is gone (the link was replaced, pool and all).
-fn retire(old: Channel, home: async_channel::Sender<Channel>, conn: Arc<Connection>) {
-    log::debug!("a publishing channel gave up with confirms outstanding, or was closed: retired");
+/// Failed opens of a fresh channel, on a connection that is not blocked, after which the link
+/// is replaced instead.
+const RETIRE_TRIES: u32 = 3;
+
+/// Put `old` back in the pool `home` once every publish on it has its confirm (so none of
+/// those acks, nacks or returned messages can reach another batch), in the background; a
+/// channel that is closed (or closes meanwhile) is replaced by a fresh one instead. Each step
+/// is bounded and waits with backoff while the connection is blocked (the broker reads nothing
+/// from it then); after [`RETIRE_TRIES`] failed opens the link is marked for replacement
+/// (`replace`), and the task ends once the connection or the pool is gone (the link was
+/// replaced, pool and all). A channel is never closed here: its id would be handed to the fresh
+/// one while frames of the old one may still be queued.
+fn retire(
+    old: Channel,
+    home: async_channel::Sender<Channel>,
+    conn: Arc<Connection>,
+    replace: Arc<AtomicBool>,
+) {
+    log::debug!("a publishing channel came back with confirms outstanding, or closed: set aside until they are in");
     async_global_executor::spawn(async move {
-        let mut backoff = BACKOFF_MIN;
-        let mut closed = !old.status().connected();
-        while conn.status().connected() && !home.is_closed() {
-            if !conn.status().blocked() {
-                if !closed {
-                    closed = bounded_wait(old.close(200, "retired".into()), RPC_TIMEOUT)
-                        .await
-                        .is_some();
+        let live = || conn.status().connected() && !home.is_closed();
+        while old.status().connected() && live() {
+            match bounded_wait(old.wait_for_confirms(), RPC_TIMEOUT).await {
+                Some(Ok(_)) if old.status().connected() => {
+                    let _ = home.try_send(old);
+                    return;
                 }
+                Some(_) => break,
+                None => {}
+            }
+        }
+        let mut backoff = BACKOFF_MIN;
+        let mut failed = 0;
+        while live() {
+            if !conn.status().blocked() {
                 let fresh = bounded_wait(
                     async {
                         let c = conn.create_channel().await?;
@@ -136,8 +162,22 @@ fn retire(old: Channel, home: async_channel::Sender<Channel>, conn: Arc<Connecti
                     RPC_TIMEOUT,
                 )
                 .await;
-                if let Some(Ok(fresh)) = fresh {
-                    let _ = home.try_send(fresh);
+                match fresh {
+                    Some(Ok(fresh)) => {
+                        let _ = home.try_send(fresh);
+                        return;
+                    }
+                    Some(Err(e)) => log::warn!("opening a publishing channel failed: {e}"),
+                    None => {
+                        log::warn!("opening a publishing channel: no answer within {RPC_TIMEOUT:?}")
+                    }
+                }
+                failed += 1;
+                if failed >= RETIRE_TRIES {
+                    log::warn!(
+                        "a publishing channel could not be replaced {failed} times: reconnecting"
+                    );
+                    replace.store(true, Ordering::SeqCst);
                     return;
                 }
             }
@@ -166,9 +206,15 @@ impl Link {
                     settled: false,
                     home: self.pool.0.clone(),
                     conn: self.conn.clone(),
+                    replace: self.cancelled.clone(),
                 });
             }
-            retire(channel, self.pool.0.clone(), self.conn.clone());
+            retire(
+                channel,
+                self.pool.0.clone(),
+                self.conn.clone(),
+                self.cancelled.clone(),
+            );
         }
     }
 
@@ -742,6 +788,13 @@ impl Amqp {
         Ok(link.node)
     }
 
+    /// The publishing link's confirm channels: how many are in its pool now (not lent, not
+    /// being replaced), and how many it has; `None` while disconnected.
+    pub fn publishing_channels(&self) -> Option<(usize, usize)> {
+        let link = self.inner.publish_link().filter(Link::healthy)?;
+        Some((link.pool.1.len(), self.inner.publish_channels))
+    }
+
     /// Delete this transport's queue and its dead-letter queue (tests use queues of their own
     /// and remove them after).
     pub fn delete_queue(&self) -> Result<()> {
@@ -867,7 +920,7 @@ impl Transport for Amqp {
             // are awaited together: lapin resolves a publish once its I/O thread has taken the
             // frames, so awaiting each before starting the next cost a switch between this
             // thread and lapin's per message, and a socket write per message. The batch has a
-            // channel to itself until its last confirm (see `Link::publishers`); waiting for
+            // channel to itself until its last confirm (see `Link::pool`); waiting for
             // one counts against the deadline too. On a give-up, frames already queued are
             // still sent once the connection allows: their tasks count as unconfirmed, are not
             // sent again within a lease, and a copy is deduplicated.

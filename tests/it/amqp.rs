@@ -144,6 +144,38 @@ fn a_batch_of_unroutable_messages_on_both_shards_is_never_counted_as_sent() {
 }
 
 #[test]
+fn a_publishing_channel_given_up_with_confirms_outstanding_is_retired_and_replaced() {
+    let _g = serial();
+    let Some(mut t) = TestStore::amqp() else {
+        return;
+    };
+    // A deadline no batch of persistent messages meets, and a hold that never waits longer.
+    t.settings.publish_deadline = Some(Duration::from_millis(10));
+    let app = t.start_amqp(PUBLISH_ONLY);
+    let (free, total) = app.amqp().publishing_channels().expect("connected");
+    assert_eq!(free, total);
+    let batch: Vec<Outgoing> = (0..5000)
+        .map(|i| Outgoing {
+            message_id: format!("77{i:09}"),
+            body: "{}".into(),
+        })
+        .collect();
+    let results = app.amqp().publish_batch(&batch, &|| false);
+    assert!(
+        results.iter().any(|r| r.is_err()),
+        "the batch gave up with confirms outstanding"
+    );
+    // Its channel may still get the late acks: it is retired, and a fresh one takes its place.
+    assert!(
+        wait_until(Duration::from_secs(20), || app.amqp().publishing_channels()
+            == Some((total, total))),
+        "the pool is whole again: {:?} of {total}",
+        app.amqp().publishing_channels()
+    );
+    app.shutdown();
+}
+
+#[test]
 fn a_redelivered_message_is_handled_once_and_poison_is_set_aside() {
     let _g = serial();
     let Some(t) = TestStore::amqp() else { return };
