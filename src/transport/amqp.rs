@@ -81,18 +81,20 @@ struct Link {
     /// time, from its hand-over until its last confirm: on a channel, lapin numbers a publish
     /// for its confirm under one lock and queues its frames under another, one ack may confirm
     /// many, and a returned message goes to whichever confirm an ack completes first. With
-    /// one batch per channel, confirms follow the wire order and a returned message reaches
-    /// the batch of the message it names. Empty on the other links.
+    /// one batch per channel, the confirms and returned messages a batch hears are of its own
+    /// publishes. Empty on the other links.
     pool: (
         async_channel::Sender<Channel>,
         async_channel::Receiver<Channel>,
     ),
+    /// Publishing channels set aside for good (see [`retire`]), kept open until the link goes.
+    parked: Arc<Mutex<Vec<Channel>>>,
 }
 
 /// A publishing channel lent to one batch. Back to its link's pool on drop once `settled`
 /// (every confirm of what was published on it came back) and still open; otherwise (a batch
-/// that gave up with confirms outstanding, a channel the broker closed) it is retired: see
-/// [`retire`].
+/// that gave up with confirms outstanding, a channel the broker closed) it is set aside and a
+/// fresh one takes its place: see [`retire`].
 struct Lent {
     channel: Channel,
     settled: bool,
@@ -100,6 +102,8 @@ struct Lent {
     conn: Arc<Connection>,
     /// The link's `cancelled`.
     replace: Arc<AtomicBool>,
+    /// The link's `parked`.
+    parked: Arc<Mutex<Vec<Channel>>>,
 }
 
 impl Drop for Lent {
@@ -113,6 +117,7 @@ impl Drop for Lent {
                 self.home.clone(),
                 self.conn.clone(),
                 self.replace.clone(),
+                &self.parked,
             );
         }
     }
@@ -122,33 +127,43 @@ impl Drop for Lent {
 /// is replaced instead.
 const RETIRE_TRIES: u32 = 3;
 
-/// Put `old` back in the pool `home` once every publish on it has its confirm (so none of
-/// those acks, nacks or returned messages can reach another batch), in the background; a
-/// channel that is closed (or closes meanwhile) is replaced by a fresh one instead. Each step
-/// is bounded and waits with backoff while the connection is blocked (the broker reads nothing
-/// from it then); after [`RETIRE_TRIES`] failed opens the link is marked for replacement
-/// (`replace`), and the task ends once the connection or the pool is gone (the link was
-/// replaced, pool and all). A channel is never closed here: its id would be handed to the fresh
-/// one while frames of the old one may still be queued.
+/// Channels set aside on one link after which the link is replaced instead (each is an open
+/// channel on the broker until then).
+const PARKED_MAX: usize = 32;
+
+/// Set `old` aside for good and put a fresh confirm channel in its place in the pool `home`.
+/// A batch that gave up may leave confirms outstanding on its channel, and lapin attaches a
+/// returned message to whichever confirm an ack completes first: nothing published on `old` is
+/// to be confirmed alongside another batch, and waiting for its confirms has no reliable end
+/// (`wait_for_confirms` awaits only the newest, and only once). It is not closed either: a
+/// close would go out ahead of its publishes still queued in lapin, and RabbitMQ closes the
+/// whole connection on a frame for a closed channel (CHANNEL_ERROR). It stays open, unused,
+/// until the link goes; past [`PARKED_MAX`] the link is replaced. The fresh channel is opened
+/// in the background, bounded, waiting with backoff while the connection is blocked (the
+/// broker reads nothing from it then); after [`RETIRE_TRIES`] failed opens the link is marked
+/// for replacement (`replace`); the task ends once the connection or the pool is gone.
 fn retire(
     old: Channel,
     home: async_channel::Sender<Channel>,
     conn: Arc<Connection>,
     replace: Arc<AtomicBool>,
+    parked: &Mutex<Vec<Channel>>,
 ) {
-    log::debug!("a publishing channel came back with confirms outstanding, or closed: set aside until they are in");
+    let set_aside = {
+        let mut parked = parked.lock().unwrap_or_else(|p| p.into_inner());
+        parked.push(old);
+        parked.len()
+    };
+    if set_aside > PARKED_MAX {
+        log::warn!(
+            "{set_aside} publishing channels set aside after batches that gave up: reconnecting"
+        );
+        replace.store(true, Ordering::SeqCst);
+        return;
+    }
+    log::debug!("a publishing channel came back with confirms outstanding, or closed: set aside, a fresh one takes its place");
     async_global_executor::spawn(async move {
         let live = || conn.status().connected() && !home.is_closed();
-        while old.status().connected() && live() {
-            match bounded_wait(old.wait_for_confirms(), RPC_TIMEOUT).await {
-                Some(Ok(_)) if old.status().connected() => {
-                    let _ = home.try_send(old);
-                    return;
-                }
-                Some(_) => break,
-                None => {}
-            }
-        }
         let mut backoff = BACKOFF_MIN;
         let mut failed = 0;
         while live() {
@@ -207,6 +222,7 @@ impl Link {
                     home: self.pool.0.clone(),
                     conn: self.conn.clone(),
                     replace: self.cancelled.clone(),
+                    parked: self.parked.clone(),
                 });
             }
             retire(
@@ -214,6 +230,7 @@ impl Link {
                 self.pool.0.clone(),
                 self.conn.clone(),
                 self.cancelled.clone(),
+                &self.parked,
             );
         }
     }
@@ -547,6 +564,7 @@ async fn open_link(spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> lapin::Result<L
         node: spec.shown.to_string(),
         cancelled,
         pool,
+        parked: Arc::default(),
     })
 }
 
@@ -789,10 +807,12 @@ impl Amqp {
     }
 
     /// The publishing link's confirm channels: how many are in its pool now (not lent, not
-    /// being replaced), and how many it has; `None` while disconnected.
-    pub fn publishing_channels(&self) -> Option<(usize, usize)> {
+    /// being replaced), how many it has, and how many it set aside after batches that gave up;
+    /// `None` while disconnected.
+    pub fn publishing_channels(&self) -> Option<(usize, usize, usize)> {
         let link = self.inner.publish_link().filter(Link::healthy)?;
-        Some((link.pool.1.len(), self.inner.publish_channels))
+        let parked = link.parked.lock().unwrap_or_else(|p| p.into_inner()).len();
+        Some((link.pool.1.len(), self.inner.publish_channels, parked))
     }
 
     /// Delete this transport's queue and its dead-letter queue (tests use queues of their own

@@ -144,7 +144,7 @@ fn a_batch_of_unroutable_messages_on_both_shards_is_never_counted_as_sent() {
 }
 
 #[test]
-fn a_publishing_channel_given_up_with_confirms_outstanding_is_retired_and_replaced() {
+fn a_publishing_channel_given_up_with_confirms_outstanding_is_set_aside_and_replaced() {
     let _g = serial();
     let Some(mut t) = TestStore::amqp() else {
         return;
@@ -152,8 +152,8 @@ fn a_publishing_channel_given_up_with_confirms_outstanding_is_retired_and_replac
     // A deadline no batch of persistent messages meets, and a hold that never waits longer.
     t.settings.publish_deadline = Some(Duration::from_millis(10));
     let app = t.start_amqp(PUBLISH_ONLY);
-    let (free, total) = app.amqp().publishing_channels().expect("connected");
-    assert_eq!(free, total);
+    let (free, total, parked) = app.amqp().publishing_channels().expect("connected");
+    assert_eq!((free, parked), (total, 0));
     let batch: Vec<Outgoing> = (0..5000)
         .map(|i| Outgoing {
             message_id: format!("77{i:09}"),
@@ -165,11 +165,12 @@ fn a_publishing_channel_given_up_with_confirms_outstanding_is_retired_and_replac
         results.iter().any(|r| r.is_err()),
         "the batch gave up with confirms outstanding"
     );
-    // Its channel may still get the late acks: it is retired, and a fresh one takes its place.
+    // Its channel may still get late acks and returned messages: it is set aside for good (not
+    // lent again), and a fresh one takes its place, on the same link.
     assert!(
         wait_until(Duration::from_secs(20), || app.amqp().publishing_channels()
-            == Some((total, total))),
-        "the pool is whole again: {:?} of {total}",
+            == Some((total, total, 1))),
+        "the pool is whole again and one channel set aside: {:?} of {total}",
         app.amqp().publishing_channels()
     );
     app.shutdown();
