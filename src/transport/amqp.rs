@@ -149,9 +149,12 @@ fn retire(
     replace: Arc<AtomicBool>,
     parked: &Mutex<Vec<Channel>>,
 ) {
+    // A closed channel needs no keeping (nothing more is sent on it); an open one is kept.
     let set_aside = {
         let mut parked = parked.lock().unwrap_or_else(|p| p.into_inner());
-        parked.push(old);
+        if old.status().connected() {
+            parked.push(old);
+        }
         parked.len()
     };
     if set_aside > PARKED_MAX {
@@ -182,12 +185,19 @@ fn retire(
                         let _ = home.try_send(fresh);
                         return;
                     }
-                    Some(Err(e)) => log::warn!("opening a publishing channel failed: {e}"),
+                    Some(Err(e)) => {
+                        log::warn!("opening a publishing channel failed: {e}");
+                        failed += 1;
+                    }
+                    // The broker stopped reading the connection meanwhile: not a failure.
+                    None if conn.status().blocked() => {}
                     None => {
-                        log::warn!("opening a publishing channel: no answer within {RPC_TIMEOUT:?}")
+                        log::warn!(
+                            "opening a publishing channel: no answer within {RPC_TIMEOUT:?}"
+                        );
+                        failed += 1;
                     }
                 }
-                failed += 1;
                 if failed >= RETIRE_TRIES {
                     log::warn!(
                         "a publishing channel could not be replaced {failed} times: reconnecting"

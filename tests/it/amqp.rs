@@ -163,7 +163,7 @@ fn a_publishing_channel_given_up_with_confirms_outstanding_is_set_aside_and_repl
     let results = app.amqp().publish_batch(&batch, &|| false);
     assert!(
         results.iter().any(|r| r.is_err()),
-        "the batch gave up with confirms outstanding"
+        "the batch gave up before its confirms came back (handing over or awaiting them)"
     );
     // Its channel may still get late acks and returned messages: it is set aside for good (not
     // lent again), and a fresh one takes its place, on the same link.
