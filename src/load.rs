@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::model::{AwardRecord, TaskState};
 use crate::service::Service;
 use crate::store::ShardStatus;
@@ -310,7 +311,7 @@ pub fn run(
     run_checks(opts)?;
     let before = completed(&service.status()?);
     let metrics = service.metrics().clone();
-    let delivered_here_before = crate::metrics::Metrics::get(&metrics.delivered);
+    let delivered_here_before = Metrics::get(&metrics.delivered);
     let (saved, retries) = (AtomicU64::new(0), AtomicU64::new(0));
     let save = |i: u64| -> Result<()> {
         let user = format!("user{:04}", i % opts.users);
@@ -352,12 +353,17 @@ pub fn run(
     // deliveries it waited for.
     let mut delivered = 0;
     wait_until(opts.timeout, || {
-        let here =
-            crate::metrics::Metrics::get(&metrics.delivered).saturating_sub(delivered_here_before);
-        let kept = service
-            .shard_counts()
-            .map_or(0, |c| completed(&c.shards).saturating_sub(before));
-        let seen = here.max(kept).min(total_saved);
+        let here = Metrics::get(&metrics.delivered).saturating_sub(delivered_here_before);
+        // The kept counts only while this process's consumer has not seen them all.
+        let seen = if here >= total_saved {
+            here
+        } else {
+            service
+                .shard_counts()
+                .map_or(0, |c| completed(&c.shards).saturating_sub(before))
+                .max(here)
+        }
+        .min(total_saved);
         if seen < total_saved {
             delivered = delivered.max(seen);
             progress(total_saved, delivered, false);
