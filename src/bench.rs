@@ -531,7 +531,14 @@ fn measure(base: &Settings, opts: &BenchOptions, print: &Print) -> Result<Figure
         let body = EventMessage::for_award(&records(1, '2')[0], 1, 1, now_ms()).encode();
         let chunk = 200;
         let batches = n.div_ceil(chunk);
-        let elapsed = publish_batches(&t, opts.threads.min(8), batches, chunk, &body)?;
+        let elapsed = publish_batches(
+            &t,
+            opts.threads
+                .min(crate::transport::amqp::PUBLISH_CHANNELS_MIN),
+            batches,
+            chunk,
+            &body,
+        )?;
         f.broker_limit = Some(rate(batches * chunk, elapsed));
         t.delete_queue()?;
         show(format!(
@@ -546,7 +553,14 @@ fn measure(base: &Settings, opts: &BenchOptions, print: &Print) -> Result<Figure
         let counting = Arc::new(Counting(AtomicUsize::new(0)));
         let consumer = t.start_consumer(counting.clone(), s.consumer_threads)?;
         let start = Instant::now();
-        publish_batches(&t, opts.threads.min(8), batches, chunk, &body)?;
+        publish_batches(
+            &t,
+            opts.threads
+                .min(crate::transport::amqp::PUBLISH_CHANNELS_MIN),
+            batches,
+            chunk,
+            &body,
+        )?;
         let total = batches * chunk;
         if !crate::util::wait_until(Duration::from_secs(600), || {
             counting.0.load(Ordering::Relaxed) >= total

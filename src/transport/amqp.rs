@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, select, Receiver, Sender};
-use lapin::message::{Delivery, DeliveryResult};
+use lapin::message::{BasicReturnMessage, Delivery, DeliveryResult};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
     BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -83,45 +83,47 @@ struct Link {
     /// many, and a returned message goes to whichever confirm an ack completes first. With
     /// one batch per channel, the confirms and returned messages a batch hears are of its own
     /// publishes. Empty on the other links.
-    pool: (
+    pool: Pool,
+}
+
+/// A link's publishing channels: those free to lend, and those set aside for good (see
+/// [`Pool::retire`]), kept open until the link goes.
+#[derive(Clone)]
+struct Pool {
+    free: (
         async_channel::Sender<Channel>,
         async_channel::Receiver<Channel>,
     ),
-    /// Publishing channels set aside for good (see [`retire`]), kept open until the link goes.
     parked: Arc<Mutex<Vec<Channel>>>,
+    conn: Arc<Connection>,
+    /// The link's `cancelled`: set to have the link replaced.
+    replace: Arc<AtomicBool>,
 }
 
-/// A publishing channel lent to one batch. Back to its link's pool on drop once `settled`
-/// (every confirm of what was published on it came back) and still open; otherwise (a batch
-/// that gave up with confirms outstanding, a channel the broker closed) it is set aside and a
-/// fresh one takes its place: see [`retire`].
+/// A publishing channel lent to one batch. Back to its pool on drop once `settled` (every
+/// confirm of what was published on it came back) and still open; otherwise (a batch that
+/// gave up with confirms outstanding, a channel the broker closed) it is set aside and a fresh
+/// one takes its place: see [`Pool::retire`].
 struct Lent {
     channel: Channel,
     settled: bool,
-    home: async_channel::Sender<Channel>,
-    conn: Arc<Connection>,
-    /// The link's `cancelled`.
-    replace: Arc<AtomicBool>,
-    /// The link's `parked`.
-    parked: Arc<Mutex<Vec<Channel>>>,
+    pool: Pool,
 }
 
 impl Drop for Lent {
     fn drop(&mut self) {
         if self.settled && self.channel.status().connected() {
             // The pool has room for every channel of the link: this never fails while it lives.
-            let _ = self.home.try_send(self.channel.clone());
+            let _ = self.pool.free.0.try_send(self.channel.clone());
         } else {
-            retire(
-                self.channel.clone(),
-                self.home.clone(),
-                self.conn.clone(),
-                self.replace.clone(),
-                &self.parked,
-            );
+            self.pool.retire(self.channel.clone());
         }
     }
 }
+
+/// The fewest publishing channels a link has: as many batches as the bench's broker ceiling
+/// keeps in flight.
+pub(crate) const PUBLISH_CHANNELS_MIN: usize = 8;
 
 /// Failed opens of a fresh channel, on a connection that is not blocked, after which the link
 /// is replaced instead.
@@ -131,86 +133,127 @@ const RETIRE_TRIES: u32 = 3;
 /// channel on the broker until then).
 const PARKED_MAX: usize = 32;
 
-/// Set `old` aside for good and put a fresh confirm channel in its place in the pool `home`.
-/// A batch that gave up may leave confirms outstanding on its channel, and lapin attaches a
-/// returned message to whichever confirm an ack completes first: nothing published on `old` is
-/// to be confirmed alongside another batch, and waiting for its confirms has no reliable end
-/// (`wait_for_confirms` awaits only the newest, and only once). It is not closed either: a
-/// close would go out ahead of its publishes still queued in lapin, and RabbitMQ closes the
-/// whole connection on a frame for a closed channel (CHANNEL_ERROR). It stays open, unused,
-/// until the link goes; past [`PARKED_MAX`] the link is replaced. The fresh channel is opened
-/// in the background, bounded, waiting with backoff while the connection is blocked (the
-/// broker reads nothing from it then); after [`RETIRE_TRIES`] failed opens the link is marked
-/// for replacement (`replace`); the task ends once the connection or the pool is gone.
-fn retire(
-    old: Channel,
-    home: async_channel::Sender<Channel>,
-    conn: Arc<Connection>,
-    replace: Arc<AtomicBool>,
-    parked: &Mutex<Vec<Channel>>,
-) {
-    // A closed channel needs no keeping (nothing more is sent on it); an open one is kept.
-    let set_aside = {
-        let mut parked = parked.lock().unwrap_or_else(|p| p.into_inner());
-        if old.status().connected() {
-            parked.push(old);
+/// A channel in confirm mode on `conn`.
+async fn confirm_channel(conn: &Connection) -> lapin::Result<Channel> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+impl Pool {
+    /// A pool of `n` fresh confirm channels on `conn`, opened side by side (each is two round
+    /// trips).
+    async fn open(
+        n: usize,
+        conn: Arc<Connection>,
+        replace: Arc<AtomicBool>,
+    ) -> lapin::Result<Pool> {
+        let channels = futures_util::future::join_all((0..n).map(|_| confirm_channel(&conn)))
+            .await
+            .into_iter()
+            .collect::<lapin::Result<Vec<_>>>()?;
+        let free = async_channel::bounded(n.max(1));
+        for channel in channels {
+            let _ = free.0.try_send(channel);
         }
-        parked.len()
-    };
-    if set_aside > PARKED_MAX {
-        log::warn!(
-            "{set_aside} publishing channels set aside after batches that gave up: reconnecting"
-        );
-        replace.store(true, Ordering::SeqCst);
-        return;
+        Ok(Pool {
+            free,
+            parked: Arc::default(),
+            conn,
+            replace,
+        })
     }
-    log::debug!("a publishing channel came back with confirms outstanding, or closed: set aside, a fresh one takes its place");
-    async_global_executor::spawn(async move {
-        let live = || conn.status().connected() && !home.is_closed();
-        let mut backoff = BACKOFF_MIN;
-        let mut failed = 0;
-        while live() {
-            if !conn.status().blocked() {
-                let fresh = bounded_wait(
-                    async {
-                        let c = conn.create_channel().await?;
-                        c.confirm_select(ConfirmSelectOptions::default()).await?;
-                        Ok::<_, lapin::Error>(c)
-                    },
-                    RPC_TIMEOUT,
-                )
-                .await;
-                match fresh {
-                    Some(Ok(fresh)) => {
-                        let _ = home.try_send(fresh);
+
+    /// Borrow a channel, waiting for one while every one is lent (a channel the broker closed
+    /// meanwhile is retired, not lent).
+    async fn lend(&self) -> Option<Lent> {
+        loop {
+            let channel = self.free.1.recv().await.ok()?;
+            if channel.status().connected() {
+                return Some(Lent {
+                    channel,
+                    settled: false,
+                    pool: self.clone(),
+                });
+            }
+            self.retire(channel);
+        }
+    }
+
+    /// Channels free now, and set aside.
+    fn counts(&self) -> (usize, usize) {
+        let parked = self.parked.lock().unwrap_or_else(|p| p.into_inner()).len();
+        (self.free.1.len(), parked)
+    }
+
+    /// Set `old` aside for good and put a fresh confirm channel in its place. A batch that gave
+    /// up may leave confirms outstanding on its channel, and lapin attaches a returned message
+    /// to whichever confirm an ack completes first: nothing published on `old` is to be
+    /// confirmed alongside another batch, and waiting for its confirms has no reliable end
+    /// (`wait_for_confirms` awaits only the newest, and only once). It is not closed either: a
+    /// close would go out ahead of its publishes still queued in lapin, and RabbitMQ closes the
+    /// whole connection on a frame for a closed channel (CHANNEL_ERROR). It stays open, unused,
+    /// until the link goes; past [`PARKED_MAX`] the link is replaced. The fresh channel is
+    /// opened in the background, bounded, waiting with backoff while the connection is blocked
+    /// (the broker reads nothing from it then); after [`RETIRE_TRIES`] failed opens the link is
+    /// marked for replacement; the task ends once the connection or the pool is gone (it holds
+    /// neither the pool's receiver nor its parked channels).
+    fn retire(&self, old: Channel) {
+        // A closed channel needs no keeping (nothing more is sent on it); an open one is kept.
+        let set_aside = {
+            let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+            if old.status().connected() {
+                parked.push(old);
+            }
+            parked.len()
+        };
+        if set_aside > PARKED_MAX {
+            log::warn!(
+                "{set_aside} publishing channels set aside after batches that gave up: reconnecting"
+            );
+            self.replace.store(true, Ordering::SeqCst);
+            return;
+        }
+        log::debug!("a publishing channel came back with confirms outstanding, or closed: set aside, a fresh one takes its place");
+        let (home, conn, replace) = (self.free.0.clone(), self.conn.clone(), self.replace.clone());
+        async_global_executor::spawn(async move {
+            let live = || conn.status().connected() && !home.is_closed();
+            let mut backoff = BACKOFF_MIN;
+            let mut failed = 0;
+            while live() {
+                if !conn.status().blocked() {
+                    match bounded_wait(confirm_channel(&conn), RPC_TIMEOUT).await {
+                        Some(Ok(fresh)) => {
+                            let _ = home.try_send(fresh);
+                            return;
+                        }
+                        Some(Err(e)) => {
+                            log::warn!("opening a publishing channel failed: {e}");
+                            failed += 1;
+                        }
+                        // The broker stopped reading the connection meanwhile: not a failure.
+                        None if conn.status().blocked() => {}
+                        None => {
+                            log::warn!(
+                                "opening a publishing channel: no answer within {RPC_TIMEOUT:?}"
+                            );
+                            failed += 1;
+                        }
+                    }
+                    if failed >= RETIRE_TRIES {
+                        log::warn!("a publishing channel could not be replaced {failed} times: reconnecting");
+                        replace.store(true, Ordering::SeqCst);
                         return;
                     }
-                    Some(Err(e)) => {
-                        log::warn!("opening a publishing channel failed: {e}");
-                        failed += 1;
-                    }
-                    // The broker stopped reading the connection meanwhile: not a failure.
-                    None if conn.status().blocked() => {}
-                    None => {
-                        log::warn!(
-                            "opening a publishing channel: no answer within {RPC_TIMEOUT:?}"
-                        );
-                        failed += 1;
-                    }
                 }
-                if failed >= RETIRE_TRIES {
-                    log::warn!(
-                        "a publishing channel could not be replaced {failed} times: reconnecting"
-                    );
-                    replace.store(true, Ordering::SeqCst);
-                    return;
-                }
+                async_io::Timer::after(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
-            async_io::Timer::after(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
-    })
-    .detach();
+        })
+        .detach();
+    }
 }
 
 impl Link {
@@ -218,31 +261,6 @@ impl Link {
         self.conn.status().connected()
             && self.channel.status().connected()
             && !self.cancelled.load(Ordering::SeqCst)
-    }
-
-    /// Borrow a publishing channel, waiting for one while every one is lent (a channel the
-    /// broker closed meanwhile is retired, not lent).
-    async fn lend(&self) -> Option<Lent> {
-        loop {
-            let channel = self.pool.1.recv().await.ok()?;
-            if channel.status().connected() {
-                return Some(Lent {
-                    channel,
-                    settled: false,
-                    home: self.pool.0.clone(),
-                    conn: self.conn.clone(),
-                    replace: self.cancelled.clone(),
-                    parked: self.parked.clone(),
-                });
-            }
-            retire(
-                channel,
-                self.pool.0.clone(),
-                self.conn.clone(),
-                self.cancelled.clone(),
-                &self.parked,
-            );
-        }
     }
 
     /// Close the connection (bounded; at once when the broker blocks it, as it reads nothing
@@ -277,8 +295,9 @@ struct Inner {
     prefetch: u16,
     publish_timeout: Duration,
     /// How many batches may be in flight at once: one per relay (shard), per scanner pool
-    /// thread, the scanner's own (caller-runs), and one more; dead letters and other callers
-    /// of `publish_batch` share them, each waiting for one under its deadline.
+    /// thread, the scanner's own (caller-runs), and one more, at least [`PUBLISH_CHANNELS_MIN`];
+    /// dead letters and other callers of `publish_batch` share them, each waiting for one
+    /// under its deadline.
     publish_channels: usize,
     publish: RwLock<Option<Link>>,
     consume: Mutex<Option<ConsumeState>>,
@@ -404,7 +423,6 @@ struct LinkSpec<'a> {
     shown: &'a str,
     topology: &'a Topology,
     name: &'static str,
-    confirm: bool,
     /// Confirm channels to lend to publishing batches (the publishing link's).
     publishers: usize,
     prefetch: Option<u16>,
@@ -514,29 +532,11 @@ async fn open_link(spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> lapin::Result<L
         let _ = declare.close(200, "declared".into()).await;
     }
     let channel = conn.create_channel().await?;
-    if spec.confirm {
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-    }
     if let Some(p) = spec.prefetch {
         channel.basic_qos(p, BasicQosOptions::default()).await?;
     }
-    // Opened side by side: each is two round trips, all within the connect deadline.
-    let publishers = futures_util::future::join_all((0..spec.publishers).map(|_| async {
-        let publisher = conn.create_channel().await?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok::<_, lapin::Error>(publisher)
-    }))
-    .await
-    .into_iter()
-    .collect::<lapin::Result<Vec<_>>>()?;
-    let pool = async_channel::bounded(publishers.len().max(1));
-    for publisher in &publishers {
-        let _ = pool.0.try_send(publisher.clone());
-    }
+    let conn = Arc::new(conn);
+    let pool = Pool::open(spec.publishers, conn.clone(), cancelled.clone()).await?;
     if let Some(deliveries) = spec.consume {
         let consumer = channel
             .basic_consume(
@@ -568,13 +568,12 @@ async fn open_link(spec: LinkSpec<'_>, attempt: Arc<Attempt>) -> lapin::Result<L
         });
     }
     Ok(Link {
-        conn: Arc::new(conn),
+        conn,
         channel,
         attempt: weak,
         node: spec.shown.to_string(),
         cancelled,
         pool,
-        parked: Arc::default(),
     })
 }
 
@@ -593,7 +592,8 @@ impl Inner {
             queue: settings.topic.clone(),
             prefetch: settings.prefetch,
             publish_timeout: settings.publish_timeout(),
-            publish_channels: settings.layout.db_count() as usize + settings.pool_threads + 2,
+            publish_channels: (settings.layout.db_count() as usize + settings.pool_threads + 2)
+                .max(PUBLISH_CHANNELS_MIN),
             publish: RwLock::new(None),
             consume: Mutex::new(None),
             publish_up: AtomicBool::new(false),
@@ -651,7 +651,6 @@ impl Inner {
                 shown,
                 topology: &self.topology,
                 name: "big-market-publish",
-                confirm: true,
                 publishers: self.publish_channels,
                 prefetch: None,
                 consume: None,
@@ -668,7 +667,6 @@ impl Inner {
                 shown,
                 topology: &self.topology,
                 name: "big-market-consume",
-                confirm: false,
                 publishers: 0,
                 prefetch: Some(self.prefetch),
                 consume: Some(deliveries.clone()),
@@ -806,7 +804,6 @@ impl Amqp {
                 shown,
                 topology: &inner.topology,
                 name: "big-market-status",
-                confirm: false,
                 publishers: 0,
                 prefetch: None,
                 consume: None,
@@ -821,8 +818,8 @@ impl Amqp {
     /// `None` while disconnected.
     pub fn publishing_channels(&self) -> Option<(usize, usize, usize)> {
         let link = self.inner.publish_link().filter(Link::healthy)?;
-        let parked = link.parked.lock().unwrap_or_else(|p| p.into_inner()).len();
-        Some((link.pool.1.len(), self.inner.publish_channels, parked))
+        let (free, parked) = link.pool.counts();
+        Some((free, self.inner.publish_channels, parked))
     }
 
     /// Delete this transport's queue and its dead-letter queue (tests use queues of their own
@@ -955,7 +952,7 @@ impl Transport for Amqp {
             // still sent once the connection allows: their tasks count as unconfirmed, are not
             // sent again within a lease, and a copy is deduplicated.
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let Some(lent) = bounded_wait(link.lend(), left).await.flatten() else {
+            let Some(lent) = bounded_wait(link.pool.lend(), left).await.flatten() else {
                 // Nothing was handed over: every channel stayed lent within the batch's
                 // deadline (a pool in use by batches a blocked or slow broker holds).
                 return batch
@@ -1018,73 +1015,80 @@ impl Transport for Amqp {
                     .collect(),
             };
             crate::crash::hit(crate::crash::Point::BeforeConfirm);
+            let no_confirm = || {
+                Err(PublishFailure::Unconfirmed(format!(
+                    "no confirm within the batch deadline of {publish_timeout:?}"
+                )))
+            };
             let mut confirms = Vec::with_capacity(pending.len());
-            let mut all_back = true;
+            // Once one confirm is given up on, the rest are taken only if they are in already:
+            // waiting (and renewing the leases) again for each would add up past the deadline.
+            let mut gave_up = false;
             for p in pending {
                 confirms.push(match p {
                     Err(e) => Err(PublishFailure::Unconfirmed(format!("publish failed: {e}"))),
-                    Ok(confirm) => match held(
-                        &link,
-                        confirm,
-                        &mut deadline,
-                        publish_timeout,
-                        hold,
-                        &mut waits,
-                    )
-                    .await
-                    {
-                        None => {
-                            all_back = false;
-                            Err(PublishFailure::Unconfirmed(format!(
-                                "no confirm within the batch deadline of {publish_timeout:?}"
-                            )))
+                    Ok(confirm) => {
+                        let answer = if gave_up {
+                            futures_lite::future::poll_once(confirm).await
+                        } else {
+                            held(
+                                &link,
+                                confirm,
+                                &mut deadline,
+                                publish_timeout,
+                                hold,
+                                &mut waits,
+                            )
+                            .await
+                        };
+                        match answer {
+                            None => {
+                                gave_up = true;
+                                no_confirm()
+                            }
+                            Some(Ok(c)) => Ok(c),
+                            Some(Err(e)) => {
+                                Err(PublishFailure::Unconfirmed(format!("no confirm: {e}")))
+                            }
                         }
-                        Some(Ok(c)) => Ok(c),
-                        Some(Err(e)) => {
-                            Err(PublishFailure::Unconfirmed(format!("no confirm: {e}")))
-                        }
-                    },
+                    }
                 });
                 if confirms.len() == 1 {
                     crate::crash::hit(crate::crash::Point::MidRelayBatch);
                 }
             }
             if let Some(lent) = lent.as_mut() {
-                lent.settled = all_back;
+                lent.settled = !gave_up;
             }
+            let unroutable = |r: &BasicReturnMessage| {
+                PublishFailure::Rejected(format!(
+                    "returned by the broker as unroutable: {} {} (does queue {queue} exist?)",
+                    r.reply_code, r.reply_text
+                ))
+            };
             // lapin hands a returned (unroutable) message to whichever confirm its ack
-            // completes first, and one ack may complete many: a returned message is matched to
-            // the message of the batch it names, not to the confirm that carried it.
-            let returned: std::collections::HashMap<String, String> = confirms
+            // completes first, and one ack may complete many: a returned message that names its
+            // message is matched to it, not to the confirm that carried it.
+            let returned: std::collections::HashMap<String, &BasicReturnMessage> = confirms
                 .iter()
                 .filter_map(|c| match c {
                     Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r))) => Some(r),
                     _ => None,
                 })
-                .map(|r| {
-                    let id = r.properties.message_id().as_ref().map(|id| id.to_string());
-                    let why = format!(
-                        "returned by the broker as unroutable: {} {} (does queue {queue} exist?)",
-                        r.reply_code, r.reply_text
-                    );
-                    (id.unwrap_or_default(), why)
-                })
+                .filter_map(|r| Some((r.properties.message_id().as_ref()?.to_string(), r)))
                 .collect();
             batch
                 .iter()
-                .zip(confirms)
+                .zip(&confirms)
                 .map(|(m, c)| {
-                    if let Some(why) = returned.get(m.message_id.as_str()) {
-                        return Err(PublishFailure::Rejected(why.clone()));
+                    if let Some(r) = returned.get(m.message_id.as_str()) {
+                        return Err(unroutable(r));
                     }
-                    match c? {
+                    match c.as_ref().map_err(Clone::clone)? {
                         Confirmation::Ack(None) => Ok(()),
                         // A returned message without a message id: the confirm that carried it.
                         Confirmation::Ack(Some(r)) if r.properties.message_id().is_none() => {
-                            Err(PublishFailure::Rejected(format!(
-                                "returned by the broker as unroutable: {} {} (does queue {queue} exist?)",
-                                r.reply_code, r.reply_text
-                            )))
+                            Err(unroutable(r))
                         }
                         Confirmation::Ack(Some(_)) => Ok(()),
                         Confirmation::Nack(_) => {
@@ -1455,30 +1459,29 @@ async fn dead_letter(
     // consumer thread never waits on the broker without a bound.
     let limit = inner.publish_timeout;
     let started = std::time::Instant::now();
-    let mut lent = bounded_wait(link.lend(), limit)
+    let mut lent = bounded_wait(link.pool.lend(), limit)
         .await
         .flatten()
         .ok_or_else(|| format!("no publishing channel free within {limit:?}"))?;
     publish_confirmed(
-        &lent.channel,
+        &mut lent,
         &dead_letter_queue(&inner.queue),
         data,
         props,
         limit.saturating_sub(started.elapsed()),
-        &mut lent.settled,
     )
     .await
 }
 
-/// Publish to the default exchange with `mandatory` and wait for a plain ack, handing it over
-/// and the confirm together within `limit`; `settled` is set when an answer came back.
+/// Publish on a lent channel to the default exchange with `mandatory` and wait for a plain
+/// ack, handing it over and the confirm together within `limit`; the channel counts as settled
+/// when an answer came back.
 async fn publish_confirmed(
-    channel: &Channel,
+    lent: &mut Lent,
     queue: &str,
     body: &[u8],
     props: BasicProperties,
     limit: Duration,
-    settled: &mut bool,
 ) -> std::result::Result<(), String> {
     let opts = BasicPublishOptions {
         mandatory: true,
@@ -1486,7 +1489,7 @@ async fn publish_confirmed(
     };
     let published = bounded_wait(
         async {
-            channel
+            lent.channel
                 .basic_publish("".into(), queue.into(), opts, body, props)
                 .await?
                 .await
@@ -1494,7 +1497,7 @@ async fn publish_confirmed(
         limit,
     )
     .await;
-    *settled = published.is_some();
+    lent.settled = published.is_some();
     match published {
         Some(Ok(Confirmation::Ack(None))) => Ok(()),
         Some(Ok(other)) => Err(format!("publishing to {queue}: not confirmed ({other:?})")),
@@ -1564,14 +1567,14 @@ pub fn walk_dead_letters(
             shown,
             topology: &inner.topology,
             name: "big-market-dlq",
-            confirm: true,
-            publishers: 0,
+            publishers: 1,
             prefetch: None,
             consume: None,
         }
     })?;
     let dlq = dead_letter_queue(&queue);
     let channel = link.channel.clone();
+    let pool = link.pool.clone();
     let walked = async_global_executor::block_on(async move {
         // Walk only what is there now: a replayed message the consumer refuses again comes
         // back to the end of the queue, and must not be met again in this walk.
@@ -1623,8 +1626,11 @@ pub fn walk_dead_letters(
                     if let Some(id) = &letter.message_id {
                         props = props.with_message_id(id.as_str().into());
                     }
-                    publish_confirmed(&channel, &queue, &d.data, props, RPC_TIMEOUT, &mut true)
-                        .await?;
+                    let mut lent = pool
+                        .lend()
+                        .await
+                        .ok_or("the walk's publishing channel is gone")?;
+                    publish_confirmed(&mut lent, &queue, &d.data, props, RPC_TIMEOUT).await?;
                     d.ack(BasicAckOptions::default())
                         .await
                         .map_err(|e| format!("removing a replayed message from {dlq}: {e}"))?;
