@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, select, Receiver, Sender};
-use lapin::message::{BasicReturnMessage, Delivery, DeliveryResult};
+use lapin::message::{Delivery, DeliveryResult};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
     BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -1060,46 +1060,12 @@ impl Transport for Amqp {
             if let Some(lent) = lent.as_mut() {
                 lent.settled = !gave_up;
             }
-            let unroutable = |r: &BasicReturnMessage| {
-                PublishFailure::Rejected(format!(
-                    "returned by the broker as unroutable: {} {} (does queue {queue} exist?)",
-                    r.reply_code, r.reply_text
-                ))
-            };
-            // lapin hands a returned (unroutable) message to whichever confirm its ack
-            // completes first, and one ack may complete many: a returned message that names its
-            // message is matched to it, not to the confirm that carried it.
-            let returned: std::collections::HashMap<String, &BasicReturnMessage> = confirms
-                .iter()
-                .filter_map(|c| match c {
-                    Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r))) => Some(r),
-                    _ => None,
-                })
-                .filter_map(|r| Some((r.properties.message_id().as_ref()?.to_string(), r)))
+            let heard: Vec<_> = confirms
+                .into_iter()
+                .map(|c| c.map(|c| Heard::of(c, &queue)))
                 .collect();
-            batch
-                .iter()
-                .zip(&confirms)
-                .map(|(m, c)| {
-                    if let Some(r) = returned.get(m.message_id.as_str()) {
-                        return Err(unroutable(r));
-                    }
-                    match c.as_ref().map_err(Clone::clone)? {
-                        Confirmation::Ack(None) => Ok(()),
-                        // A returned message without a message id: the confirm that carried it.
-                        Confirmation::Ack(Some(r)) if r.properties.message_id().is_none() => {
-                            Err(unroutable(r))
-                        }
-                        Confirmation::Ack(Some(_)) => Ok(()),
-                        Confirmation::Nack(_) => {
-                            Err(PublishFailure::Rejected("nacked by the broker".into()))
-                        }
-                        Confirmation::NotRequested => Err(PublishFailure::Unavailable(
-                            "the channel is not in confirm mode".into(),
-                        )),
-                    }
-                })
-                .collect()
+            let ids: Vec<&str> = batch.iter().map(|m| m.message_id.as_str()).collect();
+            outcomes(&ids, heard)
         })
     }
 
@@ -1395,6 +1361,73 @@ struct HeldBatch {
 /// slow to confirm.
 const SLOW_CONFIRM_DEADLINES: u32 = 4;
 
+/// What one publish's confirm said, as [`outcomes`] weighs it.
+#[derive(Debug, Clone, PartialEq)]
+enum Heard {
+    Ack,
+    Nack,
+    /// The channel is not in confirm mode.
+    NotRequested,
+    /// The confirm carried a returned (unroutable) message: its message id, and why.
+    Returned {
+        id: Option<String>,
+        why: String,
+    },
+}
+
+impl Heard {
+    fn of(c: Confirmation, queue: &str) -> Heard {
+        match c {
+            Confirmation::Ack(None) => Heard::Ack,
+            Confirmation::Nack(None) => Heard::Nack,
+            Confirmation::NotRequested => Heard::NotRequested,
+            Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)) => Heard::Returned {
+                id: r.properties.message_id().as_ref().map(|id| id.to_string()),
+                why: format!(
+                    "returned by the broker as unroutable: {} {} (does queue {queue} exist?)",
+                    r.reply_code, r.reply_text
+                ),
+            },
+        }
+    }
+}
+
+/// Each message's result from what the confirms of its batch said (`ids[i]` is the message
+/// of `heard[i]`). lapin hands a returned message to whichever confirm its ack completes
+/// first, and one ack may complete many: a returned message that names its message fails that
+/// message, whichever confirm carried it; one without a message id fails the confirm that
+/// carried it. Pure.
+fn outcomes(
+    ids: &[&str],
+    heard: Vec<std::result::Result<Heard, PublishFailure>>,
+) -> Vec<std::result::Result<(), PublishFailure>> {
+    let returned: std::collections::HashMap<&str, &str> = heard
+        .iter()
+        .filter_map(|h| match h {
+            Ok(Heard::Returned { id: Some(id), why }) => Some((id.as_str(), why.as_str())),
+            _ => None,
+        })
+        .collect();
+    ids.iter()
+        .zip(&heard)
+        .map(|(id, h)| {
+            if let Some(why) = returned.get(id) {
+                return Err(PublishFailure::Rejected(why.to_string()));
+            }
+            match h.as_ref().map_err(Clone::clone)? {
+                Heard::Ack => Ok(()),
+                Heard::Returned { id: None, why } => Err(PublishFailure::Rejected(why.clone())),
+                // Another message's, matched to it above.
+                Heard::Returned { id: Some(_), .. } => Ok(()),
+                Heard::Nack => Err(PublishFailure::Rejected("nacked by the broker".into())),
+                Heard::NotRequested => Err(PublishFailure::Unavailable(
+                    "the channel is not in confirm mode".into(),
+                )),
+            }
+        })
+        .collect()
+}
+
 /// The dead-letter queue of a topic's queue: `<topic>.dlq`.
 pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dlq")
@@ -1667,5 +1700,52 @@ impl ConsumerHandle for AmqpConsumer {
         if let Some(link) = state.and_then(|s| s.link) {
             link.close();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn returned(id: Option<&str>) -> Heard {
+        Heard::Returned {
+            id: id.map(str::to_string),
+            why: format!("returned: {id:?}"),
+        }
+    }
+
+    #[test]
+    fn a_returned_message_fails_the_message_it_names_not_the_confirm_that_carried_it() {
+        // "b" was returned, but its return came with the confirm of "a" (one ack completed
+        // both, in lapin's order): "a" was routed, "b" was not.
+        let got = outcomes(
+            &["a", "b", "c"],
+            vec![Ok(returned(Some("b"))), Ok(Heard::Ack), Ok(Heard::Ack)],
+        );
+        assert!(got[0].is_ok(), "{:?}", got[0]);
+        assert!(
+            matches!(&got[1], Err(PublishFailure::Rejected(w)) if w.contains("Some(\"b\")")),
+            "{:?}",
+            got[1]
+        );
+        assert!(got[2].is_ok());
+    }
+
+    #[test]
+    fn a_returned_message_without_an_id_fails_its_carrier_and_nacks_and_errors_stay_failures() {
+        let lost = PublishFailure::Unconfirmed("no confirm".into());
+        let got = outcomes(
+            &["a", "b", "c", "d"],
+            vec![
+                Ok(returned(None)),
+                Ok(Heard::Nack),
+                Err(lost.clone()),
+                Ok(Heard::NotRequested),
+            ],
+        );
+        assert!(matches!(&got[0], Err(PublishFailure::Rejected(_))));
+        assert!(matches!(&got[1], Err(PublishFailure::Rejected(w)) if w.contains("nacked")));
+        assert_eq!(got[2], Err(lost));
+        assert!(matches!(&got[3], Err(PublishFailure::Unavailable(_))));
     }
 }
