@@ -60,10 +60,11 @@ pub(crate) trait Batch: Send + 'static {
         std::time::Duration::ZERO
     }
 
-    /// Whether a panic in [`Batch::run_batch`] is known to have kept nothing of its group (the
-    /// transaction rolled back as the panic unwound), so that the writer may run the group's
-    /// ops again one at a time. Either way the backend must be usable for the next group.
-    fn rolls_back_on_panic(&self) -> bool {
+    /// Called after [`Batch::run_batch`] panicked: whether nothing of that group is kept (its
+    /// transaction rolled back, or abandoned before its commit went out), so that the writer
+    /// may run the group's ops again one at a time. Either way the backend must be usable for
+    /// the next group when it returns.
+    fn kept_nothing_of_panicked_group(&mut self) -> bool {
         false
     }
 }

@@ -340,16 +340,21 @@ impl Drop for Writer {
 
 /// Run a group on the backend, containing a panic (a bug) so that the writer thread goes on: a
 /// dead writer thread would leave the ops queued behind it waiting for ever. When the backend
-/// is known to have kept nothing of a panicked group (SQLite), its ops run again one at a time,
-/// so only the op that panics fails: a delivery as unprocessable (it is dead-lettered rather
-/// than retried for ever), anything else as not written. Otherwise (MySQL: the panic may have
-/// come after the commit) every op of the group hears "outcome unknown".
-fn run_contained(db: u32, backend: &mut dyn Batch, ops: &[&Op]) -> Vec<Result<Reply>> {
+/// knows it kept nothing of the panicked group (SQLite always; MySQL when the panic came
+/// before the group's commit was sent), its ops run again one at a time, so only the op that
+/// panics fails: a delivery as unprocessable (it is dead-lettered rather than retried for
+/// ever), anything else as not written. Otherwise (the panic came after a commit was sent)
+/// every op of the group hears "outcome unknown".
+pub(in crate::store) fn run_contained(
+    db: u32,
+    backend: &mut dyn Batch,
+    ops: &[&Op],
+) -> Vec<Result<Reply>> {
     let what = match catch(db, backend, ops) {
         Ok(results) => return results,
         Err(what) => what,
     };
-    if !backend.rolls_back_on_panic() {
+    if !backend.kept_nothing_of_panicked_group() {
         log::error!(
             "writer shard={db:02} failed a group of {} writes on a bug ({what}); their outcome is unknown, the writer goes on",
             ops.len()
@@ -378,7 +383,8 @@ fn run_contained(db: u32, backend: &mut dyn Batch, ops: &[&Op]) -> Vec<Result<Re
     ops.iter()
         .map(|op| match catch(db, backend, &[op]) {
             Ok(mut results) => results.pop().expect("one result for one op"),
-            Err(what) => refuse(op, &what),
+            Err(what) if backend.kept_nothing_of_panicked_group() => refuse(op, &what),
+            Err(what) => Err(unknown(db, &what)),
         })
         .collect()
 }
@@ -595,7 +601,7 @@ mod tests {
             ops.iter().map(|_| Ok(Reply::Count(0))).collect()
         }
 
-        fn rolls_back_on_panic(&self) -> bool {
+        fn kept_nothing_of_panicked_group(&mut self) -> bool {
             self.rolls_back
         }
     }

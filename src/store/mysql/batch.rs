@@ -31,6 +31,9 @@ pub(super) struct MysqlBatch {
     pub(super) consecutive_ids: bool,
     /// How long the lane gathers ops before a group smaller than the maximum.
     pub(super) linger: Duration,
+    /// Whether the round trip carrying the running group's `COMMIT` was sent (reset for each
+    /// run of a group): from then on a lost connection, or a panic, leaves its outcome unknown.
+    pub(super) commit_sent: Cell<bool>,
 }
 
 /// Why a group did not commit.
@@ -86,7 +89,14 @@ impl Batch for MysqlBatch {
                 },
             };
             let started = std::time::Instant::now();
-            let outcome = run_group(self.db, &mut conn, ops, self.consecutive_ids);
+            self.commit_sent.set(false);
+            let outcome = run_group(
+                self.db,
+                &mut conn,
+                ops,
+                self.consecutive_ids,
+                &self.commit_sent,
+            );
             log::trace!(
                 "group db={:02} lane={} ops={} ok={} us={}",
                 self.db,
@@ -150,6 +160,17 @@ impl Batch for MysqlBatch {
         let e = last.expect("a deadlock was recorded");
         self.fail_all(ops, &e)
     }
+
+    /// The panic unwound through `run_batch`, which had taken the connection out of the lane:
+    /// it was dropped (its `COM_QUIT` sent), so the server rolls back whatever transaction it
+    /// held open, and the next group connects again. Nothing was kept unless the round trip
+    /// carrying the commit had gone out.
+    fn kept_nothing_of_panicked_group(&mut self) -> bool {
+        // A panic after the connection was put back (none is known) must not leave a half-run
+        // transaction on the lane either.
+        self.conn = None;
+        !self.commit_sent.get()
+    }
 }
 
 impl MysqlBatch {
@@ -201,9 +222,14 @@ fn run_group(
     conn: &mut mysql::Conn,
     ops: &[&Op],
     consecutive_ids: bool,
+    commit_sent: &Cell<bool>,
 ) -> std::result::Result<Vec<Result<Reply>>, GroupError> {
-    let commit_sent = Cell::new(false);
-    match run_group_with(db, conn, ops, consecutive_ids, &commit_sent) {
+    let outcome = run_group_with(db, conn, ops, consecutive_ids, commit_sent);
+    #[cfg(test)]
+    if outcome.is_ok() {
+        tests::panic_point(tests::Stage::Committed);
+    }
+    match outcome {
         Err(GroupError::Failed(e))
             if commit_sent.get() && (server_code(&e).is_none() || cut_short(&e)) =>
         {
@@ -211,6 +237,14 @@ fn run_group(
         }
         other => other,
     }
+}
+
+/// The next round trip carries the group's `COMMIT` (a crash point for `verify`).
+fn commit_going_out(sent: &Cell<bool>) {
+    crate::crash::hit(crate::crash::Point::MidGroupCommit);
+    #[cfg(test)]
+    tests::panic_point(tests::Stage::BeforeCommit);
+    sent.set(true);
 }
 
 fn run_group_with(
@@ -325,8 +359,7 @@ fn run_mixed(
             results[i] = Some(one_op(conn, db, op)?);
         }
     }
-    crate::crash::hit(crate::crash::Point::MidGroupCommit);
-    in_tx.commit_sent.set(true);
+    commit_going_out(in_tx.commit_sent);
     conn.query_drop("COMMIT")?;
     Ok(results
         .into_iter()
@@ -577,8 +610,7 @@ fn insert_save_group(
     // Round trip 2: every row, the task ids, the frame closed (committed, as its own
     // transaction).
     if ctx.frame == sql::Frame::Transaction {
-        crate::crash::hit(crate::crash::Point::MidGroupCommit);
-        ctx.commit_sent.set(true);
+        commit_going_out(ctx.commit_sent);
     }
     let ids = sql::group_insert(
         tx,
@@ -626,8 +658,7 @@ fn deliver_all(
         if ctx.frame != sql::Frame::Transaction {
             return Ok(None);
         }
-        crate::crash::hit(crate::crash::Point::MidGroupCommit);
-        ctx.commit_sent.set(true);
+        commit_going_out(ctx.commit_sent);
         let counts = sql::group_marks(tx, ctx.nbe, &marks)?;
         return Ok(Some(
             counts.into_iter().map(|n| Ok(Reply::Count(n))).collect(),
@@ -674,8 +705,7 @@ fn deliver_all(
         }
     }
     if ctx.frame == sql::Frame::Transaction {
-        crate::crash::hit(crate::crash::Point::MidGroupCommit);
-        ctx.commit_sent.set(true);
+        commit_going_out(ctx.commit_sent);
     }
     let counts = sql::group_deliver(
         tx, ctx.nbe, ctx.frame, &firsts, &again, &complete, &marks, now_ms,
@@ -809,5 +839,209 @@ fn apply(tx: &mut mysql::Conn, db: u32, op: &Op) -> std::result::Result<Reply, O
         )?)),
         Op::Barrier => Ok(Reply::Count(0)),
         Op::Purge { before_ms } => Ok(Reply::Count(sql::purge_completed(tx, *before_ms)?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A panic inside a group, against the MariaDB/MySQL server named by
+    //! `BIG_MARKET_TEST_MYSQL` (on scratch databases, dropped after). Without the variable the
+    //! test has nothing to run against and returns at once, as the integration suites skip.
+
+    use super::*;
+    use crate::config::{Settings, StoreTarget};
+    use crate::model::AwardRecord;
+    use crate::router::{award_table, route};
+    use crate::store::mysql::scratch::Scratch;
+    use crate::store::writer::run_contained;
+    use std::sync::Arc;
+
+    /// Where a test makes the group panic, as a bug would.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub(super) enum Stage {
+        /// Its statements have run; the round trip with the `COMMIT` has not gone out.
+        BeforeCommit,
+        /// The commit was answered.
+        Committed,
+    }
+
+    thread_local! {
+        /// Panic at this stage, this many more times (on this thread only).
+        static PANIC_AT: Cell<Option<(Stage, usize)>> = const { Cell::new(None) };
+    }
+
+    pub(super) fn panic_point(stage: Stage) {
+        PANIC_AT.with(|armed| match armed.get() {
+            Some((at, left)) if at == stage => {
+                armed.set((left > 1).then_some((at, left - 1)));
+                panic!("a bug in a MySQL group (test, {stage:?})");
+            }
+            _ => {}
+        });
+    }
+
+    fn arm(stage: Stage, times: usize) {
+        PANIC_AT.with(|armed| armed.set(Some((stage, times))));
+    }
+
+    /// The save lane's batch of database 1 on fresh scratch databases, and a connection to
+    /// look at what was kept.
+    fn lane() -> Option<(Scratch, MysqlBatch, mysql::Conn)> {
+        let url = std::env::var("BIG_MARKET_TEST_MYSQL").ok()?;
+        let settings = Settings::new("unused");
+        let StoreTarget::Mysql(dbs) = StoreTarget::parse(&url, settings.layout.db_count())
+            .expect("BIG_MARKET_TEST_MYSQL is a mysql:// URL")
+        else {
+            panic!("BIG_MARKET_TEST_MYSQL is not a mysql:// URL");
+        };
+        let tag = format!("panic{}", std::process::id());
+        let scratch = Scratch::new(&dbs, &tag);
+        let mut settings = settings;
+        settings.store = scratch.target();
+        super::super::open_all(&settings, scratch.dbs(), true).unwrap_or_else(|e| {
+            panic!("BIG_MARKET_TEST_MYSQL names a server that does not answer: {e}")
+        });
+        let d = &scratch.dbs()[0];
+        let opts: mysql::Opts = super::super::conn_opts(d, true, &settings).unwrap().into();
+        let lane = MysqlBatch {
+            db: 1,
+            shown: d.shown.clone(),
+            opts: opts.clone(),
+            conn: None,
+            consecutive_ids: false,
+            linger: Duration::ZERO,
+            commit_sent: Cell::new(false),
+        };
+        let look = mysql::Conn::new(opts).unwrap();
+        Some((scratch, lane, look))
+    }
+
+    const USER: &str = "user0001";
+
+    fn table() -> String {
+        let layout = Settings::new("unused").layout;
+        award_table(route(USER, layout).table)
+    }
+
+    fn save(order: &str) -> Op {
+        Op::SaveAward {
+            table: table(),
+            record: AwardRecord::sample(USER, order, 1_000).unwrap(),
+            topic: Arc::from("send_award"),
+            owner: Arc::from("test"),
+            lease_until_ms: 2_000,
+            now_ms: 1_000,
+        }
+    }
+
+    fn deliver(saved: &Result<Reply>) -> Op {
+        let Ok(Reply::Saved(task)) = saved else {
+            panic!("expected a saved award: {saved:?}")
+        };
+        Op::Deliver {
+            msg: EventMessage::decode(task.message.as_bytes()).unwrap(),
+            table: table(),
+            now_ms: 3_000,
+        }
+    }
+
+    fn run(lane: &mut MysqlBatch, ops: &[Op]) -> Vec<Result<Reply>> {
+        let refs: Vec<&Op> = ops.iter().collect();
+        run_contained(1, lane, &refs)
+    }
+
+    /// `(order id, award state)` of every award record, and the task sequence numbers, in order.
+    fn kept(look: &mut mysql::Conn) -> (Vec<(String, String)>, Vec<u64>) {
+        let awards = look
+            .query(format!(
+                "SELECT order_id, award_state FROM {} ORDER BY order_id",
+                table()
+            ))
+            .unwrap();
+        let seqs = look.query("SELECT seq FROM task ORDER BY seq").unwrap();
+        (awards, seqs)
+    }
+
+    fn award(order: &str, state: &str) -> (String, String) {
+        (order.to_string(), state.to_string())
+    }
+
+    #[test]
+    fn a_group_that_panics_before_its_commit_went_out_keeps_nothing_and_its_ops_run_again_alone() {
+        let Some((_scratch, mut lane, mut look)) = lane() else {
+            eprintln!("BIG_MARKET_TEST_MYSQL is unset: nothing to run against");
+            return;
+        };
+
+        // Three saves; the group panics after its sequence numbers were taken (the counter
+        // row locked, in a transaction still open), before the commit. Each save then runs
+        // alone, on a new connection, and is kept once, with no sequence number lost.
+        arm(Stage::BeforeCommit, 1);
+        let saved = run(&mut lane, &[save("o1"), save("o2"), save("o3")]);
+        assert!(
+            saved.iter().all(|r| matches!(r, Ok(Reply::Saved(_)))),
+            "each save, run again alone, is saved: {saved:?}"
+        );
+        let (awards, seqs) = kept(&mut look);
+        assert_eq!(
+            awards,
+            [
+                award("o1", "create"),
+                award("o2", "create"),
+                award("o3", "create")
+            ]
+        );
+        assert_eq!(
+            seqs,
+            [1, 2, 3],
+            "gap-free: the panicked group's numbers were not kept"
+        );
+
+        // A delivery that fails on the bug every time is refused as unprocessable (the
+        // consumer dead-letters it) and nothing of it is kept; the save beside it is kept.
+        arm(Stage::BeforeCommit, 2);
+        let results = run(&mut lane, &[deliver(&saved[0]), save("o4")]);
+        assert!(
+            matches!(&results[0], Err(Error::Poison(_))),
+            "the delivery that panics alone too: {:?}",
+            results[0]
+        );
+        assert!(
+            matches!(&results[1], Ok(Reply::Saved(_))),
+            "{:?}",
+            results[1]
+        );
+        let (awards, seqs) = kept(&mut look);
+        assert_eq!(
+            awards[0],
+            award("o1", "create"),
+            "the delivery kept nothing"
+        );
+        assert_eq!(awards.len(), 4);
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        let logged: Option<u64> = look.query_first("SELECT COUNT(*) FROM delivery").unwrap();
+        assert_eq!(logged, Some(0), "no delivery log row");
+
+        // A panic after the commit was answered: the group was kept, and its ops hear
+        // "outcome unknown" (a retry with the same order id is then refused as a duplicate).
+        arm(Stage::Committed, 1);
+        let results = run(&mut lane, &[save("o5"), save("o6")]);
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(Error::OutcomeUnknown { .. }))),
+            "{results:?}"
+        );
+        let (awards, seqs) = kept(&mut look);
+        assert_eq!(awards.len(), 6, "the group was committed: {awards:?}");
+        assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
+
+        // The lane goes on.
+        let results = run(&mut lane, &[deliver(&saved[1])]);
+        assert!(
+            matches!(&results[0], Ok(Reply::Delivered(Delivered::First))),
+            "{results:?}"
+        );
+        assert_eq!(kept(&mut look).0[1], award("o2", "completed"));
     }
 }

@@ -388,6 +388,7 @@ fn open_one(settings: &Settings, db: u32, d: &MysqlDatabase, plan: Plan) -> Resu
             conn: Some(conn),
             consecutive_ids,
             linger: if lane == 0 { Duration::ZERO } else { LINGER },
+            commit_sent: std::cell::Cell::new(false),
         }));
     }
     Ok(Opened {

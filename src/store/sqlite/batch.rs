@@ -30,7 +30,7 @@ where
 
     /// Nothing runs after the commit that could panic; a panic before it drops the transaction,
     /// which rolls back (and a rollback that failed is ended before the next group).
-    fn rolls_back_on_panic(&self) -> bool {
+    fn kept_nothing_of_panicked_group(&mut self) -> bool {
         true
     }
 }
