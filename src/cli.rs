@@ -61,7 +61,7 @@ fn count<T: TryFrom<u64>, const MAX: u64>(s: &str) -> std::result::Result<T, Str
 /// big-market: write award records and their outbox tasks atomically on SQLite or MySQL shards, and
 /// deliver them through RabbitMQ or an in-process queue, losing nothing.
 #[derive(Debug, Parser)]
-#[command(name = "big-market", version, about, long_about = None, after_help = "Exit codes: 0 success, 1 failure, 2 bad input or settings, 3 duplicate order id.\nLogs go to stderr; set RUST_LOG (error, warn, info, debug, trace) to change how much.")]
+#[command(name = "big-market", version, about, long_about = None, after_help = "Exit codes: 0 success, 1 failure, 2 bad input or settings, 3 duplicate order id, 4 outcome unknown (MySQL: retry with the same order id).\nLogs go to stderr; set RUST_LOG (error, warn, info, debug, trace) to change how much.")]
 pub struct Cli {
     #[command(flatten)]
     global: GlobalArgs,
@@ -128,8 +128,8 @@ struct GlobalArgs {
     /// A task whose publish has not completed this long after it was claimed is sent again.
     #[arg(long, env = "BIG_MARKET_STALE_AFTER", default_value = "60s", value_parser = duration, global = true)]
     stale_after: Duration,
-    /// The deadline of one publish batch; the lease (--stale-after) must outlast it by half
-    /// again. Unset: a third of --stale-after, at most 15s.
+    /// The deadline of one publish batch; the lease (--stale-after) must be at least 2.5 times
+    /// it. Unset: a third of --stale-after, at most 15s.
     #[arg(long, env = "BIG_MARKET_PUBLISH_TIMEOUT", value_parser = duration, global = true)]
     publish_timeout: Option<Duration>,
     /// MySQL store: the deadline of every round trip to the server (each connection's read and
@@ -211,7 +211,8 @@ enum Command {
         /// Serve an address other than loopback without a token (otherwise refused at start).
         #[arg(long)]
         http_insecure: bool,
-        /// Open HTTP connections at most; one more is answered 503 and closed.
+        /// Open HTTP connections at most; past it a new one replaces the connection idle the
+        /// longest, and is answered 503 and closed only when every one has a request in hand.
         #[arg(long, env = "BIG_MARKET_HTTP_MAX_CONNECTIONS", default_value_t = 256,
               value_parser = count::<u32, 65_536>)]
         http_max_connections: u32,

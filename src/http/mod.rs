@@ -39,7 +39,8 @@ pub struct HttpLimits {
     pub max_body: usize,
     /// Largest request head, request line and headers (bytes); a bigger one gets 431.
     pub max_head: usize,
-    /// Open connections at most; one more is answered 503 and closed.
+    /// Open connections at most; past it a new one replaces the connection idle the longest,
+    /// and is answered 503 and closed only when every one has a request in hand.
     pub max_connections: usize,
     /// Handlers touching the shards at once (the blocking pool's permits).
     pub workers: usize,
