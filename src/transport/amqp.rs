@@ -1706,6 +1706,130 @@ impl ConsumerHandle for AmqpConsumer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::{Outgoing, Transport};
+    use crate::util::wait_until;
+
+    /// A transport on the broker named by `BIG_MARKET_TEST_AMQP`, on a queue of its own
+    /// (deleted on drop), with a 300 ms publish deadline; `None` without the variable, as the
+    /// integration suites skip. Panics when the variable names a broker that does not answer.
+    struct OnBroker(Amqp);
+
+    impl OnBroker {
+        fn start(name: &str) -> Option<OnBroker> {
+            let url = std::env::var("BIG_MARKET_TEST_AMQP").ok()?;
+            let url = AmqpUrl::parse(&url).expect("BIG_MARKET_TEST_AMQP is an amqp:// URL");
+            let mut settings = Settings::new("unused");
+            settings.topic = format!("bm_unit_{name}_{}", std::process::id());
+            settings.publish_deadline = Some(Duration::from_millis(300));
+            settings.stale_after = Duration::from_secs(2);
+            let amqp = Amqp::connect(&url, &settings).expect("connect");
+            assert!(
+                wait_until(Duration::from_secs(20), || amqp.is_connected()),
+                "BIG_MARKET_TEST_AMQP names a broker that does not answer"
+            );
+            Some(OnBroker(amqp))
+        }
+
+        fn link(&self) -> Link {
+            self.0.inner.publish_link().expect("a publishing link")
+        }
+
+        /// Wait (bounded) until the link has every channel free, `parked` set aside.
+        fn whole(&self, parked: usize) -> bool {
+            let total = self.0.inner.publish_channels;
+            wait_until(Duration::from_secs(20), || {
+                self.0.publishing_channels() == Some((total, total, parked))
+            })
+        }
+    }
+
+    impl Drop for OnBroker {
+        fn drop(&mut self) {
+            let _ = self.0.delete_queue();
+        }
+    }
+
+    fn batch(n: usize) -> Vec<Outgoing> {
+        (0..n)
+            .map(|i| Outgoing {
+                message_id: format!("unit{i}"),
+                body: "{}".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_that_finds_every_channel_lent_within_its_deadline_is_unavailable_and_sends_nothing()
+    {
+        let Some(b) = OnBroker::start("lent") else {
+            eprintln!("BIG_MARKET_TEST_AMQP is unset: nothing to run against");
+            return;
+        };
+        let (link, total) = (b.link(), b.0.inner.publish_channels);
+        let mut lent: Vec<Lent> = async_global_executor::block_on(async {
+            let mut all = Vec::new();
+            for _ in 0..total {
+                all.push(link.pool.lend().await.expect("a channel"));
+            }
+            all
+        });
+        assert_eq!(b.0.publishing_channels(), Some((0, total, 0)));
+        let started = std::time::Instant::now();
+        let results = b.0.publish_batch(&batch(3), &|| true);
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(PublishFailure::Unavailable(w))
+                if w.contains("no publishing channel free"))),
+            "{results:?}"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "it waited its deadline for a channel"
+        );
+        // Given back settled, every channel is free again, none set aside; the next batch is
+        // sent.
+        for l in &mut lent {
+            l.settled = true;
+        }
+        drop(lent);
+        assert_eq!(b.0.publishing_channels(), Some((total, total, 0)));
+        let results = b.0.publish_batch(&batch(3), &|| true);
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+    }
+
+    #[test]
+    fn past_the_most_channels_set_aside_the_publishing_link_is_replaced() {
+        let Some(b) = OnBroker::start("parked") else {
+            eprintln!("BIG_MARKET_TEST_AMQP is unset: nothing to run against");
+            return;
+        };
+        let first = b.link();
+        // Each channel given back unsettled (a batch that gave up with confirms outstanding)
+        // is set aside and a fresh one takes its place, on the same link, up to PARKED_MAX.
+        for n in 1..=PARKED_MAX {
+            let lent = async_global_executor::block_on(first.pool.lend()).expect("a channel");
+            drop(lent);
+            assert!(b.whole(n), "{n} set aside: {:?}", b.0.publishing_channels());
+        }
+        assert!(
+            Arc::ptr_eq(&first.conn, &b.link().conn),
+            "still the first link"
+        );
+        // One more and the link is replaced: a new connection, its pool whole, none aside.
+        drop(async_global_executor::block_on(first.pool.lend()).expect("a channel"));
+        assert!(
+            wait_until(Duration::from_secs(30), || b
+                .0
+                .inner
+                .publish_link()
+                .is_some_and(|l| !Arc::ptr_eq(&first.conn, &l.conn))),
+            "the link was replaced"
+        );
+        assert!(b.whole(0), "{:?}", b.0.publishing_channels());
+        let results = b.0.publish_batch(&batch(2), &|| true);
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+    }
 
     fn returned(id: Option<&str>) -> Heard {
         Heard::Returned {
