@@ -528,6 +528,70 @@ mod tests {
     }
 
     #[test]
+    fn a_write_that_finds_the_queue_full_waits_for_room_and_past_its_deadline_nothing_of_it_is_queued(
+    ) {
+        let entered = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(Mutex::new(false));
+        let deadline = Duration::from_millis(300);
+        let w = Arc::new(
+            Writer::spawn(
+                1,
+                "test-shard",
+                vec![Box::new(Gated {
+                    entered: entered.clone(),
+                    open: open.clone(),
+                    ran: Arc::new(AtomicUsize::new(0)),
+                    panic_first: false,
+                })],
+                |_| 0,
+                Some(deadline),
+                1,
+                Arc::new(Handoff::new(16)),
+            )
+            .unwrap(),
+        );
+        // Whatever the outcome, the gate opens when the test ends, so that a failed assertion
+        // does not leave the writer waiting at it with thousands of writes queued.
+        struct OpenOnDrop(Arc<Mutex<bool>>);
+        impl Drop for OpenOnDrop {
+            fn drop(&mut self) {
+                *self.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            }
+        }
+        let _open = OpenOnDrop(open.clone());
+        // One write in a group held at the gate, then the queue filled behind it.
+        assert!(w.send_detached(Op::Barrier).is_ok());
+        assert!(crate::util::wait_until(Duration::from_secs(10), || entered
+            .load(Ordering::SeqCst)
+            == 1));
+        for _ in 0..WRITER_QUEUE {
+            assert!(w.send_detached(Op::Barrier).is_ok(), "room in the queue");
+        }
+        // One more waits for room, and past its deadline is refused, not queued.
+        let started = Instant::now();
+        let refused = w.send_detached(Op::Barrier);
+        assert!(
+            matches!(&refused, Err(Error::Storage { context, .. }) if context.contains("nothing of this write was kept")),
+            "{refused:?}"
+        );
+        assert!(started.elapsed() >= deadline, "it waited for room");
+        assert_eq!(
+            w.lanes[0].tx.as_ref().map(|tx| tx.len()),
+            Some(WRITER_QUEUE)
+        );
+        *open.lock().unwrap() = true;
+        assert!(crate::util::wait_until(Duration::from_secs(30), || entered
+            .load(Ordering::SeqCst)
+            == WRITER_QUEUE + 1));
+        assert!(matches!(w.call(Op::Barrier), Ok(Reply::Count(0))));
+        assert_eq!(
+            entered.load(Ordering::SeqCst),
+            WRITER_QUEUE + 2,
+            "the refused write never ran"
+        );
+    }
+
+    #[test]
     fn a_group_that_panics_is_outcome_unknown_and_the_writer_serves_the_ops_behind_it() {
         let entered = Arc::new(AtomicUsize::new(0));
         let open = Arc::new(Mutex::new(false));

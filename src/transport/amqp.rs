@@ -1710,24 +1710,43 @@ mod tests {
     use crate::util::wait_until;
 
     /// A transport on the broker named by `BIG_MARKET_TEST_AMQP`, on a queue of its own
-    /// (deleted on drop), with a 300 ms publish deadline; `None` without the variable, as the
-    /// integration suites skip. Panics when the variable names a broker that does not answer.
-    struct OnBroker(Amqp);
+    /// (deleted on drop), with a publish deadline of [`DEADLINE`]; `None` without the variable,
+    /// as the integration suites skip. Panics when the variable names a broker that does not
+    /// answer.
+    struct OnBroker(Arc<Amqp>);
+
+    const DEADLINE: Duration = Duration::from_secs(1);
 
     impl OnBroker {
         fn start(name: &str) -> Option<OnBroker> {
             let url = std::env::var("BIG_MARKET_TEST_AMQP").ok()?;
             let url = AmqpUrl::parse(&url).expect("BIG_MARKET_TEST_AMQP is an amqp:// URL");
             let mut settings = Settings::new("unused");
-            settings.topic = format!("bm_unit_{name}_{}", std::process::id());
-            settings.publish_deadline = Some(Duration::from_millis(300));
-            settings.stale_after = Duration::from_secs(2);
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .subsec_nanos();
+            settings.topic = format!("bm_unit_{name}_{}_{nanos}", std::process::id());
+            settings.publish_deadline = Some(DEADLINE);
+            settings.stale_after = DEADLINE * 3;
             let amqp = Amqp::connect(&url, &settings).expect("connect");
             assert!(
                 wait_until(Duration::from_secs(20), || amqp.is_connected()),
                 "BIG_MARKET_TEST_AMQP names a broker that does not answer"
             );
-            Some(OnBroker(amqp))
+            Some(OnBroker(Arc::new(amqp)))
+        }
+
+        /// `publish_batch`, failing the test if it has not returned within its deadline and
+        /// five seconds (rather than hanging the suite).
+        fn publish(&self, n: usize) -> Vec<std::result::Result<(), PublishFailure>> {
+            let (amqp, (tx, rx)) = (self.0.clone(), crossbeam_channel::bounded(1));
+            crate::util::spawn("unit-publish", move || {
+                let _ = tx.send(amqp.publish_batch(&batch(n), &|| true));
+            })
+            .unwrap();
+            rx.recv_timeout(DEADLINE + Duration::from_secs(5))
+                .expect("publish_batch returned within its deadline")
         }
 
         fn link(&self) -> Link {
@@ -1775,7 +1794,7 @@ mod tests {
         });
         assert_eq!(b.0.publishing_channels(), Some((0, total, 0)));
         let started = std::time::Instant::now();
-        let results = b.0.publish_batch(&batch(3), &|| true);
+        let results = b.publish(3);
         assert!(
             results
                 .iter()
@@ -1784,7 +1803,7 @@ mod tests {
             "{results:?}"
         );
         assert!(
-            started.elapsed() >= Duration::from_millis(300),
+            started.elapsed() >= DEADLINE,
             "it waited its deadline for a channel"
         );
         // Given back settled, every channel is free again, none set aside; the next batch is
@@ -1794,7 +1813,7 @@ mod tests {
         }
         drop(lent);
         assert_eq!(b.0.publishing_channels(), Some((total, total, 0)));
-        let results = b.0.publish_batch(&batch(3), &|| true);
+        let results = b.publish(3);
         assert!(results.iter().all(Result::is_ok), "{results:?}");
     }
 
@@ -1827,7 +1846,7 @@ mod tests {
             "the link was replaced"
         );
         assert!(b.whole(0), "{:?}", b.0.publishing_channels());
-        let results = b.0.publish_batch(&batch(2), &|| true);
+        let results = b.publish(2);
         assert!(results.iter().all(Result::is_ok), "{results:?}");
     }
 

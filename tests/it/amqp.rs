@@ -81,12 +81,12 @@ fn awards_are_published_to_rabbitmq_and_delivered_end_to_end() {
 fn a_task_is_completed_only_once_the_broker_holds_a_persistent_copy() {
     let _g = serial();
     let Some(t) = TestStore::amqp() else { return };
-    let topic = t.settings.topic.clone();
+    let (url, topic) = (t.amqp_url().to_string(), t.settings.topic.clone());
     let app = t.start_amqp(PUBLISH_ONLY);
     // First the queue refuses every message (a policy of length 0 with reject-publish): the
     // broker takes each publish and answers it with a nack. A task marked completed once its
     // message was handed over, or on any answer, would count these five as sent.
-    let refusing = RefusingPolicy::set(&topic);
+    let refusing = RefusingPolicy::set(&url, &topic);
     for i in 0..5 {
         app.save("xiaofuge", &format!("9000000001{i:02}"));
     }
@@ -122,20 +122,34 @@ fn a_task_is_completed_only_once_the_broker_holds_a_persistent_copy() {
 
 /// A RabbitMQ policy that makes the queue `name` refuse every publish (a nack for each),
 /// applied before `set` returns and cleared on drop, whatever the test's outcome.
-struct RefusingPolicy(String);
+struct RefusingPolicy {
+    name: String,
+    vhost: String,
+}
 
 impl RefusingPolicy {
-    fn set(queue: &str) -> RefusingPolicy {
-        let policy = RefusingPolicy(format!("refuse-{queue}"));
+    /// On the virtual host of `url` (its path, percent-decoded).
+    fn set(url: &str, queue: &str) -> RefusingPolicy {
+        let vhost = url.rsplit('/').next().unwrap_or_default();
+        let vhost = match vhost {
+            "" => "/".to_string(),
+            v => v.replace("%2f", "/").replace("%2F", "/"),
+        };
+        let policy = RefusingPolicy {
+            name: format!("refuse-{queue}"),
+            vhost,
+        };
         assert!(
             std::process::Command::new("rabbitmqctl")
                 .args([
                     "set_policy",
+                    "-p",
+                    &policy.vhost,
                     "--apply-to",
                     "queues",
                     "--priority",
                     "100",
-                    &policy.0,
+                    &policy.name,
                     &format!("^{queue}$"),
                     r#"{"max-length":0,"overflow":"reject-publish"}"#,
                 ])
@@ -147,19 +161,19 @@ impl RefusingPolicy {
         );
         let applied = || {
             std::process::Command::new("rabbitmqctl")
-                .args(["-q", "list_queues", "name", "policy"])
+                .args(["-q", "list_queues", "-p", &policy.vhost, "name", "policy"])
                 .output()
                 .is_ok_and(|out| {
                     String::from_utf8_lossy(&out.stdout).lines().any(|l| {
                         let f: Vec<&str> = l.split_whitespace().collect();
-                        f.len() == 2 && f[0] == queue && f[1] == policy.0
+                        f.len() == 2 && f[0] == queue && f[1] == policy.name
                     })
                 })
         };
         assert!(
             wait_until(Duration::from_secs(20), applied),
             "the policy {} is on queue {queue}",
-            policy.0
+            policy.name
         );
         policy
     }
@@ -167,9 +181,13 @@ impl RefusingPolicy {
 
 impl Drop for RefusingPolicy {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["clear_policy", &self.0])
-            .output();
+        let cleared = std::process::Command::new("rabbitmqctl")
+            .args(["clear_policy", "-p", &self.vhost, &self.name])
+            .output()
+            .is_ok_and(|out| out.status.success());
+        if !std::thread::panicking() {
+            assert!(cleared, "the policy {} could not be cleared", self.name);
+        }
     }
 }
 

@@ -866,22 +866,28 @@ mod tests {
     }
 
     thread_local! {
-        /// Panic at this stage, this many more times (on this thread only).
-        static PANIC_AT: Cell<Option<(Stage, usize)>> = const { Cell::new(None) };
+        /// The stages at which to panic next, in order (on this thread only): a stage reached
+        /// while it is first in line panics and leaves the line.
+        static PANIC_AT: std::cell::RefCell<std::collections::VecDeque<Stage>> =
+            const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
     }
 
     pub(super) fn panic_point(stage: Stage) {
-        PANIC_AT.with(|armed| match armed.get() {
-            Some((at, left)) if at == stage => {
-                armed.set((left > 1).then_some((at, left - 1)));
-                panic!("a bug in a MySQL group (test, {stage:?})");
+        let hit = PANIC_AT.with(|line| {
+            let mut line = line.borrow_mut();
+            let first = line.front() == Some(&stage);
+            if first {
+                line.pop_front();
             }
-            _ => {}
+            first
         });
+        if hit {
+            panic!("a bug in a MySQL group (test, {stage:?})");
+        }
     }
 
-    fn arm(stage: Stage, times: usize) {
-        PANIC_AT.with(|armed| armed.set(Some((stage, times))));
+    fn arm(stages: &[Stage]) {
+        PANIC_AT.with(|line| *line.borrow_mut() = stages.iter().copied().collect());
     }
 
     /// The save lane's batch of database 1 on fresh scratch databases, and a connection to
@@ -976,7 +982,7 @@ mod tests {
         // Three saves; the group panics after its sequence numbers were taken (the counter
         // row locked, in a transaction still open), before the commit. Each save then runs
         // alone, on a new connection, and is kept once, with no sequence number lost.
-        arm(Stage::BeforeCommit, 1);
+        arm(&[Stage::BeforeCommit]);
         let saved = run(&mut lane, &[save("o1"), save("o2"), save("o3")]);
         assert!(
             saved.iter().all(|r| matches!(r, Ok(Reply::Saved(_)))),
@@ -999,7 +1005,7 @@ mod tests {
 
         // A delivery that fails on the bug every time is refused as unprocessable (the
         // consumer dead-letters it) and nothing of it is kept; the save beside it is kept.
-        arm(Stage::BeforeCommit, 2);
+        arm(&[Stage::BeforeCommit, Stage::BeforeCommit]);
         let results = run(&mut lane, &[deliver(&saved[0]), save("o4")]);
         assert!(
             matches!(&results[0], Err(Error::Poison(_))),
@@ -1024,7 +1030,7 @@ mod tests {
 
         // A panic after the commit was answered: the group was kept, and its ops hear
         // "outcome unknown" (a retry with the same order id is then refused as a duplicate).
-        arm(Stage::Committed, 1);
+        arm(&[Stage::Committed]);
         let results = run(&mut lane, &[save("o5"), save("o6")]);
         assert!(
             results
@@ -1035,6 +1041,24 @@ mod tests {
         let (awards, seqs) = kept(&mut look);
         assert_eq!(awards.len(), 6, "the group was committed: {awards:?}");
         assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
+
+        // The group panics before its commit, and the first op, run again alone, panics
+        // after its own commit: that op's outcome is unknown (it was kept), the other's saved.
+        arm(&[Stage::BeforeCommit, Stage::Committed]);
+        let results = run(&mut lane, &[save("o7"), save("o8")]);
+        assert!(
+            matches!(&results[0], Err(Error::OutcomeUnknown { .. })),
+            "{:?}",
+            results[0]
+        );
+        assert!(
+            matches!(&results[1], Ok(Reply::Saved(_))),
+            "{:?}",
+            results[1]
+        );
+        let (awards, seqs) = kept(&mut look);
+        assert_eq!(awards[6..], [award("o7", "create"), award("o8", "create")]);
+        assert_eq!(seqs, [1, 2, 3, 4, 5, 6, 7, 8]);
 
         // The lane goes on.
         let results = run(&mut lane, &[deliver(&saved[1])]);

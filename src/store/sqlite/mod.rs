@@ -278,6 +278,27 @@ mod tests {
     use crate::router::award_table;
 
     #[test]
+    fn every_shard_connection_runs_wal_with_a_full_sync_and_a_checkpoint_every_10000_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("s.db")).unwrap();
+        configure(&conn, Duration::from_secs(1)).unwrap();
+        let pragma = |name: &str| -> String {
+            conn.query_row(&format!("PRAGMA {name}"), [], |r| {
+                r.get::<_, rusqlite::types::Value>(0)
+            })
+            .map(|v| match v {
+                rusqlite::types::Value::Integer(i) => i.to_string(),
+                rusqlite::types::Value::Text(t) => t,
+                other => format!("{other:?}"),
+            })
+            .unwrap()
+        };
+        assert_eq!(pragma("journal_mode"), "wal");
+        assert_eq!(pragma("synchronous"), "2", "FULL");
+        assert_eq!(pragma("wal_autocheckpoint"), "10000");
+    }
+
+    #[test]
     fn schema_applies_to_a_fresh_file_with_every_split_table() {
         let dir = tempfile::tempdir().unwrap();
         let conn = Connection::open(dir.path().join("s.db")).unwrap();
