@@ -134,6 +134,58 @@ fn two_serve_processes_on_one_backlog_send_each_message_once(kind: Kind) {
     shard_invariants(&t);
 }
 
+/// Two processes saving on the same shards at the same moment: each shard's sequence numbers
+/// stay gap-free and unique (the counter is taken inside each saving transaction), so the audit
+/// keeps its proof.
+fn two_load_processes_saving_on_the_same_shards_at_once_keep_every_sequence_gap_free(kind: Kind) {
+    let t = TestStore::new(kind);
+    t.init();
+    // Each on a topic of its own, so that its tasks can be told apart.
+    let load = |topic: &str| {
+        t.bin()
+            .args([
+                "--topic",
+                topic,
+                "load",
+                "--records",
+                "3000",
+                "--threads",
+                "8",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (load("send_award_a"), load("send_award_b"));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(
+        a.status.success() && b.status.success(),
+        "both loads exit 0: {:?} {:?}",
+        a.status,
+        b.status
+    );
+    assert_eq!(t.totals(), Totals::done(6000));
+    shard_invariants(&t);
+    // They did save at once: on each shard, the two topics' sequence numbers interleave.
+    for db in 1..=t.settings.layout.db_count() {
+        let switches = t.count(
+            db,
+            "SELECT COUNT(*) FROM task a JOIN task b ON b.seq = a.seq + 1 WHERE a.topic <> b.topic",
+        );
+        assert!(
+            switches > 1,
+            "shard {db}: the loads did not overlap ({switches})"
+        );
+    }
+    let audit = t.bin().arg("audit").output().unwrap();
+    assert!(
+        audit.status.success(),
+        "audit: {}",
+        String::from_utf8_lossy(&audit.stdout)
+    );
+}
+
 #[test]
 fn a_malformed_task_row_ends_dead_without_stopping_the_rest_and_requeue_brings_it_back() {
     let t = backlog(TestStore::new(Kind::Sqlite), 20);
@@ -493,5 +545,6 @@ fn the_consumer_holds_back_while_the_store_fails_and_resumes_once_it_writes_agai
 crate::on_both_backends!(
     sigkill_in_the_middle_of_load_then_serve_delivers_everything_exactly_once,
     two_serve_processes_on_one_backlog_send_each_message_once,
+    two_load_processes_saving_on_the_same_shards_at_once_keep_every_sequence_gap_free,
     audit_passes_a_clean_data_dir_and_catches_a_lost_delivery_and_a_half_written_award,
 );
