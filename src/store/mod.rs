@@ -727,7 +727,15 @@ impl Store {
                 }
             }
         }
-        first_err.map_or(Ok(total), Err)
+        match first_err {
+            None => Ok(total),
+            Some(e) => {
+                if total > 0 {
+                    log::info!("compacted {total} completed tasks on the shards that answered");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Return once every write queued before it, on every shard and lane (detached ones too),

@@ -648,6 +648,38 @@ mod tests {
         assert_eq!(entered.load(Ordering::SeqCst), 3, "three groups ran");
     }
 
+    /// A backend that answers `extra` more results than ops (or fewer, when negative).
+    struct Miscounts {
+        extra: isize,
+    }
+
+    impl Batch for Miscounts {
+        fn run_batch(&mut self, ops: &[&Op]) -> Vec<Result<Reply>> {
+            let n = (ops.len() as isize + self.extra).max(0) as usize;
+            (0..n).map(|i| Ok(Reply::Count(i))).collect()
+        }
+    }
+
+    #[test]
+    fn a_backend_that_miscounts_its_results_gets_extras_dropped_and_the_missing_unknown() {
+        let ops = [&Op::Barrier, &Op::Barrier, &Op::Barrier];
+        let r = run_contained(1, &mut Miscounts { extra: 2 }, &ops);
+        assert_eq!(r.len(), 3, "one result per op");
+        assert!(r
+            .iter()
+            .enumerate()
+            .all(|(i, r)| matches!(r, Ok(Reply::Count(n)) if *n == i)));
+        let r = run_contained(1, &mut Miscounts { extra: -2 }, &ops);
+        assert_eq!(r.len(), 3, "one result per op");
+        assert!(matches!(r[0], Ok(Reply::Count(0))));
+        assert!(
+            r[1..]
+                .iter()
+                .all(|r| matches!(r, Err(Error::OutcomeUnknown { .. }))),
+            "{r:?}"
+        );
+    }
+
     /// A backend that panics on any group holding a delivery or a purge before time -1, and
     /// runs every other group; `rolls_back` says whether a panic kept nothing.
     struct PanicsOn {
