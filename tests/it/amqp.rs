@@ -721,18 +721,6 @@ fn a_publisher_block_longer_than_the_lease_with_two_serves_delivers_every_award_
     }
 }
 
-/// A child process killed when the test ends, whatever happened.
-pub struct KillOnDrop(pub std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 #[test]
 fn a_dead_letter_queue_that_refuses_publishes_slows_the_consumer_to_a_backoff_and_sigterm_stops_it()
 {

@@ -176,30 +176,6 @@ fn a_broker_that_accepts_and_never_speaks_costs_no_thread_or_socket_per_retry() 
     );
 }
 
-fn sigterm(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let mut exit = None;
-    wait_until(Duration::from_secs(60), || {
-        exit = child.try_wait().unwrap();
-        exit.is_some()
-    });
-    exit
-}
-
-/// A child process killed when the test ends, whatever happened.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 /// Two processes scan the same shards with a lease of a second, and a transport slowed so that
 /// the scanner's pool jobs wait in its queue past their lease. Each records when each message's
 /// publish started and ended: no message is ever in flight in both at once.

@@ -1069,3 +1069,31 @@ impl Drop for Proxy {
         }
     }
 }
+
+/// A child process killed when the test ends, whatever happened.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Send `child` SIGTERM (asserting that `kill` succeeded) and wait at most 60 s for it to exit;
+/// `None` if it is still running then (a `KillOnDrop` around it, or the caller, ends it).
+pub fn sigterm(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -TERM {} failed", child.id());
+    let mut exit = None;
+    wait_until(Duration::from_secs(60), || {
+        exit = child.try_wait().unwrap();
+        exit.is_some()
+    });
+    exit
+}
