@@ -731,7 +731,7 @@ impl Store {
             None => Ok(total),
             Some(e) => {
                 if total > 0 {
-                    log::info!("compacted {total} completed tasks on the shards that answered");
+                    log::info!("compacted {total} completed tasks before a shard failed");
                 }
                 Err(e)
             }

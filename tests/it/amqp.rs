@@ -130,8 +130,10 @@ struct RefusingPolicy {
 impl RefusingPolicy {
     /// On the virtual host of `url` (its path, percent-decoded).
     fn set(url: &str, queue: &str) -> RefusingPolicy {
-        let vhost = url.rsplit('/').next().unwrap_or_default();
-        let vhost = match vhost {
+        // amqp://user:pass@host:port/vhost?query: the path after the authority, "/" if none.
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let path = rest.split_once('/').map_or("", |(_, p)| p);
+        let vhost = match path.split('?').next().unwrap_or_default() {
             "" => "/".to_string(),
             v => v.replace("%2f", "/").replace("%2F", "/"),
         };

@@ -32,6 +32,15 @@ fn shard_invariants(t: &TestStore) {
             "shard {db}: sequence has no gaps"
         );
         assert_eq!(
+            t.count(c, "SELECT COUNT(DISTINCT seq) FROM task"),
+            tasks,
+            "shard {db}: no sequence number twice"
+        );
+        assert!(
+            tasks == 0 || t.count(c, "SELECT MIN(seq) FROM task") == 1,
+            "shard {db}: the sequence starts at 1"
+        );
+        assert_eq!(
             t.count(c, "SELECT COUNT(*) FROM delivery"),
             tasks,
             "shard {db}: one delivery per task"
@@ -42,21 +51,22 @@ fn shard_invariants(t: &TestStore) {
 fn sigkill_in_the_middle_of_load_then_serve_delivers_everything_exactly_once(kind: Kind) {
     let t = TestStore::new(kind);
     t.init();
-    let mut load = t
-        .bin()
-        .args([
-            "--stale-after",
-            "1s",
-            "load",
-            "--records",
-            "200000",
-            "--threads",
-            "8",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut load = KillOnDrop(
+        t.bin()
+            .args([
+                "--stale-after",
+                "1s",
+                "load",
+                "--records",
+                "200000",
+                "--threads",
+                "8",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     // Kill it once a few thousand awards are committed.
     let committed = || {
         t.ready()
@@ -68,8 +78,8 @@ fn sigkill_in_the_middle_of_load_then_serve_delivers_everything_exactly_once(kin
         wait_until(Duration::from_secs(60), committed),
         "load did not commit 3000 awards in 60 s"
     );
-    load.kill().unwrap();
-    load.wait().unwrap();
+    load.0.kill().unwrap();
+    load.0.wait().unwrap();
     assert!(t.totals().awards < 200_000, "killed mid-load");
 
     let mut serve = KillOnDrop(
@@ -144,18 +154,22 @@ fn two_load_processes_saving_on_the_same_shards_at_once_keep_every_sequence_gap_
                 "--threads",
                 "2",
             ])
-            .stdout(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap()
     };
-    let (a, b) = (load("send_award_a"), load("send_award_b"));
-    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let mut a = KillOnDrop(load("send_award_a"));
+    let mut b = KillOnDrop(load("send_award_b"));
+    let (mut ea, mut eb) = (None, None);
+    wait_until(Duration::from_secs(120), || {
+        ea = ea.or_else(|| a.0.try_wait().unwrap());
+        eb = eb.or_else(|| b.0.try_wait().unwrap());
+        ea.is_some() && eb.is_some()
+    });
     assert!(
-        a.status.success() && b.status.success(),
-        "both loads exit 0: {:?} {:?}",
-        a.status,
-        b.status
+        ea.is_some_and(|e| e.success()) && eb.is_some_and(|e| e.success()),
+        "both loads exit 0 within 120 s: {ea:?} {eb:?}"
     );
     assert_eq!(t.totals(), Totals::done(4000));
     shard_invariants(&t);

@@ -278,9 +278,13 @@ mod tests {
     use crate::router::award_table;
 
     #[test]
-    fn every_shard_connection_runs_wal_with_a_full_sync_and_a_checkpoint_every_10000_pages() {
+    fn configure_sets_wal_a_full_sync_and_a_checkpoint_every_10000_pages() {
         let dir = tempfile::tempdir().unwrap();
         let conn = Connection::open(dir.path().join("s.db")).unwrap();
+        // Away from every value `configure` sets (the bundled SQLite's defaults are FULL and
+        // 1,000 already), so that each assertion below holds only if `configure` set it.
+        conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA wal_autocheckpoint = 1;")
+            .unwrap();
         configure(&conn, Duration::from_secs(1)).unwrap();
         let pragma = |name: &str| -> String {
             conn.query_row(&format!("PRAGMA {name}"), [], |r| {
