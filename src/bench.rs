@@ -7,6 +7,9 @@
 //! - `sqlite_e2e_limit`: every statement the embedded pipeline runs for an award (award and task
 //!   insert, delivery log, award completion, task completion), 1,000 awards per transaction, one
 //!   thread per shard: the ceiling of a pipeline that must also deliver.
+//! - `sqlite_group_limit`: the same statements in transactions of `threads / shards` awards, the
+//!   largest group that callers with one award each in flight can form (every statement of an
+//!   award in one transaction, where the pipeline commits its save before anything else).
 //! - `broker_limit`: persistent publishes/s of same-sized messages with pipelined confirms
 //!   (only with an AMQP URL; the in-process transport has no broker ceiling).
 //! - `broker_e2e_limit`: the same publishes while a consumer with manual acks drains the queue,
@@ -96,6 +99,8 @@ pub struct Figures {
     pub sqlite_limit: f64,
     /// Storage ceiling of the whole embedded pipeline, awards/s.
     pub sqlite_e2e_limit: f64,
+    /// The same statements in groups of the callers per shard, awards/s (the SQLite store only).
+    pub sqlite_group_limit: Option<f64>,
     /// Broker ceiling, messages/s (AMQP only).
     pub broker_limit: Option<f64>,
     /// Broker ceiling with a consumer draining the queue, messages/s (AMQP only).
@@ -520,6 +525,29 @@ fn measure(base: &Settings, opts: &BenchOptions, print: &Print) -> Result<Figure
     show(format!(
         "sqlite_e2e_limit {:>7.0} awards/s",
         f.sqlite_e2e_limit
+    ));
+
+    // The same statements in groups no larger than the callers can form: one award per caller
+    // in flight, spread over the shards.
+    let group = (opts.threads / base.layout.db_count() as usize).max(1);
+    say(&format!(
+        "sqlite_group_limit: the same, {group} awards per transaction (the callers per shard)"
+    ));
+    let s = fresh(base, &tmp, "sqlite_group_limit");
+    let group_n = (n / 4).max(100);
+    let group_limit = rate(
+        group_n,
+        on_shards(
+            &s,
+            records(group_n, '7'),
+            || Ok(()),
+            |db, rs| Direct::open(&s, db)?.e2e_batches(rs, group, &s.topic, now_ms()),
+        )?,
+    );
+    f.sqlite_group_limit = Some(group_limit);
+    show(format!(
+        "sqlite_group_limit {:>5.0} awards/s  ({group} awards per transaction)",
+        group_limit
     ));
 
     // 2. Broker ceiling.

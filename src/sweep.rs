@@ -45,13 +45,14 @@ pub fn run(base: &Settings, opts: &BenchOptions, plot: Option<&Path>) -> Result<
 }
 
 /// The throughput figures of a point, by their JSON names (`None`: not measured here).
-fn throughput(f: &Figures) -> [(&'static str, Option<f64>); 11] {
+fn throughput(f: &Figures) -> [(&'static str, Option<f64>); 12] {
     let sqlite = f.store == "sqlite";
     [
         ("pipeline", Some(f.pipeline)),
         ("pipeline_batched", Some(f.pipeline_batched)),
         ("sqlite_limit", sqlite.then_some(f.sqlite_limit)),
         ("sqlite_e2e_limit", sqlite.then_some(f.sqlite_e2e_limit)),
+        ("sqlite_group_limit", f.sqlite_group_limit),
         ("broker_limit", f.broker_limit),
         ("broker_e2e_limit", f.broker_e2e_limit),
         ("mysql_e2e_limit", f.mysql_e2e_limit),
