@@ -196,8 +196,9 @@ impl Pool {
     /// close would go out ahead of its publishes still queued in lapin, and RabbitMQ closes the
     /// whole connection on a frame for a closed channel (CHANNEL_ERROR). It stays open, unused,
     /// until the link goes; past [`PARKED_MAX`] the link is replaced. The fresh channel is
-    /// opened in the background, bounded, waiting with backoff while the connection is blocked
-    /// (the broker reads nothing from it then); after [`RETIRE_TRIES`] failed opens the link is
+    /// opened in the background, bounded, looking again every [`BLOCKED_POLL`] while the
+    /// connection is blocked (the broker reads nothing from it then) and with a backoff after a
+    /// failed open ([`retire_pause`]); after [`RETIRE_TRIES`] failed opens the link is
     /// marked for replacement; the task ends once the connection or the pool is gone (it holds
     /// neither the pool's receiver nor its parked channels).
     fn retire(&self, old: Channel) {
@@ -248,12 +249,28 @@ impl Pool {
                         return;
                     }
                 }
-                async_io::Timer::after(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                async_io::Timer::after(retire_pause(conn.status().blocked(), &mut backoff)).await;
             }
         })
         .detach();
     }
+}
+
+/// How often a blocked connection is looked at again while a fresh publishing channel waits
+/// to be opened on it.
+const BLOCKED_POLL: Duration = Duration::from_millis(100);
+
+/// How long the fresh-channel task waits before it tries again: while the broker blocks the
+/// connection, a short poll that does not grow (a block is not a failure, and the pool should
+/// be whole soon after it lifts); after a failed open, a backoff that doubles up to
+/// [`BACKOFF_MAX`].
+fn retire_pause(blocked: bool, backoff: &mut Duration) -> Duration {
+    if blocked {
+        return BLOCKED_POLL;
+    }
+    let pause = *backoff;
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    pause
 }
 
 impl Link {
@@ -1855,6 +1872,21 @@ mod tests {
             id: id.map(str::to_string),
             why: format!("returned: {id:?}"),
         }
+    }
+
+    #[test]
+    fn a_fresh_channel_waits_a_short_poll_while_blocked_and_a_growing_backoff_after_failures() {
+        let mut backoff = BACKOFF_MIN;
+        for _ in 0..20 {
+            assert_eq!(retire_pause(true, &mut backoff), BLOCKED_POLL);
+        }
+        assert_eq!(backoff, BACKOFF_MIN, "a block does not grow the backoff");
+        let pauses: Vec<Duration> = (0..6).map(|_| retire_pause(false, &mut backoff)).collect();
+        assert_eq!(pauses[0], BACKOFF_MIN);
+        assert_eq!(pauses[1], BACKOFF_MIN * 2);
+        assert_eq!(*pauses.last().unwrap(), BACKOFF_MAX.min(BACKOFF_MIN * 32));
+        assert!(pauses.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(retire_pause(false, &mut backoff), BACKOFF_MAX, "bounded");
     }
 
     #[test]
