@@ -527,29 +527,43 @@ mod tests {
         }
     }
 
+    /// A one-lane writer over a [`Gated`] backend, a group holding one op: the writer, its
+    /// gate, and the groups entered and ops run.
+    fn gated(
+        deadline: Option<Duration>,
+        panic_first: bool,
+    ) -> (
+        Arc<Writer>,
+        Arc<Mutex<bool>>,
+        Arc<AtomicUsize>,
+        Arc<AtomicUsize>,
+    ) {
+        let open = Arc::new(Mutex::new(false));
+        let (entered, ran) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let batch = Gated {
+            open: open.clone(),
+            entered: entered.clone(),
+            ran: ran.clone(),
+            panic_first,
+        };
+        let w = Writer::spawn(
+            1,
+            "test-shard",
+            vec![Box::new(batch)],
+            |_| 0,
+            deadline,
+            1,
+            Arc::new(Handoff::new(16)),
+        )
+        .unwrap();
+        (Arc::new(w), open, entered, ran)
+    }
+
     #[test]
     fn a_write_that_finds_the_queue_full_waits_for_room_and_past_its_deadline_nothing_of_it_is_queued(
     ) {
-        let (entered, ran) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let open = Arc::new(Mutex::new(false));
         let deadline = Duration::from_millis(300);
-        let w = Arc::new(
-            Writer::spawn(
-                1,
-                "test-shard",
-                vec![Box::new(Gated {
-                    entered: entered.clone(),
-                    open: open.clone(),
-                    ran: ran.clone(),
-                    panic_first: false,
-                })],
-                |_| 0,
-                Some(deadline),
-                1,
-                Arc::new(Handoff::new(16)),
-            )
-            .unwrap(),
-        );
+        let (w, open, entered, ran) = gated(Some(deadline), false);
         // Whatever the outcome, the gate opens when the test ends, so that a failed assertion
         // does not leave the writer waiting at it with thousands of writes queued.
         struct OpenOnDrop(Arc<Mutex<bool>>);
@@ -595,25 +609,7 @@ mod tests {
 
     #[test]
     fn a_group_that_panics_is_outcome_unknown_and_the_writer_serves_the_ops_behind_it() {
-        let entered = Arc::new(AtomicUsize::new(0));
-        let open = Arc::new(Mutex::new(false));
-        let w = Arc::new(
-            Writer::spawn(
-                1,
-                "test-shard",
-                vec![Box::new(Gated {
-                    entered: entered.clone(),
-                    open: open.clone(),
-                    ran: Arc::new(AtomicUsize::new(0)),
-                    panic_first: true,
-                })],
-                |_| 0,
-                None,
-                1,
-                Arc::new(Handoff::new(16)),
-            )
-            .unwrap(),
-        );
+        let (w, open, entered, _) = gated(None, true);
         // Callers on threads of their own, not scoped: if the queued one never heard back, the
         // test fails at its bounded wait instead of hanging on a join.
         let caller = |name: &str| {
@@ -749,25 +745,8 @@ mod tests {
 
     #[test]
     fn past_the_deadline_a_queued_op_is_withdrawn_and_one_in_a_running_group_is_outcome_unknown() {
-        let open = Arc::new(Mutex::new(false));
-        let (entered, ran) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let batch = Gated {
-            open: open.clone(),
-            entered: entered.clone(),
-            ran: ran.clone(),
-            panic_first: false,
-        };
         let deadline = Duration::from_millis(300);
-        let w = Writer::spawn(
-            1,
-            "test-shard",
-            vec![Box::new(batch)],
-            |_| 0,
-            Some(deadline),
-            1,
-            Arc::new(Handoff::new(16)),
-        )
-        .unwrap();
+        let (w, open, entered, ran) = gated(Some(deadline), false);
         std::thread::scope(|s| {
             let in_group = s.spawn(|| {
                 let t0 = Instant::now();
