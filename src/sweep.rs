@@ -269,6 +269,7 @@ mod tests {
             threads,
             sqlite_limit: 40_000.0,
             sqlite_e2e_limit: 30_000.0,
+            sqlite_group_limit: Some(25_000.0),
             naive: Some(300.0),
             pipeline,
             pipeline_batched: 20_000.0,
@@ -288,11 +289,11 @@ mod tests {
         assert_eq!(lines.len(), 4, "{t}");
         assert_eq!(
             lines[0],
-            "| callers | pipeline | pipeline_batched | sqlite_limit | sqlite_e2e_limit | naive | pipeline / e2e | batched / e2e | pipeline / naive | save p50 ms | save p99 ms |"
+            "| callers | pipeline | pipeline_batched | sqlite_limit | sqlite_e2e_limit | sqlite_group_limit | naive | pipeline / e2e | batched / e2e | pipeline / naive | save p50 ms | save p99 ms |"
         );
         assert_eq!(
             lines[3],
-            "| 256 | 12000 | 20000 | 40000 | 30000 | 300 | 0.40 | 0.67 | 40.0 | 1.50 | 64.00 |"
+            "| 256 | 12000 | 20000 | 40000 | 30000 | 25000 | 300 | 0.40 | 0.67 | 40.0 | 1.50 | 64.00 |"
         );
         assert!(!t.contains("broker"), "no broker without one: {t}");
     }
@@ -312,6 +313,7 @@ mod tests {
             "pipeline",
             "pipeline_batched",
             "sqlite_e2e_limit",
+            "sqlite_group_limit",
             "naive",
             "save_p99_ms",
             "callers",

@@ -130,13 +130,12 @@ struct RefusingPolicy {
 impl RefusingPolicy {
     /// On the virtual host of `url` (its path, percent-decoded).
     fn set(url: &str, queue: &str) -> RefusingPolicy {
-        // amqp://user:pass@host:port/vhost?query: the path after the authority, "/" if none.
-        let rest = url.split_once("://").map_or(url, |(_, r)| r);
-        let path = rest.split_once('/').map_or("", |(_, p)| p);
-        let vhost = match path.split('?').next().unwrap_or_default() {
-            "" => "/".to_string(),
-            v => v.replace("%2f", "/").replace("%2F", "/"),
-        };
+        // The first node's URL (a cluster's are comma-separated), parsed as lapin parses it.
+        let first = url.split(',').next().unwrap_or(url);
+        let vhost = first
+            .parse::<lapin::uri::AMQPUri>()
+            .expect("an AMQP URL")
+            .vhost;
         let policy = RefusingPolicy {
             name: format!("refuse-{queue}"),
             vhost,

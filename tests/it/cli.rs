@@ -277,6 +277,7 @@ fn bench_sweep_prints_a_table_and_a_json_line_per_caller_count_and_draws_them_as
     for p in &points {
         for key in [
             "sqlite_e2e_limit",
+            "sqlite_group_limit",
             "naive",
             "pipeline",
             "pipeline_batched",
@@ -312,6 +313,7 @@ fn bench_sweep_prints_a_table_and_a_json_line_per_caller_count_and_draws_them_as
         "pipeline_batched",
         "sqlite_limit",
         "sqlite_e2e_limit",
+        "sqlite_group_limit",
         "naive",
         "http",
         "save_p99_ms",

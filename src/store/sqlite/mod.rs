@@ -300,6 +300,7 @@ mod tests {
         assert_eq!(pragma("journal_mode"), "wal");
         assert_eq!(pragma("synchronous"), "2", "FULL");
         assert_eq!(pragma("wal_autocheckpoint"), "10000");
+        assert_eq!(pragma("busy_timeout"), "1000");
     }
 
     #[test]
