@@ -581,7 +581,8 @@ mod tests {
         for _ in 0..WRITER_QUEUE {
             assert!(w.send_detached(Op::Barrier).is_ok(), "room in the queue");
         }
-        // One more waits for room, and past its deadline is refused, not queued.
+        // One more waits for room, and past its deadline is refused, not queued; so does an
+        // async caller's (its own path: the wait for room off the executor).
         let started = Instant::now();
         let refused = w.send_detached(Op::Barrier);
         assert!(
@@ -589,6 +590,16 @@ mod tests {
             "{refused:?}"
         );
         assert!(started.elapsed() >= deadline, "it waited for room");
+        let started = Instant::now();
+        let refused = async_global_executor::block_on(w.call_async(Op::Barrier));
+        assert!(
+            matches!(&refused, Err(Error::Storage { context, .. }) if context.contains("nothing of this write was kept")),
+            "{refused:?}"
+        );
+        assert!(
+            started.elapsed() >= deadline,
+            "the async caller waited for room"
+        );
         assert_eq!(
             w.lanes[0].tx.as_ref().map(|tx| tx.len()),
             Some(WRITER_QUEUE)

@@ -182,3 +182,62 @@ impl ConsumerHandle for Running {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A handler that holds every batch until the test opens its gate, counting what it saw.
+    struct Held {
+        open: Arc<Mutex<bool>>,
+        seen: Arc<AtomicUsize>,
+    }
+
+    impl Handler for Held {
+        fn handle(&self, _body: &[u8]) -> Handled {
+            self.seen.fetch_add(1, Ordering::SeqCst);
+            crate::util::wait_until(Duration::from_secs(30), || *self.open.lock().unwrap());
+            Handled::Ack
+        }
+    }
+
+    #[test]
+    fn a_full_queue_holds_back_publishers_until_their_deadline_and_never_grows_past_its_bound() {
+        let t = InProcess::new(Duration::from_millis(300));
+        let (open, seen) = (Arc::new(Mutex::new(false)), Arc::new(AtomicUsize::new(0)));
+        let consumer = t
+            .start_consumer(
+                Arc::new(Held {
+                    open: open.clone(),
+                    seen: seen.clone(),
+                }),
+                1,
+            )
+            .unwrap();
+        // The consumer takes one message and holds it; the queue fills behind it, and the
+        // rest of the batch waits for room until the batch's deadline.
+        let n = QUEUE_CAPACITY + 2 * CONSUME_BATCH;
+        let batch: Vec<Outgoing> = (0..n)
+            .map(|i| Outgoing {
+                message_id: format!("m{i}"),
+                body: "{}".into(),
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let results = t.publish_batch(&batch, &|| true);
+        assert!(started.elapsed() >= Duration::from_millis(300), "it waited");
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(PublishFailure::Unconfirmed(_)))),
+            "nothing was answered while the consumer held its batch"
+        );
+        assert!(seen.load(Ordering::SeqCst) >= 1);
+        // The consumer took at most one batch off the queue; the rest filled it to its bound
+        // and no further.
+        assert_eq!(t.rx.len(), QUEUE_CAPACITY);
+        *open.lock().unwrap() = true;
+        consumer.stop();
+    }
+}
