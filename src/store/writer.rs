@@ -58,6 +58,25 @@ enum ReplyTo {
     Async(async_channel::Sender<Result<Reply>>),
 }
 
+/// Why [`send_job`] did not queue a job.
+enum Unsent {
+    /// No room in the queue by the deadline.
+    NoRoom,
+    /// The writer is gone.
+    Closed,
+}
+
+/// Put `job` on `tx`, waiting at most until `due` for room (`None`: as long as it takes).
+fn send_job(tx: &Sender<Job>, job: Job, due: Option<Instant>) -> std::result::Result<(), Unsent> {
+    match due {
+        None => tx.send(job).map_err(|_| Unsent::Closed),
+        Some(due) => tx.send_deadline(job, due).map_err(|e| match e {
+            crossbeam_channel::SendTimeoutError::Timeout(_) => Unsent::NoRoom,
+            crossbeam_channel::SendTimeoutError::Disconnected(_) => Unsent::Closed,
+        }),
+    }
+}
+
 /// Which of a backend's write connections (lanes) runs an op. Lanes commit independently; a
 /// backend with one lane (SQLite) runs every op in the same group.
 pub(crate) type LaneOf = fn(&Op) -> usize;
@@ -182,12 +201,14 @@ impl Writer {
     /// Put `job` on `tx`, waiting at most until `due` for room: past it nothing of the job was
     /// queued.
     fn enqueue(&self, tx: &Sender<Job>, job: Job, due: Option<Instant>) -> Result<()> {
-        match due {
-            None => tx.send(job).map_err(|_| Error::ShuttingDown),
-            Some(due) => tx.send_deadline(job, due).map_err(|e| match e {
-                crossbeam_channel::SendTimeoutError::Timeout(_) => self.not_written(),
-                crossbeam_channel::SendTimeoutError::Disconnected(_) => Error::ShuttingDown,
-            }),
+        send_job(tx, job, due).map_err(|e| self.unsent(e))
+    }
+
+    /// The error of a job that [`send_job`] could not queue.
+    fn unsent(&self, e: Unsent) -> Error {
+        match e {
+            Unsent::NoRoom => self.not_written(),
+            Unsent::Closed => Error::ShuttingDown,
         }
     }
 
@@ -253,20 +274,12 @@ impl Writer {
         };
         match tx.try_send(job) {
             Ok(()) => {}
+            // The wait for room blocks: off the executor.
             Err(crossbeam_channel::TrySendError::Full(job)) => {
                 let tx = tx.clone();
-                let sent = blocking::unblock(move || match due {
-                    None => tx.send(job).map_err(|_| false),
-                    Some(due) => tx
-                        .send_deadline(job, due)
-                        .map_err(|e| matches!(e, crossbeam_channel::SendTimeoutError::Timeout(_))),
-                })
-                .await;
-                match sent {
-                    Ok(()) => {}
-                    Err(true) => return Err(self.not_written()),
-                    Err(false) => return Err(Error::ShuttingDown),
-                }
+                blocking::unblock(move || send_job(&tx, job, due))
+                    .await
+                    .map_err(|e| self.unsent(e))?;
             }
             Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
                 return Err(Error::ShuttingDown)
