@@ -558,15 +558,13 @@ fn measure(base: &Settings, opts: &BenchOptions, print: &Print) -> Result<Figure
         f.transport = t.describe();
         let body = EventMessage::for_award(&records(1, '2')[0], 1, 1, now_ms()).encode();
         let chunk = 200;
+        // As many publishers as a link has publishing channels at the least, so that none
+        // waits for one.
+        let publishers = opts
+            .threads
+            .min(crate::transport::amqp::PUBLISH_CHANNELS_MIN);
         let batches = n.div_ceil(chunk);
-        let elapsed = publish_batches(
-            &t,
-            opts.threads
-                .min(crate::transport::amqp::PUBLISH_CHANNELS_MIN),
-            batches,
-            chunk,
-            &body,
-        )?;
+        let elapsed = publish_batches(&t, publishers, batches, chunk, &body)?;
         f.broker_limit = Some(rate(batches * chunk, elapsed));
         t.delete_queue()?;
         show(format!(
@@ -581,14 +579,7 @@ fn measure(base: &Settings, opts: &BenchOptions, print: &Print) -> Result<Figure
         let counting = Arc::new(Counting(AtomicUsize::new(0)));
         let consumer = t.start_consumer(counting.clone(), s.consumer_threads)?;
         let start = Instant::now();
-        publish_batches(
-            &t,
-            opts.threads
-                .min(crate::transport::amqp::PUBLISH_CHANNELS_MIN),
-            batches,
-            chunk,
-            &body,
-        )?;
+        publish_batches(&t, publishers, batches, chunk, &body)?;
         let total = batches * chunk;
         if !crate::util::wait_until(Duration::from_secs(600), || {
             counting.0.load(Ordering::Relaxed) >= total
