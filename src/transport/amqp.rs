@@ -1041,7 +1041,12 @@ impl Transport for Amqp {
             // Once one confirm is given up on, the rest are taken only if they are in already:
             // waiting (and renewing the leases) again for each would add up past the deadline.
             let mut gave_up = false;
+            // The first confirm taken after one was given up on (see `outcomes`).
+            let mut trusted = pending.len();
             for p in pending {
+                if gave_up {
+                    trusted = trusted.min(confirms.len());
+                }
                 confirms.push(match p {
                     Err(e) => Err(PublishFailure::Unconfirmed(format!("publish failed: {e}"))),
                     Ok(confirm) => {
@@ -1082,7 +1087,7 @@ impl Transport for Amqp {
                 .map(|c| c.map(|c| Heard::of(c, &queue)))
                 .collect();
             let ids: Vec<&str> = batch.iter().map(|m| m.message_id.as_str()).collect();
-            outcomes(&ids, heard)
+            outcomes(&ids, heard, trusted)
         })
     }
 
@@ -1413,10 +1418,15 @@ impl Heard {
 /// of `heard[i]`). lapin hands a returned message to whichever confirm its ack completes
 /// first, and one ack may complete many: a returned message that names its message fails that
 /// message, whichever confirm carried it; one without a message id fails the confirm that
-/// carried it. Pure.
+/// carried it. Confirms from `trusted` on were taken after the batch gave up on an earlier
+/// one, whose confirm lapin still holds: an ack completing both may have handed it the return
+/// of a later message, so an ack there (or a return of another message's) proves nothing and
+/// counts as unconfirmed (the task is sent again after its lease; the consumer deduplicates).
+/// Pure.
 fn outcomes(
     ids: &[&str],
     heard: Vec<std::result::Result<Heard, PublishFailure>>,
+    trusted: usize,
 ) -> Vec<std::result::Result<(), PublishFailure>> {
     let returned: std::collections::HashMap<&str, &str> = heard
         .iter()
@@ -1427,11 +1437,18 @@ fn outcomes(
         .collect();
     ids.iter()
         .zip(&heard)
-        .map(|(id, h)| {
+        .enumerate()
+        .map(|(i, (id, h))| {
             if let Some(why) = returned.get(id) {
                 return Err(PublishFailure::Rejected(why.to_string()));
             }
-            match h.as_ref().map_err(Clone::clone)? {
+            let h = h.as_ref().map_err(Clone::clone)?;
+            if i >= trusted && matches!(h, Heard::Ack | Heard::Returned { id: Some(_), .. }) {
+                return Err(PublishFailure::Unconfirmed(
+                    "confirmed after the batch gave up on an earlier confirm".into(),
+                ));
+            }
+            match h {
                 Heard::Ack => Ok(()),
                 Heard::Returned { id: None, why } => Err(PublishFailure::Rejected(why.clone())),
                 // Another message's, matched to it above.
@@ -1896,6 +1913,7 @@ mod tests {
         let got = outcomes(
             &["a", "b", "c"],
             vec![Ok(returned(Some("b"))), Ok(Heard::Ack), Ok(Heard::Ack)],
+            3,
         );
         assert!(got[0].is_ok(), "{:?}", got[0]);
         assert!(
@@ -1904,6 +1922,38 @@ mod tests {
             got[1]
         );
         assert!(got[2].is_ok());
+    }
+
+    #[test]
+    fn after_a_confirm_given_up_an_ack_proves_nothing_but_a_return_or_a_nack_still_fails() {
+        // "b" was given up on; its confirm, still in lapin, may have taken "d"'s return when
+        // one ack completed "b" to "d": "c" and "d" heard plain acks.
+        let lost = PublishFailure::Unconfirmed("no confirm".into());
+        let got = outcomes(
+            &["a", "b", "c", "d", "e", "f"],
+            vec![
+                Ok(Heard::Ack),
+                Err(lost.clone()),
+                Ok(Heard::Ack),
+                Ok(Heard::Ack),
+                Ok(returned(Some("a"))),
+                Ok(Heard::Nack),
+            ],
+            2,
+        );
+        assert!(
+            matches!(&got[0], Err(PublishFailure::Rejected(_))),
+            "a return names it, whichever confirm carried it: {:?}",
+            got[0]
+        );
+        assert_eq!(got[1], Err(lost));
+        for (i, g) in got.iter().enumerate().take(5).skip(2) {
+            assert!(
+                matches!(g, Err(PublishFailure::Unconfirmed(_))),
+                "{i}: an ack after the give-up: {g:?}"
+            );
+        }
+        assert!(matches!(&got[5], Err(PublishFailure::Rejected(w)) if w.contains("nacked")));
     }
 
     #[test]
@@ -1917,6 +1967,7 @@ mod tests {
                 Err(lost.clone()),
                 Ok(Heard::NotRequested),
             ],
+            4,
         );
         assert!(matches!(&got[0], Err(PublishFailure::Rejected(_))));
         assert!(matches!(&got[1], Err(PublishFailure::Rejected(w)) if w.contains("nacked")));
