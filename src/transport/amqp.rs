@@ -1693,10 +1693,14 @@ pub fn walk_dead_letters(
                     if let Some(id) = &letter.message_id {
                         props = props.with_message_id(id.as_str().into());
                     }
-                    let mut lent = pool
-                        .lend()
+                    // Bounded: a channel the broker closed is only replaced in the background,
+                    // and the replacement may never come (the connection gone).
+                    let mut lent = bounded_wait(pool.lend(), RPC_TIMEOUT)
                         .await
-                        .ok_or("the walk's publishing channel is gone")?;
+                        .flatten()
+                        .ok_or_else(|| {
+                            format!("no publishing channel within {RPC_TIMEOUT:?} to replay into")
+                        })?;
                     publish_confirmed(&mut lent, &queue, &d.data, props, RPC_TIMEOUT).await?;
                     d.ack(BasicAckOptions::default())
                         .await
