@@ -260,10 +260,10 @@ impl Pool {
 /// to be opened on it.
 const BLOCKED_POLL: Duration = Duration::from_millis(100);
 
-/// How long the fresh-channel task waits before it tries again: while the broker blocks the
-/// connection, a short poll that does not grow (a block is not a failure, and the pool should
-/// be whole soon after it lifts); after a failed open, a backoff that doubles up to
-/// [`BACKOFF_MAX`].
+/// How long to wait before trying again (the fresh-channel task; the supervisor's reconnects,
+/// which pass `blocked = false`): while the broker blocks the connection, a short poll that
+/// does not grow (a block is not a failure, and the pool should be whole soon after it lifts);
+/// after a failure, a backoff that doubles up to [`BACKOFF_MAX`].
 fn retire_pause(blocked: bool, backoff: &mut Duration) -> Duration {
     if blocked {
         return BLOCKED_POLL;
@@ -866,9 +866,7 @@ fn supervise(inner: Arc<Inner>, stop: Receiver<()>) {
             backoff = BACKOFF_MIN;
             HEALTH_TICK
         } else {
-            let w = backoff;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-            w
+            retire_pause(false, &mut backoff)
         };
         if !matches!(
             stop.recv_timeout(wait),
