@@ -512,16 +512,7 @@ fn measure(base: &Settings, opts: &BenchOptions, print: &Print) -> Result<Figure
     show(format!("sqlite_limit  {:>10.0} awards/s", f.sqlite_limit));
 
     say("sqlite_e2e_limit: every statement of an award end to end, 1000 awards per transaction");
-    let s = fresh(base, &tmp, "sqlite_e2e_limit");
-    f.sqlite_e2e_limit = rate(
-        n,
-        on_shards(
-            &s,
-            records(n, '8'),
-            || Ok(()),
-            |db, rs| Direct::open(&s, db)?.e2e_batches(rs, 1000, &s.topic, now_ms()),
-        )?,
-    );
+    f.sqlite_e2e_limit = sqlite_ceiling(&fresh(base, &tmp, "sqlite_e2e_limit"), n, 1000, '8')?;
     show(format!(
         "sqlite_e2e_limit {:>7.0} awards/s",
         f.sqlite_e2e_limit
@@ -534,16 +525,7 @@ fn measure(base: &Settings, opts: &BenchOptions, print: &Print) -> Result<Figure
         "sqlite_group_limit: the same, {group} awards per transaction (the callers per shard)"
     ));
     let s = fresh(base, &tmp, "sqlite_group_limit");
-    let group_n = (n / 4).max(100);
-    let group_limit = rate(
-        group_n,
-        on_shards(
-            &s,
-            records(group_n, '7'),
-            || Ok(()),
-            |db, rs| Direct::open(&s, db)?.e2e_batches(rs, group, &s.topic, now_ms()),
-        )?,
-    );
+    let group_limit = sqlite_ceiling(&s, (n / 4).max(100), group, '7')?;
     f.sqlite_group_limit = Some(group_limit);
     show(format!(
         "sqlite_group_limit {:>5.0} awards/s  ({group} awards per transaction)",
@@ -836,6 +818,18 @@ fn mysql_ceiling(
     )?;
     let work = mysql_server_work(dbs)?.per_award(before.unwrap_or_default(), n);
     Ok((rate(n, elapsed), work))
+}
+
+/// Every statement of an award end to end on fresh shards `s`, `n` awards, `batch` per
+/// transaction, one thread per shard: awards/s.
+fn sqlite_ceiling(s: &Settings, n: usize, batch: usize, tag: char) -> Result<f64> {
+    let elapsed = on_shards(
+        s,
+        records(n, tag),
+        || Ok(()),
+        |db, rs| Direct::open(s, db)?.e2e_batches(rs, batch, &s.topic, now_ms()),
+    )?;
+    Ok(rate(n, elapsed))
 }
 
 /// The bench on the MySQL store: its ceilings and the original's design beside the pipeline.
